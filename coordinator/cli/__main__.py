@@ -1,0 +1,5 @@
+import sys
+
+from edgeftl.coordinator.cli import main
+
+sys.exit(main())

@@ -1,0 +1,63 @@
+"""`edgeftl build`: pretrained model -> quantized ONNX Runtime Training bundle."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from edgeftl.coordinator.cli._common import csv_list, fail
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build", help="build an ONNX Runtime Training bundle from a local pretrained model",
+                       description=__doc__)
+    p.add_argument("--model", type=Path, default=None,
+                   help="local Hugging Face model folder (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--task", default="classify", help="classify | causal-lm (default: classify)")
+    p.add_argument("--labels", type=csv_list, default=None,
+                   help="comma-separated label names (classify); default: the 5 BBC News topics "
+                        "when neither --labels nor --num-labels is given")
+    p.add_argument("--num-labels", type=int, default=None, help="number of labels, named label_0.. (classify)")
+    p.add_argument("--adapter", default="lora", help="lora (LoRA + head) | head (head only); default lora")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    p.add_argument("--targets", type=csv_list, default=(),
+                   help="LoRA target linear names, e.g. query,value (default: query/value projections)")
+    p.add_argument("--train-layers", type=int, default=None,
+                   help="only the top K blocks carry adapters; the rest is a frozen inference-only "
+                        "lower model (default: all blocks)")
+    p.add_argument("--quant", default="int8", help="none | int8 | int4 (frozen backbone weights; default int8)")
+    p.add_argument("--block-size", type=int, default=32, help="int4 block size (default 32)")
+    p.add_argument("--max-seq-len", type=int, default=128, help="tokens per sample on device (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed for adapters and head")
+    p.add_argument("--model-id", default=None, help="name recorded in the manifest (default: derived)")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder to create")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgeftl.coordinator.build.config import BuildConfig, BuildError
+    from edgeftl.models.loading import ModelError
+
+    labels = args.labels
+    if labels is None and args.num_labels is None and args.task == "classify" and args.model is None:
+        from edgeftl.device.data import bbc_root
+
+        labels = tuple(sorted(p.name for p in bbc_root().iterdir() if p.is_dir()))
+    try:
+        config = BuildConfig(
+            out=args.out, model=args.model, task=args.task, labels=labels or (), num_labels=args.num_labels,
+            adapter=args.adapter, rank=args.rank, alpha=args.alpha, targets=args.targets,
+            train_layers=args.train_layers, quant=args.quant, block_size=args.block_size,
+            max_seq_len=args.max_seq_len, seed=args.seed, force=args.force, model_id=args.model_id,
+        )
+        from edgeftl.coordinator.build.pipeline import build
+
+        manifest = build(config, progress=not args.quiet)
+    except (BuildError, ModelError) as exc:
+        return fail(str(exc))
+    total = sum(entry["bytes"] for entry in manifest.files.values())
+    print(f"built {args.out}: {manifest.quantization['scheme']} backbone, "
+          f"{manifest.trainable_count:,} trainable parameters, {total / 2**20:.1f} MiB on disk")
+    return 0

@@ -1,0 +1,111 @@
+"""A bundle loaded for training on a device: tokenizer, frozen lower stack, ORT training session.
+
+Torch-free: numpy, onnxruntime (training build, imported via `edgeftl.device.ort`) and
+tokenizers only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgeftl.device.manifest import (
+    CHECKPOINT,
+    EVAL_MODEL,
+    LOWER_MODEL,
+    OPTIMIZER_MODEL,
+    TOKENIZER,
+    TRAINING_MODEL,
+    Manifest,
+    verify_bundle,
+)
+from edgeftl.device.ort import session_options, training_api
+
+IGNORE_INDEX = -100  # causal-LM label for padding; matches the loss in the training graph
+
+
+class BundleRuntime:
+    """Train and evaluate one bundle's trainable parameters with ONNX Runtime Training."""
+
+    def __init__(self, folder: Path, threads: int | None = None, verify: bool = True) -> None:
+        from tokenizers import Tokenizer
+
+        self.folder = Path(folder)
+        self.manifest: Manifest = verify_bundle(self.folder) if verify else _read(self.folder)
+        api = training_api()
+        options = session_options(threads)
+        self.state = api.CheckpointState.load_checkpoint(str(self.folder / CHECKPOINT))
+        self.module = api.Module(str(self.folder / TRAINING_MODEL), self.state,
+                                 str(self.folder / EVAL_MODEL), session_options=options)
+        self.optimizer = api.Optimizer(str(self.folder / OPTIMIZER_MODEL), self.module)
+        self.lower = None
+        if self.manifest.split:
+            import onnxruntime as ort
+
+            self.lower = ort.InferenceSession(str(self.folder / LOWER_MODEL), options,
+                                              providers=["CPUExecutionProvider"])
+        self.tokenizer = Tokenizer.from_file(str(self.folder / TOKENIZER))
+        self.tokenizer.enable_truncation(self.manifest.max_seq_len)
+        self.tokenizer.no_padding()
+        self.label_index = {label: i for i, label in enumerate(self.manifest.labels)}
+
+    # ---- inputs -------------------------------------------------------------------------
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and attention mask, (batch, seq) int64, padded to the longest text."""
+        encodings = self.tokenizer.encode_batch(texts)
+        seq = max(1, max(len(e.ids) for e in encodings))
+        ids = np.full((len(texts), seq), self.manifest.inputs["pad_token_id"], dtype=np.int64)
+        mask = np.zeros((len(texts), seq), dtype=np.int64)
+        for row, enc in enumerate(encodings):
+            ids[row, : len(enc.ids)] = enc.ids
+            mask[row, : len(enc.ids)] = 1
+        return ids, mask
+
+    def features(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """What the training graph takes as its first input: ids, or the frozen lower stack's output."""
+        if self.lower is None:
+            return ids
+        return self.lower.run(None, {"input_ids": ids, "attention_mask": mask})[0]  # (batch, seq, hidden)
+
+    def targets(self, ids: np.ndarray, mask: np.ndarray, labels: list[str] | None) -> np.ndarray:
+        if self.manifest.task == "causal-lm":
+            return np.where(mask == 1, ids, IGNORE_INDEX).astype(np.int64)
+        return np.array([self.label_index[label] for label in labels], dtype=np.int64)
+
+    # ---- steps --------------------------------------------------------------------------
+    def set_learning_rate(self, lr: float) -> None:
+        self.optimizer.set_learning_rate(lr)
+
+    def train_step(self, features: np.ndarray, mask: np.ndarray, targets: np.ndarray) -> float:
+        """Forward, backward and one optimizer step; returns the batch loss."""
+        self.module.train()
+        loss, _ = self.module(features, mask, targets)
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+        return float(loss)
+
+    def eval_step(self, features: np.ndarray, mask: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
+        self.module.eval()
+        loss, logits = self.module(features, mask, targets)
+        return float(loss), logits
+
+    # ---- parameters as one vector -------------------------------------------------------
+    def get_flat(self) -> np.ndarray:
+        """Trainable parameters as one float32 vector, in manifest (ORT buffer) order."""
+        return self.module.get_contiguous_parameters(trainable_only=True).numpy().copy()
+
+    def set_flat(self, vector: np.ndarray) -> None:
+        size = self.module.get_parameters_size(trainable_only=True)
+        vector = np.ascontiguousarray(vector, dtype=np.float32)
+        if vector.shape != (size,):
+            raise ValueError(f"parameter vector has shape {vector.shape}, this bundle needs ({size},)")
+        buffer = self.module.get_contiguous_parameters(trainable_only=True)
+        buffer.numpy()[:] = vector
+        self.module.copy_buffer_to_parameters(buffer, trainable_only=True)
+
+
+def _read(folder: Path) -> Manifest:
+    from edgeftl.device.manifest import read_manifest
+
+    return read_manifest(folder)

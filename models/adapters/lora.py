@@ -1,0 +1,74 @@
+"""LoRA (Hu et al., 2021): y = W x + (alpha / r) * B (A x), with W frozen and A, B trained."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LoraConfig:
+    """Which linear layers get adapters, and their shape."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ()  # module-name suffixes, e.g. ("query", "value"); () = family default
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"LoRA alpha must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        self.targets = tuple(self.targets)
+
+
+class LoraLinear(nn.Module):
+    """A frozen base linear layer (fp32 or quantized) plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Module, in_features: int, out_features: int, config: LoraConfig) -> None:
+        super().__init__()
+        self.base = base
+        self.scaling = config.alpha / config.rank
+        # Parameter names end in lora_A / lora_B; the manifest and aggregation rely on that.
+        self.lora_A = nn.Parameter(torch.empty(config.rank, in_features))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(out_features, config.rank))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as in the LoRA paper / PEFT
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = (self.dropout(x) @ self.lora_A.t()) @ self.lora_B.t()
+        return self.base(x) + update * self.scaling
+
+
+def attach_lora(blocks: nn.ModuleList, first_block: int, config: LoraConfig) -> list[str]:
+    """Wrap the target linears of blocks[first_block:] in LoraLinear, in place.
+
+    Returns the qualified names (relative to `blocks`) of the wrapped modules.
+
+    Raises:
+        ValueError: when no target matches; the message lists the linear names available.
+    """
+    wrapped: list[str] = []
+    seen: set[str] = set()
+    for index in range(first_block, len(blocks)):
+        for name, module in list(blocks[index].named_modules()):
+            if not isinstance(module, nn.Linear):
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            seen.add(leaf)
+            if leaf in config.targets:
+                parent = blocks[index].get_submodule(name.rsplit(".", 1)[0]) if "." in name else blocks[index]
+                setattr(parent, leaf, LoraLinear(module, module.in_features, module.out_features, config))
+                wrapped.append(f"{index}.{name}")
+    if not wrapped:
+        raise ValueError(
+            f"LoRA targets {','.join(config.targets)!r} match no linear layer; "
+            f"available: {','.join(sorted(seen))}"
+        )
+    return wrapped
