@@ -71,12 +71,15 @@ def load_pretrained(folder: Path, causal_lm: bool) -> Pretrained:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # "weights not used: pooler" is expected: we pool ourselves
 
     config = read_config(folder)
     family = FAMILIES[MODEL_TYPES[config["model_type"]]]
     if causal_lm and not family.causal:
         raise ModelError(f"task causal-lm needs a decoder; {config['model_type']!r} is an encoder (use --task classify)")
-    kwargs = {"local_files_only": True, "attn_implementation": "eager", "torch_dtype": torch.float32}
+    kwargs = {"local_files_only": True, "attn_implementation": "eager", "dtype": torch.float32}
     lm_head = None
     if family.causal:
         full = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
