@@ -1,0 +1,26 @@
+"""Weight-only quantization of the frozen backbone (host side: numpy, torch, onnx).
+
+- `schemes`: `QuantScheme` ("none" | "int8" | "int4"), the stage's config.
+- `int8`, `int4`: the numpy codecs; their docstrings define the stored layouts.
+- `report`: bytes and errors per tensor and in total.
+"""
+
+from .int4 import dequantize_int4, pack_nibbles, quantize_int4, unpack_nibbles
+from .int8 import dequantize_int8, quantize_int8
+from .report import format_report, model_report, tensor_report
+from .schemes import SCHEMES, QuantScheme, parse_scheme
+
+__all__ = [
+    "SCHEMES",
+    "QuantScheme",
+    "dequantize_int4",
+    "dequantize_int8",
+    "format_report",
+    "model_report",
+    "pack_nibbles",
+    "parse_scheme",
+    "quantize_int4",
+    "quantize_int8",
+    "tensor_report",
+    "unpack_nibbles",
+]
