@@ -2,16 +2,21 @@
 
 - `schemes`: `QuantScheme` ("none" | "int8" | "int4"), the stage's config.
 - `int8`, `int4`: the numpy codecs; their docstrings define the stored layouts.
+- `modules`: `QuantLinear` / `QuantEmbedding`, torch modules that dequantize in forward so
+  the exported training graph keeps int8 / packed uint8 initializers.
 - `report`: bytes and errors per tensor and in total.
 """
 
 from .int4 import dequantize_int4, pack_nibbles, quantize_int4, unpack_nibbles
 from .int8 import dequantize_int8, quantize_int8
+from .modules import QuantEmbedding, QuantLinear, quantize_module_
 from .report import format_report, model_report, tensor_report
 from .schemes import SCHEMES, QuantScheme, parse_scheme
 
 __all__ = [
     "SCHEMES",
+    "QuantEmbedding",
+    "QuantLinear",
     "QuantScheme",
     "dequantize_int4",
     "dequantize_int8",
@@ -21,6 +26,7 @@ __all__ = [
     "parse_scheme",
     "quantize_int4",
     "quantize_int8",
+    "quantize_module_",
     "tensor_report",
     "unpack_nibbles",
 ]

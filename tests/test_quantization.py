@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from edgeftl.quantization import (
+    QuantEmbedding,
+    QuantLinear,
     QuantScheme,
     dequantize_int4,
     dequantize_int8,
@@ -26,6 +28,7 @@ from edgeftl.quantization import (
     parse_scheme,
     quantize_int4,
     quantize_int8,
+    quantize_module_,
     tensor_report,
     unpack_nibbles,
 )
@@ -180,3 +183,200 @@ def test_report_for_none_scheme_is_lossless() -> None:
     row = tensor_report("w", _gaussian(4, 8), QuantScheme("none"))
 
     assert row["quant_bytes"] == row["fp32_bytes"] == 128 and row["rel_error"] == 0.0
+
+
+# ----------------------------------------------------------------------------- torch modules
+
+SCHEMES_Q = [QuantScheme("int8"), QuantScheme("int4", 16)]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES_Q, ids=lambda s: s.name)
+def test_quant_linear_matches_f_linear_with_numpy_dequantized_weight(scheme: QuantScheme) -> None:
+    # Prepare: 40 inputs are padded to 48 for int4 blocks of 16.
+    torch.manual_seed(0)
+    linear = nn.Linear(40, 6)
+    w = linear.weight.detach().numpy()
+    if scheme.name == "int8":
+        deq = dequantize_int8(*quantize_int8(w))
+    else:
+        deq = dequantize_int4(*quantize_int4(w, scheme.block_size), cols=40)
+    x = torch.randn(2, 3, 40)
+
+    # Execute
+    qlinear = QuantLinear.from_linear(linear, scheme)
+    out = qlinear(x)
+
+    # Assert
+    expected = torch.nn.functional.linear(x, torch.from_numpy(deq), linear.bias.detach())
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    assert qlinear.weight_q.dtype == (torch.int8 if scheme.name == "int8" else torch.uint8)
+    assert not list(qlinear.parameters())  # frozen: buffers only
+
+
+@pytest.mark.parametrize("scheme", SCHEMES_Q, ids=lambda s: s.name)
+def test_quant_embedding_gathers_dequantized_rows(scheme: QuantScheme) -> None:
+    # Prepare
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 24)
+    table = emb.weight.detach().numpy()
+    if scheme.name == "int8":
+        deq = dequantize_int8(*quantize_int8(table))
+    else:
+        deq = dequantize_int4(*quantize_int4(table, scheme.block_size), cols=24)
+    ids = torch.tensor([[0, 9, 3], [3, 3, 1]])
+
+    # Execute
+    out = QuantEmbedding.from_embedding(emb, scheme)(ids)
+
+    # Assert
+    assert out.shape == (2, 3, 24) and out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.from_numpy(deq[ids.numpy()]), atol=1e-6, rtol=0)
+
+
+class _Tiny(nn.Module):
+    """Embedding -> nested encoder -> classifier, with a LoRA-like side branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(12, 32)
+        self.encoder = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Sequential(nn.Linear(32, 32)))
+        self.lora_A = nn.Linear(32, 2, bias=False)
+        self.classifier = nn.Linear(32, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        h = self.encoder(h) + self.lora_A(h).sum(-1, keepdim=True)
+        return self.classifier(h)
+
+
+def _skip_adapters_and_head(name: str, module: nn.Module) -> bool:
+    return "lora_" in name or name == "classifier"
+
+
+def test_quantize_module_replaces_nested_modules_except_skipped() -> None:
+    # Prepare
+    torch.manual_seed(0)
+    model = _Tiny()
+    ids = torch.tensor([[1, 5, 11]])
+    before = model(ids).detach()
+    rows: list[dict] = []
+
+    # Execute
+    names = quantize_module_(model, QuantScheme("int8"), _skip_adapters_and_head, report_rows=rows)
+
+    # Assert
+    assert names == ["embed", "encoder.0", "encoder.2.0"]
+    assert isinstance(model.embed, QuantEmbedding)
+    assert isinstance(model.encoder[0], QuantLinear) and isinstance(model.encoder[2][0], QuantLinear)
+    assert type(model.lora_A) is nn.Linear and type(model.classifier) is nn.Linear
+    assert [r["name"] for r in rows] == names and all(r["scheme"] == "int8" for r in rows)
+    torch.testing.assert_close(model(ids), before, atol=0.05, rtol=0.05)
+
+
+def test_quantize_module_none_scheme_is_a_no_op() -> None:
+    model = _Tiny()
+
+    names = quantize_module_(model, QuantScheme("none"), _skip_adapters_and_head)
+
+    assert names == [] and type(model.embed) is nn.Embedding
+
+
+def test_quantize_module_refuses_a_bare_linear_root() -> None:
+    with pytest.raises(ValueError, match="root itself"):
+        quantize_module_(nn.Linear(4, 4), QuantScheme("int8"), lambda name, module: False)
+
+
+# ----------------------------------------------------------------------------- ONNX export
+
+
+class _EmbedLinear(nn.Module):
+    def __init__(self, scheme: QuantScheme) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        # 40 columns: int4 blocks of 16 need padding in both the table and the weight.
+        self.emb = QuantEmbedding.from_embedding(nn.Embedding(20, 40), scheme)
+        self.lin = QuantLinear.from_linear(nn.Linear(40, 8), scheme)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.emb(ids))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES_Q, ids=lambda s: s.name)
+def test_onnx_export_keeps_integer_initializers_and_matches_torch(scheme: QuantScheme) -> None:
+    # Prepare
+    module = _EmbedLinear(scheme)
+    buf = io.BytesIO()
+    _export(module, torch.tensor([[1, 2, 3]]), buf)
+    ids = np.array([[0, 19], [7, 7], [4, 12]], dtype=np.int64)  # another shape than traced
+
+    # Execute
+    graph = onnx.load_from_string(buf.getvalue()).graph
+    out = _ort_run(buf.getvalue(), ids)
+
+    # Assert (a): weights are stored as integers, (b): ORT computes what torch computes.
+    dtypes = {t.name: t.data_type for t in graph.initializer}
+    want = onnx.TensorProto.INT8 if scheme.name == "int8" else onnx.TensorProto.UINT8
+    assert dtypes["emb.weight_q"] == want and dtypes["lin.weight_q"] == want
+    floats = {name for name, dtype in dtypes.items() if dtype == onnx.TensorProto.FLOAT}
+    assert floats == {"emb.weight_scale", "lin.weight_scale", "lin.bias"}  # no fp32 weight left
+    # The embedding lookup reads the integer table directly: no dequantized full table.
+    readers = [n.op_type for n in graph.node if "emb.weight_q" in n.input]
+    assert readers == ["Gather"]
+    np.testing.assert_allclose(out, module(torch.from_numpy(ids)).detach().numpy(), atol=1e-5, rtol=0)
+
+
+class _LoraOnQuant(nn.Module):
+    """A quantized frozen layer under a trainable low-rank branch and head."""
+
+    def __init__(self, scheme: QuantScheme) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(30, 32)
+        self.dense = nn.Linear(32, 32)
+        self.lora_A = nn.Linear(32, 4, bias=False)
+        self.lora_B = nn.Linear(4, 32, bias=False)
+        self.classifier = nn.Linear(32, 3)
+        quantize_module_(self, scheme, _skip_adapters_and_head)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        h = self.dense(h) + self.lora_B(self.lora_A(h))
+        return self.classifier(h.mean(dim=1))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES_Q, ids=lambda s: s.name)
+def test_quantized_graph_builds_ort_training_artifacts_and_trains(scheme: QuantScheme, tmp_path: Path) -> None:
+    # Prepare: the integer buffers are frozen params; only the adapter and head train.
+    from onnxruntime.training import artifacts
+    from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_LoraOnQuant(scheme), (torch.tensor([[1, 2, 3]]),), buf, dynamo=False,
+                          do_constant_folding=False, opset_version=17, input_names=["ids"],
+                          output_names=["logits"], dynamic_axes={"ids": {0: "batch", 1: "seq"}},
+                          training=torch.onnx.TrainingMode.TRAINING)
+    model = onnx.load_from_string(buf.getvalue())
+    names = [t.name for t in model.graph.initializer]
+    trainable = [n for n in names if "lora_" in n or "classifier" in n]
+    artifacts.generate_artifacts(model, requires_grad=trainable, frozen_params=[n for n in names if n not in trainable],
+                                 loss=artifacts.LossType.CrossEntropyLoss, optimizer=artifacts.OptimType.AdamW,
+                                 artifact_directory=str(tmp_path))
+    state = CheckpointState.load_checkpoint(str(tmp_path / "checkpoint"))
+    module = Module(str(tmp_path / "training_model.onnx"), state, str(tmp_path / "eval_model.onnx"))
+    optimizer = Optimizer(str(tmp_path / "optimizer_model.onnx"), module)
+    ids = np.random.default_rng(0).integers(0, 30, (4, 5), dtype=np.int64)
+    labels = np.array([0, 1, 2, 1], dtype=np.int64)
+
+    # Execute
+    module.train()
+    losses = []
+    for _ in range(4):
+        losses.append(float(module(ids, labels)))
+        optimizer.step()
+        module.lazy_reset_grad()
+
+    # Assert
+    assert {"emb.weight_q", "dense.weight_q"} <= set(names)
+    assert losses[-1] < losses[0]
