@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import resource
 import statistics
 import sys
@@ -118,7 +117,4 @@ def train_file(bundle: Path, data: Path, eval_file: Path | None, config: TrainCo
     labels = runtime.manifest.labels or None
     examples = read_examples(data, runtime.manifest.task, labels)
     eval_examples = read_examples(eval_file, runtime.manifest.task, labels) if eval_file else None
-    summary = train(runtime, examples, config, eval_examples, progress)
-    if progress:
-        print(json.dumps(summary, sort_keys=True), file=sys.stderr)
-    return summary
+    return train(runtime, examples, config, eval_examples, progress)

@@ -63,15 +63,9 @@ def _build_into(staging: Path, model_dir: Path, config: BuildConfig, bar: tqdm) 
         bar.set_postfix_str(name)
 
     step(STEPS[0])
-    torch.manual_seed(config.seed)
-    pre = load_pretrained(model_dir, causal_lm=config.task == "causal-lm")
-    first = _first_trainable_block(pre, config.train_layers)
-    bar.update()
-
-    step(STEPS[1])
-    model = _attach_trainable(pre, config, first)
+    pre, model, first = prepare_model(model_dir, config)
+    bar.update(2)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    bar.update()
 
     step(STEPS[2])
     if first > 0:
@@ -123,6 +117,18 @@ def _build_into(staging: Path, model_dir: Path, config: BuildConfig, bar: tqdm) 
     write_atomic(staging / MANIFEST, manifest.to_json())
     bar.update()
     return manifest
+
+
+def prepare_model(model_dir: Path, config: BuildConfig) -> tuple[Pretrained, UpperModel, int]:
+    """The fp32 PyTorch task model the bundle is built from (also the fidelity reference).
+
+    Returns the loaded backbone, the task model with its trainable parts attached, and the
+    index of the first trainable block.
+    """
+    torch.manual_seed(config.seed)
+    pre = load_pretrained(model_dir, causal_lm=config.task == "causal-lm")
+    first = _first_trainable_block(pre, config.train_layers)
+    return pre, _attach_trainable(pre, config, first), first
 
 
 def _first_trainable_block(pre: Pretrained, train_layers: int | None) -> int:

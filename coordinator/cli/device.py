@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None)
-    t.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    t.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = TrainConfig(epochs=args.epochs, steps=args.steps, batch=args.batch, lr=args.lr,
                              seed=args.seed, threads=args.threads)
-        summary = train_file(args.bundle, args.data, args.eval, config, progress=not args.json)
+        summary = train_file(args.bundle, args.data, args.eval, config, progress=not args.quiet)
     except (DataError, BundleError, ValueError) as exc:
         return fail(str(exc))
     if args.json:
