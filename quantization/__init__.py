@@ -5,11 +5,13 @@
 - `modules`: `QuantLinear` / `QuantEmbedding`, torch modules that dequantize in forward so
   the exported training graph keeps int8 / packed uint8 initializers.
 - `report`: bytes and errors per tensor and in total.
+- `ort_int`: ONNX Runtime integer kernels for the inference-only lower backbone.
 """
 
 from .int4 import dequantize_int4, pack_nibbles, quantize_int4, unpack_nibbles
 from .int8 import dequantize_int8, quantize_int8
 from .modules import QuantEmbedding, QuantLinear, quantize_module_
+from .ort_int import quantize_onnx_inference
 from .report import format_report, model_report, tensor_report
 from .schemes import SCHEMES, QuantScheme, parse_scheme
 
@@ -27,6 +29,7 @@ __all__ = [
     "quantize_int4",
     "quantize_int8",
     "quantize_module_",
+    "quantize_onnx_inference",
     "tensor_report",
     "unpack_nibbles",
 ]

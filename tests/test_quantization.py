@@ -29,6 +29,7 @@ from edgeftl.quantization import (
     quantize_int4,
     quantize_int8,
     quantize_module_,
+    quantize_onnx_inference,
     tensor_report,
     unpack_nibbles,
 )
@@ -380,3 +381,71 @@ def test_quantized_graph_builds_ort_training_artifacts_and_trains(scheme: QuantS
     # Assert
     assert {"emb.weight_q", "dense.weight_q"} <= set(names)
     assert losses[-1] < losses[0]
+
+
+# ----------------------------------------------------------------------------- ORT inference
+
+
+class _FrozenLower(nn.Module):
+    """Embedding -> LayerNorm -> Linear -> ReLU -> Linear: MatMul and Gather on weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(64, 64)
+        self.norm = nn.LayerNorm(64)
+        self.up = nn.Linear(64, 128)
+        self.down = nn.Linear(128, 64)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(self.norm(self.emb(ids)))))
+
+
+@pytest.fixture(scope="module")
+def fp32_lower(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module]:
+    # Exported without constant folding, as the build step does: weights reach MatMul
+    # through Transpose nodes, which the quantizer folds.
+    path = tmp_path_factory.mktemp("ort") / "lower.onnx"
+    module = _FrozenLower().eval()
+    _export(module, torch.tensor([[1, 2, 3]]), path)
+    return path, module
+
+
+@pytest.mark.parametrize(("scheme", "matmul_op", "max_rel"), [
+    (QuantScheme("int8"), "MatMulInteger", 0.05),
+    (QuantScheme("int4", 32), "MatMulNBits", 0.25),
+], ids=["int8", "int4"])
+def test_quantize_onnx_inference_runs_shrinks_and_stays_close(
+        fp32_lower: tuple[Path, nn.Module], tmp_path: Path, scheme: QuantScheme, matmul_op: str, max_rel: float) -> None:
+    # Prepare
+    src, module = fp32_lower
+    dst = tmp_path / f"lower_{scheme.name}.onnx"
+    ids = np.random.default_rng(1).integers(0, 64, (3, 7), dtype=np.int64)
+
+    # Execute
+    quantize_onnx_inference(src, dst, scheme)
+    out = _ort_run(str(dst), ids)
+
+    # Assert
+    graph = onnx.load(str(dst)).graph
+    ops = {n.op_type for n in graph.node}
+    assert matmul_op in ops and "MatMul" not in ops and "Transpose" not in ops
+    dtypes = {t.name: t.data_type for t in graph.initializer}
+    assert dtypes["emb.weight_q8"] == onnx.TensorProto.INT8  # embedding rows: int8 per row
+    ref = module(torch.from_numpy(ids)).detach().numpy()
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < max_rel
+    assert dst.stat().st_size < 0.4 * src.stat().st_size
+
+
+def test_quantize_onnx_inference_none_copies(fp32_lower: tuple[Path, nn.Module], tmp_path: Path) -> None:
+    src, _ = fp32_lower
+    dst = tmp_path / "copy.onnx"
+
+    quantize_onnx_inference(src, dst, QuantScheme("none"))
+
+    assert dst.read_bytes() == src.read_bytes()
+
+
+def test_quantize_onnx_inference_int4_rejects_blocks_below_16(fp32_lower: tuple[Path, nn.Module], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="block_size 8 .*MatMulNBits"):
+        quantize_onnx_inference(fp32_lower[0], tmp_path / "x.onnx", QuantScheme("int4", 8))
