@@ -6,8 +6,10 @@
   the exported training graph keeps int8 / packed uint8 initializers.
 - `report`: bytes and errors per tensor and in total.
 - `ort_int`: ONNX Runtime integer kernels for the inference-only lower backbone.
+- `bnb`: bitsandbytes NF4 / int8 torch models (evaluation, CUDA boards); imports lazily.
 """
 
+from .bnb import BNB_SCHEMES, bnb_config, bnb_unavailable_reason, load_bnb_model
 from .int4 import dequantize_int4, pack_nibbles, quantize_int4, unpack_nibbles
 from .int8 import dequantize_int8, quantize_int8
 from .modules import QuantEmbedding, QuantLinear, quantize_module_
@@ -16,13 +18,17 @@ from .report import format_report, model_report, tensor_report
 from .schemes import SCHEMES, QuantScheme, parse_scheme
 
 __all__ = [
+    "BNB_SCHEMES",
     "SCHEMES",
     "QuantEmbedding",
     "QuantLinear",
     "QuantScheme",
+    "bnb_config",
+    "bnb_unavailable_reason",
     "dequantize_int4",
     "dequantize_int8",
     "format_report",
+    "load_bnb_model",
     "model_report",
     "pack_nibbles",
     "parse_scheme",

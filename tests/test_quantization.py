@@ -20,9 +20,12 @@ from edgeftl.quantization import (
     QuantEmbedding,
     QuantLinear,
     QuantScheme,
+    bnb_config,
+    bnb_unavailable_reason,
     dequantize_int4,
     dequantize_int8,
     format_report,
+    load_bnb_model,
     model_report,
     pack_nibbles,
     parse_scheme,
@@ -449,3 +452,39 @@ def test_quantize_onnx_inference_none_copies(fp32_lower: tuple[Path, nn.Module],
 def test_quantize_onnx_inference_int4_rejects_blocks_below_16(fp32_lower: tuple[Path, nn.Module], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="block_size 8 .*MatMulNBits"):
         quantize_onnx_inference(fp32_lower[0], tmp_path / "x.onnx", QuantScheme("int4", 8))
+
+
+# ----------------------------------------------------------------------------- bitsandbytes
+
+
+def test_bnb_config_rejects_unknown_scheme() -> None:
+    with pytest.raises(ValueError, match="'fp8'.*nf4, int8"):
+        bnb_config("fp8")
+
+
+def test_bnb_nf4_classifier_loads_and_runs(tmp_path: Path) -> None:
+    # Prepare: skip (with bitsandbytes' own failure) where neither CUDA nor its CPU backend runs.
+    reason = bnb_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=128, num_labels=3)
+    reference = BertForSequenceClassification(config).eval()
+    reference.save_pretrained(tmp_path)
+    ids = torch.randint(0, 64, (2, 6))
+
+    # Execute
+    model = load_bnb_model(str(tmp_path), num_labels=3, scheme="nf4")
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+
+    # Assert
+    import bitsandbytes as bnb
+
+    assert isinstance(model.bert.encoder.layer[0].attention.self.query, bnb.nn.Linear4bit)
+    assert logits.shape == (2, 3) and logits.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(logits, reference(input_ids=ids).logits, atol=0.05, rtol=0)
