@@ -1,0 +1,77 @@
+"""Tiny model folders and bundles shared by test_build.py and test_device_runtime.py.
+
+Plain helpers, not fixtures: each test module wraps them in its own fixtures, and the cache
+below makes every folder and bundle exist once per test session, whichever module asks first.
+Bundles are built through the `edgeftl` CLI in-process, as a user would build them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tiny_models import WORDS, tiny_bert, tiny_llama
+
+LABELS = ("neg", "pos")
+# (model, extra CLI flags) per bundle name; every BERT bundle classifies into LABELS.
+BUNDLES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "bert-int8": ("bert", ("--quant", "int8")),
+    "bert-int4": ("bert", ("--quant", "int4", "--block-size", "16")),  # hidden 32: two blocks per row
+    "bert-none": ("bert", ("--quant", "none")),
+    "bert-int8-top1": ("bert", ("--quant", "int8", "--train-layers", "1")),
+    "bert-head": ("bert", ("--quant", "int8", "--adapter", "head")),
+    "llama-int8": ("llama", ("--task", "causal-lm", "--quant", "int8")),
+}
+
+_cache: dict[str, Path] = {}
+
+
+def tiny_model(factory: pytest.TempPathFactory, kind: str) -> Path:
+    """The session's tiny random "bert" or "llama" Hugging Face folder (2 blocks, hidden 32)."""
+    key = f"model:{kind}"
+    if key not in _cache:
+        make = {"bert": tiny_bert, "llama": tiny_llama}[kind]
+        _cache[key] = make(factory.mktemp(f"tiny-{kind}"))
+    return _cache[key]
+
+
+def bundle(factory: pytest.TempPathFactory, name: str) -> Path:
+    """The session's bundle `name` (a key of BUNDLES), built once with `edgeftl build`.
+
+    Tests that change a bundle must work on a copy.
+    """
+    key = f"bundle:{name}"
+    if key not in _cache:
+        from edgeftl.coordinator.cli import main
+
+        kind, flags = BUNDLES[name]
+        out = factory.mktemp("bundles", numbered=True) / name
+        args = ["build", "--model", str(tiny_model(factory, kind)), "--out", str(out), "--quiet", *flags]
+        if kind == "bert":
+            args += ["--labels", ",".join(LABELS)]
+        rc = main(args)
+        assert rc == 0, f"building {name} failed with exit code {rc}"
+        _cache[key] = out
+    return _cache[key]
+
+
+def keyword_dataset(n: int, seed: int, keyword: str = "market") -> tuple[list[str], list[str]]:
+    """Separable toy classification: "pos" exactly when the sentence contains `keyword`.
+
+    Sentences are 4-8 words drawn from the tiny tokenizer's vocabulary, so no token is unknown;
+    half of them get the keyword at a random position.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    others = [w for w in WORDS if w != keyword]
+    texts, labels = [], []
+    for i in range(n):
+        words = list(rng.choice(others, size=int(rng.integers(4, 9))))
+        positive = i % 2 == 1
+        if positive:
+            words.insert(int(rng.integers(0, len(words) + 1)), keyword)
+        texts.append(" ".join(words))
+        labels.append(LABELS[int(positive)])
+    return texts, labels
