@@ -19,6 +19,16 @@ from typing import Any
 _TRAINING = "onnxruntime.training"
 
 
+def install_torch_free_import() -> None:
+    """Make later `import onnxruntime` calls skip the torch import (idempotent).
+
+    Called when `edgeftl.device` is imported, so any device module may import onnxruntime.
+    Too late (a no-op) if onnxruntime was already imported by someone else.
+    """
+    if _TRAINING not in sys.modules and "onnxruntime" not in sys.modules:
+        _register_bare_training_package()
+
+
 def training_api() -> types.ModuleType:
     """Return `onnxruntime.training.api` (Module, Optimizer, CheckpointState), torch-free.
 

@@ -17,6 +17,7 @@ from edgeftl.device.manifest import (
     OPTIMIZER_MODEL,
     TOKENIZER,
     TRAINING_MODEL,
+    BundleError,
     Manifest,
     verify_bundle,
 )
@@ -39,6 +40,12 @@ class BundleRuntime:
         self.module = api.Module(str(self.folder / TRAINING_MODEL), self.state,
                                  str(self.folder / EVAL_MODEL), session_options=options)
         self.optimizer = api.Optimizer(str(self.folder / OPTIMIZER_MODEL), self.module)
+        size = self.module.get_parameters_size(trainable_only=True)
+        if size != self.manifest.trainable_count:
+            raise BundleError(
+                f"manifest lists {self.manifest.trainable_count} trainable values but the training graph has "
+                f"{size}; the bundle is inconsistent, rebuild it"
+            )
         self.lower = None
         if self.manifest.split:
             import onnxruntime as ort
@@ -77,17 +84,29 @@ class BundleRuntime:
     def set_learning_rate(self, lr: float) -> None:
         self.optimizer.set_learning_rate(lr)
 
-    def train_step(self, features: np.ndarray, mask: np.ndarray, targets: np.ndarray) -> float:
-        """Forward, backward and one optimizer step; returns the batch loss."""
+    def accumulate(self, features: np.ndarray, mask: np.ndarray, targets: np.ndarray, weight: float = 1.0) -> float:
+        """Forward + backward, adding `weight` x this batch's gradient to the accumulated one.
+
+        Returns the unweighted loss of this (micro-)batch.
+        """
         self.module.train()
-        loss, _ = self.module(features, mask, targets)
+        loss, _ = self.module(features, mask, targets, np.array(weight, dtype=np.float32))
+        return float(loss) / weight if weight else 0.0
+
+    def apply_step(self) -> None:
+        """One optimizer step on the accumulated gradient, then clear it."""
         self.optimizer.step()
         self.module.lazy_reset_grad()
-        return float(loss)
+
+    def train_step(self, features: np.ndarray, mask: np.ndarray, targets: np.ndarray) -> float:
+        """Forward, backward and one optimizer step; returns the batch loss."""
+        loss = self.accumulate(features, mask, targets)
+        self.apply_step()
+        return loss
 
     def eval_step(self, features: np.ndarray, mask: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
         self.module.eval()
-        loss, logits = self.module(features, mask, targets)
+        loss, logits = self.module(features, mask, targets, np.array(1.0, dtype=np.float32))
         return float(loss), logits
 
     # ---- parameters as one vector -------------------------------------------------------
@@ -100,6 +119,8 @@ class BundleRuntime:
         vector = np.ascontiguousarray(vector, dtype=np.float32)
         if vector.shape != (size,):
             raise ValueError(f"parameter vector has shape {vector.shape}, this bundle needs ({size},)")
+        if not np.isfinite(vector).all():
+            raise ValueError("parameter vector holds NaN or Inf values; refusing to load it")
         buffer = self.module.get_contiguous_parameters(trainable_only=True)
         buffer.numpy()[:] = vector
         self.module.copy_buffer_to_parameters(buffer, trainable_only=True)

@@ -19,7 +19,10 @@ class UpperModel(nn.Module):
     """Blocks [first_block:] + head + loss: the part that goes into the ORT training graph.
 
     Inputs are token ids when first_block == 0, else the frozen lower stack's hidden states.
-    Returns (loss, logits).
+    `loss_weight` (float32 scalar) multiplies the loss: a device that splits a batch into
+    micro-batches passes each one's share (its samples / the batch's, or tokens for causal-LM),
+    so the accumulated gradient equals the full batch's exactly while activations are only
+    held for one micro-batch. Pass 1.0 otherwise. Returns (loss, logits).
     """
 
     def __init__(self, backbone: Backbone, head: nn.Module, task: str, first_block: int) -> None:
@@ -31,7 +34,8 @@ class UpperModel(nn.Module):
         self.task = task
         self.first_block = first_block
 
-    def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+    def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                loss_weight: torch.Tensor):
         hidden = self.backbone.embed(inputs) if self.first_block == 0 else inputs
         ctx = self.backbone.context(attention_mask, hidden)
         for index in range(self.first_block, len(self.backbone.blocks())):
@@ -39,9 +43,9 @@ class UpperModel(nn.Module):
         hidden = self.backbone.finish(hidden)
         if self.task == "classify":
             logits = self.head(hidden, attention_mask)
-            return classification_loss(logits, labels), logits
+            return classification_loss(logits, labels) * loss_weight, logits
         logits = self.head(hidden)
-        return causal_lm_loss(logits, labels), logits
+        return causal_lm_loss(logits, labels) * loss_weight, logits
 
 
 class LowerModel(nn.Module):

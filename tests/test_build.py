@@ -262,7 +262,7 @@ def test_full_depth_bundle_trains_from_token_ids(tmp_path_factory: pytest.TempPa
     assert manifest.first_trainable_block == 0 and not manifest.split
     assert not (folder / "lower_model.onnx").exists()
     assert graph.graph.input[0].name == "input_ids"
-    assert manifest.inputs["training"] == ["input_ids", "attention_mask", "labels"]
+    assert manifest.inputs["training"] == ["input_ids", "attention_mask", "labels", "loss_weight"]
 
 
 def test_train_layers_1_splits_off_a_frozen_lower_model(tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -32,7 +32,7 @@ from edgeftl.models.adapters.lora import LoraConfig, attach_lora
 from edgeftl.models.loading import Pretrained, default_model_dir, load_pretrained, read_config
 from edgeftl.models.task import LowerModel, UpperModel, make_head
 
-STEPS = ("load model", "attach adapters", "export frozen lower stack", "quantize", "export training graph",
+STEPS = ("export frozen lower stack", "quantize", "export training graph",
          "generate ORT artifacts", "write manifest")
 DUMMY_BATCH, DUMMY_SEQ = 2, 16  # export shapes; both axes are dynamic in the graphs
 PACKAGED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -46,11 +46,14 @@ def build(config: BuildConfig, progress: bool = True) -> Manifest:
     """
     model_dir = config.model or default_model_dir()
     read_config(model_dir)  # fail fast on a bad folder or architecture
+    # Loading and attaching validate the rest (targets, --train-layers) before any output or
+    # progress bar exists, so bad input costs one error line.
+    pre, model, first = prepare_model(model_dir, config)
     config.out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=config.out.parent, prefix=f".{config.out.name}.building-"))
     try:
         with tqdm(total=len(STEPS), desc="edgeftl build", unit="step", disable=not progress) as bar:
-            manifest = _build_into(staging, model_dir, config, bar)
+            manifest = _build_into(staging, model_dir, config, (pre, model, first), bar)
         _publish(staging, config.out, config.force)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -58,35 +61,34 @@ def build(config: BuildConfig, progress: bool = True) -> Manifest:
     return manifest
 
 
-def _build_into(staging: Path, model_dir: Path, config: BuildConfig, bar: tqdm) -> Manifest:
+def _build_into(staging: Path, model_dir: Path, config: BuildConfig,
+                prepared: tuple[Pretrained, UpperModel, int], bar: tqdm) -> Manifest:
     def step(name: str) -> None:
         bar.set_postfix_str(name)
 
-    step(STEPS[0])
-    pre, model, first = prepare_model(model_dir, config)
-    bar.update(2)
+    pre, model, first = prepared
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
 
-    step(STEPS[2])
+    step(STEPS[0])
     if first > 0:
         _export_lower(pre, first, config, staging)
     bar.update()
 
-    step(STEPS[3])
+    step(STEPS[1])
     report = _quantize_upper(model, pre, first, config)
     bar.update()
 
-    step(STEPS[4])
+    step(STEPS[2])
     graph = export_onnx(model, *_upper_signature(pre, config, first), staging / "upper_model.onnx")
     bar.update()
 
-    step(STEPS[5])
+    step(STEPS[3])
     artifacts.generate(graph, trainable, staging)
     (staging / "upper_model.onnx").unlink()
     layout = artifacts.contiguous_layout(staging)
     bar.update()
 
-    step(STEPS[6])
+    step(STEPS[4])
     pad_id = _copy_tokenizer(model_dir, staging)
     manifest = Manifest(
         model_id=config.model_id or (PACKAGED_MODEL_ID if config.model is None else model_dir.name),
@@ -107,7 +109,7 @@ def _build_into(staging: Path, model_dir: Path, config: BuildConfig, bar: tqdm) 
         hidden_size=pre.hidden_size,
         trainable=layout,
         inputs={
-            "training": ["hidden_states" if first else "input_ids", "attention_mask", "labels"],
+            "training": ["hidden_states" if first else "input_ids", "attention_mask", "labels", "loss_weight"],
             "lower": ["input_ids", "attention_mask"] if first else [],
             "pad_token_id": pad_id,
         },
@@ -195,8 +197,8 @@ def _upper_signature(pre: Pretrained, config: BuildConfig, first: int):
     main = torch.zeros(batch, seq, pre.hidden_size) if first else ids
     labels = torch.zeros(batch, dtype=torch.int64) if config.task == "classify" else ids.clone()
     inputs = {"hidden_states" if first else "input_ids": main, "attention_mask": torch.ones_like(ids),
-              "labels": labels}
-    axes = {name: {0: "batch", 1: "seq"} for name in inputs}
+              "labels": labels, "loss_weight": torch.tensor(1.0)}
+    axes = {name: {0: "batch", 1: "seq"} for name in inputs if name != "loss_weight"}
     axes["labels"] = {0: "batch"} if config.task == "classify" else {0: "batch", 1: "seq"}
     axes["logits"] = {0: "batch"} if config.task == "classify" else {0: "batch", 1: "seq"}
     return inputs, ["loss", "logits"], axes
