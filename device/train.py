@@ -25,13 +25,17 @@ class TrainConfig:
     lr: float = 1e-3
     seed: int = 0
     threads: int | None = None
+    # Samples per forward/backward pass; a batch is run as ceil(batch / micro_batch) passes whose
+    # weighted gradients add up to exactly the full batch's. Peak memory follows micro_batch.
+    micro_batch: int | None = None
+    grad_accum: int = 1  # batches per optimizer step
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.steps is not None:
             raise ValueError("give --epochs or --steps, not both")
         if self.epochs is None and self.steps is None:
             self.epochs = 1
-        for name in ("epochs", "steps", "batch"):
+        for name in ("epochs", "steps", "batch", "micro_batch", "grad_accum"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name} must be a positive integer, got {value}")
@@ -51,10 +55,38 @@ def batches(examples: list[Example], size: int, rng: np.random.Generator):
         yield [examples[i] for i in order[start:start + size]]
 
 
-def run_batch(runtime: BundleRuntime, batch: list[Example], train: bool) -> tuple[float, np.ndarray, np.ndarray]:
+def prepare(runtime: BundleRuntime, batch: list[Example]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features, attention mask, targets) for one (micro-)batch."""
     ids, mask = runtime.encode([e.text for e in batch])
     targets = runtime.targets(ids, mask, [e.label for e in batch])
-    feats = runtime.features(ids, mask)
+    return runtime.features(ids, mask), mask, targets
+
+
+def _loss_units(runtime: BundleRuntime, targets: np.ndarray) -> int:
+    # What the graph's loss averages over: samples (classify) or predicted tokens (causal-LM).
+    if runtime.manifest.task == "classify":
+        return len(targets)
+    return int((targets[:, 1:] != -100).sum())
+
+
+def accumulate_batch(runtime: BundleRuntime, batch: list[Example], micro_batch: int, share: float) -> float:
+    """Forward/backward over `batch` in micro-batches, adding `share` x its mean-loss gradient.
+
+    Each micro-batch's loss is weighted by its fraction of the batch's loss units, so the sum of
+    the micro-batch gradients is the gradient of the batch's mean loss. Returns that mean loss.
+    """
+    parts = [prepare(runtime, batch[i:i + micro_batch]) for i in range(0, len(batch), micro_batch)]
+    units = [_loss_units(runtime, targets) for _, _, targets in parts]
+    total = max(1, sum(units))
+    loss = 0.0
+    for (feats, mask, targets), count in zip(parts, units):
+        if count:
+            loss += runtime.accumulate(feats, mask, targets, share * count / total) * count / total
+    return loss
+
+
+def run_batch(runtime: BundleRuntime, batch: list[Example], train: bool) -> tuple[float, np.ndarray, np.ndarray]:
+    feats, mask, targets = prepare(runtime, batch)
     if train:
         return runtime.train_step(feats, mask, targets), targets, None
     loss, logits = runtime.eval_step(feats, mask, targets)
@@ -87,11 +119,14 @@ def train(runtime: BundleRuntime, examples: list[Example], config: TrainConfig,
     per_epoch = -(-len(examples) // config.batch)
     total = config.steps if config.steps is not None else per_epoch * config.epochs
     losses, step_times = [], []
+    micro = config.micro_batch or config.batch
     with tqdm(total=total, desc="train", unit="step", disable=not progress) as bar:
         while len(losses) < total:
-            for batch in batches(examples, config.batch, rng):
+            for index, batch in enumerate(batches(examples, config.batch, rng)):
                 start = time.perf_counter()
-                losses.append(run_batch(runtime, batch, train=True)[0])
+                losses.append(accumulate_batch(runtime, batch, micro, 1.0 / config.grad_accum))
+                if (index + 1) % config.grad_accum == 0 or len(losses) >= total:
+                    runtime.apply_step()
                 step_times.append(time.perf_counter() - start)
                 bar.update()
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")

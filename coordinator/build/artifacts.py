@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from edgeftl.coordinator.build.recompute import recompute_dequantized_weights
 from edgeftl.device.manifest import CHECKPOINT, EVAL_MODEL, TRAINING_MODEL, TrainableParam
 from edgeftl.device.ort import training_api
 
 
-def generate(model: onnx.ModelProto, trainable: list[str], out: Path) -> None:
+def generate(model: onnx.ModelProto, trainable: list[str], out: Path, recompute: bool = False) -> None:
     """Write the four artifacts into `out` (which must exist).
 
     Every initializer that is not trainable is listed as a frozen parameter, so it is stored
@@ -45,6 +46,11 @@ def generate(model: onnx.ModelProto, trainable: list[str], out: Path) -> None:
             loss_input_names=["loss"],
             additional_output_names=["logits"],
         )
+    if recompute:
+        path = out / TRAINING_MODEL
+        training = onnx.load(str(path))
+        recompute_dequantized_weights(training, set(frozen))
+        onnx.save(training, str(path))
 
 
 @contextlib.contextmanager

@@ -83,7 +83,8 @@ def _build_into(staging: Path, model_dir: Path, config: BuildConfig,
     bar.update()
 
     step(STEPS[3])
-    artifacts.generate(graph, trainable, staging)
+    # Quantized weights: dequantize again for the backward pass rather than hold fp32 copies.
+    artifacts.generate(graph, trainable, staging, recompute=config.quant != "none")
     (staging / "upper_model.onnx").unlink()
     layout = artifacts.contiguous_layout(staging)
     bar.update()

@@ -19,6 +19,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--batch", type=int, default=16)
     t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--micro-batch", type=int, default=None,
+                   help="samples per forward/backward pass (exact gradient accumulation within a batch; "
+                        "peak memory follows it); default: the whole batch")
+    t.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step (default 1)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
@@ -32,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = TrainConfig(epochs=args.epochs, steps=args.steps, batch=args.batch, lr=args.lr,
-                             seed=args.seed, threads=args.threads)
+                             seed=args.seed, threads=args.threads,
+                             micro_batch=args.micro_batch, grad_accum=args.grad_accum)
         summary = train_file(args.bundle, args.data, args.eval, config, progress=not args.quiet)
     except (DataError, BundleError, ValueError) as exc:
         return fail(str(exc))
