@@ -30,6 +30,7 @@ class BuildConfig:
     train_layers: int | None = None  # None = all blocks
     quant: str = "int8"
     block_size: int = 32
+    int8_top_blocks: int = 2  # int4 only: the top N blocks' linear weights stay int8
     max_seq_len: int = 128
     seed: int = 0
     force: bool = False
@@ -53,6 +54,8 @@ class BuildConfig:
             raise BuildError(f"--alpha must be positive, got {self.alpha}")
         if self.block_size < 8 or self.block_size & (self.block_size - 1):
             raise BuildError(f"--block-size must be a power of two >= 8, got {self.block_size}")
+        if self.int8_top_blocks < 0:
+            raise BuildError(f"--int4-int8-top must be >= 0, got {self.int8_top_blocks}")
         if not 8 <= self.max_seq_len <= 8192:
             raise BuildError(f"--max-seq-len must be in 8..8192, got {self.max_seq_len}")
         if self.train_layers is not None and self.train_layers <= 0:

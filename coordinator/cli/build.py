@@ -28,6 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "lower model (default: all blocks)")
     p.add_argument("--quant", default="int8", help="none | int8 | int4 (frozen backbone weights; default int8)")
     p.add_argument("--block-size", type=int, default=32, help="int4 block size (default 32)")
+    p.add_argument("--int4-int8-top", type=int, default=2, dest="int8_top_blocks",
+                   help="int4 only: keep the linear weights of the top N blocks int8 (default 2; 0 = all int4)")
     p.add_argument("--max-seq-len", type=int, default=128, help="tokens per sample on device (default 128)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed for adapters and head")
     p.add_argument("--model-id", default=None, help="name recorded in the manifest (default: derived)")
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         config = BuildConfig(
             out=args.out, model=args.model, task=args.task, labels=labels or (), num_labels=args.num_labels,
             adapter=args.adapter, rank=args.rank, alpha=args.alpha, targets=args.targets,
-            train_layers=args.train_layers, quant=args.quant, block_size=args.block_size,
+            train_layers=args.train_layers, quant=args.quant, block_size=args.block_size, int8_top_blocks=args.int8_top_blocks,
             max_seq_len=args.max_seq_len, seed=args.seed, force=args.force, model_id=args.model_id,
         )
         from edgeftl.coordinator.build.pipeline import build
