@@ -1,0 +1,35 @@
+"""The coordinator's checkpoint: global parameters, round and server state, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+CHECKPOINT = "checkpoint.npz"
+
+
+def save(folder: Path, round_index: int, params: np.ndarray, reference: np.ndarray,
+         strategy_state: dict[str, np.ndarray], meta: dict) -> None:
+    """Write folder/checkpoint.npz via a temp file + rename: a crash leaves the previous one."""
+    arrays = {"params": params, "reference": reference, **{f"strategy.{k}": v for k, v in strategy_state.items()}}
+    arrays["meta"] = np.frombuffer(json.dumps({**meta, "round": round_index}).encode(), dtype=np.uint8)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint.", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(tmp, folder / CHECKPOINT)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(folder: Path) -> tuple[int, np.ndarray, np.ndarray, dict[str, np.ndarray], dict]:
+    """Return (last completed round, params, downlink reference, strategy state, meta)."""
+    with np.load(folder / CHECKPOINT, allow_pickle=False) as data:
+        meta = json.loads(bytes(data["meta"]).decode())
+        state = {k[len("strategy."):]: data[k] for k in data.files if k.startswith("strategy.")}
+        return int(meta["round"]), data["params"].copy(), data["reference"].copy(), state, meta

@@ -1,0 +1,115 @@
+"""The coordinator's inbox: every update from the network is validated here, then queued.
+
+Anything a device or the network sends is untrusted: size is checked before parsing (wire),
+header fields and types (messages), run id, bundle hash, round, the device id against the topic,
+the codec and vector length, finiteness, duplicates. A message that fails is counted under its
+reason and logged; nothing here raises into the transport thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeftl.device import wire
+from edgeftl.device.messages import MessageError, UpdateHeader, decode_vector, parse_header
+
+log = logging.getLogger("edgeftl.coordinator")
+
+
+@dataclass
+class ReceivedUpdate:
+    header: UpdateHeader
+    delta: np.ndarray
+    payload_bytes: int
+
+
+class Inbox:
+    """Validates update messages for the current round and hands the good ones to the loop."""
+
+    def __init__(self, run_id: str, bundle_sha256: str, size: int, max_message_bytes: int) -> None:
+        self.run_id, self.bundle_sha256, self.size = run_id, bundle_sha256, size
+        self.max_message_bytes = max_message_bytes
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[ReceivedUpdate] = queue.Queue()
+        self._round = -1
+        self._selected: set[str] = set()
+        self._seen: set[tuple[str, int, int]] = set()
+        self._accepted: set[str] = set()
+        self.rejected: Counter[str] = Counter()
+        self.late = 0
+
+    def open_round(self, round_index: int, selected: list[str]) -> None:
+        with self._lock:
+            self._round, self._selected = round_index, set(selected)
+            self._accepted = set()
+            self.rejected, self.late = Counter(), 0
+            while not self._queue.empty():
+                self._queue.get_nowait()
+
+    def close_round(self) -> tuple[int, dict[str, int]]:
+        """Stop accepting for this round; return (late count, rejected counts by reason)."""
+        with self._lock:
+            self._round = -1
+            return self.late, dict(self.rejected)
+
+    def get(self, timeout_s: float) -> ReceivedUpdate | None:
+        try:
+            return self._queue.get(timeout=max(0.0, timeout_s))
+        except queue.Empty:
+            return None
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        """Transport callback for `<prefix>/update/<device>`; never raises."""
+        try:
+            update = self._validate(topic, payload)
+        except (wire.WireError, MessageError, ValueError) as exc:
+            self._reject(topic, str(exc))
+            return
+        except Exception as exc:  # a bug here must not take the coordinator down
+            log.exception("unexpected error while validating %s", topic)
+            self._reject(topic, f"internal error {type(exc).__name__}")
+            return
+        if update is not None:
+            self._queue.put(update)
+
+    def _reject(self, topic: str, reason: str) -> None:
+        kind = reason.split(":")[0].split("(")[0].strip()[:60]
+        with self._lock:
+            self.rejected[kind] += 1
+        log.warning("rejected update on %s: %s", topic, reason)
+
+    def _validate(self, topic: str, payload: bytes) -> ReceivedUpdate | None:
+        header_dict, arrays = wire.decode_message(payload, self.max_message_bytes)
+        header = parse_header(header_dict, UpdateHeader)
+        device = topic.rsplit("/", 1)[-1]
+        if header.device_id != device:
+            raise MessageError(f"device id mismatch: header says {header.device_id!r}, topic says {device!r}")
+        if header.run_id != self.run_id or header.bundle_sha256 != self.bundle_sha256:
+            raise MessageError("wrong run or bundle: update is for another federation")
+        with self._lock:
+            key = (device, header.round, header.seq)
+            if key in self._seen:
+                log.info("duplicate update from %s for round %d ignored", device, header.round)
+                return None  # QoS 1 redelivery: harmless, not an error
+            self._seen.add(key)
+            if header.round != self._round:
+                self.late += 1
+                log.info("late update from %s for round %d (now %d)", device, header.round, self._round)
+                return None
+            if device not in self._selected:
+                raise MessageError(f"unknown device: {device!r} was not selected for round {header.round}")
+            if device in self._accepted:
+                raise MessageError(f"second update: {device!r} already sent one for round {header.round}")
+        delta = decode_vector(header.codec, header.size, arrays, self.size)
+        with self._lock:
+            if header.round != self._round:
+                self.late += 1
+                return None
+            self._accepted.add(device)
+        return ReceivedUpdate(header, delta, len(payload))
