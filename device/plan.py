@@ -1,0 +1,142 @@
+"""Estimate a training run's peak memory before it starts, by measuring it.
+
+Peak RSS is monotonic within a process, so each probe is a fresh process (this module run with
+`python -m`): it loads the bundle, runs one real training step (forward, backward, optimizer) on
+synthetic inputs of the requested sequence length, and reports its resident memory after loading
+and its peak. Probing micro-batches 1 and 2 gives the fixed part and the per-sample part:
+
+    peak(M) ~= peak(1) + (M - 1) * (peak(2) - peak(1))
+
+Activations kept for the backward pass grow linearly with the micro-batch, which is what the
+slope captures; ORT's allocator arena rounds allocations up, so the estimate is a guide to be
+checked against `device train`'s measured `peak_rss_mib`, not a guarantee. Nothing is saved:
+the probe's trained weights die with its process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+class MemoryLimitError(ValueError):
+    """Even the smallest micro-batch does not fit the memory limit."""
+
+
+@dataclass
+class Probe:
+    """One probe's measurement, MiB."""
+
+    micro_batch: int
+    seq: int
+    rss_after_load_mib: float
+    peak_rss_mib: float
+
+
+@dataclass
+class MemoryPlan:
+    """Probes at micro-batch 1 and 2 of one sequence length, and the line through them."""
+
+    seq: int
+    rss_after_load_mib: float
+    peak_1_mib: float
+    peak_2_mib: float
+
+    @property
+    def per_sample_mib(self) -> float:
+        # A negative slope is measurement noise (page granularity, arena reuse), not savings.
+        return max(0.0, self.peak_2_mib - self.peak_1_mib)
+
+    def peak_mib(self, micro_batch: int) -> float:
+        """Estimated peak RSS of training at this micro-batch, MiB."""
+        return round(self.peak_1_mib + (micro_batch - 1) * self.per_sample_mib, 1)
+
+    def largest_fitting(self, limit_mib: float, batch: int) -> int:
+        """Largest micro-batch in 1..batch whose estimated peak is within the limit; 0 if none."""
+        if self.peak_1_mib > limit_mib:
+            return 0
+        if self.per_sample_mib == 0:
+            return batch
+        return min(batch, 1 + int((limit_mib - self.peak_1_mib) // self.per_sample_mib))
+
+    def report(self, batch: int, micro_batch: int | None, limit_mib: float | None) -> dict:
+        """Flat dict for the CLI: measured points, the estimate at the requested micro-batch, the fit."""
+        micro = micro_batch or batch
+        record = {**asdict(self), "per_sample_mib": round(self.per_sample_mib, 2), "batch": batch,
+                  "micro_batch": micro, "estimated_peak_mib": self.peak_mib(micro)}
+        if limit_mib is not None:
+            record["max_memory_mib"] = limit_mib
+            record["largest_fitting_micro_batch"] = self.largest_fitting(limit_mib, batch)
+        return record
+
+
+def fit_micro_batch(plan: MemoryPlan, batch: int, micro_batch: int | None, limit_mib: float) -> tuple[int, str | None]:
+    """The micro-batch to train with under `limit_mib`, and an info line if it had to shrink.
+
+    Raises:
+        MemoryLimitError: if even micro-batch 1 is estimated above the limit.
+    """
+    wanted = micro_batch or batch
+    fits = plan.largest_fitting(limit_mib, batch)
+    if fits == 0:
+        raise MemoryLimitError(
+            f"estimated peak memory {plan.peak_mib(1)} MiB at micro-batch 1 (sequence {plan.seq}) exceeds "
+            f"--max-memory-mib {limit_mib:g}; rebuild the bundle with fewer trainable blocks "
+            "(edgeftl build --train-layers) or a shorter --max-seq-len")
+    if fits >= wanted:
+        return wanted, None
+    return fits, (f"micro-batch {fits} (estimated peak {plan.peak_mib(fits)} MiB) instead of {wanted} "
+                  f"({plan.peak_mib(wanted)} MiB) to fit --max-memory-mib {limit_mib:g}; same optimizer steps")
+
+
+def probe(bundle: Path, micro_batch: int, seq: int, threads: int | None = None) -> Probe:
+    """Measure one training step in a fresh process.
+
+    Raises:
+        RuntimeError: if the probe process fails (its last error line is included).
+    """
+    cmd = [sys.executable, "-m", "edgeftl.device.plan", str(bundle), str(micro_batch), str(seq), str(threads or 0)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"memory probe (micro-batch {micro_batch}, sequence {seq}) failed: {last}")
+    return Probe(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def measure_plan(bundle: Path, seq: int, threads: int | None = None,
+                 run_probe: Callable[..., Probe] | None = None) -> MemoryPlan:
+    """Probe micro-batches 1 and 2 at sequence length `seq` (two fresh processes, or `run_probe`)."""
+    run_probe = run_probe or probe
+    one, two = (run_probe(bundle, m, seq, threads) for m in (1, 2))
+    return MemoryPlan(seq=seq, rss_after_load_mib=one.rss_after_load_mib,
+                      peak_1_mib=one.peak_rss_mib, peak_2_mib=two.peak_rss_mib)
+
+
+def _probe_main(argv: list[str]) -> int:
+    """Child process: load, one synthetic training step, print the Probe as JSON."""
+    import numpy as np
+
+    from edgeftl.device.measure import peak_rss_mib, rss_mib
+    from edgeftl.device.runtime import BundleRuntime
+
+    bundle, micro_batch, seq, threads = Path(argv[0]), int(argv[1]), int(argv[2]), int(argv[3])
+    runtime = BundleRuntime(bundle, threads=threads or None, verify=False)  # the caller verified it
+    after_load = rss_mib()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, runtime.tokenizer.get_vocab_size(), size=(micro_batch, seq), dtype=np.int64)
+    mask = np.ones_like(ids)
+    # Like training: a split bundle's lower stack runs one example at a time (device/cache.py).
+    features = np.concatenate([runtime.features(ids[i:i + 1], mask[i:i + 1]) for i in range(micro_batch)])
+    labels = [runtime.manifest.labels[0]] * micro_batch if runtime.manifest.task == "classify" else None
+    runtime.accumulate(features, mask, runtime.targets(ids, mask, labels))
+    runtime.apply_step()
+    print(json.dumps(asdict(Probe(micro_batch, seq, after_load, max(after_load, peak_rss_mib())))))
+    return 0
+
+
+if __name__ == "__main__":  # `python -m` has imported edgeftl.device (the torch-free hook) already
+    sys.exit(_probe_main(sys.argv[1:]))
