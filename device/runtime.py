@@ -29,14 +29,28 @@ IGNORE_INDEX = -100  # causal-LM label for padding; matches the loss in the trai
 class BundleRuntime:
     """Train and evaluate one bundle's trainable parameters with ONNX Runtime Training."""
 
-    def __init__(self, folder: Path, threads: int | None = None, verify: bool = True) -> None:
+    def __init__(self, folder: Path, threads: int | None = None, verify: bool = True,
+                 checkpoint: Path | None = None) -> None:
+        """Load a bundle.
+
+        Args:
+            folder: the bundle folder.
+            threads: intra-op threads for ONNX Runtime (None: its default).
+            verify: check every bundle file's sha256 first.
+            checkpoint: start from this ORT checkpoint (a saved device state, optimizer state
+                included) instead of the bundle's own.
+        """
         from tokenizers import Tokenizer
 
         self.folder = Path(folder)
         self.manifest: Manifest = verify_bundle(self.folder) if verify else _read(self.folder)
         api = training_api()
         options = session_options(threads)
-        self.state = api.CheckpointState.load_checkpoint(str(self.folder / CHECKPOINT))
+        checkpoint = Path(checkpoint) if checkpoint else self.folder / CHECKPOINT
+        self.state = api.CheckpointState.load_checkpoint(str(checkpoint))
+        # Every model file this runtime opened, for the "bytes of model files loaded" metric.
+        self.loaded_files: list[Path] = [checkpoint, self.folder / TRAINING_MODEL, self.folder / EVAL_MODEL,
+                                         self.folder / OPTIMIZER_MODEL, self.folder / TOKENIZER]
         self.module = api.Module(str(self.folder / TRAINING_MODEL), self.state,
                                  str(self.folder / EVAL_MODEL), session_options=options)
         self.optimizer = api.Optimizer(str(self.folder / OPTIMIZER_MODEL), self.module)
@@ -52,6 +66,7 @@ class BundleRuntime:
 
             self.lower = ort.InferenceSession(str(self.folder / LOWER_MODEL), options,
                                               providers=["CPUExecutionProvider"])
+            self.loaded_files.append(self.folder / LOWER_MODEL)
         self.tokenizer = Tokenizer.from_file(str(self.folder / TOKENIZER))
         self.tokenizer.enable_truncation(self.manifest.max_seq_len)
         self.tokenizer.no_padding()

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-import resource
-import statistics
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from edgeftl.device.data import Example, read_examples
-from edgeftl.device.runtime import BundleRuntime
+from edgeftl.device.data import DataError, Example, read_examples, split_indices
+from edgeftl.device.manifest import TOKENIZER, Manifest, sha256_file, verify_bundle
+from edgeftl.device.measure import append_jsonl, files_bytes, peak_rss_mib, rss_mib, run_metrics  # noqa: F401
+from edgeftl.device.runtime import IGNORE_INDEX, BundleRuntime
+from edgeftl.device.state import Progress, StateError, check_settings, load_state, save_state
+
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # (features, attention mask, targets)
+Inputs = Callable[[list[int]], Batch]  # example indices -> one padded micro-batch
 
 
 @dataclass
@@ -29,53 +34,71 @@ class TrainConfig:
     # weighted gradients add up to exactly the full batch's. Peak memory follows micro_batch.
     micro_batch: int | None = None
     grad_accum: int = 1  # batches per optimizer step
+    val_fraction: float | None = None  # share of the training file held out (seeded) for evaluation
+    save_every: int | None = None  # batches between saves of the local state (with a state folder)
+    max_memory_mib: float | None = None  # shrink micro_batch to fit this estimated peak, or refuse
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.steps is not None:
             raise ValueError("give --epochs or --steps, not both")
         if self.epochs is None and self.steps is None:
             self.epochs = 1
-        for name in ("epochs", "steps", "batch", "micro_batch", "grad_accum"):
+        for name in ("epochs", "steps", "batch", "micro_batch", "grad_accum", "save_every"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise ValueError(f"--{name} must be a positive integer, got {value}")
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.save_every is not None and self.save_every % self.grad_accum:
+            # A save between the batches of one optimizer step would lose the accumulated gradient.
+            raise ValueError(f"--save-every {self.save_every} must be a multiple of --grad-accum {self.grad_accum}")
+        if self.max_memory_mib is not None and not self.max_memory_mib > 0:
+            raise ValueError(f"--max-memory-mib must be positive, got {self.max_memory_mib}")
 
 
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process (Linux reports ru_maxrss in KiB, macOS in bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+def info(message: str) -> None:
+    """One informational line on stderr (stdout is kept for the summary)."""
+    print(f"edgeftl: {message}", file=sys.stderr)
 
 
-def batches(examples: list[Example], size: int, rng: np.random.Generator):
-    order = rng.permutation(len(examples))
-    for start in range(0, len(order), size):
-        yield [examples[i] for i in order[start:start + size]]
+# ---- inputs ---------------------------------------------------------------------------------
 
 
-def prepare(runtime: BundleRuntime, batch: list[Example]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features, attention mask, targets) for one (micro-)batch."""
+def prepare(runtime: BundleRuntime, batch: list[Example]) -> Batch:
+    """(features, attention mask, targets) for one (micro-)batch, running the lower stack if any."""
     ids, mask = runtime.encode([e.text for e in batch])
     targets = runtime.targets(ids, mask, [e.label for e in batch])
     return runtime.features(ids, mask), mask, targets
+
+
+def text_inputs(runtime: BundleRuntime, examples: Sequence[Example]) -> Inputs:
+    """Inputs computed from the text on every use (no cache)."""
+    return lambda indices: prepare(runtime, [examples[i] for i in indices])
+
+
+def subset_inputs(inputs: Inputs, positions: Sequence[int]) -> Inputs:
+    """Inputs over a subset: index i means positions[i] of the underlying inputs."""
+    return lambda indices: inputs([int(positions[i]) for i in indices])
+
+
+# ---- steps ----------------------------------------------------------------------------------
 
 
 def _loss_units(runtime: BundleRuntime, targets: np.ndarray) -> int:
     # What the graph's loss averages over: samples (classify) or predicted tokens (causal-LM).
     if runtime.manifest.task == "classify":
         return len(targets)
-    return int((targets[:, 1:] != -100).sum())
+    return int((targets[:, 1:] != IGNORE_INDEX).sum())
 
 
-def accumulate_batch(runtime: BundleRuntime, batch: list[Example], micro_batch: int, share: float) -> float:
-    """Forward/backward over `batch` in micro-batches, adding `share` x its mean-loss gradient.
+def accumulate_parts(runtime: BundleRuntime, parts: list[Batch], share: float) -> float:
+    """Forward/backward over one batch given as micro-batches, adding `share` x its mean-loss gradient.
 
     Each micro-batch's loss is weighted by its fraction of the batch's loss units, so the sum of
     the micro-batch gradients is the gradient of the batch's mean loss. Returns that mean loss.
     """
-    parts = [prepare(runtime, batch[i:i + micro_batch]) for i in range(0, len(batch), micro_batch)]
     units = [_loss_units(runtime, targets) for _, _, targets in parts]
     total = max(1, sum(units))
     loss = 0.0
@@ -85,71 +108,193 @@ def accumulate_batch(runtime: BundleRuntime, batch: list[Example], micro_batch: 
     return loss
 
 
-def run_batch(runtime: BundleRuntime, batch: list[Example], train: bool) -> tuple[float, np.ndarray, np.ndarray]:
-    feats, mask, targets = prepare(runtime, batch)
-    if train:
-        return runtime.train_step(feats, mask, targets), targets, None
-    loss, logits = runtime.eval_step(feats, mask, targets)
-    return loss, targets, logits
+def accumulate_batch(runtime: BundleRuntime, batch: list[Example], micro_batch: int, share: float) -> float:
+    """`accumulate_parts` on examples, split into micro-batches of `micro_batch`."""
+    parts = [prepare(runtime, batch[i:i + micro_batch]) for i in range(0, len(batch), micro_batch)]
+    return accumulate_parts(runtime, parts, share)
 
 
-def evaluate(runtime: BundleRuntime, examples: list[Example], batch: int) -> dict:
-    """Mean loss (weighted by batch size) and, for classification, accuracy."""
-    total_loss, correct, count = 0.0, 0, 0
+def evaluate(runtime: BundleRuntime, examples: Sequence[Example], batch: int, inputs: Inputs | None = None) -> dict:
+    """Mean loss over loss units (samples or predicted tokens) and, for classification, accuracy."""
+    inputs = inputs or text_inputs(runtime, examples)
+    total_loss, total_units, correct = 0.0, 0, 0
     for start in range(0, len(examples), batch):
-        chunk = examples[start:start + batch]
-        loss, targets, logits = run_batch(runtime, chunk, train=False)
-        total_loss += loss * len(chunk)
-        count += len(chunk)
+        feats, mask, targets = inputs(list(range(start, min(start + batch, len(examples)))))
+        loss, logits = runtime.eval_step(feats, mask, targets)
+        units = _loss_units(runtime, targets)
+        total_loss, total_units = total_loss + loss * units, total_units + units
         if runtime.manifest.task == "classify":
             correct += int((logits.argmax(axis=-1) == targets).sum())
-    result = {"eval_loss": round(total_loss / count, 5), "eval_samples": count}
+    result = {"eval_loss": round(total_loss / max(1, total_units), 5), "eval_samples": len(examples)}
     if runtime.manifest.task == "classify":
-        result["eval_accuracy"] = round(correct / count, 5)
+        result["eval_accuracy"] = round(correct / len(examples), 5)
     return result
 
 
-def train(runtime: BundleRuntime, examples: list[Example], config: TrainConfig,
-          eval_examples: list[Example] | None = None, progress: bool = True) -> dict:
-    """Train on examples; return a flat summary with units in the key names."""
+# ---- the loop -------------------------------------------------------------------------------
+
+
+def _epoch_order(n: int, rng_state: dict) -> tuple[np.ndarray, dict]:
+    """The epoch's shuffled order from the RNG position before it, and the position after it."""
+    rng = np.random.default_rng()
+    rng.bit_generator.state = rng_state
+    order = rng.permutation(n)
+    return order, rng.bit_generator.state
+
+
+def train(runtime: BundleRuntime, examples: Sequence[Example], config: TrainConfig,
+          eval_examples: Sequence[Example] | None = None, progress: bool = True, *,
+          inputs: Inputs | None = None, eval_inputs: Inputs | None = None, resume: Progress | None = None,
+          on_save: Callable[[Progress], None] | None = None, rss_after_load: float | None = None) -> dict:
+    """Train on examples; return a flat summary with units in the key names.
+
+    Args:
+        inputs / eval_inputs: where micro-batches come from (default: tokenize and run the lower
+            stack each time; see `device/cache.py` for the cached lower-stack outputs).
+        resume: progress of a saved state; training continues at its step, epoch, batch and RNG position.
+        on_save: called with the progress every `config.save_every` batches and at the end.
+    """
     from tqdm import tqdm
 
-    rng = np.random.default_rng(config.seed)
+    inputs = inputs or text_inputs(runtime, examples)
+    loaded_bytes = files_bytes(runtime.loaded_files)  # now: a save may prune the checkpoint we started from
     runtime.set_learning_rate(config.lr)
-    per_epoch = -(-len(examples) // config.batch)
+    n, size, micro = len(examples), config.batch, config.micro_batch or config.batch
+    per_epoch = -(-n // size)
     total = config.steps if config.steps is not None else per_epoch * config.epochs
-    losses, step_times = [], []
-    micro = config.micro_batch or config.batch
-    with tqdm(total=total, desc="train", unit="step", disable=not progress) as bar:
-        while len(losses) < total:
-            for index, batch in enumerate(batches(examples, config.batch, rng)):
-                start = time.perf_counter()
-                losses.append(accumulate_batch(runtime, batch, micro, 1.0 / config.grad_accum))
-                if (index + 1) % config.grad_accum == 0 or len(losses) >= total:
+    pos = resume or Progress(epoch_rng=np.random.default_rng(config.seed).bit_generator.state)
+    if pos.step >= total:
+        info(f"the saved state is at step {pos.step}, the target is {total}: nothing to train")
+    losses, step_times, samples = [], [], 0
+    with tqdm(total=total, initial=min(pos.step, total), desc="train", unit="step", disable=not progress) as bar:
+        while pos.step < total:
+            order, next_rng = _epoch_order(n, pos.epoch_rng)
+            for start in range(pos.batch_in_epoch * size, n, size):
+                began = time.perf_counter()
+                batch = order[start:start + size].tolist()
+                parts = [inputs(batch[i:i + micro]) for i in range(0, len(batch), micro)]
+                losses.append(accumulate_parts(runtime, parts, 1.0 / config.grad_accum))
+                pos.step, pos.batch_in_epoch, samples = pos.step + 1, pos.batch_in_epoch + 1, samples + len(batch)
+                if pos.step % config.grad_accum == 0 or pos.step >= total:
                     runtime.apply_step()
-                step_times.append(time.perf_counter() - start)
+                step_times.append(time.perf_counter() - began)
                 bar.update()
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                if len(losses) >= total:
+                if pos.batch_in_epoch == per_epoch:
+                    pos = Progress(step=pos.step, epoch=pos.epoch + 1, batch_in_epoch=0, epoch_rng=next_rng)
+                if on_save and config.save_every and pos.step % config.save_every == 0:
+                    on_save(pos)
+                if pos.step >= total:
                     break
-    summary = {
-        "steps": len(losses),
-        "samples": min(len(losses) * config.batch, total * config.batch),
-        "first_loss": round(losses[0], 5),
-        "last_loss": round(losses[-1], 5),
-        "median_step_time_s": round(statistics.median(step_times), 4),
-        "samples_per_s": round(len(losses) * config.batch / sum(step_times), 2),
-    }
+    if on_save:
+        on_save(pos)
+    summary = _summary(losses, pos, samples, micro)
     if eval_examples:
-        summary.update(evaluate(runtime, eval_examples, config.batch))
-    summary["peak_rss_mib"] = peak_rss_mib()
+        summary.update(evaluate(runtime, eval_examples, micro, eval_inputs))
+    summary.update(run_metrics(step_times, samples, rss_after_load, loaded_bytes))
     return summary
 
 
-def train_file(bundle: Path, data: Path, eval_file: Path | None, config: TrainConfig,
-               progress: bool = True) -> dict:
-    runtime = BundleRuntime(bundle, threads=config.threads)
-    labels = runtime.manifest.labels or None
-    examples = read_examples(data, runtime.manifest.task, labels)
-    eval_examples = read_examples(eval_file, runtime.manifest.task, labels) if eval_file else None
-    return train(runtime, examples, config, eval_examples, progress)
+def _summary(losses: list[float], pos: Progress, samples: int, micro: int) -> dict:
+    return {
+        "steps": len(losses),  # batches trained in this run
+        "global_step": pos.step,  # over all runs of a saved state
+        "epoch": pos.epoch,
+        "samples": samples,
+        "first_loss": round(losses[0], 5) if losses else None,
+        "last_loss": round(losses[-1], 5) if losses else None,
+        "micro_batch": micro,
+    }
+
+
+# ---- from files -----------------------------------------------------------------------------
+
+
+def train_file(bundle: Path, data: Path, eval_file: Path | None, config: TrainConfig, progress: bool = True, *,
+               state_dir: Path | None = None, cache_dir: Path | None = None, metrics: Path | None = None) -> dict:
+    """Check everything, then train: the bundle, the data, the saved state, the memory limit.
+
+    Every check that can fail runs before anything is written, so bad input leaves a saved
+    state as it was. `cache_dir` None disables the lower-stack cache.
+    """
+    manifest = verify_bundle(bundle)
+    examples = read_examples(data, manifest.task, manifest.labels or None)
+    train_idx, val_idx, eval_examples = _split(examples, eval_file, manifest, config)
+    settings = {"data_sha256": sha256_file(data), "seed": config.seed, "batch": config.batch,
+                "grad_accum": config.grad_accum, "val_fraction": config.val_fraction}
+    saved = load_state(state_dir, bundle) if state_dir else None
+    if saved:
+        check_settings(saved, settings, state_dir)
+    if config.max_memory_mib:
+        config = _fit_memory(bundle, manifest, [examples[i] for i in train_idx], config)
+    runtime = BundleRuntime(bundle, threads=config.threads, verify=False,
+                            checkpoint=saved.checkpoint if saved else None)
+    after_load = rss_mib()
+    if saved and not np.array_equal(runtime.get_flat(), saved.params):
+        raise StateError(f"state {str(state_dir)!r}: checkpoint and params.npy disagree; use another --state folder")
+    if saved and saved.progress.step:
+        info(f"resuming {state_dir} at step {saved.progress.step} (epoch {saved.progress.epoch})")
+    all_inputs, eval_inputs, closers = _inputs(runtime, examples, data, eval_examples, eval_file, cache_dir, progress)
+    try:
+        summary = train(
+            runtime, [examples[i] for i in train_idx], config,
+            [examples[i] for i in val_idx] if val_idx is not None else eval_examples, progress,
+            inputs=subset_inputs(all_inputs, train_idx),
+            eval_inputs=subset_inputs(all_inputs, val_idx) if val_idx is not None else eval_inputs,
+            resume=saved.progress if saved else None, rss_after_load=after_load,
+            on_save=(lambda pos: save_state(state_dir, runtime, pos, settings)) if state_dir else None)
+    finally:
+        for close in closers:
+            close()
+    if metrics:
+        append_jsonl(metrics, summary)
+    return summary
+
+
+def _split(examples: list[Example], eval_file: Path | None, manifest: Manifest,
+           config: TrainConfig) -> tuple[np.ndarray, np.ndarray | None, list[Example] | None]:
+    """(training indices, validation indices or None, examples of the --eval file or None)."""
+    everything = np.arange(len(examples))
+    if config.val_fraction is None:
+        eval_examples = read_examples(eval_file, manifest.task, manifest.labels or None) if eval_file else None
+        return everything, None, eval_examples
+    if eval_file:
+        raise ValueError("give --eval or --val-fraction, not both")
+    train_idx, val_idx = split_indices(len(examples), (1 - config.val_fraction, config.val_fraction), config.seed)
+    if not len(train_idx) or not len(val_idx):
+        raise DataError(f"--val-fraction {config.val_fraction} of {len(examples)} examples leaves "
+                        f"{len(train_idx)} to train and {len(val_idx)} to validate; both need at least one")
+    return train_idx, val_idx, None
+
+
+def _inputs(runtime: BundleRuntime, examples: list[Example], data: Path, eval_examples: list[Example] | None,
+            eval_file: Path | None, cache_dir: Path | None, progress: bool) -> tuple[Inputs, Inputs | None, list]:
+    """Inputs for the training file and the --eval file: cached lower-stack outputs for a split bundle."""
+    if runtime.lower is None or cache_dir is None:
+        eval_inputs = text_inputs(runtime, eval_examples) if eval_examples else None
+        return text_inputs(runtime, examples), eval_inputs, []
+    from edgeftl.device.cache import open_or_build
+
+    cache = open_or_build(runtime, examples, data, cache_dir, progress)
+    closers, eval_inputs = [cache.close], None
+    if eval_examples:
+        eval_cache = open_or_build(runtime, eval_examples, eval_file, cache_dir, progress)
+        closers.append(eval_cache.close)
+        eval_inputs = eval_cache.inputs(runtime, eval_examples)
+    return cache.inputs(runtime, examples), eval_inputs, closers
+
+
+def _fit_memory(bundle: Path, manifest: Manifest, examples: list[Example], config: TrainConfig) -> TrainConfig:
+    """Probe peak memory at the data's longest sequence and shrink the micro-batch to fit."""
+    from tokenizers import Tokenizer
+
+    from edgeftl.device.plan import fit_micro_batch, measure_plan
+
+    tokenizer = Tokenizer.from_file(str(Path(bundle) / TOKENIZER))
+    tokenizer.enable_truncation(manifest.max_seq_len)
+    seq = max(len(e.ids) for e in tokenizer.encode_batch([e.text for e in examples]))
+    plan = measure_plan(bundle, seq, config.threads)
+    micro, note = fit_micro_batch(plan, config.batch, config.micro_batch, config.max_memory_mib)
+    if note:
+        info(note)
+    return replace(config, micro_batch=micro)
