@@ -1,0 +1,133 @@
+"""Topic names of the edgeftl protocol, topic-filter matching, and chunk sub-topics."""
+
+from __future__ import annotations
+
+import re
+
+CHUNK_LEVEL = "_c"  # chunk i of a message on topic T travels on T/_c/i
+MAX_TOPIC_BYTES = 1024
+_LEVEL = re.compile(r"[A-Za-z0-9_.-]+")
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def validate_topic(topic: str) -> str:
+    """A concrete topic name: non-empty, no wildcards or NUL, at most 1024 UTF-8 bytes.
+
+    Raises:
+        ValueError: naming the topic and the rule it breaks.
+    """
+    if not isinstance(topic, str) or not topic or len(topic.encode()) > MAX_TOPIC_BYTES:
+        raise ValueError(f"topic must be a non-empty string of at most {MAX_TOPIC_BYTES} bytes, got {topic!r}")
+    if "+" in topic or "#" in topic or "\0" in topic:
+        raise ValueError(f"topic {topic!r} must not contain '+', '#' or NUL (those are for filters)")
+    return topic
+
+
+def validate_filter(topic_filter: str) -> str:
+    """A topic filter: '+' only as a whole level, '#' only as the whole last level.
+
+    Raises:
+        ValueError: naming the filter and the rule it breaks.
+    """
+    if not isinstance(topic_filter, str) or not topic_filter or len(topic_filter.encode()) > MAX_TOPIC_BYTES:
+        raise ValueError(f"topic filter must be a non-empty string of at most {MAX_TOPIC_BYTES} bytes, "
+                         f"got {topic_filter!r}")
+    levels = topic_filter.split("/")
+    for i, level in enumerate(levels):
+        if "\0" in level or ("+" in level and level != "+") or ("#" in level and (level != "#" or i != len(levels) - 1)):
+            raise ValueError(f"bad topic filter {topic_filter!r}: '+' must be a whole level and '#' the whole last level")
+    return topic_filter
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT matching: '+' is one level, '#' the rest (including the parent); wildcards at the
+    first level do not match topics starting with '$'."""
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    pattern, levels = topic_filter.split("/"), topic.split("/")
+    for i, want in enumerate(pattern):
+        if want == "#":
+            return True
+        if i >= len(levels) or (want != "+" and want != levels[i]):
+            return False
+    return len(pattern) == len(levels)
+
+
+def chunk_topic(topic: str, index: int) -> str:
+    return f"{topic}/{CHUNK_LEVEL}/{index}"
+
+
+def split_chunk_topic(topic: str) -> tuple[str, int] | None:
+    """(message topic, chunk index) for a chunk topic T/_c/i, else None."""
+    head, sep, index = topic.rpartition(f"/{CHUNK_LEVEL}/")
+    if not sep or not head or not index.isdigit() or "/" in index:
+        return None
+    return head, int(index)
+
+
+def chunk_filter(topic_filter: str) -> str | None:
+    """The filter that also catches the chunks of messages matching `topic_filter`
+    (None when the filter ends in '#', which already does)."""
+    return None if topic_filter.endswith("#") else f"{topic_filter}/{CHUNK_LEVEL}/+"
+
+
+def validate_device_id(device_id: str) -> str:
+    """1-64 characters from [A-Za-z0-9_.-], starting with a letter or digit.
+
+    Raises:
+        ValueError: naming the id and the accepted form.
+    """
+    if not isinstance(device_id, str) or not DEVICE_ID.fullmatch(device_id):
+        raise ValueError(f"bad device id {device_id!r}: use 1-64 characters from [A-Za-z0-9_.-], "
+                         "starting with a letter or digit")
+    return device_id
+
+
+class Topics:
+    """The topics of one federation under `prefix` (see docs/PROTOCOL.md, "Topics").
+
+    Args:
+        prefix: 1-128 characters; '/'-separated levels of [A-Za-z0-9_.-], e.g. "edgeftl/run1".
+    """
+
+    def __init__(self, prefix: str) -> None:
+        if (not isinstance(prefix, str) or not 1 <= len(prefix) <= 128
+                or not all(_LEVEL.fullmatch(level) for level in prefix.split("/"))
+                or CHUNK_LEVEL in prefix.split("/")):
+            raise ValueError(f"bad topic prefix {prefix!r}: use 1-128 characters, '/'-separated levels "
+                             f"of [A-Za-z0-9_.-], none empty and none equal to {CHUNK_LEVEL!r}")
+        self.prefix = prefix
+
+    @property
+    def task(self) -> str:
+        return f"{self.prefix}/task"
+
+    @property
+    def global_params(self) -> str:
+        return f"{self.prefix}/global"
+
+    @property
+    def global_delta(self) -> str:
+        return f"{self.prefix}/global/delta"
+
+    def update(self, device_id: str) -> str:
+        return f"{self.prefix}/update/{validate_device_id(device_id)}"
+
+    def status(self, device_id: str) -> str:
+        return f"{self.prefix}/status/{validate_device_id(device_id)}"
+
+    @property
+    def updates_filter(self) -> str:
+        return f"{self.prefix}/update/+"
+
+    @property
+    def status_filter(self) -> str:
+        return f"{self.prefix}/status/+"
+
+    def device_of(self, topic: str) -> str | None:
+        """The device id in an update or status topic of this prefix, else None."""
+        for kind in ("update", "status"):
+            head = f"{self.prefix}/{kind}/"
+            if topic.startswith(head) and DEVICE_ID.fullmatch(topic[len(head):]):
+                return topic[len(head):]
+        return None
