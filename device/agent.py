@@ -61,6 +61,7 @@ class DeviceAgent:
         self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._received_mark = 0
         self._seq = 0
+        self._syncing = False
         self._load_state()
 
     def _make_inputs(self):
@@ -73,9 +74,18 @@ class DeviceAgent:
 
     # ---- wiring ---------------------------------------------------------------------------
     def start(self, timeout_s: float = 30.0) -> None:
-        for topic in (self.topics.task, self.topics.global_delta, self.topics.global_params):
-            self.transport.subscribe(topic, lambda t, p: self.events.put((t, p)))
+        for topic in (self.topics.task, self.topics.global_delta):
+            self.transport.subscribe(topic, self._enqueue)
+        self._resync()
         self.transport.connect(timeout_s)
+
+    def _enqueue(self, topic: str, payload: bytes) -> None:
+        self.events.put((topic, payload))
+
+    def _resync(self) -> None:
+        """Subscribe to the retained full global until it arrives; deltas alone after that."""
+        self._syncing = True
+        self.transport.subscribe(self.topics.global_params, self._enqueue)
 
     def run(self, stop_after_s: float | None = None, max_rounds: int | None = None) -> int:
         """Process events until stopped; returns the number of updates sent."""
@@ -109,15 +119,25 @@ class DeviceAgent:
             self.run_id, self.global_round, self.feedback = header.run_id, None, None
         if full:
             if self.global_round is not None and header.round <= self.global_round:
+                self._stop_sync()  # already up to date
                 return
             vector = decode_vector(header.codec, header.size, arrays, self.reference.size)
         elif header.base_round == self.global_round and self.global_round is not None:
             vector = self.reference + decode_vector(header.codec, header.size, arrays, self.reference.size)
         else:
-            return  # a delta we cannot apply; the retained full global of that round follows it
+            if not self._syncing:
+                self._resync()  # missed a round: fetch the retained full global once
+            return
         self.reference = vector.astype(np.float32)
         self.global_round = header.round
         self.runtime.set_flat(self.reference)
+        if full:
+            self._stop_sync()
+
+    def _stop_sync(self) -> None:
+        if self._syncing:
+            self._syncing = False
+            self.transport.unsubscribe(self.topics.global_params)
 
     # ---- tasks ------------------------------------------------------------------------------
     def _on_task(self, task: Task) -> int:
@@ -125,6 +145,8 @@ class DeviceAgent:
         if task.bundle_sha256 != self.bundle_sha256 or me not in task.devices:
             return 0
         if task.run_id != self.run_id or self.global_round != task.round - 1:
+            if not self._syncing:
+                self._resync()
             self._wait_for_global(task)
         if task.run_id != self.run_id or self.global_round != task.round - 1:
             log.warning("%s: no global for round %d, skipping it", me, task.round - 1)

@@ -11,6 +11,8 @@ SUBCOMMANDS = {
     "build": "build",
     "inspect": "inspect",
     "device": "device",
+    "coordinator": "coordinator",
+    "simulate": "simulate",
 }
 
 

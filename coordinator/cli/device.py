@@ -14,6 +14,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     dsub = p.add_subparsers(dest="device_command", required=True)
     _add_train(dsub.add_parser("train", help="train a bundle on a local data file"))
     _add_plan(dsub.add_parser("plan", help="estimate peak memory of training before running it"))
+    from edgeftl.coordinator.cli.device_run import add_run
+
+    add_run(dsub.add_parser("run", help="join a federation over MQTT and train on each task"))
 
 
 def _add_train(t: argparse.ArgumentParser) -> None:
@@ -60,12 +63,14 @@ def run(args: argparse.Namespace) -> int:
     from edgeftl.device.data import DataError
     from edgeftl.device.manifest import BundleError
 
-    handler = {"train": _train, "plan": _plan}[args.device_command]
+    from edgeftl.coordinator.cli.device_run import run_device
+
+    handler = {"train": _train, "plan": _plan, "run": run_device}[args.device_command]
     try:
         record = handler(args)
     except (DataError, BundleError, ValueError, RuntimeError, OSError) as exc:
         return fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    if args.json:
+    if getattr(args, "json", False):
         print(json.dumps(record, sort_keys=True))
     else:
         _print_table(record)

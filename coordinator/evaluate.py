@@ -1,0 +1,29 @@
+"""Coordinator-side evaluation of global parameters with the devices' torch-free runtime."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from edgeftl.device.data import read_examples
+from edgeftl.device.runtime import BundleRuntime
+from edgeftl.device.train import evaluate, text_inputs
+
+
+def make_evaluator(bundle: Path, test_file: Path, batch: int = 32, threads: int | None = None) -> Callable[[np.ndarray], dict]:
+    """A function global_params -> {"accuracy", "loss"} on a held-out file."""
+    runtime = BundleRuntime(bundle, threads=threads)
+    examples = read_examples(test_file, runtime.manifest.task, runtime.manifest.labels or None)
+    inputs = text_inputs(runtime, examples)
+
+    def run(params: np.ndarray) -> dict:
+        runtime.set_flat(params)
+        result = evaluate(runtime, examples, batch, inputs)
+        out = {"loss": result["eval_loss"]}
+        if "eval_accuracy" in result:
+            out["accuracy"] = result["eval_accuracy"]
+        return out
+
+    return run
