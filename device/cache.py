@@ -140,26 +140,26 @@ def _build(runtime, examples: list[Example], folder: Path, keys: dict, progress:
     from tqdm import tqdm
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    encodings = runtime.tokenizer.encode_batch([e.text for e in examples])
-    lengths = np.array([max(1, len(e.ids)) for e in encodings], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    hidden = runtime.manifest.hidden_size
     pad = runtime.manifest.inputs["pad_token_id"]
+    # An empty encoding still gets one row, so every example has features.
+    token_ids = [np.asarray(ids or [pad], dtype=np.int32) for ids in runtime.token_ids([e.text for e in examples])]
+    offsets = np.concatenate([[0], np.cumsum([len(ids) for ids in token_ids])]).astype(np.int64)
+    hidden = runtime.manifest.hidden_size
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
         digest = hashlib.sha256()
         with open(tmp / FEATURES, "wb") as out:
             header = {"descr": "<f4", "fortran_order": False, "shape": (int(offsets[-1]), hidden)}
             np.lib.format.write_array_header_1_0(_Tee(out, digest), header)
-            for enc in tqdm(encodings, desc="cache", unit="ex", disable=not progress, leave=False):
-                ids = np.array([enc.ids or [pad]], dtype=np.int64)  # an empty encoding still gets one row
+            for row in tqdm(token_ids, desc="cache", unit="ex", disable=not progress, leave=False):
+                ids = row.astype(np.int64)[None]  # (1, len)
                 feats = runtime.features(ids, np.ones_like(ids))  # (1, len, hidden)
                 chunk = np.ascontiguousarray(feats[0], dtype=np.float32).tobytes()
                 out.write(chunk)
                 digest.update(chunk)
             out.flush()
             os.fsync(out.fileno())
-        ids = np.concatenate([np.asarray(e.ids or [pad], dtype=np.int32) for e in encodings])
+        ids = np.concatenate(token_ids)
         np.save(tmp / IDS, ids)
         np.save(tmp / OFFSETS, offsets)
         sums = {FEATURES: digest.hexdigest(), IDS: sha256_file(tmp / IDS), OFFSETS: sha256_file(tmp / OFFSETS)}

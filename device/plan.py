@@ -74,23 +74,32 @@ class MemoryPlan:
         return record
 
 
-def fit_micro_batch(plan: MemoryPlan, batch: int, micro_batch: int | None, limit_mib: float) -> tuple[int, str | None]:
+def fit_micro_batch(plan: MemoryPlan, batch: int, micro_batch: int | None, limit_mib: float,
+                    extra_mib: float = 0.0) -> tuple[int, str | None]:
     """The micro-batch to train with under `limit_mib`, and an info line if it had to shrink.
+
+    Args:
+        extra_mib: resident memory the training process holds beyond a probe (its data), added
+            to every estimate.
 
     Raises:
         MemoryLimitError: if even micro-batch 1 is estimated above the limit.
     """
     wanted = micro_batch or batch
-    fits = plan.largest_fitting(limit_mib, batch)
+    fits = plan.largest_fitting(limit_mib - extra_mib, batch)
+
+    def peak(micro: int) -> float:
+        return round(plan.peak_mib(micro) + extra_mib, 1)
+
     if fits == 0:
         raise MemoryLimitError(
-            f"estimated peak memory {plan.peak_mib(1)} MiB at micro-batch 1 (sequence {plan.seq}) exceeds "
+            f"estimated peak memory {peak(1)} MiB at micro-batch 1 (sequence {plan.seq}) exceeds "
             f"--max-memory-mib {limit_mib:g}; rebuild the bundle with fewer trainable blocks "
             "(edgeftl build --train-layers) or a shorter --max-seq-len")
     if fits >= wanted:
         return wanted, None
-    return fits, (f"micro-batch {fits} (estimated peak {plan.peak_mib(fits)} MiB) instead of {wanted} "
-                  f"({plan.peak_mib(wanted)} MiB) to fit --max-memory-mib {limit_mib:g}; same optimizer steps")
+    return fits, (f"micro-batch {fits} (estimated peak {peak(fits)} MiB) instead of {wanted} "
+                  f"({peak(wanted)} MiB) to fit --max-memory-mib {limit_mib:g}; same optimizer steps")
 
 
 def probe(bundle: Path, micro_batch: int, seq: int, threads: int | None = None) -> Probe:

@@ -6,6 +6,7 @@ tokenizers only.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,17 @@ class BundleRuntime:
             ids[row, : len(enc.ids)] = enc.ids
             mask[row, : len(enc.ids)] = 1
         return ids, mask
+
+    def token_ids(self, texts: list[str], chunk: int = 64) -> Iterator[list[int]]:
+        """Token ids of each text (truncated to max_seq_len), in order.
+
+        Tokenized `chunk` texts at a time: an `Encoding` also keeps token strings and offsets,
+        and holding those for a whole data file raised a device's resident memory by ~25 MiB
+        (BBC, 1,780 articles) for the rest of the run.
+        """
+        for start in range(0, len(texts), chunk):
+            for encoding in self.tokenizer.encode_batch(texts[start:start + chunk]):
+                yield encoding.ids
 
     def features(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """What the training graph takes as its first input: ids, or the frozen lower stack's output."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeftl.device.data import DataError, Example, read_examples, split_indices
-from edgeftl.device.manifest import TOKENIZER, Manifest, sha256_file, verify_bundle
+from edgeftl.device.manifest import Manifest, sha256_file, verify_bundle
 from edgeftl.device.measure import append_jsonl, files_bytes, peak_rss_mib, rss_mib, run_metrics  # noqa: F401
 from edgeftl.device.runtime import IGNORE_INDEX, BundleRuntime
 from edgeftl.device.state import Progress, StateError, check_settings, load_state, save_state
@@ -225,11 +225,11 @@ def train_file(bundle: Path, data: Path, eval_file: Path | None, config: TrainCo
     saved = load_state(state_dir, bundle) if state_dir else None
     if saved:
         check_settings(saved, settings, state_dir)
-    if config.max_memory_mib:
-        config = _fit_memory(bundle, manifest, [examples[i] for i in train_idx], config)
     runtime = BundleRuntime(bundle, threads=config.threads, verify=False,
                             checkpoint=saved.checkpoint if saved else None)
     after_load = rss_mib()
+    if config.max_memory_mib:
+        config = _fit_memory(runtime, after_load, [examples[i].text for i in train_idx], config)
     if saved and not np.array_equal(runtime.get_flat(), saved.params):
         raise StateError(f"state {str(state_dir)!r}: checkpoint and params.npy disagree; use another --state folder")
     if saved and saved.progress.step:
@@ -284,17 +284,18 @@ def _inputs(runtime: BundleRuntime, examples: list[Example], data: Path, eval_ex
     return cache.inputs(runtime, examples), eval_inputs, closers
 
 
-def _fit_memory(bundle: Path, manifest: Manifest, examples: list[Example], config: TrainConfig) -> TrainConfig:
-    """Probe peak memory at the data's longest sequence and shrink the micro-batch to fit."""
-    from tokenizers import Tokenizer
+def _fit_memory(runtime: BundleRuntime, after_load: float, texts: list[str], config: TrainConfig) -> TrainConfig:
+    """Probe peak memory at the data's longest sequence and shrink the micro-batch to fit.
 
+    The probes are bare processes; this one also holds the data, so what it holds beyond a
+    probe after loading is added to every estimate (the limit is for this process).
+    """
     from edgeftl.device.plan import fit_micro_batch, measure_plan
 
-    tokenizer = Tokenizer.from_file(str(Path(bundle) / TOKENIZER))
-    tokenizer.enable_truncation(manifest.max_seq_len)
-    seq = max(len(e.ids) for e in tokenizer.encode_batch([e.text for e in examples]))
-    plan = measure_plan(bundle, seq, config.threads)
-    micro, note = fit_micro_batch(plan, config.batch, config.micro_batch, config.max_memory_mib)
+    seq = max(len(ids) for ids in runtime.token_ids(texts))
+    plan = measure_plan(runtime.folder, seq, config.threads)
+    extra = max(0.0, after_load - plan.rss_after_load_mib)
+    micro, note = fit_micro_batch(plan, config.batch, config.micro_batch, config.max_memory_mib, extra)
     if note:
         info(note)
     return replace(config, micro_batch=micro)

@@ -373,6 +373,9 @@ def test_memory_plan_extrapolates_linearly_and_finds_the_largest_fitting_micro_b
     assert micro == 4 and "micro-batch 4" in note and "instead of 16" in note
     with pytest.raises(MemoryLimitError, match="100.0 MiB at micro-batch 1 .* exceeds --max-memory-mib 99"):
         fit_micro_batch(plan, 16, None, 99.0)
+    # The training process holds 5 or 6 MiB more than a probe: 100 + 5 + 3 * 10 = 135 fits, 136 does not.
+    assert fit_micro_batch(plan, 16, None, 135.0, extra_mib=5.0)[0] == 4
+    assert fit_micro_batch(plan, 16, None, 135.0, extra_mib=6.0)[0] == 3
 
 
 def test_plan_estimate_is_in_the_range_of_a_measured_training_step(
@@ -402,8 +405,10 @@ def test_max_memory_picks_a_smaller_micro_batch_when_the_batch_does_not_fit(
     tmp_path_factory: pytest.TempPathFactory, data: dict[str, Path], cache_dir: Path,
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Prepare: stand-in for the probe processes (a process boundary): 100 MiB + 10 MiB per sample
+    # Prepare: stand-ins for the probe processes (a process boundary) and for this process's RSS
+    # reading: 80 MiB after loading in both, peak 100 MiB + 10 MiB per sample.
     import edgeftl.device.plan as plan_module
+    import edgeftl.device.train as train_module
 
     seen = []
 
@@ -412,6 +417,7 @@ def test_max_memory_picks_a_smaller_micro_batch_when_the_batch_does_not_fit(
         return Probe(micro_batch, seq, 80.0, 100.0 + 10.0 * (micro_batch - 1))
 
     monkeypatch.setattr(plan_module, "probe", fake_probe)
+    monkeypatch.setattr(train_module, "rss_mib", lambda: 80.0)
     args = [*train_args(tmp_path_factory, SPLIT, data["train"], cache_dir), "--steps", "1", "--max-memory-mib", "135"]
 
     # Execute
@@ -521,3 +527,27 @@ def test_one_step_as_micro_batches_of_2_equals_one_pass_of_8(
     assert step > 0
     assert np.linalg.norm(after2 - after8) <= 1e-5 * np.linalg.norm(after8)
     assert np.linalg.norm(after2 - after8) <= 1e-4 * step
+
+
+# ---- the new modules stay torch-free ---------------------------------------------------------
+
+
+def test_cached_split_training_with_state_and_metrics_never_imports_torch(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, data: dict[str, Path],
+) -> None:
+    # Prepare
+    from test_device_runtime import TORCH_FREE_CHILD
+
+    argv = [*train_args(tmp_path_factory, SPLIT, data["train"], tmp_path / "cache"), "--epochs", "2",
+            "--val-fraction", "0.25", "--state", str(tmp_path / "state"), "--metrics", str(tmp_path / "m.jsonl"),
+            "--json", "--quiet"]
+
+    # Execute
+    proc = subprocess.run([sys.executable, "-c", TORCH_FREE_CHILD, *argv], capture_output=True, text=True,
+                          cwd=tmp_path)
+
+    # Assert
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["rc"] == 0 and result["loaded"] == []
+    assert result["summary"]["steps"] == 6 and (tmp_path / "m.jsonl").is_file()
