@@ -43,12 +43,13 @@ class Inbox:
         self._accepted: set[str] = set()
         self.rejected: Counter[str] = Counter()
         self.late = 0
+        self._transport_reasons: set[str] = set()
 
     def open_round(self, round_index: int, selected: list[str]) -> None:
         with self._lock:
             self._round, self._selected = round_index, set(selected)
             self._accepted = set()
-            self.rejected, self.late = Counter(), 0
+            self.rejected, self.late, self._transport_reasons = Counter(), 0, set()
             while not self._queue.empty():
                 self._queue.get_nowait()
 
@@ -78,6 +79,16 @@ class Inbox:
         if update is not None:
             self._queue.put(update)
 
+    def on_transport_reject(self, topic: str, reason: str) -> None:
+        """Transport callback for messages refused below the inbox (e.g. oversized chunked ones)."""
+        if "/update/" not in topic:
+            return
+        with self._lock:  # the transport reports each chunk of a refused message; count it once
+            if reason in self._transport_reasons:
+                return
+            self._transport_reasons.add(reason)
+        self._reject(topic, reason)
+
     def _reject(self, topic: str, reason: str) -> None:
         kind = reason.split(":")[0].split("(")[0].strip()[:60]
         with self._lock:
@@ -95,10 +106,10 @@ class Inbox:
         with self._lock:
             key = (device, header.round, header.seq)
             if key in self._seen:
-                log.info("duplicate update from %s for round %d ignored", device, header.round)
-                return None  # QoS 1 redelivery: harmless, not an error
-            self._seen.add(key)
+                # A QoS 1 redelivery or a replay: harmless, never aggregated twice; counted.
+                raise MessageError(f"duplicate: update ({device}, round {header.round}, seq {header.seq}) seen before")
             if header.round != self._round:
+                self._seen.add(key)
                 self.late += 1
                 log.info("late update from %s for round %d (now %d)", device, header.round, self._round)
                 return None
@@ -108,6 +119,7 @@ class Inbox:
                 raise MessageError(f"second update: {device!r} already sent one for round {header.round}")
         delta = decode_vector(header.codec, header.size, arrays, self.size)
         with self._lock:
+            self._seen.add(key)  # only valid updates: a bad message must not shadow a good one
             if header.round != self._round:
                 self.late += 1
                 return None

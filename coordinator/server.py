@@ -49,6 +49,7 @@ class Coordinator:
 
     # ---- wiring -------------------------------------------------------------------------
     def connect(self) -> None:
+        self.transport.on_reject = self.inbox.on_transport_reject
         self.transport.subscribe(self.topics.updates_filter, self.inbox.on_message)
         self.transport.subscribe(self.topics.status_filter, self._on_status)
         self.transport.connect()

@@ -1,0 +1,75 @@
+"""Federation through real Mosquitto: hostile updates are rejected and counted, never crash."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edgeftl.coordinator.config import CoordinatorConfig
+from edgeftl.coordinator.server import Coordinator
+from edgeftl.device import wire
+from edgeftl.device.manifest import read_manifest, sha256_file
+from edgeftl.device.messages import UpdateHeader, header_of
+from edgeftl.device.runtime import BundleRuntime
+from edgeftl.device.transport import MqttTransport, Topics
+from fixtures_build import bundle
+
+
+def _update(run_id: str, sha: str, device: str, round_index: int, size: int, values: np.ndarray, seq: int = 1) -> bytes:
+    header = UpdateHeader(run_id, round_index, sha, device, "none", size, 10, seq=seq)
+    return wire.encode_message(header_of(header), {"values": values.astype(np.float32)})
+
+
+def test_every_kind_of_bad_update_is_rejected_and_counted(mosquitto_broker, tmp_path, tmp_path_factory):
+    # Prepare: a coordinator on real Mosquitto, two "online" devices; dev0 is played by a rogue client
+    host, port = mosquitto_broker
+    url = f"mqtt://{host}:{port}"
+    folder = bundle(tmp_path_factory, "bert-int8")
+    manifest, sha = read_manifest(folder), sha256_file(folder / "manifest.json")
+    n = manifest.trainable_count
+    topics = Topics("edgeftl")
+    config = CoordinatorConfig(out=tmp_path / "run", rounds=1, deadline_s=6, wait_devices=2, wait_devices_s=10,
+                               max_message_bytes=256 * 1024, run_id="r1")
+    coordinator = Coordinator(MqttTransport(url, "coord", max_chunk=64 * 1024, max_message_bytes=256 * 1024),
+                              folder, manifest, BundleRuntime(folder).get_flat(), config)
+    rogue = MqttTransport(url, "rogue", max_chunk=64 * 1024)
+    task_seen = threading.Event()
+    rogue.subscribe(topics.task, lambda t, p: task_seen.set())
+    rogue.connect()
+    for device in ("dev0", "dev1"):
+        rogue.publish(topics.status(device), b"online", retain=True)
+    coordinator.connect()
+    assert coordinator.wait_for_devices() == 2
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(coordinator.run_round(0)))
+    runner.start()
+    assert task_seen.wait(10)
+    good = np.full(n, 0.01, np.float32)
+    bad = np.full(n, 0.01, np.float32)
+    bad[3] = np.nan
+    valid = _update("r1", sha, "dev0", 0, n, good)
+    # Execute: the hostile traffic, then a valid update and its duplicate
+    rogue.publish(topics.update("dev0"), b"garbage, not a message")  # malformed
+    rogue.publish(topics.update("dev0"), valid[:-100])  # truncated
+    rogue.publish(topics.update("dev0"), _update("r1", sha, "dev0", 0, 200_000, np.zeros(200_000)))  # oversized
+    rogue.publish(topics.update("dev0"), _update("r1", sha, "dev0", 0, n + 1, np.zeros(n + 1)))  # wrong shape
+    rogue.publish(topics.update("dev0"), _update("r1", sha, "dev0", 0, n, bad, seq=5))  # NaN
+    rogue.publish(topics.update("dev0"), _update("r1", sha, "dev0", 7, n, good, seq=6))  # stale / wrong round
+    rogue.publish(topics.update("intruder"), _update("r1", sha, "intruder", 0, n, good))  # unknown device
+    rogue.publish(topics.update("dev0"), valid)
+    rogue.publish(topics.update("dev0"), valid)  # duplicate
+    runner.join(30)
+    rogue.close()
+    coordinator.transport.close()
+    # Assert: one update aggregated, everything else counted, the coordinator still standing
+    record = result
+    assert record["updates_received"] == 1 and record["aggregated"]
+    assert record["updates_late"] == 1
+    reasons = record["rejected_reasons"]
+    assert record["updates_rejected"] == 7, reasons
+    assert {"bad magic", "truncated message", "oversized message", "duplicate", "unknown device"} <= set(reasons), reasons
+    assert any("vector has" in r for r in reasons) and any("NaN" in r for r in reasons), reasons
+    np.testing.assert_allclose(coordinator.params, BundleRuntime(folder, verify=False).get_flat() + good, rtol=1e-6)
