@@ -35,6 +35,7 @@ class SimulationConfig:
     broker: str | None = None  # None = start the embedded amqtt broker
     bundle: Path | None = None  # None = build the packaged MiniLM (int8 + LoRA) into out/bundle
     quant: str = "int8"
+    train_layers: int | None = None  # build with LoRA only in the top K blocks (cached lower stack)
     device_threads: int = 1
     seed: int = 0
 
@@ -42,10 +43,12 @@ class SimulationConfig:
 def build_bundle_if_needed(sim: SimulationConfig) -> Path:
     if sim.bundle is not None:
         return sim.bundle
-    bundle = sim.out / f"bundle-{sim.quant}"
+    split = f"-top{sim.train_layers}" if sim.train_layers else ""
+    bundle = sim.out / f"bundle-{sim.quant}{split}"
     if not (bundle / "manifest.json").is_file():
+        extra = ["--train-layers", str(sim.train_layers)] if sim.train_layers else []
         subprocess.run([sys.executable, "-m", "edgeftl.coordinator.cli", "build", "--quant", sim.quant,
-                        "--out", str(bundle), "--force"], check=True)
+                        "--out", str(bundle), "--force", *extra], check=True)
     return bundle
 
 
@@ -96,7 +99,8 @@ def device_processes(sim: SimulationConfig, url: str, bundle: Path, files: list[
             name = f"dev{device:02d}"
             command = [sys.executable, "-m", "edgeftl.coordinator.cli", "device", "run", "--broker", url,
                        "--bundle", str(bundle), "--data", str(data), "--id", name, "--prefix", prefix,
-                       "--threads", str(sim.device_threads), "--state", str(logs / name)]
+                       "--threads", str(sim.device_threads), "--state", str(logs / name),
+                       "--cache-dir", str(sim.out / "cache")]
             log = open(logs / f"{name}.log", "w")
             processes.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
         yield [p for p, _ in processes]
@@ -131,7 +135,7 @@ def simulate(sim: SimulationConfig, rounds: CoordinatorConfig, on_round: Callabl
     metrics = rounds.out / "metrics.jsonl"
     if metrics.exists() and not rounds.resume:
         metrics.unlink()
-    evaluate = make_evaluator(bundle, test, threads=2)
+    evaluate = make_evaluator(bundle, test, threads=2, cache_dir=sim.out / "cache")
     initial = BundleRuntime(bundle, verify=False).get_flat()
     with broker_for(sim) as url, device_processes(sim, url, bundle, files, rounds.prefix) as processes:
         transport = MqttTransport(url, f"edgeftl-coordinator-{rounds.run_id}"[:64])

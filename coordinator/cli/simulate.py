@@ -23,6 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--broker", default=None, help="mqtt://host:port; default: start an embedded amqtt broker")
     p.add_argument("--bundle", type=Path, default=None, help="default: build the packaged MiniLM into --out")
     p.add_argument("--quant", default="int8")
+    p.add_argument("--train-layers", type=int, default=None,
+                   help="build with LoRA in the top K blocks only; devices cache the frozen lower stack's outputs")
     p.add_argument("--device-threads", type=int, default=1)
     p.add_argument("--out", type=Path, required=True, help="run folder")
     add_round_flags(p)
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
             rounds.wait_devices = args.devices
         sim = SimulationConfig(out=args.out, devices=args.devices, data=args.data, alpha=args.alpha,
                                max_per_device=args.max_per_device, max_test=args.max_test, broker=args.broker,
-                               bundle=args.bundle, quant=args.quant, device_threads=args.device_threads,
+                               bundle=args.bundle, quant=args.quant, train_layers=args.train_layers, device_threads=args.device_threads,
                                seed=args.seed)
     except ValueError as exc:
         return fail(str(exc))
