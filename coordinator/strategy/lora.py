@@ -42,9 +42,11 @@ class LoraAware(Strategy):
         naive_err, svd_err, norm = 0.0, 0.0, 0.0
         for name_a, name_b in self.pairs:
             a_g, b_g = self._view(global_params, name_a), self._view(global_params, name_b)
-            products = [(b_g + self._view(u.delta, name_b)).astype(np.float64)
-                        @ (a_g + self._view(u.delta, name_a)).astype(np.float64) for u in updates]
-            exact = sum(w * p for w, p in zip(weights, products))  # (out, in)
+            # sum_i w_i B_i A_i as one product: [w_1 B_1 ... w_n B_n] (out, n r) @ [A_1; ...; A_n] (n r, in)
+            b_stack = np.concatenate([w * (b_g + self._view(u.delta, name_b)).astype(np.float64)
+                                      for w, u in zip(weights, updates)], axis=1)
+            a_stack = np.concatenate([(a_g + self._view(u.delta, name_a)).astype(np.float64) for u in updates], axis=0)
+            exact = b_stack @ a_stack  # (out, in)
             rank = a_g.shape[0]
             u_, s, vt = np.linalg.svd(exact, full_matrices=False)
             root = np.sqrt(s[:rank])

@@ -1,0 +1,139 @@
+"""Coordinator scale: time to validate, decode and aggregate N MiniLM-LoRA-sized updates.
+
+    .venv/bin/python tools/bench_coordinator.py            # 1,000 updates per codec
+    .venv/bin/python tools/bench_coordinator.py --quick    # 200
+
+Updates are real wire messages (header + codec arrays) of the full-depth MiniLM LoRA bundle's
+size (75,653 trainable values, read from a bundle manifest when --bundle is given). Decoding
+goes through the coordinator's own inbox (size check, header, run/bundle/round/device checks,
+codec decode, finiteness); aggregation through the strategies. One process, single thread
+numpy; wall-clock medians of --repeats. Results: docs/bench_coordinator.json and the
+`bench_coordinator` section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgeftl.coordinator.inbox import Inbox
+from edgeftl.coordinator.strategy import Update, make_strategy
+from edgeftl.device import wire
+from edgeftl.device.codecs import parse_codec
+from edgeftl.device.messages import UpdateHeader, header_of
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = 75_653  # MiniLM, LoRA r=8 on query/value in 6 blocks + 5-label head
+CODECS = ("none", "fp16", "int8", "topk:0.01+int8")
+
+
+def layout_for(size: int) -> list[dict]:
+    """A MiniLM-shaped LoRA layout: 6 blocks x (query, value) x (A 8x384, B 384x8), then the head."""
+    entries, offset = [], 0
+    for block in range(6):
+        for target in ("query", "value"):
+            for name, shape in (("lora_A", [8, 384]), ("lora_B", [384, 8])):
+                entries.append({"name": f"b{block}.{target}.{name}", "shape": shape, "offset": offset})
+                offset += shape[0] * shape[1]
+    entries.append({"name": "head", "shape": [size - offset], "offset": offset})
+    return entries
+
+
+def make_messages(codec: str, count: int, rng: np.random.Generator) -> list[tuple[str, bytes]]:
+    c = parse_codec(codec)
+    messages = []
+    for i in range(count):
+        encoded = c.encode(rng.normal(scale=1e-3, size=SIZE).astype(np.float32))
+        header = UpdateHeader("bench", 0, "0" * 64, f"dev{i:04d}", encoded.codec, SIZE, 100 + i, seq=1)
+        messages.append((f"edgeftl/update/dev{i:04d}", wire.encode_message(header_of(header), encoded.arrays)))
+    return messages
+
+
+def time_decode(messages: list[tuple[str, bytes]]) -> tuple[float, list[Update]]:
+    inbox = Inbox("bench", "0" * 64, SIZE, 64 * 1024 * 1024)
+    inbox.open_round(0, [topic.rsplit("/", 1)[-1] for topic, _ in messages])
+    began = time.perf_counter()
+    for topic, payload in messages:
+        inbox.on_message(topic, payload)
+    updates = []
+    while (item := inbox.get(0.0)) is not None:
+        updates.append(Update(item.delta, float(item.header.samples)))
+    elapsed = time.perf_counter() - began
+    if len(updates) != len(messages):
+        raise RuntimeError(f"only {len(updates)} of {len(messages)} updates decoded: {dict(inbox.rejected)}")
+    return elapsed, updates
+
+
+def time_aggregate(strategy_name: str, updates: list[Update]) -> float:
+    strategy = make_strategy(strategy_name, layout_for(SIZE))
+    began = time.perf_counter()
+    strategy.aggregate(np.zeros(SIZE, np.float32), updates)
+    return time.perf_counter() - began
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--updates", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="200 updates, 1 repeat")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.updates, args.repeats = 200, 1
+    rng = np.random.default_rng(0)
+    rows = []
+    for codec in CODECS:
+        messages = make_messages(codec, args.updates, rng)
+        nbytes = sum(len(p) for _, p in messages)
+        decode_times, updates = [], []
+        for _ in range(args.repeats):
+            elapsed, updates = time_decode(messages)
+            decode_times.append(elapsed)
+        row = {"codec": parse_codec(codec).spec, "updates": args.updates, "payload_mib": nbytes / 2**20,
+               "decode_s": statistics.median(decode_times)}
+        for name in ("fedavg", "fedadam", "lora-svd"):
+            row[f"{name}_s"] = statistics.median(time_aggregate(name, updates) for _ in range(args.repeats))
+        rows.append(row)
+        print(f"{row['codec']:>18}: decode {row['decode_s']:.2f} s, fedavg {row['fedavg_s']:.2f} s, "
+              f"lora-svd {row['lora-svd_s']:.2f} s", file=sys.stderr)
+    header = ("| codec | updates | payload MiB | validate + decode s | FedAvg s | FedAdam s | LoRA-SVD s | "
+              "total (decode + FedAvg) s |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['codec']} | {r['updates']} | {r['payload_mib']:.1f} | {r['decode_s']:.2f} | "
+                     f"{r['fedavg_s']:.2f} | {r['fedadam_s']:.2f} | {r['lora-svd_s']:.2f} | "
+                     f"{r['decode_s'] + r['fedavg_s']:.2f} |")
+    section = "\n".join([
+        "<!-- bench_coordinator:start -->",
+        "## Coordinator scale (`tools/bench_coordinator.py`)",
+        "",
+        f"{args.updates} MiniLM-LoRA-sized updates ({SIZE:,} values each) per codec, through the coordinator's "
+        f"inbox (all validation included) and the aggregation strategies; median of {args.repeats}, one process, "
+        f"{platform.machine()} with {__import__('os').cpu_count()} CPUs, Python {platform.python_version()}.",
+        "",
+        *lines,
+        "<!-- bench_coordinator:end -->",
+    ])
+    print(section)
+    if not args.no_write:
+        doc = ROOT / "docs" / "BENCHMARKS.md"
+        text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
+        start, end = "<!-- bench_coordinator:start -->", "<!-- bench_coordinator:end -->"
+        if start in text:
+            text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
+        else:
+            text = text.rstrip() + "\n\n" + section + "\n"
+        doc.write_text(text, encoding="utf-8")
+        (ROOT / "docs" / "bench_coordinator.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
