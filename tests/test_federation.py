@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -81,3 +82,38 @@ def test_in_process_federation_learns_and_logs_every_round(tmp_path, tmp_path_fa
     assert all(0 < r["bytes_up"] < 3 * dense / 2 for r in records)  # top-25% int8: far below fp32
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4
+
+
+def test_resume_continues_after_the_last_checkpoint(tmp_path, tmp_path_factory):
+    # Prepare: one device, two rounds, then a fresh coordinator with --resume
+    folder = bundle(tmp_path_factory, "bert-int8")
+    manifest = read_manifest(folder)
+    (path,) = _device_files(tmp_path, 1, 32)
+    broker, topics = InProcessBroker(), Topics("edgeftl")
+    agent = DeviceAgent(InProcessTransport(broker, "dev0", will=(topics.status("dev0"), b"offline"),
+                                           birth=(topics.status("dev0"), b"online")),
+                        AgentConfig("dev0", folder, path, threads=1))
+    agent.start()
+    worker = threading.Thread(target=agent.run, kwargs={"max_rounds": 3, "stop_after_s": 120}, daemon=True)
+    worker.start()
+    initial = agent.runtime.get_flat()
+    first = Coordinator(InProcessTransport(broker, "coord-a"), folder, manifest, initial,
+                        CoordinatorConfig(out=tmp_path / "run", rounds=2, steps=2, deadline_s=60))
+    first.connect()
+    first.wait_for_devices()
+    first.run()
+    after_two = first.params.copy()
+    first.transport.close()
+    # Execute
+    second = Coordinator(InProcessTransport(broker, "coord-b"), folder, manifest, initial,
+                         CoordinatorConfig(out=tmp_path / "run", rounds=3, steps=2, deadline_s=60, resume=True))
+    second.connect()
+    # Assert: it starts at round 2 from the checkpointed parameters, and round 2 completes
+    assert second.start_round == 2
+    np.testing.assert_array_equal(second.params, after_two)
+    second.wait_for_devices()
+    records = second.run()
+    worker.join(timeout=30)
+    assert [r["round"] for r in records] == [2] and records[0]["updates_received"] == 1
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [0, 1, 2]
