@@ -29,7 +29,7 @@ class CoordinatorConfig:
     strategy: str = "fedavg"
     server_lr: float | None = None
     seed: int = 0
-    run_id: str = "run"
+    run_id: str = ""  # "" = a fresh id per run (resume keeps the checkpoint's)
     prefix: str = "edgeftl"
     resume: bool = False
     max_message_bytes: int = 64 * 1024 * 1024
@@ -47,5 +47,9 @@ class CoordinatorConfig:
             raise ValueError("--deadline-s and --lr must be positive")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; accepted: {', '.join(STRATEGIES)}")
+        if not self.run_id:
+            import uuid
+
+            self.run_id = f"run-{uuid.uuid4().hex[:12]}"
         self.codec = parse_codec(self.codec).spec  # raises CodecError (a ValueError) naming the forms
         self.downlink = parse_codec(self.downlink).spec

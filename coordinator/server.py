@@ -54,8 +54,12 @@ class Coordinator:
         self.transport.subscribe(self.topics.status_filter, self._on_status)
         self.transport.connect()
         if self.config.resume and (self.config.out / checkpoint.CHECKPOINT).is_file():
-            last, self.params, self.reference, state, _ = checkpoint.load(self.config.out)
+            last, self.params, self.reference, state, meta = checkpoint.load(self.config.out)
+            if meta.get("bundle_sha256") != self.bundle_sha256:
+                raise ValueError(f"checkpoint in {str(self.config.out)!r} is for another bundle; "
+                                 "use a new --out or the bundle it was made with")
             self.strategy.load_state(state)
+            self.config.run_id = self.inbox.run_id = meta.get("run_id", self.config.run_id)
             self.start_round = last + 1
             log.info("resuming after round %d", last)
         self._publish_full(self.start_round - 1)

@@ -138,7 +138,7 @@ def simulate(sim: SimulationConfig, rounds: CoordinatorConfig, on_round: Callabl
     evaluate = make_evaluator(bundle, test, threads=2, cache_dir=sim.out / "cache")
     initial = BundleRuntime(bundle, verify=False).get_flat()
     with broker_for(sim) as url, device_processes(sim, url, bundle, files, rounds.prefix) as processes:
-        transport = MqttTransport(url, f"edgeftl-coordinator-{rounds.run_id}"[:64])
+        transport = MqttTransport(url, f"edgeftl-coordinator-{rounds.prefix}".replace("/", "-")[:64])
         coordinator = Coordinator(transport, bundle, manifest, initial, rounds, evaluate, on_round)
         try:
             coordinator.connect()

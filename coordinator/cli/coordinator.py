@@ -36,7 +36,7 @@ def add_round_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="fedavg", help="fedavg | fedadam | fedyogi | lora-svd")
     p.add_argument("--server-lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--run-id", default="run")
+    p.add_argument("--run-id", default="", help="default: a fresh id per run (--resume keeps the checkpoint's)")
     p.add_argument("--prefix", default="edgeftl", help="MQTT topic prefix")
 
 
@@ -62,6 +62,7 @@ def round_line(record: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from edgeftl.coordinator.evaluate import make_evaluator
+    from edgeftl.coordinator.live import LiveView
     from edgeftl.coordinator.server import Coordinator
     from edgeftl.device.manifest import BundleError, verify_bundle
     from edgeftl.device.runtime import BundleRuntime
@@ -73,16 +74,18 @@ def run(args: argparse.Namespace) -> int:
         manifest = verify_bundle(args.bundle)
         initial = BundleRuntime(args.bundle, verify=False).get_flat()
         evaluate = make_evaluator(args.bundle, args.eval) if args.eval else None
-        transport = MqttTransport(args.broker, f"edgeftl-coordinator-{config.run_id}"[:64])
-        coordinator = Coordinator(transport, args.bundle, manifest, initial, config, evaluate,
-                                  on_round=lambda r: print(round_line(r), flush=True))
+        transport = MqttTransport(args.broker, f"edgeftl-coordinator-{args.prefix}".replace("/", "-")[:64])
+        view = LiveView(config.rounds, config.deadline_s, round_line)  # plain lines when not a terminal
+        coordinator = Coordinator(transport, args.bundle, manifest, initial, config, evaluate, on_round=view.on_round)
+        view.attach(coordinator)
         coordinator.connect()
     except (ValueError, BundleError, TransportError) as exc:
         return fail(str(exc))
     online = coordinator.wait_for_devices()
     print(f"{online} device(s) online; running rounds {coordinator.start_round}..{config.rounds - 1}", file=sys.stderr)
     try:
-        coordinator.run()
+        with view:
+            coordinator.run()
     finally:
         transport.close()
     return 0
