@@ -43,7 +43,7 @@ define apt_install
 	apt_get update && apt_get install -y --no-install-recommends $(1)
 endef
 
-.PHONY: help install mosquitto test test-fast demo bench clean distclean check-python
+.PHONY: help install mosquitto chromium test test-fast demo bench clean distclean check-python
 
 help:
 	@echo "make demo       set up .venv and run the end-to-end demo (tools/demo.py)"
@@ -51,7 +51,8 @@ help:
 	@echo "make test-fast  same, without tests marked slow"
 	@echo "make install    create/refresh .venv (no-op when pyproject.toml is unchanged)"
 	@echo "make mosquitto  install the Mosquitto MQTT broker with apt (as root)"
-	@echo "make bench      run tools/bench_build.py"
+	@echo "make chromium   install headless Chromium with apt (as root; the report test renders HTML)"
+	@echo "make bench      run the benchmarks (edgeftl bench; BENCH_ARGS=--quick) and refresh docs/BENCHMARKS.md"
 	@echo "make clean      remove caches and build outputs; distclean also removes .venv"
 	@echo "Variables: PYTHON=$(PYTHON) (must be Python $(REQUIRED_PY)), PYTEST_ARGS=..."
 
@@ -120,17 +121,31 @@ mosquitto:
 		exit 1; \
 	fi
 
-test: install mosquitto
+# The report test opens report.html in headless Chromium and checks that every plot loaded.
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then \
+		exit 0; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		$(call apt_install,chromium); \
+	else \
+		echo "error: the tests need Chromium (headless) to check the HTML report, which is not" \
+			"installed. Install it with: sudo apt-get install -y chromium" \
+			"(macOS: brew install --cask chromium), then run make again." >&2; \
+		exit 1; \
+	fi
+
+test: install mosquitto chromium
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
-test-fast: install mosquitto
+test-fast: install mosquitto chromium
 	$(VPY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: install mosquitto
 	$(VPY) tools/demo.py
 
+# BENCH_ARGS=--quick for a few-minute run; --only build,device,federation,coordinator for a subset.
 bench: install
-	$(VPY) tools/bench_build.py
+	$(VPY) -m edgeftl.coordinator.cli bench $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -13,6 +13,8 @@ SUBCOMMANDS = {
     "device": "device",
     "coordinator": "coordinator",
     "simulate": "simulate",
+    "report": "report",
+    "bench": "bench",
 }
 
 

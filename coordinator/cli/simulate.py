@@ -31,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgeftl.coordinator.live import LiveView
     from edgeftl.coordinator.simulate import SimulationConfig, simulate
 
     try:
@@ -46,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     began = time.monotonic()
     print(f"simulating {args.devices} devices x {args.rounds} rounds -> {args.out}", file=sys.stderr)
     try:
-        records = simulate(sim, rounds, on_round=lambda r: print(round_line(r), flush=True))
+        with LiveView(rounds.rounds, rounds.deadline_s, round_line) as view:  # plain lines when not a terminal
+            records = simulate(sim, rounds, on_round=view.on_round)
     except (ValueError, RuntimeError) as exc:
         return fail(str(exc))
     last = records[-1] if records else {}
