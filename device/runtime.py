@@ -53,7 +53,7 @@ class BundleRuntime:
         self.loaded_files: list[Path] = [checkpoint, self.folder / TRAINING_MODEL, self.folder / EVAL_MODEL,
                                          self.folder / OPTIMIZER_MODEL, self.folder / TOKENIZER]
         self.module = api.Module(str(self.folder / TRAINING_MODEL), self.state,
-                                 str(self.folder / EVAL_MODEL), session_options=options)
+                                 str(self.folder / EVAL_MODEL), session_options=session_options(threads, training=True))
         self.optimizer = api.Optimizer(str(self.folder / OPTIMIZER_MODEL), self.module)
         size = self.module.get_parameters_size(trainable_only=True)
         if size != self.manifest.trainable_count:
