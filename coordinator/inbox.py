@@ -59,6 +59,12 @@ class Inbox:
             self._round = -1
             return self.late, dict(self.rejected)
 
+    def progress(self) -> dict:
+        """The round in progress: its index (-1 between rounds) and counters, for live displays."""
+        with self._lock:
+            return {"round": self._round, "selected": len(self._selected), "received": len(self._accepted),
+                    "late": self.late, "rejected": sum(self.rejected.values())}
+
     def get(self, timeout_s: float) -> ReceivedUpdate | None:
         try:
             return self._queue.get(timeout=max(0.0, timeout_s))

@@ -45,20 +45,12 @@ class Progress:
 
 
 def snapshot(coordinator) -> dict:
-    """The coordinator's intra-round counters, read without locks or side effects.
-
-    Reads `online`, `inbox` and `transport` as the round loop leaves them; the inbox keeps the
-    round index and accepted set in private fields, so they are read with fallbacks. A public
-    `Coordinator.progress()` would replace this function.
-    """
-    inbox = coordinator.inbox
+    """The coordinator's intra-round counters (`Inbox.progress()`), online devices and bytes."""
     try:
         online = sum(bool(v) for v in list(coordinator.online.values()))
     except RuntimeError:  # the status callback resized the dict mid-copy; next poll will do
         online = -1
-    return {"round": getattr(inbox, "_round", -1), "online": online,
-            "selected": len(getattr(inbox, "_selected", ())), "received": len(getattr(inbox, "_accepted", ())),
-            "late": int(inbox.late), "rejected": int(sum(dict(inbox.rejected).values())),
+    return {**coordinator.inbox.progress(), "online": online,
             "bytes_up": int(coordinator.transport.bytes_received), "bytes_down": int(coordinator.transport.bytes_sent)}
 
 

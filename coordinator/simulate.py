@@ -115,7 +115,8 @@ def device_processes(sim: SimulationConfig, url: str, bundle: Path, files: list[
             log.close()
 
 
-def simulate(sim: SimulationConfig, rounds: CoordinatorConfig, on_round: Callable[[dict], None]) -> list[dict]:
+def simulate(sim: SimulationConfig, rounds: CoordinatorConfig, on_round: Callable[[dict], None],
+             on_start: Callable[[object], None] | None = None) -> list[dict]:
     from edgeftl.coordinator.evaluate import make_evaluator
     from edgeftl.coordinator.server import Coordinator
     from edgeftl.device.manifest import verify_bundle
@@ -140,6 +141,8 @@ def simulate(sim: SimulationConfig, rounds: CoordinatorConfig, on_round: Callabl
     with broker_for(sim) as url, device_processes(sim, url, bundle, files, rounds.prefix) as processes:
         transport = MqttTransport(url, f"edgeftl-coordinator-{rounds.prefix}".replace("/", "-")[:64])
         coordinator = Coordinator(transport, bundle, manifest, initial, rounds, evaluate, on_round)
+        if on_start is not None:
+            on_start(coordinator)
         try:
             coordinator.connect()
             online = coordinator.wait_for_devices()

@@ -185,7 +185,7 @@ class DeviceAgent:
             "samples": summary["samples"], "first_loss": summary["first_loss"], "last_loss": summary["last_loss"],
             "train_time_s": round(train_time, 3), "peak_rss_mib": peak_rss_mib(), "rss_mib": rss_mib(),
             "bytes_down": received - self._received_mark, "update_bytes": encoded.nbytes,
-            **{f"platform_{k}": v for k, v in platform_info().items() if isinstance(v, (int, float, str))},
+            **{k: v for k, v in platform_info().items() if isinstance(v, (int, float, str))},
         }
         self._received_mark = received
         self._seq += 1

@@ -6,8 +6,9 @@ Reads like the pipeline it runs:
   3. broker - an embedded MQTT broker (amqtt) on a free loopback port
   4. devices- one torch-free process each: cache the frozen lower stack, train on every task
   5. rounds - the coordinator samples, collects compressed updates, aggregates (FedAvg), evaluates
+  6. report - runs/demo/report.html: accuracy, bytes, device memory and training time, plotted
 Everything is written under runs/demo/: metrics.jsonl (one record per round), the bundle, data,
-device logs.
+device logs, the report.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ def main() -> int:
           f"{fp32 * sent / max(1, up):.0f}x less than fp32 ({args.codec})")
     print(f"device peak memory {max(r['device_peak_rss_mib'] for r in records):.0f} MiB; "
           f"per-round records in {args.out / 'metrics.jsonl'}")
+    report = subprocess.run([sys.executable, "-m", "edgeftl.coordinator.cli", "report", str(args.out)])
+    if report.returncode:
+        return report.returncode
+    print(f"report: {args.out / 'report.html'}")
     return 0
 
 

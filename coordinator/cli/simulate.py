@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"simulating {args.devices} devices x {args.rounds} rounds -> {args.out}", file=sys.stderr)
     try:
         with LiveView(rounds.rounds, rounds.deadline_s, round_line) as view:  # plain lines when not a terminal
-            records = simulate(sim, rounds, on_round=view.on_round)
+            records = simulate(sim, rounds, on_round=view.on_round, on_start=view.attach)
     except (ValueError, RuntimeError) as exc:
         return fail(str(exc))
     last = records[-1] if records else {}
