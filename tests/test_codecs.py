@@ -45,9 +45,17 @@ def test_dense_codecs_byte_counts_and_errors():
 def test_topk_keeps_the_largest_values_and_their_positions():
     v = np.array([0.1, -5.0, 0.2, 3.0, -0.3, 0.0, 4.0, 0.05], dtype=np.float32)
     encoded, decoded = parse_codec("topk:0.375").roundtrip(v)  # round(8 * 0.375) = 3 values
-    assert encoded.arrays["index"].tolist() == [1, 3, 6]
+    assert encoded.arrays["gaps"].tolist() == [1, 2, 3]  # positions 1, 3, 6 as gaps
     np.testing.assert_array_equal(decoded, [0, -5.0, 0, 3.0, 0, 0, 4.0, 0])
-    assert encoded.nbytes == 3 * 4 + 3 * 4
+    assert encoded.nbytes == 3 * 2 + 3 * 4
+
+
+def test_topk_falls_back_to_uint32_positions_when_a_gap_exceeds_uint16():
+    v = np.zeros(70_000, dtype=np.float32)
+    v[[5, 69_999]] = [1.0, 2.0]
+    encoded, decoded = parse_codec("topk:0.00003").roundtrip(v)  # 2 values, gap 69,994
+    assert encoded.arrays["index"].tolist() == [5, 69_999] and "gaps" not in encoded.arrays
+    np.testing.assert_array_equal(decoded, v)
 
 
 def test_error_feedback_eventually_sends_everything():
@@ -90,5 +98,9 @@ def test_hostile_topk_indices_raise_codec_error():
     codec = parse_codec("topk:0.25")
     for index in ([9, 1], [3, 3], [1, 100]):
         payload = Encoded(codec.spec, 8, {"index": np.array(index, np.uint32), "v.values": np.ones(2, np.float32)})
+        with pytest.raises(CodecError):
+            codec.decode(payload)
+    for gaps in ([3, 0], [5, 5]):  # a repeated position; a position past the end
+        payload = Encoded(codec.spec, 8, {"gaps": np.array(gaps, np.uint16), "v.values": np.ones(2, np.float32)})
         with pytest.raises(CodecError):
             codec.decode(payload)

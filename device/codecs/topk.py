@@ -3,7 +3,8 @@
 What is not sent is not lost when the sender keeps it as error feedback (see feedback.py): it is
 added to the next round's update, so every coordinate eventually gets through (Stich et al.,
 "Sparsified SGD with Memory", 2018; Karimireddy et al., "Error Feedback Fixes SignSGD", 2019).
-Indices go as uint32 deltas-free positions; the kept values go through an inner dense codec.
+Positions go as uint16 gaps (first position, then differences; 2 bytes each) when every gap
+fits, else as uint32 positions; the kept values go through an inner dense codec.
 """
 
 from __future__ import annotations
@@ -29,17 +30,26 @@ class TopKCodec(Codec):
         v = as_vector(vector)
         k = min(v.size, self.count(v.size))
         index = np.argpartition(np.abs(v), v.size - k)[v.size - k:]
-        index = np.sort(index).astype(np.uint32)
+        index = np.sort(index).astype(np.int64)
         inner = self.inner.encode(v[index])
-        arrays = {"index": index, **{f"v.{name}": a for name, a in inner.arrays.items()}}
-        return Encoded(self.spec, v.size, arrays)
+        gaps = np.diff(index, prepend=0)
+        positions = {"gaps": gaps.astype(np.uint16)} if gaps.max(initial=0) < 65536 else {"index": index.astype(np.uint32)}
+        return Encoded(self.spec, v.size, {**positions, **{f"v.{name}": a for name, a in inner.arrays.items()}})
 
     def decode(self, encoded: Encoded) -> np.ndarray:
         k = min(encoded.size, self.count(encoded.size))
-        require(encoded, {"index": (np.uint32, k)})
-        index = encoded.arrays["index"]
-        if k and (int(index.max()) >= encoded.size or (k > 1 and not (np.diff(index.astype(np.int64)) > 0).all())):
-            raise CodecError(f"{self.spec} payload has out-of-range or unsorted indices")
+        if "gaps" in encoded.arrays:
+            require(encoded, {"gaps": (np.uint16, k)})
+            index = np.cumsum(encoded.arrays["gaps"].astype(np.int64))
+            if k > 1 and not (encoded.arrays["gaps"][1:] > 0).all():
+                raise CodecError(f"{self.spec} payload repeats a position (zero gap)")
+        else:
+            require(encoded, {"index": (np.uint32, k)})
+            index = encoded.arrays["index"].astype(np.int64)
+            if k > 1 and not (np.diff(index) > 0).all():
+                raise CodecError(f"{self.spec} payload has unsorted or repeated indices")
+        if k and int(index.max()) >= encoded.size:
+            raise CodecError(f"{self.spec} payload has a position beyond the vector's {encoded.size} values")
         inner = Encoded(self.inner.spec, k, {name[2:]: a for name, a in encoded.arrays.items() if name.startswith("v.")})
         out = np.zeros(encoded.size, dtype=np.float32)
         out[index] = self.inner.decode(inner)
