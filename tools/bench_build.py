@@ -19,18 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+import benchdoc
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "BENCHMARKS.md"
@@ -297,8 +295,8 @@ def _summarise(cases: list[dict], label_names: list[str], wall_s: float, args) -
         "cases": cases,
         "targets": _targets(cases),
         "total_wall_s": wall_s,
-        "machine": _machine(),
-        "source": _git_state(),
+        "machine": benchdoc.machine(),
+        "source": benchdoc.git_state(),
     }
 
 
@@ -317,36 +315,6 @@ def _targets(cases: list[dict]) -> list[dict]:
                          "passed": case["cosine_mean"] >= limit, "margin": f"{case['cosine_mean'] - limit:+.4f}",
                          "min_cosine": case["cosine_min"]})
     return rows
-
-
-def _machine() -> dict:
-    cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-    mem = re.search(r"^MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
-    versions = {}
-    for name in ("onnxruntime-training-cpu", "onnxruntime-training", "torch"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return {"nproc": len(os.sched_getaffinity(0)), "ram_gib": round(int(mem.group(1)) / 2**20, 1) if mem else None,
-            "cpu": cpu.group(1).strip() if cpu else platform.processor(), "python": platform.python_version(),
-            **versions, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-
-
-def _git_state() -> dict:
-    """Commit the builds ran from; `dirty` when the working tree had uncommitted changes."""
-    def git(*cmd: str) -> str:
-        proc = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True)
-        return proc.stdout.strip() if proc.returncode == 0 else ""
-
-    return {"commit": git("rev-parse", "--short", "HEAD") or None,
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-
-
-def _machine_line(m: dict) -> str:
-    ort = m.get("onnxruntime-training-cpu") or m.get("onnxruntime-training", "?")
-    return (f"Machine: {m['nproc']} CPUs (nproc), {m['ram_gib']} GiB RAM, {m['cpu']}; Python {m['python']}, "
-            f"onnxruntime-training {ort}, torch {m.get('torch', '?')}; {m['date']}.")
 
 
 def _markdown(results: dict) -> str:
@@ -373,7 +341,7 @@ def _markdown(results: dict) -> str:
         value = f"{t['value']:.5f}" if "cosine" in t["target"] else f"{t['value']:.1f}%"
         lines.append(f"- {'PASS' if t['passed'] else 'MISS'} {t['target']}: {value} ({t['margin']}{extra})")
     src = results["source"]
-    lines += ["", _checks_line(results["cases"]), "", _machine_line(results["machine"])
+    lines += ["", _checks_line(results["cases"]), "", benchdoc.machine_line(results["machine"])
               + f" Commit {src['commit']}{' + uncommitted changes' if src['dirty'] else ''}."
               + f" Whole run: {results['total_wall_s']:.0f} s. Raw numbers: `docs/bench_build.json`.", END]
     return "\n".join(lines)
@@ -390,15 +358,7 @@ def _checks_line(cases: list[dict]) -> str:
 
 def _write_doc(section: str, machine: dict) -> None:
     """Replace this benchmark's marked section of docs/BENCHMARKS.md, keeping everything else."""
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    text = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n\nMachine: ?\n"
-    text = re.sub(r"^Machine: .*$", lambda _: _machine_line(machine), text, count=1, flags=re.M)
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text + ("" if text.endswith("\n") else "\n"), encoding="utf-8")
+    benchdoc.write_section("bench_build", section, machine)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+import benchdoc
+
 from edgeftl.coordinator.inbox import Inbox
 from edgeftl.coordinator.strategy import Update, make_strategy
 from edgeftl.device import wire
@@ -123,14 +125,7 @@ def main() -> int:
     ])
     print(section)
     if not args.no_write:
-        doc = ROOT / "docs" / "BENCHMARKS.md"
-        text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
-        start, end = "<!-- bench_coordinator:start -->", "<!-- bench_coordinator:end -->"
-        if start in text:
-            text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-        doc.write_text(text, encoding="utf-8")
+        benchdoc.write_section("bench_coordinator", section)
         (ROOT / "docs" / "bench_coordinator.json").write_text(json.dumps(rows, indent=1) + "\n")
     return 0
 

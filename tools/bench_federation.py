@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import benchdoc
+
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "edgeftl.coordinator.cli"]
 
@@ -72,7 +74,7 @@ def table(results: dict) -> str:
 
 
 def codec_rows(results: dict) -> tuple[str, list[str]]:
-    fed, devices = results["federated"], results["settings"]["devices"]
+    fed = results["federated"]
     base = fed.get("none")
     lines = ["| codec | upload bytes per device per round | vs fp32 | final accuracy | vs fp32 |", "|---|---|---|---|---|"]
     verdicts = []
@@ -117,14 +119,7 @@ def write_doc(results: dict) -> None:
         table(results), "", codec_table, "", *verdicts, *codec_verdicts,
         "<!-- bench_federation:end -->",
     ])
-    doc = ROOT / "docs" / "BENCHMARKS.md"
-    text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
-    start, end = "<!-- bench_federation:start -->", "<!-- bench_federation:end -->"
-    if start in text:
-        text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    doc.write_text(text, encoding="utf-8")
+    benchdoc.write_section("bench_federation", section)
     (ROOT / "docs" / "bench_federation.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     print(section)
 

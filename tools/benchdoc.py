@@ -1,0 +1,66 @@
+"""What every benchmark script shares: the machine description, the commit, and rewriting only
+its own marked section of docs/BENCHMARKS.md (so the scripts never clobber each other)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+
+
+def machine() -> dict:
+    cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    mem = re.search(r"^MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+    versions = {}
+    for name in ("onnxruntime-training-cpu", "onnxruntime-training", "torch"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return {"nproc": len(os.sched_getaffinity(0)), "ram_gib": round(int(mem.group(1)) / 2**20, 1) if mem else None,
+            "cpu": cpu.group(1).strip() if cpu else platform.processor(), "python": platform.python_version(),
+            **versions, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def git_state() -> dict:
+    """Commit the benchmark ran from; `dirty` when the working tree had uncommitted changes."""
+    def git(*cmd: str) -> str:
+        proc = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    return {"commit": git("rev-parse", "--short", "HEAD") or None,
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def machine_line(m: dict) -> str:
+    ort = m.get("onnxruntime-training-cpu") or m.get("onnxruntime-training", "?")
+    return (f"Machine: {m['nproc']} CPUs (nproc), {m['ram_gib']} GiB RAM, {m['cpu']}; Python {m['python']}, "
+            f"onnxruntime-training {ort}, torch {m.get('torch', '?')}; {m['date']}.")
+
+
+def write_section(name: str, section: str, machine_info: dict | None = None, doc: Path = DOC) -> None:
+    """Replace `<!-- NAME:start -->...<!-- NAME:end -->` in docs/BENCHMARKS.md (append if absent).
+
+    `section` must include both markers. With `machine_info`, the file's `Machine:` line is
+    refreshed too.
+    """
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if not (section.startswith(start) and section.rstrip().endswith(end)):
+        raise ValueError(f"section for {name!r} must start with {start} and end with {end}")
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n\nMachine: ?\n"
+    if machine_info is not None:
+        text = re.sub(r"^Machine: .*$", lambda _: machine_line(machine_info), text, count=1, flags=re.M)
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section.rstrip(), text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section.rstrip()
+    doc.write_text(text + "\n", encoding="utf-8")
