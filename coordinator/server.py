@@ -43,6 +43,7 @@ class Coordinator:
         self.downlink = ErrorFeedback(parse_codec(config.downlink), self.params.size)
         self.inbox = Inbox(config.run_id, self.bundle_sha256, self.params.size, config.max_message_bytes)
         self.online: dict[str, bool] = {}
+        self.platforms: dict[str, dict] = {}  # device -> its platform_* metrics
         self.rng = np.random.default_rng(config.seed)
         self.start_round = 0
         config.out.mkdir(parents=True, exist_ok=True)
@@ -147,6 +148,10 @@ class Coordinator:
     # ---- records ----------------------------------------------------------------------------
     def _record(self, round_index: int, selected: list[str], received: list, late: int,
                 rejected: dict[str, int], aggregated: bool, sent: int, wall_s: float) -> dict:
+        for r in received:  # devices describe their platform once; every record carries it
+            known = self.platforms.setdefault(r.header.device_id, {})
+            known.update({k: v for k, v in r.header.metrics.items() if k.startswith("platform_")})
+            r.header.metrics = {**known, **r.header.metrics}
         metrics = [r.header.metrics for r in received]
         record = {
             "format": METRICS_FORMAT,

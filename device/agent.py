@@ -62,6 +62,7 @@ class DeviceAgent:
         self._received_mark = 0
         self._seq = 0
         self._syncing = False
+        self._platform_sent = False
         self._load_state()
 
     def _make_inputs(self):
@@ -185,8 +186,10 @@ class DeviceAgent:
             "samples": summary["samples"], "first_loss": summary["first_loss"], "last_loss": summary["last_loss"],
             "train_time_s": round(train_time, 3), "peak_rss_mib": peak_rss_mib(), "rss_mib": rss_mib(),
             "bytes_down": received - self._received_mark, "update_bytes": encoded.nbytes,
-            **{k: v for k, v in platform_info().items() if isinstance(v, (int, float, str))},
         }
+        if not self._platform_sent:  # the coordinator remembers it; later updates stay lean
+            metrics.update({k: v for k, v in platform_info().items() if isinstance(v, (int, float, str))})
+            self._platform_sent = True
         self._received_mark = received
         self._seq += 1
         header = UpdateHeader(task.run_id, task.round, self.bundle_sha256, self.config.device_id, encoded.codec,
