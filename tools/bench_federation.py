@@ -134,6 +134,9 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--codecs", default="none,topk:0.01+int8")
     parser.add_argument("--no-central", action="store_true")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other codecs and the centralized run of docs/bench_federation.json "
+                             "(same settings) and add or replace only the codecs run now")
     args = parser.parse_args()
     began = time.monotonic()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -142,9 +145,12 @@ def main() -> int:
         subprocess.run([*CLI, "build", "--quant", "int8", "--train-layers", "2", "--out", str(args.bundle),
                         "--force", "--quiet"], check=True)
     codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
-    federated = {codec: simulate(args.work, codec, args) for codec in codecs}
+    previous = json.loads((ROOT / "docs" / "bench_federation.json").read_text()) if args.merge else None
+    federated = dict(previous["federated"]) if previous else {}
+    federated.update({codec: simulate(args.work, codec, args) for codec in codecs})
     first = args.work / ("fed-" + codecs[0].replace(":", "_").replace("+", "_"))
-    central = [] if args.no_central else centralized(args.work, first, args)
+    central = previous["centralized"] if previous and args.no_central else (
+        [] if args.no_central else centralized(args.work, first, args))
     import platform
     results = {"settings": {"devices": args.devices, "alpha": args.alpha, "rounds": args.rounds, "steps": args.steps,
                             "lr": args.lr, "wall_s": time.monotonic() - began,
