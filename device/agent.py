@@ -63,7 +63,7 @@ class DeviceAgent:
         self._seq = 0
         self._syncing = False
         self._platform_sent = False
-        self._load_state()
+        self._saved = self._read_state()  # applied once the run it belongs to shows up
 
     def _make_inputs(self):
         if self.runtime.lower is None or self.config.cache_dir is None:
@@ -118,6 +118,7 @@ class DeviceAgent:
             return  # another bundle's federation
         if header.run_id != self.run_id:
             self.run_id, self.global_round, self.feedback = header.run_id, None, None
+            self._restore_state()
         if full:
             if self.global_round is not None and header.round <= self.global_round:
                 self._stop_sync()  # already up to date
@@ -208,22 +209,31 @@ class DeviceAgent:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".agent.", suffix=".npz")
         with os.fdopen(fd, "wb") as handle:
             np.savez(handle, residual=self.feedback.state(), codec=np.array(self.feedback.codec.spec),
-                     seq=np.array(self._seq), bundle=np.array(self.bundle_sha256))
+                     seq=np.array(self._seq), bundle=np.array(self.bundle_sha256), run=np.array(self.run_id or ""))
         os.replace(tmp, folder / AGENT_STATE)
 
-    def _load_state(self) -> None:
+    def _read_state(self) -> dict | None:
+        """The saved error-feedback residual and sequence number, if they are for this bundle."""
         path = Path(self.config.state_dir or "/nonexistent") / AGENT_STATE
         if not path.is_file():
-            return
+            return None
         try:
             with np.load(path, allow_pickle=False) as data:
-                if str(data["bundle"]) != self.bundle_sha256:
-                    return
-                self.feedback = ErrorFeedback(parse_codec(str(data["codec"])), self.reference.size)
-                self.feedback.load(data["residual"])
-                self._seq = int(data["seq"])
+                saved = {key: data[key] for key in ("residual", "codec", "seq", "bundle", "run")}
         except (OSError, ValueError, KeyError) as exc:
             log.warning("%s: local state %s unusable (%s); starting fresh", self.config.device_id, path, exc)
+            return None
+        return saved if str(saved["bundle"]) == self.bundle_sha256 else None
+
+    def _restore_state(self) -> None:
+        """Resume the residual of the same run only: another run's residual is another model's error."""
+        saved = self._saved
+        if saved is None or str(saved["run"]) != self.run_id:
+            return
+        self.feedback = ErrorFeedback(parse_codec(str(saved["codec"])), self.reference.size)
+        self.feedback.load(saved["residual"])
+        self._seq = int(saved["seq"])
+
 
     def close(self) -> None:
         for close in self._closers:
