@@ -1,0 +1,529 @@
+"""Benchmark training on a device: memory and step time of edgeftl bundles vs PyTorch + PEFT.
+
+Same model, data, batch and thread count for every case: the packaged all-MiniLM-L6-v2,
+5 BBC labels, LoRA r=8 alpha=16 on query/value + a mean-pool linear head, batch 16 x 128
+tokens (BBC articles long enough that every row is 128 tokens, so all shapes are identical),
+AdamW, lr 1e-3.
+
+    (a) PyTorch + PEFT eager fp32: transformers AutoModel + peft.get_peft_model, the baseline
+        a user would otherwise write (model.train(), the model's default config)
+    (b) edgeftl fp32 bundle          (c) int8 bundle          (d) int4 bundle
+    (e) top-2 split int8 bundle: the frozen lower stack runs once per sample in epoch 1, its
+        outputs are cached, later epochs only train the top 2 blocks
+
+Every case runs in a fresh process; the cases alternate round-robin, `--repeats` times. A run
+does WARMUP steps, then `--steps` timed steps ((e): whole epochs of EPOCH_BATCHES batches).
+Bundle processes import only edgeftl.device + numpy and report whether torch got loaded.
+Memory is read from /proc/self/status: VmRSS once the model and optimizer exist (before the
+first step) and VmHWM (peak RSS) at the end. Each figure is the median over repeats.
+
+The edgeftl cases run twice: micro-batch 16 (one pass per step) and micro-batch 4 (four
+passes, gradients weighted and accumulated exactly as device/train.py `accumulate_batch`,
+one optimizer step per batch of 16). PyTorch runs the same way for reference.
+
+    .venv/bin/python tools/bench_device.py              # 3 repeats, writes docs/
+    .venv/bin/python tools/bench_device.py --quick --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+import benchdoc
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+RAW = ROOT / "docs" / "bench_device.json"
+START, END = "<!-- bench_device:start -->", "<!-- bench_device:end -->"
+BATCH, SEQ, EPOCH_BATCHES, WARMUP, LR, SEED = 16, 128, 8, 2, 1e-3, 0
+BUILD_FLAGS = ["--rank", "8", "--alpha", "16", "--max-seq-len", str(SEQ), "--seed", str(SEED)]
+BUNDLES = {"fp32": ["--quant", "none"], "int8": ["--quant", "int8"], "int4": ["--quant", "int4"],
+           "int8-top2": ["--quant", "int8", "--train-layers", "2"]}
+CASES = {"a": ("PyTorch + PEFT eager fp32", None), "b": ("edgeftl fp32 bundle", "fp32"),
+         "c": ("edgeftl int8 bundle", "int8"), "d": ("edgeftl int4 bundle", "int4"),
+         "e": ("edgeftl top-2 split int8, cached lower outputs", "int8-top2")}
+MICRO_BATCHES = (16, 4)
+
+
+# ---- the benchmark, top to bottom ----------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.worker:
+        return _WORKERS[args.worker](args)
+    if args.quick:
+        args.repeats, args.steps = 1, 3
+    started = time.perf_counter()
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_device-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        labels = _label_names()
+        builds = {name: _build(work / name, labels, flags, args) for name, flags in BUNDLES.items()}
+        data = _prepare_data(work, work / "fp32" / "tokenizer.json", labels)
+        runs = _run_all(work, data, args)
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    results = _summarise(runs, builds, labels, time.perf_counter() - started, args)
+    section = _markdown(results)
+    print(section)
+    if not args.no_write:
+        _write_doc(section)
+        RAW.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        print(f"wrote {DOC.relative_to(ROOT)} and {RAW.relative_to(ROOT)}")
+    return 0
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2, help="torch threads / ORT intra-op threads (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="round-robin passes over all cases (default 3)")
+    p.add_argument("--steps", type=int, default=6, help=f"timed steps per run after {WARMUP} warmup (default 6)")
+    p.add_argument("--quick", action="store_true", help="1 repeat, 3 steps")
+    p.add_argument("--work-dir", default=None, help="bundles and data here (default: a temp dir, removed)")
+    p.add_argument("--reuse", action="store_true", help="keep bundles already in --work-dir")
+    p.add_argument("--no-write", action="store_true", help="print the table; write nothing under docs/")
+    p.add_argument("--worker", choices=sorted(_WORKERS), help=argparse.SUPPRESS)  # child processes
+    p.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--micro-batch", type=int, default=BATCH, help=argparse.SUPPRESS)
+    p.add_argument("--epochs", type=int, default=3, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for name in ("threads", "repeats", "steps"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    return args
+
+
+def _label_names() -> list[str]:
+    from edgeftl.device.data import bbc_root
+
+    return sorted(p.name for p in bbc_root().iterdir() if p.is_dir() and not p.name.startswith("_"))
+
+
+def _build(out: Path, labels: list[str], flags: list[str], args) -> float | None:
+    """Wall-clock seconds of one `edgeftl build` in a fresh process (None: reused)."""
+    if args.reuse and (out / "manifest.json").is_file():
+        return None
+    cmd = [sys.executable, "-m", "edgeftl.coordinator.cli", "build", "--quiet", "--force",
+           "--labels", ",".join(labels), "--out", str(out), *flags, *BUILD_FLAGS]
+    started = time.perf_counter()
+    _check(subprocess.run(cmd, env=_env(args.threads), capture_output=True, text=True), cmd)
+    return round(time.perf_counter() - started, 1)
+
+
+def _prepare_data(work: Path, tokenizer: Path, labels: list[str]) -> Path:
+    """EPOCH_BATCHES x BATCH training articles of >= SEQ tokens, labels in turn, tokenized once.
+
+    Tokenized here with the bundle's own tokenizer.json (what BundleRuntime.encode uses) so
+    every process gets the same (ids, mask, labels) arrays; workers time steps, not tokenizing.
+    """
+    from tokenizers import Tokenizer
+
+    from edgeftl.device.data import load_bbc, stratified_split
+
+    texts, text_labels, names = load_bbc()
+    assert names == labels, (names, labels)
+    tok = Tokenizer.from_file(str(tokenizer))
+    tok.enable_truncation(SEQ)
+    tok.no_padding()
+    train, _ = stratified_split(text_labels, test_fraction=0.2, seed=SEED)
+    order = np.random.default_rng(SEED).permutation(train)
+    pools = {name: [int(i) for i in order if text_labels[i] == name] for name in labels}
+    picked: list[int] = []
+    for k in range(EPOCH_BATCHES * BATCH):  # 26/26/26/25/25 articles, labels in turn
+        pool = pools[labels[k % len(labels)]]
+        while len(tok.encode(texts[pool[0]]).ids) < SEQ:
+            pool.pop(0)  # too short: its row would be padded
+        picked.append(pool.pop(0))
+    ids = np.array([tok.encode(texts[i]).ids for i in picked], dtype=np.int64)  # (n, SEQ)
+    path = work / "data.npz"
+    np.savez(path, ids=ids, mask=np.ones_like(ids), labels=np.array([labels.index(text_labels[i]) for i in picked]))
+    # The raw texts (8 MiB as a numpy unicode array) are read only after the memory readings.
+    path.with_suffix(".texts.json").write_text(json.dumps([texts[i] for i in picked]), encoding="utf-8")
+    return path
+
+
+def _plan() -> list[tuple[str, int]]:
+    """One round-robin pass: every case at micro-batch 16, then every case at micro-batch 4."""
+    return [(case, micro) for micro in MICRO_BATCHES for case in CASES]
+
+
+def _run_all(work: Path, data: Path, args) -> list[dict]:
+    from tqdm import tqdm
+
+    plan = [(rep, case, micro) for rep in range(args.repeats) for case, micro in _plan()]
+    runs = []
+    with tqdm(plan, desc="bench_device", unit="run") as bar:
+        for rep, case, micro in bar:
+            bar.set_postfix_str(f"repeat {rep + 1} ({case}) micro-batch {micro}")
+            load_before = os.getloadavg()[0]  # the machine may be shared: keep the evidence per run
+            run = _worker(case, micro, work, data, args)
+            runs.append({"repeat": rep, "case": case, "micro_batch": micro, **run,
+                         "loadavg_1min": [load_before, os.getloadavg()[0]]})
+    return runs
+
+
+def _worker(case: str, micro: int, work: Path, data: Path, args) -> dict:
+    bundle = CASES[case][1]
+    kind = "torch" if bundle is None else ("split" if bundle == "int8-top2" else "bundle")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--data", str(data),
+           "--threads", str(args.threads), "--steps", str(args.steps), "--micro-batch", str(micro),
+           "--epochs", "2" if args.quick else "3"]
+    if bundle is not None:
+        cmd += ["--bundle", str(work / bundle)]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, env=_env(args.threads), capture_output=True, text=True)
+    _check(proc, cmd)
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "process_wall_s": time.perf_counter() - started}
+
+
+def _env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
+
+
+def _check(proc: subprocess.CompletedProcess, cmd: list[str]) -> None:
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+
+
+# ---- worker processes (one case, one fresh process each) -----------------------------------
+
+def _proc_status_mib(key: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, MiB."""
+    match = re.search(rf"^{key}:\s*(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    return round(int(match.group(1)) / 1024, 1)
+
+
+def _load_data(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def _finish(result: dict, rss_after_load: float, times: list[tuple[float, float]], losses: list[float]) -> int:
+    """Print the run's flat record (units in key names) as the last stdout line.
+
+    `times` holds (wall, cpu) seconds per timed step; CPU time (all threads of this process)
+    is less disturbed than wall time when other work shares the machine.
+    """
+    result.update(
+        rss_after_load_mib=rss_after_load,
+        peak_rss_mib=_proc_status_mib("VmHWM"),
+        ru_maxrss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        median_step_time_s=statistics.median(wall for wall, _ in times),
+        median_step_cpu_s=statistics.median(cpu for _, cpu in times),
+        step_times_s=[round(wall, 4) for wall, _ in times],
+        first_loss=losses[0], last_loss=losses[-1], losses_finite=bool(np.isfinite(losses).all()),
+        imported_torch="torch" in sys.modules, imported_transformers="transformers" in sys.modules,
+    )
+    print(json.dumps(result))
+    return 0
+
+
+def _torch_worker(args: argparse.Namespace) -> int:
+    """(a): what a user would write with transformers + PEFT, eager fp32, model.train()."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+    from torch.nn import functional as F
+    from transformers import AutoModel
+
+    from edgeftl.models.loading import default_model_dir
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(SEED)
+    data = {k: torch.from_numpy(v) for k, v in _load_data(args.data).items()}
+    backbone = AutoModel.from_pretrained(default_model_dir())
+    model = get_peft_model(backbone, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
+    head = nn.Linear(backbone.config.hidden_size, int(data["labels"].max()) + 1)
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=LR)
+    model.train()
+    rss_after_load = _proc_status_mib("VmRSS")
+
+    def step(rows: slice) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for start in range(rows.start, rows.stop, args.micro_batch):
+            part = slice(start, min(start + args.micro_batch, rows.stop))
+            ids, mask, labels = data["ids"][part], data["mask"][part], data["labels"][part]
+            hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state  # (batch, seq, hidden)
+            keep = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * keep).sum(1) / keep.sum(1).clamp(min=1.0)  # masked mean pooling
+            weight = len(labels) / (rows.stop - rows.start)
+            loss = F.cross_entropy(head(pooled), labels) * weight
+            loss.backward()
+            total += float(loss)
+        optimizer.step()
+        return total
+
+    times, losses = _timed_steps(step, args.steps)
+    return _finish({"trainable_params": sum(p.numel() for p in params)}, rss_after_load, times, losses)
+
+
+def _timed_steps(step, steps: int) -> tuple[list[tuple[float, float]], list[float]]:
+    """WARMUP untimed steps, then `steps` timed ones; batch k is rows [16k, 16k+16) of the epoch."""
+    times, losses = [], []
+    for k in range(WARMUP + steps):
+        first = (k % EPOCH_BATCHES) * BATCH
+        started, cpu = time.perf_counter(), time.process_time()
+        losses.append(step(slice(first, first + BATCH)))
+        if k >= WARMUP:
+            times.append((time.perf_counter() - started, time.process_time() - cpu))
+    return times, losses
+
+
+def _bundle_step(runtime, feats: np.ndarray, mask: np.ndarray, labels: np.ndarray, micro: int) -> float:
+    """One optimizer step over a batch run as micro-batches whose gradients add up exactly.
+
+    Classification loss averages over samples, so micro-batch i is weighted by its share of
+    the batch's samples (device/train.py `accumulate_batch`).
+    """
+    loss = 0.0
+    for start in range(0, len(labels), micro):
+        part = slice(start, start + micro)
+        weight = len(labels[part]) / len(labels)
+        loss += runtime.accumulate(feats[part], mask[part], labels[part], weight) * weight
+    runtime.apply_step()
+    return loss
+
+
+def _open_bundle(args: argparse.Namespace):
+    from edgeftl.device.runtime import BundleRuntime
+
+    data = _load_data(args.data)
+    runtime = BundleRuntime(args.bundle, threads=args.threads)
+    runtime.set_learning_rate(LR)
+    return runtime, data, _proc_status_mib("VmRSS")
+
+
+def _encode_matches(runtime, data: dict[str, np.ndarray], args: argparse.Namespace) -> bool:
+    """The device's own tokenization gives the benchmark's ids (checked after the load reading)."""
+    texts = json.loads(args.data.with_suffix(".texts.json").read_text(encoding="utf-8"))
+    ids, mask = runtime.encode(texts[:BATCH])
+    return bool(np.array_equal(ids, data["ids"][:BATCH]) and np.array_equal(mask, data["mask"][:BATCH]))
+
+
+def _bundle_worker(args: argparse.Namespace) -> int:
+    """(b)-(d): full-depth bundles; token ids go straight into the training graph."""
+    runtime, data, rss_after_load = _open_bundle(args)
+    ids, mask, labels = data["ids"], data["mask"], data["labels"]
+
+    def step(rows: slice) -> float:
+        return _bundle_step(runtime, runtime.features(ids[rows], mask[rows]), mask[rows], labels[rows],
+                            args.micro_batch)
+
+    times, losses = _timed_steps(step, args.steps)
+    record = {"encode_matches": _encode_matches(runtime, data, args),
+              "trainable_params": runtime.manifest.trainable_count}
+    return _finish(record, rss_after_load, times, losses)
+
+
+def _split_worker(args: argparse.Namespace) -> int:
+    """(e): epoch 1 runs the frozen lower stack once per sample and caches its outputs
+    (in memory; 128 x 128 x 384 float32 = 24 MiB); later epochs only train the top blocks."""
+    runtime, data, rss_after_load = _open_bundle(args)
+    ids, mask, labels = data["ids"], data["mask"], data["labels"]
+    cache: list[np.ndarray] = []
+    epoch_s, lower_s, times, losses = [], 0.0, [], []
+    for epoch in range(args.epochs):
+        started = time.perf_counter()
+        for b in range(EPOCH_BATCHES):
+            rows = slice(b * BATCH, (b + 1) * BATCH)
+            if epoch == 0:  # lower forward in micro-batches too: peak memory follows micro_batch
+                t0 = time.perf_counter()
+                cache.append(np.concatenate([runtime.features(ids[rows][i:i + args.micro_batch],
+                                                              mask[rows][i:i + args.micro_batch])
+                                             for i in range(0, BATCH, args.micro_batch)]))
+                lower_s += time.perf_counter() - t0
+            t0, cpu = time.perf_counter(), time.process_time()
+            losses.append(_bundle_step(runtime, cache[b], mask[rows], labels[rows], args.micro_batch))
+            if epoch > 0:
+                times.append((time.perf_counter() - t0, time.process_time() - cpu))
+        epoch_s.append(time.perf_counter() - started)
+    record = {"epoch_times_s": [round(t, 4) for t in epoch_s], "epoch1_lower_forward_s": round(lower_s, 4),
+              "epoch1_time_s": epoch_s[0], "epoch2_time_s": epoch_s[1],
+              "encode_matches": _encode_matches(runtime, data, args),
+              "trainable_params": runtime.manifest.trainable_count}
+    return _finish(record, rss_after_load, times, losses)
+
+
+_WORKERS = {"torch": _torch_worker, "bundle": _bundle_worker, "split": _split_worker}
+
+
+# ---- results, table, targets ---------------------------------------------------------------
+
+METRICS = ("rss_after_load_mib", "peak_rss_mib", "median_step_time_s", "median_step_cpu_s", "epoch1_time_s",
+           "epoch2_time_s", "epoch1_lower_forward_s")
+
+
+def _summarise(runs: list[dict], builds: dict, labels: list[str], wall_s: float, args) -> dict:
+    rows = {}
+    for case, micro in _plan():
+        mine = [r for r in runs if r["case"] == case and r["micro_batch"] == micro]
+        row = {"case": case, "name": CASES[case][0], "micro_batch": micro, "runs": len(mine),
+               "imported_torch_any": any(r["imported_torch"] for r in mine),
+               "losses_finite": all(r["losses_finite"] for r in mine),
+               "encode_matches": all(r.get("encode_matches", True) for r in mine)}
+        for key in METRICS:
+            values = [r[key] for r in mine if key in r]
+            if values:
+                row[key] = statistics.median(values)
+                row[key.rsplit("_", 1)[0] + "_range"] = [min(values), max(values)]
+        # A full-depth epoch is EPOCH_BATCHES steps; (e) reports its measured epochs instead.
+        row.setdefault("epoch_time_s", row.get("epoch2_time_s", EPOCH_BATCHES * row["median_step_time_s"]))
+        rows[f"{case}{micro}"] = row
+    base = rows[f"a{BATCH}"]
+    for row in rows.values():
+        for key in ("rss_after_load_mib", "peak_rss_mib", "median_step_time_s", "median_step_cpu_s"):
+            row[key.rsplit("_", 1)[0] + "_x_a"] = row[key] / base[key]
+    return {
+        "benchmark": "bench_device",
+        "model": "sentence-transformers/all-MiniLM-L6-v2 (packaged)",
+        "labels": labels, "build_flags": BUILD_FLAGS, "bundles": {k: " ".join(v) for k, v in BUNDLES.items()},
+        "build_time_s": builds,
+        "settings": {"batch": BATCH, "seq": SEQ, "threads": args.threads, "repeats": args.repeats,
+                     "warmup_steps": WARMUP, "timed_steps": args.steps, "epoch_batches": EPOCH_BATCHES,
+                     "lr": LR, "split_epochs": 2 if args.quick else 3, "micro_batches": list(MICRO_BATCHES)},
+        "cases": rows,
+        "targets": {f"micro-batch {m}": _targets(rows, m) for m in MICRO_BATCHES},
+        "runs": runs,
+        "loadavg_1min_during_runs": [min(x for r in runs for x in r["loadavg_1min"]),
+                                     statistics.median(x for r in runs for x in r["loadavg_1min"]),
+                                     max(x for r in runs for x in r["loadavg_1min"])],
+        "total_wall_s": wall_s,
+        "machine": _machine(),
+        "source": benchdoc.git_state(),
+    }
+
+
+def _targets(rows: dict, micro: int) -> list[dict]:
+    """The issue's targets for the edgeftl cases at `micro`, always against (a) at batch 16."""
+    a, b, c, d, e = (rows[f"a{BATCH}"], *(rows[f"{k}{micro}"] for k in "bcde"))
+
+    def ratio(name: str, value: float, base: float, limit: float, unit: str, strict: bool = False) -> dict:
+        r = value / base
+        passed = r < limit if strict else r <= limit
+        digits = 2 if unit == "s" else 0
+        return {"target": name, "ratio": r, "limit": limit, "passed": passed,
+                "margin": f"{r:.3f}x vs limit {limit:.2f}x ({limit - r:+.3f}x; "
+                          f"{value:.{digits}f} {unit} vs {base * limit:.{digits}f} {unit})"}
+
+    p = "peak_rss_mib"
+    return [
+        ratio("(c) int8 peak RSS <= 0.4 x (a)", c[p], a[p], 0.4, "MiB"),
+        ratio("(c) int8 peak RSS < (b) fp32 peak RSS", c[p], b[p], 1.0, "MiB", strict=True),
+        ratio("(d) int4 peak RSS < (b) fp32 peak RSS", d[p], b[p], 1.0, "MiB", strict=True),
+        ratio("(c) RSS after load <= 0.5 x (b)", c["rss_after_load_mib"], b["rss_after_load_mib"], 0.5, "MiB"),
+        ratio("(b) median step <= 1.0 x (a)", b["median_step_time_s"], a["median_step_time_s"], 1.0, "s"),
+        ratio("(e) peak RSS <= 0.25 x (a)", e[p], a[p], 0.25, "MiB"),
+        ratio("(e) epoch-2 time <= 0.2 x (b) epoch time", e["epoch2_time_s"], b["epoch_time_s"], 0.2, "s"),
+    ]
+
+
+def _markdown(results: dict) -> str:
+    s = results["settings"]
+    lines = [START, "## Device: training memory and step time (`tools/bench_device.py`)", "",
+             f"{results['model']}, classify with {len(results['labels'])} BBC labels, LoRA r=8 alpha=16 on "
+             f"query/value + mean-pool linear head, AdamW lr {s['lr']}; batch {s['batch']} x {s['seq']} tokens "
+             f"({s['epoch_batches'] * s['batch']} BBC training articles of at least {s['seq']} tokens, so every "
+             f"row is {s['seq']} tokens, tokenized once); {s['threads']} threads everywhere (torch.set_num_threads, "
+             "ORT intra_op_num_threads, OMP/MKL). Each run is a fresh process; the 10 cases alternate "
+             f"round-robin, {s['repeats']} repeats; a run does {s['warmup_steps']} warmup + {s['timed_steps']} "
+             "timed optimizer steps. Figures are medians over repeats of: VmRSS once model + optimizer exist "
+             "(before the first step), VmHWM (peak RSS) at the end, and the run's median step time, wall clock "
+             "and process CPU time (all threads; less disturbed by other work on a shared machine, but it "
+             "counts spin-waiting). The targets use wall clock. "
+             "(a) is transformers `AutoModel` + `peft.get_peft_model` in eager fp32 with `model.train()` "
+             "(the model's default dropout 0.1 on; the bundles' graphs have no dropout). (b)-(d): "
+             f"`edgeftl build --quant none|int8|int4`; (e): `--quant int8 --train-layers 2`: epoch 1 runs the "
+             f"frozen lower 4 blocks once per sample and caches their outputs in memory, later epochs "
+             f"({s['epoch_batches']} batches each) train only the top 2 blocks; its step time is from the "
+             f"cached epochs. A full-depth epoch time is {s['epoch_batches']} x the median step. "
+             "*micro-batch 4*: each batch of 16 runs as 4 forward/backward passes whose weighted gradients "
+             "add up exactly to the batch's, then one optimizer step (device/train.py `accumulate_batch`; "
+             "PyTorch the same way with loss scaling). All ratios are to (a) at micro-batch 16.", "",
+             "| case | micro-batch | RSS after load MiB | x (a) | peak RSS MiB | x (a) | median step s | x (a) "
+             "| step CPU s | x (a) | epoch s | torch imported |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in results["cases"].values():
+        epoch = (f"{row['epoch1_time_s']:.2f} first, {row['epoch2_time_s']:.2f} cached" if "epoch2_time_s" in row
+                 else f"{row['epoch_time_s']:.2f}")
+        lines.append(f"| ({row['case']}) {row['name']} | {row['micro_batch']} | {row['rss_after_load_mib']:.0f} | "
+                     f"{row['rss_after_load_x_a']:.2f} | {row['peak_rss_mib']:.0f} | {row['peak_rss_x_a']:.2f} | "
+                     f"{row['median_step_time_s']:.3f} | {row['median_step_time_x_a']:.2f} | "
+                     f"{row['median_step_cpu_s']:.3f} | {row['median_step_cpu_x_a']:.2f} | {epoch} | "
+                     f"{'yes' if row['imported_torch_any'] else 'no'} |")
+    for config, targets in results["targets"].items():
+        passed = sum(t["passed"] for t in targets)
+        lines += ["", f"Targets, edgeftl cases at {config} ({passed}/{len(targets)} pass; (a) at micro-batch "
+                      f"{BATCH}):", ""]
+        lines += [f"- {'PASS' if t['passed'] else 'MISS'} {t['target']}: {t['margin']}" for t in targets]
+    lines += ["", _checks_line(results), "", _ranges_line(results), "", _machine_line(results)]
+    return "\n".join(lines + [END])
+
+
+def _checks_line(results: dict) -> str:
+    rows = results["cases"].values()
+    device = [r for r in rows if r["case"] != "a"]
+    torch_free = not any(r["imported_torch_any"] for r in device)
+    return (f"Checks: edgeftl processes torch-free (`'torch' not in sys.modules` at the end): "
+            f"{'yes' if torch_free else 'NO'}; BundleRuntime.encode gives the benchmark's token ids: "
+            f"{'yes' if all(r['encode_matches'] for r in device) else 'NO'}; all losses finite: "
+            f"{'yes' if all(r['losses_finite'] for r in rows) else 'NO'}.")
+
+
+def _ranges_line(results: dict) -> str:
+    parts = [f"({r['case']}) mb {r['micro_batch']}: peak {r['peak_rss_range'][0]:.0f}-{r['peak_rss_range'][1]:.0f} "
+             f"MiB, step {r['median_step_time_range'][0]:.2f}-{r['median_step_time_range'][1]:.2f} s"
+             for r in results["cases"].values()]
+    return "Spread over repeats (min-max): " + "; ".join(parts) + "."
+
+
+def _machine() -> dict:
+    m = benchdoc.machine()
+    for name in ("transformers", "peft"):
+        try:
+            m[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return m
+
+
+def _machine_line(results: dict) -> str:
+    m, src = results["machine"], results["source"]
+    ort = m.get("onnxruntime-training-cpu") or m.get("onnxruntime-training", "?")
+    low, mid, high = results["loadavg_1min_during_runs"]
+    return (f"Machine: {m['nproc']} CPUs (nproc), {m['ram_gib']} GiB RAM, {m['cpu']}, shared with other work "
+            f"(1-minute load average around the runs: median {mid:.1f}, range {low:.1f}-{high:.1f}; step times "
+            f"are only comparable within a run of this script); Python {m['python']}, onnxruntime-training "
+            f"{ort}, torch {m.get('torch', '?')}, transformers {m.get('transformers', '?')}, peft "
+            f"{m.get('peft', '?')}; {m['date']}. Commit {src['commit']}"
+            f"{' + uncommitted changes' if src['dirty'] else ''}. Whole run: {results['total_wall_s']:.0f} s. "
+            "Raw numbers, every run: `docs/bench_device.json`.")
+
+
+def _write_doc(section: str) -> None:
+    """Replace this benchmark's marked section of docs/BENCHMARKS.md, keeping everything else."""
+    benchdoc.write_section("bench_device", section)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
