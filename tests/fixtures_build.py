@@ -75,3 +75,26 @@ def keyword_dataset(n: int, seed: int, keyword: str = "market") -> tuple[list[st
         texts.append(" ".join(words))
         labels.append(LABELS[int(positive)])
     return texts, labels
+
+
+def in_process_devices(broker, folder: Path, files: list[Path], rounds: int, stop_after_s: float = 120):
+    """Device agents on an in-process broker, one thread each, announcing themselves online.
+
+    Returns (agents, threads); start the threads after the coordinator is built.
+    """
+    import threading
+
+    from edgeftl.device.agent import AgentConfig, DeviceAgent
+    from edgeftl.device.transport import InProcessTransport, Topics
+
+    topics, agents = Topics("edgeftl"), []
+    for i, path in enumerate(files):
+        name = f"dev{i}"
+        transport = InProcessTransport(broker, name, will=(topics.status(name), b"offline"),
+                                       birth=(topics.status(name), b"online"))
+        agent = DeviceAgent(transport, AgentConfig(name, folder, path, threads=1))
+        agent.start()
+        agents.append(agent)
+    threads = [threading.Thread(target=a.run, kwargs={"max_rounds": rounds, "stop_after_s": stop_after_s},
+                                daemon=True) for a in agents]
+    return agents, threads

@@ -7,18 +7,15 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from edgeftl.coordinator.config import CoordinatorConfig
+from edgeftl.coordinator.evaluate import make_evaluator
 from edgeftl.coordinator.server import Coordinator
 from edgeftl.device.agent import AgentConfig, DeviceAgent
 from edgeftl.device.data import write_csv
 from edgeftl.device.manifest import read_manifest
-from edgeftl.device.runtime import BundleRuntime
-from edgeftl.device.train import evaluate, text_inputs
-from edgeftl.device.data import read_examples
 from edgeftl.device.transport import InProcessBroker, InProcessTransport, Topics
-from fixtures_build import bundle, keyword_dataset
+from fixtures_build import bundle, in_process_devices, keyword_dataset
 
 
 def _device_files(tmp: Path, devices: int, per_device: int) -> list[Path]:
@@ -29,19 +26,6 @@ def _device_files(tmp: Path, devices: int, per_device: int) -> list[Path]:
     return files
 
 
-def _evaluator(folder: Path, test_csv: Path):
-    runtime = BundleRuntime(folder)
-    examples = read_examples(test_csv, "classify", runtime.manifest.labels)
-    inputs = text_inputs(runtime, examples)
-
-    def run(params: np.ndarray) -> dict:
-        runtime.set_flat(params)
-        result = evaluate(runtime, examples, 32, inputs)
-        return {"accuracy": result["eval_accuracy"], "loss": result["eval_loss"]}
-
-    return run
-
-
 def test_in_process_federation_learns_and_logs_every_round(tmp_path, tmp_path_factory):
     # Prepare: a tiny bundle, 3 devices with their own data, a held-out test file
     folder = bundle(tmp_path_factory, "bert-int8")
@@ -50,21 +34,11 @@ def test_in_process_federation_learns_and_logs_every_round(tmp_path, tmp_path_fa
     texts, labels = keyword_dataset(96, seed=7)
     test_csv = write_csv(tmp_path / "test.csv", texts, labels)
     broker = InProcessBroker()
-    topics = Topics("edgeftl")
-    agents = []
-    for i, path in enumerate(files):
-        name = f"dev{i}"
-        transport = InProcessTransport(broker, name, will=(topics.status(name), b"offline"),
-                                       birth=(topics.status(name), b"online"))
-        agent = DeviceAgent(transport, AgentConfig(name, folder, path, threads=1))
-        agent.start()
-        agents.append(agent)
+    agents, threads = in_process_devices(broker, folder, files, rounds=4)
     config = CoordinatorConfig(out=tmp_path / "run", rounds=4, steps=6, batch=16, lr=2e-2, deadline_s=60,
                                codec="topk:0.25+int8", wait_devices=3, wait_devices_s=10)
     coordinator = Coordinator(InProcessTransport(broker, "coordinator"), folder, manifest,
-                              agents[0].runtime.get_flat(), config, evaluate=_evaluator(folder, test_csv))
-    threads = [threading.Thread(target=a.run, kwargs={"max_rounds": 4, "stop_after_s": 120}, daemon=True)
-               for a in agents]
+                              agents[0].runtime.get_flat(), config, evaluate=make_evaluator(folder, test_csv))
     for t in threads:
         t.start()
     # Execute

@@ -6,18 +6,16 @@ import io
 import os
 import pty
 import select
-import threading
 import time
 
 from edgeftl.coordinator.cli.coordinator import round_line
 from edgeftl.coordinator.config import CoordinatorConfig
 from edgeftl.coordinator.live import LiveView, Progress, status_text
 from edgeftl.coordinator.server import Coordinator
-from edgeftl.device.agent import AgentConfig, DeviceAgent
 from edgeftl.device.data import write_csv
 from edgeftl.device.manifest import read_manifest
-from edgeftl.device.transport import InProcessBroker, InProcessTransport, Topics
-from fixtures_build import bundle, keyword_dataset
+from edgeftl.device.transport import InProcessBroker, InProcessTransport
+from fixtures_build import bundle, in_process_devices, keyword_dataset
 
 
 def _record(round_index: int, accuracy: float) -> dict:
@@ -105,17 +103,12 @@ def test_status_text_names_every_counter():
 def test_live_view_polls_a_real_coordinator_during_rounds(tmp_path, tmp_path_factory):
     # Prepare: an in-process federation of 2 devices on a tiny bundle, the view attached
     folder = bundle(tmp_path_factory, "bert-int8")
-    broker, topics = InProcessBroker(), Topics("edgeftl")
-    agents = []
+    files = []
     for i in range(2):
         texts, labels = keyword_dataset(32, seed=200 + i)
-        data = write_csv(tmp_path / f"device{i}.csv", texts, labels)
-        name = f"dev{i}"
-        transport = InProcessTransport(broker, name, will=(topics.status(name), b"offline"),
-                                       birth=(topics.status(name), b"online"))
-        agent = DeviceAgent(transport, AgentConfig(name, folder, data, threads=1))
-        agent.start()
-        agents.append(agent)
+        files.append(write_csv(tmp_path / f"device{i}.csv", texts, labels))
+    broker = InProcessBroker()
+    agents, threads = in_process_devices(broker, folder, files, rounds=2, stop_after_s=60)
     config = CoordinatorConfig(out=tmp_path / "run", rounds=2, steps=2, batch=8, deadline_s=60, codec="int8",
                                wait_devices=2, wait_devices_s=10)
     stream = _Terminal()
@@ -123,8 +116,6 @@ def test_live_view_polls_a_real_coordinator_during_rounds(tmp_path, tmp_path_fac
     coordinator = Coordinator(InProcessTransport(broker, "coordinator"), folder, read_manifest(folder),
                               agents[0].runtime.get_flat(), config, on_round=view.on_round)
     view.attach(coordinator)
-    threads = [threading.Thread(target=a.run, kwargs={"max_rounds": 2, "stop_after_s": 60}, daemon=True)
-               for a in agents]
     for t in threads:
         t.start()
     # Execute
