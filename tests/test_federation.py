@@ -91,3 +91,56 @@ def test_resume_continues_after_the_last_checkpoint(tmp_path, tmp_path_factory):
     assert [r["round"] for r in records] == [2] and records[0]["updates_received"] == 1
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [0, 1, 2]
+
+
+TORCH_FREE_ROUND = r"""
+import importlib.abc, json, sys
+BLOCKED = {"torch", "transformers", "optimum", "peft", "bitsandbytes"}
+
+class BlockHostPackages(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            raise ImportError(f"{name} must not be imported by the coordinator's round loop")
+
+sys.meta_path.insert(0, BlockHostPackages())
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from edgeftl.coordinator.cli import main  # the whole CLI must load without host packages
+from edgeftl.coordinator.config import CoordinatorConfig
+from edgeftl.coordinator.evaluate import make_evaluator
+from edgeftl.coordinator.server import Coordinator
+from edgeftl.device.manifest import read_manifest
+from edgeftl.device.transport import InProcessBroker, InProcessTransport
+from fixtures_build import in_process_devices
+
+folder, data, out = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+broker = InProcessBroker()
+agents, threads = in_process_devices(broker, folder, [data], rounds=1, stop_after_s=60)
+config = CoordinatorConfig(out=out, rounds=1, steps=2, deadline_s=60, strategy="fedyogi")
+coordinator = Coordinator(InProcessTransport(broker, "coordinator"), folder, read_manifest(folder),
+                          agents[0].runtime.get_flat(), config, evaluate=make_evaluator(folder, data))
+for t in threads:
+    t.start()
+coordinator.connect()
+coordinator.wait_for_devices()
+record = coordinator.run()[0]
+print(json.dumps({"received": record["updates_received"], "accuracy": record.get("accuracy"),
+                  "loaded": sorted(m for m in sys.modules if m.partition(".")[0] in BLOCKED)}))
+"""
+
+
+def test_coordinator_round_loop_runs_without_torch(tmp_path, tmp_path_factory):
+    # Prepare: a process where importing torch, transformers, optimum, peft or bitsandbytes fails
+    import subprocess
+    import sys
+
+    folder = bundle(tmp_path_factory, "bert-int8")
+    (data,) = _device_files(tmp_path, 1, 32)
+    tests_dir = str(Path(__file__).parent)
+    # Execute: the CLI import plus one real round (device + coordinator + evaluation)
+    result = subprocess.run([sys.executable, "-c", TORCH_FREE_ROUND, tests_dir, str(folder), str(data),
+                             str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    # Assert
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["received"] == 1 and summary["loaded"] == [] and 0 <= summary["accuracy"] <= 1
