@@ -31,7 +31,7 @@ def test_every_kind_of_bad_update_is_rejected_and_counted(mosquitto_broker, tmp_
     manifest, sha = read_manifest(folder), sha256_file(folder / "manifest.json")
     n = manifest.trainable_count
     topics = Topics("edgeftl")
-    config = CoordinatorConfig(out=tmp_path / "run", rounds=1, deadline_s=6, wait_devices=2, wait_devices_s=10,
+    config = CoordinatorConfig(out=tmp_path / "run", rounds=1, deadline_s=15, wait_devices=2, wait_devices_s=10,
                                max_message_bytes=256 * 1024, run_id="r1")
     coordinator = Coordinator(MqttTransport(url, "coord", max_chunk=64 * 1024, max_message_bytes=256 * 1024),
                               folder, manifest, BundleRuntime(folder).get_flat(), config)
