@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import socket
 import subprocess
@@ -31,9 +32,10 @@ def _wait_port(port: int, timeout_s: float) -> None:
 class EmbeddedBroker:
     """amqtt running on its own event loop thread, on a free loopback port."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, log_file: Path | None = None) -> None:
         self.port = port or free_port()
         self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.log_file = log_file
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="amqtt", daemon=True)
         self._broker = None
@@ -43,6 +45,15 @@ class EmbeddedBroker:
             from amqtt.broker import Broker
         except ImportError as exc:
             raise RuntimeError("the embedded broker needs amqtt: pip install 'edgeftl[sim]', or pass --broker URL") from exc
+        if self.log_file is not None:
+            # amqtt logs its QoS 1 retries ("Timeout waiting for PUBACK") with tracebacks; they go
+            # to the run folder instead of the user's terminal.
+            handler = logging.FileHandler(self.log_file)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+            for name in ("amqtt", "asyncio"):
+                logger = logging.getLogger(name)
+                logger.addHandler(handler)
+                logger.propagate = False
         config = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}",
                                             "max_connections": 256}},
                   "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}

@@ -82,7 +82,7 @@ def broker_for(sim: SimulationConfig):
         return
     from edgeftl.coordinator.broker import EmbeddedBroker
 
-    with EmbeddedBroker() as broker:
+    with EmbeddedBroker(log_file=sim.out / "broker.log") as broker:
         yield broker.url
 
 
