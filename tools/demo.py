@@ -26,9 +26,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
     parser.add_argument("--devices", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=5, help="local steps per device per round")
-    parser.add_argument("--codec", default="topk:0.05+int8", help="uplink codec (error feedback on devices)")
+    parser.add_argument("--codec", default="topk:0.02+int4", help="uplink codec (error feedback on devices)")
     args = parser.parse_args()
     command = [sys.executable, "-m", "edgeftl.coordinator.cli", "simulate", "--devices", str(args.devices),
                "--alpha", "0.5", "--rounds", str(args.rounds), "--steps", str(args.steps), "--lr", "2e-3",
