@@ -171,11 +171,31 @@ def _run_all(work: Path, data: Path, args) -> list[dict]:
     with tqdm(plan, desc="bench_device", unit="run") as bar:
         for rep, case, micro in bar:
             bar.set_postfix_str(f"repeat {rep + 1} ({case}) micro-batch {micro}")
-            load_before = os.getloadavg()[0]  # the machine may be shared: keep the evidence per run
+            load_before, busy_before = os.getloadavg()[0], _cpu_seconds()
             run = _worker(case, micro, work, data, args)
             runs.append({"repeat": rep, "case": case, "micro_batch": micro, **run,
-                         "loadavg_1min": [load_before, os.getloadavg()[0]]})
+                         "loadavg_1min": [load_before, os.getloadavg()[0]],
+                         "others_cpu_share": _others_share(busy_before, _cpu_seconds(), run["process_wall_s"])})
+            with (work / "runs.jsonl").open("a", encoding="utf-8") as log:  # survives an interrupted run
+                log.write(json.dumps(runs[-1], sort_keys=True) + "\n")
     return runs
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of this script's finished children)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait, in clock ticks
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return busy / os.sysconf("SC_CLK_TCK"), children.ru_utime + children.ru_stime
+
+
+def _others_share(before: tuple[float, float], after: tuple[float, float], wall_s: float) -> float:
+    """Share of the machine's CPUs that other processes used while one run was going on.
+
+    The machine may be shared: runs with a large share have inflated step times.
+    """
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return round(max(0.0, others) / (wall_s * len(os.sched_getaffinity(0))), 3)
 
 
 def _worker(case: str, micro: int, work: Path, data: Path, args) -> dict:
@@ -381,7 +401,8 @@ def _summarise(runs: list[dict], builds: dict, labels: list[str], wall_s: float,
         row = {"case": case, "name": CASES[case][0], "micro_batch": micro, "runs": len(mine),
                "imported_torch_any": any(r["imported_torch"] for r in mine),
                "losses_finite": all(r["losses_finite"] for r in mine),
-               "encode_matches": all(r.get("encode_matches", True) for r in mine)}
+               "encode_matches": all(r.get("encode_matches", True) for r in mine),
+               "others_cpu_shares": [r["others_cpu_share"] for r in mine]}
         for key in METRICS:
             values = [r[key] for r in mine if key in r]
             if values:
@@ -405,13 +426,16 @@ def _summarise(runs: list[dict], builds: dict, labels: list[str], wall_s: float,
         "cases": rows,
         "targets": {f"micro-batch {m}": _targets(rows, m) for m in MICRO_BATCHES},
         "runs": runs,
-        "loadavg_1min_during_runs": [min(x for r in runs for x in r["loadavg_1min"]),
-                                     statistics.median(x for r in runs for x in r["loadavg_1min"]),
-                                     max(x for r in runs for x in r["loadavg_1min"])],
+        "loadavg_1min_during_runs": _spread([x for r in runs for x in r["loadavg_1min"]]),
+        "others_cpu_share_during_runs": _spread([r["others_cpu_share"] for r in runs]),
         "total_wall_s": wall_s,
         "machine": _machine(),
         "source": benchdoc.git_state(),
     }
+
+
+def _spread(values: list[float]) -> list[float]:
+    return [min(values), statistics.median(values), max(values)]
 
 
 def _targets(rows: dict, micro: int) -> list[dict]:
@@ -492,7 +516,8 @@ def _checks_line(results: dict) -> str:
 
 def _ranges_line(results: dict) -> str:
     parts = [f"({r['case']}) mb {r['micro_batch']}: peak {r['peak_rss_range'][0]:.0f}-{r['peak_rss_range'][1]:.0f} "
-             f"MiB, step {r['median_step_time_range'][0]:.2f}-{r['median_step_time_range'][1]:.2f} s"
+             f"MiB, step {r['median_step_time_range'][0]:.2f}-{r['median_step_time_range'][1]:.2f} s, others' "
+             f"CPU share {100 * min(r['others_cpu_shares']):.0f}-{100 * max(r['others_cpu_shares']):.0f}%"
              for r in results["cases"].values()]
     return "Spread over repeats (min-max): " + "; ".join(parts) + "."
 
@@ -511,11 +536,13 @@ def _machine_line(results: dict) -> str:
     m, src = results["machine"], results["source"]
     ort = m.get("onnxruntime-training-cpu") or m.get("onnxruntime-training", "?")
     low, mid, high = results["loadavg_1min_during_runs"]
-    return (f"Machine: {m['nproc']} CPUs (nproc), {m['ram_gib']} GiB RAM, {m['cpu']}, shared with other work "
-            f"(1-minute load average around the runs: median {mid:.1f}, range {low:.1f}-{high:.1f}; step times "
-            f"are only comparable within a run of this script); Python {m['python']}, onnxruntime-training "
-            f"{ort}, torch {m.get('torch', '?')}, transformers {m.get('transformers', '?')}, peft "
-            f"{m.get('peft', '?')}; {m['date']}. Commit {src['commit']}"
+    busy = results["others_cpu_share_during_runs"]
+    return (f"Machine: {m['nproc']} CPUs (nproc), {m['ram_gib']} GiB RAM, {m['cpu']}, shared with other work: "
+            f"other processes used {100 * busy[1]:.0f}% of its CPUs during the median run (range "
+            f"{100 * busy[0]:.0f}-{100 * busy[2]:.0f}%; 1-minute load average {low:.1f}-{high:.1f}, "
+            f"median {mid:.1f}), so step times are only comparable within one run of this script; "
+            f"Python {m['python']}, onnxruntime-training {ort}, torch {m.get('torch', '?')}, transformers "
+            f"{m.get('transformers', '?')}, peft {m.get('peft', '?')}; {m['date']}. Commit {src['commit']}"
             f"{' + uncommitted changes' if src['dirty'] else ''}. Whole run: {results['total_wall_s']:.0f} s. "
             "Raw numbers, every run: `docs/bench_device.json`.")
 
