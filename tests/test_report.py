@@ -228,7 +228,7 @@ def test_bench_dry_run_prints_the_commands_and_writes_nothing(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert rc == 0
     assert out[0].startswith("federation: (cd ") and out[0].endswith(
-        "bench_federation.py --devices 3 --rounds 3 --steps 3 --codecs none,topk:0.01+int8)")
+        "bench_federation.py --devices 3 --rounds 3 --steps 3 --max-per-device 48 --codecs none,topk:0.02+int4)")
     assert out[1] == "device: skipped: tools/bench_device.py not found"
     assert not (tmp_path / "docs").exists()
 

@@ -31,6 +31,8 @@ def simulate(work: Path, codec: str, args: argparse.Namespace) -> list[dict]:
     command = [*CLI, "simulate", "--devices", str(args.devices), "--alpha", str(args.alpha), "--rounds",
                str(args.rounds), "--steps", str(args.steps), "--lr", str(args.lr), "--train-layers", "2",
                "--codec", codec, "--bundle", str(args.bundle), "--out", str(out), "--seed", "0"]
+    if args.max_per_device:
+        command += ["--max-per-device", str(args.max_per_device), "--max-test", str(4 * args.max_per_device)]
     subprocess.run(command, check=True, stdout=sys.stderr)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -134,6 +136,8 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--codecs", default="none,topk:0.01+int8")
     parser.add_argument("--no-central", action="store_true")
+    parser.add_argument("--max-per-device", type=int, default=None,
+                        help="cap each device's examples (and the test set at 4x that): quick runs")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other codecs and the centralized run of docs/bench_federation.json "
                              "(same settings) and add or replace only the codecs run now")

@@ -35,7 +35,7 @@ BENCHMARKS = {
     "build": Benchmark("bench_build.py", ("--quick",), "bundle size, build time, fidelity"),
     "device": Benchmark("bench_device.py", ("--quick",), "device training memory and step time"),
     "federation": Benchmark("bench_federation.py", ("--devices", "3", "--rounds", "3", "--steps", "3",
-                                                    "--codecs", "none,topk:0.01+int8"),
+                                                    "--max-per-device", "48", "--codecs", "none,topk:0.02+int4"),
                             "federated vs centralized LoRA, codec sweep"),
     "coordinator": Benchmark("bench_coordinator.py", ("--quick",), "decode + aggregate N updates"),
 }
