@@ -57,6 +57,9 @@ CASES = {"a": ("PyTorch + PEFT eager fp32", None), "b": ("edgeftl fp32 bundle", 
          "c": ("edgeftl int8 bundle", "int8"), "d": ("edgeftl int4 bundle", "int4"),
          "e": ("edgeftl top-2 split int8, cached lower outputs", "int8-top2")}
 MICRO_BATCHES = (16, 4)
+# The machine may be shared: before each run, wait until other processes use under QUIET_SHARE
+# of the CPUs (sampled over QUIET_SAMPLE_S), at most QUIET_WAIT_S per run and QUIET_BUDGET_S in all.
+QUIET_SHARE, QUIET_SAMPLE_S, QUIET_WAIT_S, QUIET_BUDGET_S = 0.10, 2.0, 60.0, 600.0
 
 
 # ---- the benchmark, top to bottom ----------------------------------------------------------
@@ -167,13 +170,15 @@ def _run_all(work: Path, data: Path, args) -> list[dict]:
     from tqdm import tqdm
 
     plan = [(rep, case, micro) for rep in range(args.repeats) for case, micro in _plan()]
-    runs = []
+    runs, budget = [], QUIET_BUDGET_S
     with tqdm(plan, desc="bench_device", unit="run") as bar:
         for rep, case, micro in bar:
             bar.set_postfix_str(f"repeat {rep + 1} ({case}) micro-batch {micro}")
+            waited = _wait_for_quiet(min(QUIET_WAIT_S, budget))
+            budget -= waited
             load_before, busy_before = os.getloadavg()[0], _cpu_seconds()
             run = _worker(case, micro, work, data, args)
-            runs.append({"repeat": rep, "case": case, "micro_batch": micro, **run,
+            runs.append({"repeat": rep, "case": case, "micro_batch": micro, **run, "waited_for_quiet_s": waited,
                          "loadavg_1min": [load_before, os.getloadavg()[0]],
                          "others_cpu_share": _others_share(busy_before, _cpu_seconds(), run["process_wall_s"])})
             with (work / "runs.jsonl").open("a", encoding="utf-8") as log:  # survives an interrupted run
@@ -196,6 +201,17 @@ def _others_share(before: tuple[float, float], after: tuple[float, float], wall_
     """
     others = (after[0] - before[0]) - (after[1] - before[1])
     return round(max(0.0, others) / (wall_s * len(os.sched_getaffinity(0))), 3)
+
+
+def _wait_for_quiet(limit_s: float) -> float:
+    """Seconds spent waiting (at most about limit_s) for other processes to leave the CPUs idle."""
+    started = time.perf_counter()
+    while True:
+        before = _cpu_seconds()
+        time.sleep(QUIET_SAMPLE_S)
+        waited = time.perf_counter() - started
+        if _others_share(before, _cpu_seconds(), QUIET_SAMPLE_S) < QUIET_SHARE or waited >= limit_s:
+            return round(waited, 1)
 
 
 def _worker(case: str, micro: int, work: Path, data: Path, args) -> dict:
@@ -403,6 +419,8 @@ def _summarise(runs: list[dict], builds: dict, labels: list[str], wall_s: float,
                "losses_finite": all(r["losses_finite"] for r in mine),
                "encode_matches": all(r.get("encode_matches", True) for r in mine),
                "others_cpu_shares": [r["others_cpu_share"] for r in mine]}
+        quiet = [r["median_step_time_s"] for r in mine if r["others_cpu_share"] < QUIET_SHARE]
+        row["quiet_runs"], row["quiet_median_step_time_s"] = len(quiet), statistics.median(quiet) if quiet else None
         for key in METRICS:
             values = [r[key] for r in mine if key in r]
             if values:
@@ -469,11 +487,14 @@ def _markdown(results: dict) -> str:
              f"query/value + mean-pool linear head, AdamW lr {s['lr']}; batch {s['batch']} x {s['seq']} tokens "
              f"({s['epoch_batches'] * s['batch']} BBC training articles of at least {s['seq']} tokens, so every "
              f"row is {s['seq']} tokens, tokenized once); {s['threads']} threads everywhere (torch.set_num_threads, "
-             "ORT intra_op_num_threads, OMP/MKL). Each run is a fresh process; the 10 cases alternate "
-             f"round-robin, {s['repeats']} repeats; a run does {s['warmup_steps']} warmup + {s['timed_steps']} "
-             "timed optimizer steps. Figures are medians over repeats of: VmRSS once model + optimizer exist "
-             "(before the first step), VmHWM (peak RSS) at the end, and the run's median step time, wall clock "
-             "and process CPU time (all threads; less disturbed by other work on a shared machine, but it "
+             "ORT intra_op_num_threads, OMP/MKL). Each run is a fresh process, started once other processes "
+             f"use under {100 * QUIET_SHARE:.0f}% of the CPUs (waiting at most {QUIET_WAIT_S:.0f} s per run, "
+             f"{QUIET_BUDGET_S / 60:.0f} min in all; the share they used during each run is recorded); the 10 "
+             f"cases alternate round-robin, {s['repeats']} repeats; a run does {s['warmup_steps']} warmup + "
+             f"{s['timed_steps']} timed optimizer steps. Figures are medians over repeats of: VmRSS once model + "
+             "optimizer exist (before the first step), VmHWM (peak RSS) at the end, and the run's median step "
+             "time, wall clock and process CPU time (all threads; less disturbed by other work on a shared "
+             "machine, but it "
              "counts spin-waiting). The targets use wall clock. "
              "(a) is transformers `AutoModel` + `peft.get_peft_model` in eager fp32 with `model.train()` "
              "(the model's default dropout 0.1 on; the bundles' graphs have no dropout). (b)-(d): "
@@ -500,7 +521,8 @@ def _markdown(results: dict) -> str:
         lines += ["", f"Targets, edgeftl cases at {config} ({passed}/{len(targets)} pass; (a) at micro-batch "
                       f"{BATCH}):", ""]
         lines += [f"- {'PASS' if t['passed'] else 'MISS'} {t['target']}: {t['margin']}" for t in targets]
-    lines += ["", _checks_line(results), "", _ranges_line(results), "", _machine_line(results)]
+    lines += ["", _checks_line(results), "", _quiet_line(results), "", _ranges_line(results), "",
+              _machine_line(results)]
     return "\n".join(lines + [END])
 
 
@@ -512,6 +534,26 @@ def _checks_line(results: dict) -> str:
             f"{'yes' if torch_free else 'NO'}; BundleRuntime.encode gives the benchmark's token ids: "
             f"{'yes' if all(r['encode_matches'] for r in device) else 'NO'}; all losses finite: "
             f"{'yes' if all(r['losses_finite'] for r in rows) else 'NO'}.")
+
+
+def _quiet_line(results: dict) -> str:
+    """Step times from the runs that had the machine to themselves, where there were any."""
+    rows = results["cases"]
+    parts = [f"({r['case']}) mb {r['micro_batch']}: "
+             + (f"{r['quiet_median_step_time_s']:.2f} s (n={r['quiet_runs']})" if r["quiet_runs"] else "none")
+             for r in rows.values()]
+    text = (f"Undisturbed runs only (other processes under {100 * QUIET_SHARE:.0f}% of the CPUs), median step: "
+            + "; ".join(parts) + ".")
+    a, b16 = rows[f"a{BATCH}"], rows[f"b{BATCH}"]
+    if a["quiet_runs"] and b16["quiet_runs"]:
+        text += (f" On those, (b) / (a) at micro-batch {BATCH} = "
+                 f"{b16['quiet_median_step_time_s'] / a['quiet_median_step_time_s']:.2f}x.")
+    for micro in MICRO_BATCHES:
+        b, e = rows[f"b{micro}"], rows[f"e{micro}"]
+        if b["quiet_runs"] and e["quiet_runs"]:
+            text += (f" (e) / (b) epoch at micro-batch {micro} = "
+                     f"{e['quiet_median_step_time_s'] / b['quiet_median_step_time_s']:.2f}x (from median steps).")
+    return text
 
 
 def _ranges_line(results: dict) -> str:
