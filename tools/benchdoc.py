@@ -63,4 +63,4 @@ def write_section(name: str, section: str, machine_info: dict | None = None, doc
         text = pattern.sub(lambda _: section.rstrip(), text)
     else:
         text = text.rstrip("\n") + "\n\n" + section.rstrip()
-    doc.write_text(text + "\n", encoding="utf-8")
+    doc.write_text(text.rstrip("\n") + "\n", encoding="utf-8")  # idempotent: no newline piles up
