@@ -106,13 +106,16 @@ class DeviceAgent:
         header, arrays = wire.decode_message(payload, self.config.max_message_bytes)
         kind = header.get("kind") if isinstance(header, dict) else None
         if kind == "global":
-            self._on_global(parse_header(header, GlobalHeader), arrays, full=topic == self.topics.global_params)
+            self._apply_global(topic, header, arrays)
             return 0
         if kind == "task":
             return self._on_task(parse_header(header, Task))
         raise MessageError(f"unexpected message kind {kind!r}")
 
     # ---- globals ----------------------------------------------------------------------------
+    def _apply_global(self, topic: str, header: dict, arrays: dict) -> None:
+        self._on_global(parse_header(header, GlobalHeader), arrays, full=topic == self.topics.global_params)
+
     def _on_global(self, header: GlobalHeader, arrays: dict, full: bool) -> None:
         if header.bundle_sha256 != self.bundle_sha256:
             return  # another bundle's federation
@@ -162,11 +165,15 @@ class DeviceAgent:
                 topic, payload = self.events.get(timeout=0.2)
             except queue.Empty:
                 continue
-            header, arrays = wire.decode_message(payload, self.config.max_message_bytes)
-            if header.get("kind") == "global":
-                self._on_global(parse_header(header, GlobalHeader), arrays, full=topic == self.topics.global_params)
-            else:
-                later.append((topic, payload))
+            try:
+                header, arrays = wire.decode_message(payload, self.config.max_message_bytes)
+                if header.get("kind") != "global":
+                    later.append((topic, payload))  # tasks keep their order, after this one
+                    continue
+                self._apply_global(topic, header, arrays)
+            except (wire.WireError, MessageError, ValueError) as exc:
+                # A bad message must not drop the tasks already set aside in `later`.
+                log.warning("%s: ignored message on %s: %s", self.config.device_id, topic, exc)
         for item in later:
             self.events.put(item)
 
