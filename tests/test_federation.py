@@ -144,3 +144,38 @@ def test_coordinator_round_loop_runs_without_torch(tmp_path, tmp_path_factory):
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["received"] == 1 and summary["loaded"] == [] and 0 <= summary["accuracy"] <= 1
+
+
+def test_agent_waiting_for_a_global_skips_a_bad_message_and_keeps_later_tasks(tmp_path, tmp_path_factory):
+    # Prepare: a connected agent that gets round 1's task before the global of round 0 it needs;
+    # meanwhile a task for round 2, a malformed message and finally that global arrive.
+    from edgeftl.device import wire
+    from edgeftl.device.manifest import sha256_file
+    from edgeftl.device.messages import GlobalHeader, Task, header_of
+
+    folder = bundle(tmp_path_factory, "bert-int8")
+    (path,) = _device_files(tmp_path, 1, 16)
+    broker, topics = InProcessBroker(synchronous=True), Topics("edgeftl")
+    agent = DeviceAgent(InProcessTransport(broker, "dev0"), AgentConfig("dev0", folder, path, threads=1))
+    agent.start()
+    sha = sha256_file(folder / "manifest.json")
+    updates: list[bytes] = []
+    listener = InProcessTransport(broker, "listener")
+    listener.subscribe(topics.update("dev0"), lambda topic, payload: updates.append(payload))
+    listener.connect()
+
+    def task(round_index: int) -> bytes:
+        return wire.encode_message(header_of(Task("run", round_index, sha, ["dev0"], 60.0, 1e-2, "none", steps=1)), {})
+
+    reference = agent.runtime.get_flat()
+    full = wire.encode_message(header_of(GlobalHeader("run", 0, sha, "none", reference.size)), {"values": reference})
+    for item in ((topics.task, task(2)), (topics.global_params, b"\x00 not a message"), (topics.global_params, full)):
+        agent.events.put(item)
+    # Execute
+    sent = agent.handle(topics.task, task(1))
+    # Assert: round 1 trained on the global that came after the bad message; round 2's task is queued again
+    assert sent == 1 and agent.global_round == 0 and len(updates) == 1
+    requeued = [agent.events.get_nowait() for _ in range(agent.events.qsize())]
+    assert (topics.task, task(2)) in requeued
+    agent.close()
+    listener.close()
