@@ -97,10 +97,26 @@ class BundleRuntime:
                 yield encoding.ids
 
     def features(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """What the training graph takes as its first input: ids, or the frozen lower stack's output."""
+        """What the training graph takes as its first input: ids, or the frozen lower stack's output.
+
+        The lower stack runs one example at a time on its unpadded tokens, the computation
+        the on-disk cache (device/cache.py) stores: the int8 lower graph quantizes activations
+        per tensor, so batching examples together would make one example's features depend
+        on the others and on padding. It also bounds the lower stack's memory to one sequence
+        (MiniLM int8 split, 16 x 128 tokens: +55 MiB at once, +2 MiB one by one). Padded
+        positions get zeros; the top graph masks them.
+        """
         if self.lower is None:
             return ids
-        return self.lower.run(None, {"input_ids": ids, "attention_mask": mask})[0]  # (batch, seq, hidden)
+        out = np.zeros((*ids.shape, self.manifest.hidden_size), dtype=np.float32)  # (batch, seq, hidden)
+        for row in range(len(ids)):
+            length = max(int(mask[row].sum()), 1)
+            if mask[row, :length].all():  # right-padded, as encode() pads: the tokens alone
+                tokens, row_mask = ids[row:row + 1, :length], np.ones((1, length), dtype=mask.dtype)
+            else:
+                tokens, row_mask = ids[row:row + 1], mask[row:row + 1]
+            out[row, :tokens.shape[1]] = self.lower.run(None, {"input_ids": tokens, "attention_mask": row_mask})[0][0]
+        return out
 
     def targets(self, ids: np.ndarray, mask: np.ndarray, labels: list[str] | None) -> np.ndarray:
         if self.manifest.task == "causal-lm":

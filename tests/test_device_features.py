@@ -126,10 +126,9 @@ def test_cached_training_runs_the_lower_model_once_per_example_and_never_in_epoc
 def test_cached_training_gives_the_same_parameters_as_the_uncached_path(
     tmp_path_factory: pytest.TempPathFactory, data: dict[str, Path], cache_dir: Path,
 ) -> None:
-    # Prepare: micro-batch 1, so the uncached path also runs the lower model one example at a time
-    # (the int8 lower model quantizes activations per tensor, so batching changes its output).
+    # Prepare: whole padded batches of 8 on the uncached path, one example per cache entry on the other
     examples = read_examples(data["train"], "classify", list(LABELS))
-    config = TrainConfig(epochs=2, batch=8, micro_batch=1, lr=0.02)
+    config = TrainConfig(epochs=2, batch=8, lr=0.02)
     cached_rt, _ = counting_runtime(tmp_path_factory)
     plain_rt, plain_lower = counting_runtime(tmp_path_factory)
     cache = open_or_build(cached_rt, examples, data["train"], cache_dir, progress=False)
@@ -144,6 +143,22 @@ def test_cached_training_gives_the_same_parameters_as_the_uncached_path(
     np.testing.assert_array_equal(cached_rt.get_flat(), plain_rt.get_flat())
     for key in ("first_loss", "last_loss", "eval_loss", "eval_accuracy"):
         assert cached[key] == plain[key], key
+
+
+def test_an_examples_lower_features_do_not_depend_on_its_batch(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Prepare: three texts of different lengths, so the batch pads the shorter ones
+    runtime, _ = counting_runtime(tmp_path_factory)
+    ids, mask = runtime.encode(["market shares rose", "the match went to extra time after a late goal", "votes"])
+
+    # Execute
+    batched = runtime.features(ids, mask)
+    alone = [runtime.features(ids[r:r + 1, :mask[r].sum()], mask[r:r + 1, :mask[r].sum()]) for r in range(3)]
+
+    # Assert: the int8 lower graph quantizes activations per tensor, yet batching changes nothing
+    assert len(set(mask.sum(axis=1).tolist())) == 3
+    for r in range(3):
+        np.testing.assert_array_equal(batched[r, :mask[r].sum()], alone[r][0])
+        assert not batched[r, mask[r].sum():].any()  # padded positions are zeros
 
 
 def truncate(path: Path) -> None:
