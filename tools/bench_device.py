@@ -78,10 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         builds = {name: _build(work / name, labels, flags, args) for name, flags in BUNDLES.items()}
         data = _prepare_data(work, work / "fp32" / "tokenizer.json", labels)
         runs = _run_all(work, data, args)
+        runtime_alone = _runtime_alone(work, data, args)
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
     results = _summarise(runs, builds, labels, time.perf_counter() - started, args)
+    results["runtime_alone_rss_mib"] = {"runs": runtime_alone, "median": statistics.median(runtime_alone)}
     section = _markdown(results)
     print(section)
     if not args.no_write:
@@ -184,6 +186,18 @@ def _run_all(work: Path, data: Path, args) -> list[dict]:
             with (work / "runs.jsonl").open("a", encoding="utf-8") as log:  # survives an interrupted run
                 log.write(json.dumps(runs[-1], sort_keys=True) + "\n")
     return runs
+
+
+def _runtime_alone(work: Path, data: Path, args) -> list[float]:
+    """RSS of a device process that loads everything but a model, once per repeat (MiB)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "runtime", "--data", str(data),
+           "--bundle", str(work / "fp32"), "--threads", str(args.threads)]
+    values = []
+    for _ in range(args.repeats):
+        proc = subprocess.run(cmd, env=_env(args.threads), capture_output=True, text=True)
+        _check(proc, cmd)
+        values.append(json.loads(proc.stdout.strip().splitlines()[-1])["rss_after_load_mib"])
+    return values
 
 
 def _cpu_seconds() -> tuple[float, float]:
@@ -401,7 +415,21 @@ def _split_worker(args: argparse.Namespace) -> int:
     return _finish(record, rss_after_load, times, losses)
 
 
-_WORKERS = {"torch": _torch_worker, "bundle": _bundle_worker, "split": _split_worker}
+def _runtime_worker(args: argparse.Namespace) -> int:
+    """What a device process holds before any model: Python, numpy, ONNX Runtime with its training
+    API, the tokenizer and the benchmark data; the part of "RSS after load" no quantization can shrink."""
+    from tokenizers import Tokenizer
+
+    from edgeftl.device.ort import training_api
+
+    training_api()
+    _load_data(args.data)
+    Tokenizer.from_file(str(args.bundle / "tokenizer.json"))
+    print(json.dumps({"rss_after_load_mib": _proc_status_mib("VmRSS")}))
+    return 0
+
+
+_WORKERS = {"torch": _torch_worker, "bundle": _bundle_worker, "split": _split_worker, "runtime": _runtime_worker}
 
 
 # ---- results, table, targets ---------------------------------------------------------------
@@ -521,9 +549,22 @@ def _markdown(results: dict) -> str:
         lines += ["", f"Targets, edgeftl cases at {config} ({passed}/{len(targets)} pass; (a) at micro-batch "
                       f"{BATCH}):", ""]
         lines += [f"- {'PASS' if t['passed'] else 'MISS'} {t['target']}: {t['margin']}" for t in targets]
-    lines += ["", _checks_line(results), "", _quiet_line(results), "", _ranges_line(results), "",
-              _machine_line(results)]
+    lines += ["", _runtime_line(results), "", _checks_line(results), "", _quiet_line(results), "",
+              _ranges_line(results), "", _machine_line(results)]
     return "\n".join(lines + [END])
+
+
+def _runtime_line(results: dict) -> str:
+    """RSS after load with and without the runtime every device process holds before a model."""
+    base = results.get("runtime_alone_rss_mib", {}).get("median")
+    if base is None:
+        return ""
+    rows = results["cases"]
+    b, c, d = (rows[f"{k}{BATCH}"]["rss_after_load_mib"] for k in "bcd")
+    return (f"RSS after load, model part: a process that loads everything but a model (Python, numpy, ONNX Runtime "
+            f"training API, tokenizer, data) holds {base:.0f} MiB; above that, loading the model and its training "
+            f"sessions adds fp32 {b - base:.0f}, int8 {c - base:.0f}, int4 {d - base:.0f} MiB: int8 / fp32 = "
+            f"{(c - base) / (b - base):.2f}x (the target above is on whole-process RSS, {c / b:.2f}x).")
 
 
 def _checks_line(results: dict) -> str:
