@@ -29,10 +29,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=5, help="local steps per device per round")
     parser.add_argument("--codec", default="topk:0.02+int4", help="uplink codec (error feedback on devices)")
+    parser.add_argument("--downlink", default="int8", help="codec of the per-round global delta (error feedback on "
+                                                           "the coordinator)")
     args = parser.parse_args()
     command = [sys.executable, "-m", "edgeftl.coordinator.cli", "simulate", "--devices", str(args.devices),
                "--alpha", "0.5", "--rounds", str(args.rounds), "--steps", str(args.steps), "--lr", "2e-3",
-               "--train-layers", "2", "--codec", args.codec, "--out", str(args.out)]
+               "--train-layers", "2", "--codec", args.codec, "--downlink", args.downlink, "--out", str(args.out)]
     print("$ edgeftl " + " ".join(command[3:]), flush=True)
     result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     sys.stdout.write(result.stdout)
@@ -48,6 +50,9 @@ def main() -> int:
           f"{last['round']} ({args.devices} devices, non-IID)")
     print(f"uplink {up / 1024:.0f} KiB in {sent} updates: {up / max(1, sent) / 1024:.1f} KiB each, "
           f"{fp32 * sent / max(1, up):.0f}x less than fp32 ({args.codec})")
+    down = sum(r["bytes_down"] for r in records)
+    print(f"downlink {down / 1024:.0f} KiB to {args.devices} devices over {len(records)} rounds, the first full "
+          f"global included ({args.downlink} deltas; fp32 would be {fp32 * sent / 1024:.0f} KiB at least)")
     print(f"device peak memory {max(r['device_peak_rss_mib'] for r in records):.0f} MiB; "
           f"per-round records in {args.out / 'metrics.jsonl'}")
     report = subprocess.run([sys.executable, "-m", "edgeftl.coordinator.cli", "report", str(args.out)])
