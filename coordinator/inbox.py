@@ -1,5 +1,8 @@
 """The coordinator's inbox: every update from the network is validated here, then queued.
 
+A sampled device that cannot train sends an error reply instead (`messages.ErrorReply`); it is
+checked the same way and queued as a `DeviceFailure`, so the round stops waiting for that device.
+
 Anything a device or the network sends is untrusted: size is checked before parsing (wire),
 header fields and types (messages), run id, bundle hash, round, the device id against the topic,
 the codec and vector length, finiteness, duplicates. A message that fails is counted under its
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeftl.device import wire
-from edgeftl.device.messages import MessageError, UpdateHeader, decode_vector, parse_header
+from edgeftl.device.messages import ErrorReply, MessageError, UpdateHeader, decode_vector, parse_header
 
 log = logging.getLogger("edgeftl.coordinator")
 
@@ -29,6 +32,13 @@ class ReceivedUpdate:
     payload_bytes: int
 
 
+@dataclass
+class DeviceFailure:
+    device_id: str
+    code: str
+    reason: str
+
+
 class Inbox:
     """Validates update messages for the current round and hands the good ones to the loop."""
 
@@ -36,19 +46,20 @@ class Inbox:
         self.run_id, self.bundle_sha256, self.size = run_id, bundle_sha256, size
         self.max_message_bytes = max_message_bytes
         self._lock = threading.Lock()
-        self._queue: queue.Queue[ReceivedUpdate] = queue.Queue()
+        self._queue: queue.Queue[ReceivedUpdate | DeviceFailure] = queue.Queue()
         self._round = -1
         self._selected: set[str] = set()
         self._seen: set[tuple[str, int, int]] = set()
         self._accepted: set[str] = set()
         self.rejected: Counter[str] = Counter()
         self.late = 0
+        self.failures: dict[str, dict[str, str]] = {}  # device -> {"code", "reason"}, this round
         self._transport_reasons: set[str] = set()
 
     def open_round(self, round_index: int, selected: list[str]) -> None:
         with self._lock:
             self._round, self._selected = round_index, set(selected)
-            self._accepted = set()
+            self._accepted, self.failures = set(), {}
             self.rejected, self.late, self._transport_reasons = Counter(), 0, set()
             while not self._queue.empty():
                 self._queue.get_nowait()
@@ -63,9 +74,9 @@ class Inbox:
         """The round in progress: its index (-1 between rounds) and counters, for live displays."""
         with self._lock:
             return {"round": self._round, "selected": len(self._selected), "received": len(self._accepted),
-                    "late": self.late, "rejected": sum(self.rejected.values())}
+                    "late": self.late, "rejected": sum(self.rejected.values()), "failed": len(self.failures)}
 
-    def get(self, timeout_s: float) -> ReceivedUpdate | None:
+    def get(self, timeout_s: float) -> ReceivedUpdate | DeviceFailure | None:
         try:
             return self._queue.get(timeout=max(0.0, timeout_s))
         except queue.Empty:
@@ -101,8 +112,10 @@ class Inbox:
             self.rejected[kind] += 1
         log.warning("rejected update on %s: %s", topic, reason)
 
-    def _validate(self, topic: str, payload: bytes) -> ReceivedUpdate | None:
+    def _validate(self, topic: str, payload: bytes) -> ReceivedUpdate | DeviceFailure | None:
         header_dict, arrays = wire.decode_message(payload, self.max_message_bytes)
+        if isinstance(header_dict, dict) and header_dict.get("kind") == "error":
+            return self._failure(topic, parse_header(header_dict, ErrorReply))
         header = parse_header(header_dict, UpdateHeader)
         device = topic.rsplit("/", 1)[-1]
         if header.device_id != device:
@@ -121,8 +134,8 @@ class Inbox:
                 return None
             if device not in self._selected:
                 raise MessageError(f"unknown device: {device!r} was not selected for round {header.round}")
-            if device in self._accepted:
-                raise MessageError(f"second update: {device!r} already sent one for round {header.round}")
+            if device in self._accepted or device in self.failures:
+                raise MessageError(f"second update: {device!r} already replied for round {header.round}")
         delta = decode_vector(header.codec, header.size, arrays, self.size)
         with self._lock:
             self._seen.add(key)  # only valid updates: a bad message must not shadow a good one
@@ -131,3 +144,26 @@ class Inbox:
                 return None
             self._accepted.add(device)
         return ReceivedUpdate(header, delta, len(payload))
+
+    def _failure(self, topic: str, reply: ErrorReply) -> DeviceFailure | None:
+        """An error reply: the same identity checks as an update, then recorded once per device and round."""
+        device = topic.rsplit("/", 1)[-1]
+        if reply.device_id != device:
+            raise MessageError(f"device id mismatch: header says {reply.device_id!r}, topic says {device!r}")
+        if reply.run_id != self.run_id or reply.bundle_sha256 != self.bundle_sha256:
+            raise MessageError("wrong run or bundle: error reply is for another federation")
+        failure = {"code": reply.code, "reason": reply.reason}
+        with self._lock:
+            if reply.round != self._round:
+                self.late += 1
+                log.info("late error reply from %s for round %d (now %d)", device, reply.round, self._round)
+                return None
+            if device not in self._selected:
+                raise MessageError(f"unknown device: {device!r} was not selected for round {reply.round}")
+            if self.failures.get(device) == failure:
+                return None  # a QoS 1 redelivery of the same reply
+            if device in self._accepted or device in self.failures:
+                raise MessageError(f"second reply: {device!r} already replied for round {reply.round}")
+            self.failures[device] = failure
+        log.warning("device %s failed round %d: %s: %s", device, reply.round, reply.code, reply.reason)
+        return DeviceFailure(device, reply.code, reply.reason)

@@ -42,6 +42,7 @@ class Progress:
     accuracy: float | None
     elapsed_s: float  # since the round began
     live: bool = True  # counters of the round in progress; False: of the last finished round
+    failed: int = 0  # sampled devices that replied with an error instead of an update
 
 
 def snapshot(coordinator) -> dict:
@@ -60,7 +61,8 @@ def status_text(p: Progress, rounds: int) -> str:
     online = f"{p.online} online" if p.online >= 0 else "? online"
     updates = "updates" if p.live else "last round"
     return (f"round {min(p.round + 1, rounds)}/{rounds} | accuracy {acc} | {online} | {updates} "
-            f"{p.received}/{p.selected}, {p.late} late, {p.rejected} rejected | up {_kib(p.bytes_up)}, "
+            f"{p.received}/{p.selected}, {p.late} late, {p.rejected} rejected{_failed(p.failed)} | "
+            f"up {_kib(p.bytes_up)}, "
             f"down {_kib(p.bytes_down)}")
 
 
@@ -138,12 +140,13 @@ class LiveView:
             return Progress(round_index, last.get("devices_online", -1), last.get("devices_selected", 0),
                             last.get("updates_received", 0), last.get("updates_late", 0),
                             last.get("updates_rejected", 0), self._totals["bytes_up"], self._totals["bytes_down"],
-                            accuracy, time.monotonic() - self._round_began, live=False)
+                            accuracy, time.monotonic() - self._round_began, live=False,
+                            failed=last.get("updates_failed", 0))
         live = snapshot(self.coordinator)
         if live["round"] >= 0 and live["round"] != self._round_seen:
             self._round_seen, self._round_began = live["round"], time.monotonic()
         if live["round"] < 0:  # between rounds or before the first: nothing collected yet
-            live.update(selected=0, received=0, late=0, rejected=0)
+            live.update(selected=0, received=0, late=0, rejected=0, failed=0)
         live["round"] = live["round"] if live["round"] >= 0 else round_index
         return Progress(**live, accuracy=accuracy, elapsed_s=time.monotonic() - self._round_began)
 
@@ -173,6 +176,10 @@ class LiveView:
         deadline = tqdm(total=self.deadline_s, position=1, bar_format="deadline {bar} {n:.0f} of {total:.0f} s",
                         **common)
         return status, deadline
+
+
+def _failed(count: int) -> str:
+    return f", {count} failed" if count else ""
 
 
 def _kib(value: int) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 
 from edgeftl.coordinator import checkpoint
 from edgeftl.coordinator.config import CoordinatorConfig
-from edgeftl.coordinator.inbox import Inbox
+from edgeftl.coordinator.inbox import DeviceFailure, Inbox
 from edgeftl.coordinator.strategy import Update, make_strategy
 from edgeftl.device import wire
 from edgeftl.device.codecs import ErrorFeedback, parse_codec
@@ -94,7 +94,7 @@ class Coordinator:
         sent_before = self.transport.bytes_sent
         self.inbox.open_round(round_index, selected)
         self._publish_task(round_index, selected)
-        received = self._collect(selected, started + self.config.deadline_s)
+        received, failed = self._collect(selected, started + self.config.deadline_s)
         late, rejected = self.inbox.close_round()
         aggregated = len(received) >= self.config.min_updates
         if aggregated:
@@ -103,7 +103,7 @@ class Coordinator:
         self._publish_global(round_index)
         checkpoint.save(self.config.out, round_index, self.params, self.reference, self.strategy.state(),
                         {"run_id": self.config.run_id, "bundle_sha256": self.bundle_sha256})
-        record = self._record(round_index, selected, received, late, rejected, aggregated,
+        record = self._record(round_index, selected, received, failed, late, rejected, aggregated,
                               self.transport.bytes_sent - sent_before, time.monotonic() - started)
         self._log(record)
         return record
@@ -115,13 +115,16 @@ class Coordinator:
             return online
         return sorted(self.rng.choice(online, size=count, replace=False).tolist())
 
-    def _collect(self, selected: list[str], deadline: float) -> list:
-        received = []
-        while len(received) < len(selected) and time.monotonic() < deadline:
-            update = self.inbox.get(timeout_s=min(0.5, deadline - time.monotonic()))
-            if update is not None:
-                received.append(update)
-        return received
+    def _collect(self, selected: list[str], deadline: float) -> tuple[list, list[DeviceFailure]]:
+        """Updates and error replies until every sampled device has replied or the deadline passes."""
+        received, failed = [], []
+        while len(received) + len(failed) < len(selected) and time.monotonic() < deadline:
+            item = self.inbox.get(timeout_s=min(0.5, deadline - time.monotonic()))
+            if isinstance(item, DeviceFailure):
+                failed.append(item)
+            elif item is not None:
+                received.append(item)
+        return received, failed
 
     # ---- publishing -----------------------------------------------------------------------
     def _publish_task(self, round_index: int, selected: list[str]) -> None:
@@ -146,8 +149,8 @@ class Coordinator:
         self._publish_full(round_index)
 
     # ---- records ----------------------------------------------------------------------------
-    def _record(self, round_index: int, selected: list[str], received: list, late: int,
-                rejected: dict[str, int], aggregated: bool, sent: int, wall_s: float) -> dict:
+    def _record(self, round_index: int, selected: list[str], received: list, failed: list[DeviceFailure],
+                late: int, rejected: dict[str, int], aggregated: bool, sent: int, wall_s: float) -> dict:
         for r in received:  # devices describe their platform once; every record carries it
             known = self.platforms.setdefault(r.header.device_id, {})
             known.update({k: v for k, v in r.header.metrics.items() if k.startswith("platform_")})
@@ -162,6 +165,8 @@ class Coordinator:
             "updates_late": late,
             "updates_rejected": sum(rejected.values()),
             "rejected_reasons": rejected,
+            "updates_failed": len(failed),
+            "failures": {f.device_id: {"code": f.code, "reason": f.reason} for f in failed},
             "aggregated": aggregated,
             "bytes_up": sum(r.payload_bytes for r in received),
             "bytes_down": int(sum(m.get("bytes_down", 0) for m in metrics)),

@@ -22,7 +22,17 @@ from edgeftl.device.codecs import ErrorFeedback, parse_codec
 from edgeftl.device.data import read_examples
 from edgeftl.device.manifest import sha256_file
 from edgeftl.device.measure import peak_rss_mib, platform_info, rss_mib
-from edgeftl.device.messages import GlobalHeader, MessageError, Task, UpdateHeader, decode_vector, header_of, parse_header
+from edgeftl.device.messages import (
+    MAX_REASON_CHARS,
+    ErrorReply,
+    GlobalHeader,
+    MessageError,
+    Task,
+    UpdateHeader,
+    decode_vector,
+    header_of,
+    parse_header,
+)
 from edgeftl.device.runtime import BundleRuntime
 from edgeftl.device.train import TrainConfig, text_inputs, train
 from edgeftl.device.transport import Topics, Transport
@@ -155,8 +165,24 @@ class DeviceAgent:
             self._wait_for_global(task)
         if task.run_id != self.run_id or self.global_round != task.round - 1:
             log.warning("%s: no global for round %d, skipping it", me, task.round - 1)
+            self._reply_error(task, "no_global", f"the global parameters of round {task.round - 1} did not arrive")
             return 0
-        return self._train_and_send(task)
+        try:
+            return self._train_and_send(task)
+        except Exception as exc:  # one failed round must not end the device's part in the run
+            log.exception("%s: round %d failed", me, task.round)
+            self._reply_error(task, error_code(exc), f"{type(exc).__name__}: {exc}")
+            return 0
+
+    def _reply_error(self, task: Task, code: str, reason: str) -> None:
+        """Tell the coordinator this round will bring no update, so it stops waiting for this device."""
+        reply = ErrorReply(task.run_id, task.round, self.bundle_sha256, self.config.device_id, code,
+                           " ".join(reason.split())[:MAX_REASON_CHARS])
+        try:
+            self.transport.publish(self.topics.update(self.config.device_id),
+                                   wire.encode_message(header_of(reply), {}), qos=1)
+        except Exception:  # the link may be what failed; the deadline covers it then
+            log.exception("%s: could not send the error reply for round %d", self.config.device_id, task.round)
 
     def _wait_for_global(self, task: Task, timeout_s: float = 10.0) -> None:
         end, later = time.monotonic() + timeout_s, []
@@ -246,3 +272,11 @@ class DeviceAgent:
         for close in self._closers:
             close()
         self.transport.close()
+
+
+def error_code(exc: BaseException) -> str:
+    """The protocol's code for a failed round (messages.ERROR_CODES)."""
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError) or "failed to allocate memory" in text or "bad_alloc" in text:
+        return "out_of_memory"
+    return "train_failed"

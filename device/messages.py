@@ -14,7 +14,7 @@ import numpy as np
 from edgeftl.device.codecs import Codec, CodecError, Encoded, parse_codec
 
 PROTOCOL_VERSION = 1
-KINDS = ("task", "global", "update", "status")
+KINDS = ("task", "global", "update", "error", "status")
 
 
 class MessageError(ValueError):
@@ -54,6 +54,32 @@ class UpdateHeader:
     metrics: dict = field(default_factory=dict)
     kind: str = "update"
     format: int = PROTOCOL_VERSION
+
+
+@dataclass
+class ErrorReply:
+    """A sampled device could not send its update for `round`: a short code and a one-line reason.
+
+    Sent on the device's update topic so the coordinator stops waiting for it, logs it and counts
+    it in the round record. Codes the Python device sends: see ERROR_CODES.
+    """
+
+    run_id: str
+    round: int
+    bundle_sha256: str
+    device_id: str
+    code: str
+    reason: str
+    kind: str = "error"
+    format: int = PROTOCOL_VERSION
+
+
+ERROR_CODES = {
+    "out_of_memory": "training ran out of memory",
+    "train_failed": "local training raised an error",
+    "no_global": "the global parameters the task starts from never arrived",
+}
+MAX_REASON_CHARS = 256
 
 
 @dataclass
@@ -98,10 +124,10 @@ def _check_types(message) -> None:
         value = getattr(message, name, 0)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise MessageError(f"header field {name!r} must be an integer, got {value!r}")
-    for name in ("run_id", "bundle_sha256", "codec", "device_id"):
+    for name in ("run_id", "bundle_sha256", "codec", "device_id", "code", "reason"):
         value = getattr(message, name, "")
-        if not isinstance(value, str) or len(value) > 256:
-            raise MessageError(f"header field {name!r} must be a short string")
+        if not isinstance(value, str) or len(value) > MAX_REASON_CHARS:
+            raise MessageError(f"header field {name!r} must be a string of at most {MAX_REASON_CHARS} characters")
     if getattr(message, "size", 0) < 0 or getattr(message, "samples", 1) <= 0:
         raise MessageError("header sizes must be non-negative and sample counts positive")
     for name in ("lr", "deadline_s"):

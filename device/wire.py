@@ -51,6 +51,8 @@ HEADER_FIELDS: dict[str, dict[str, type]] = {
                "codec": str, "size": int},
     "update": {"kind": str, "format": int, "run_id": str, "round": int, "bundle_sha256": str,
                "device_id": str, "codec": str, "size": int, "samples": int, "seq": int, "metrics": dict},
+    "error": {"kind": str, "format": int, "run_id": str, "round": int, "bundle_sha256": str,
+              "device_id": str, "code": str, "reason": str},
     "status": {"kind": str, "format": int, "device_id": str, "state": str},
 }
 

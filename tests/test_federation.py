@@ -179,3 +179,64 @@ def test_agent_waiting_for_a_global_skips_a_bad_message_and_keeps_later_tasks(tm
     assert (topics.task, task(2)) in requeued
     agent.close()
     listener.close()
+
+
+def test_a_device_whose_training_fails_replies_with_an_error_and_the_round_goes_on(tmp_path, tmp_path_factory):
+    # Prepare: 3 devices; dev1 runs out of memory in every training pass (as ORT reports it)
+    folder = bundle(tmp_path_factory, "bert-int8")
+    manifest = read_manifest(folder)
+    files = _device_files(tmp_path, 3, 16)
+    broker = InProcessBroker()
+    agents, threads = in_process_devices(broker, folder, files, rounds=1, stop_after_s=20)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("Failed to allocate memory for requested buffer of size 50331648")
+
+    agents[1].runtime.accumulate = out_of_memory
+    config = CoordinatorConfig(out=tmp_path / "run", rounds=1, steps=2, batch=8, deadline_s=120, wait_devices=3,
+                               wait_devices_s=10)
+    coordinator = Coordinator(InProcessTransport(broker, "coordinator"), folder, manifest,
+                              agents[0].runtime.get_flat(), config)
+    for t in threads:
+        t.start()
+    # Execute
+    coordinator.connect()
+    assert coordinator.wait_for_devices() == 3
+    record = coordinator.run_round(0)
+    # Assert: two updates aggregated, dev1's failure recorded with its code; no wait for the deadline
+    assert record["updates_received"] == 2 and record["aggregated"] and record["updates_rejected"] == 0
+    assert record["updates_failed"] == 1 and set(record["failures"]) == {"dev1"}
+    assert record["failures"]["dev1"]["code"] == "out_of_memory"
+    assert "Failed to allocate memory" in record["failures"]["dev1"]["reason"]
+    assert record["wall_s"] < config.deadline_s  # it ended when every sampled device had replied
+
+
+def test_error_replies_are_checked_like_updates(tmp_path):
+    # Prepare: an inbox whose round 3 sampled dev0 and dev1
+    from edgeftl.coordinator.inbox import DeviceFailure, Inbox
+    from edgeftl.device import wire
+    from edgeftl.device.messages import ErrorReply, header_of
+
+    inbox = Inbox("run", "b" * 64, 10, 1 << 20)
+    inbox.open_round(3, ["dev0", "dev1"])
+
+    def reply(device: str, topic_device: str | None = None, round_index: int = 3, run: str = "run", **extra) -> None:
+        header = header_of(ErrorReply(run, round_index, "b" * 64, device, "train_failed", "ValueError: bad data"))
+        inbox.on_message(f"edgeftl/update/{topic_device or device}", wire.encode_message({**header, **extra}, {}))
+
+    # Execute
+    reply("dev0")
+    reply("dev0")  # QoS 1 redelivery: dropped quietly
+    reply("intruder")  # not sampled
+    reply("dev1", topic_device="dev0")  # id does not match the topic
+    reply("dev1", run="other")  # another federation
+    reply("dev1", round_index=2)  # an old round
+    reply("dev1", code2="x")  # unknown header field
+    # Assert
+    first = inbox.get(0.0)
+    assert first == DeviceFailure("dev0", "train_failed", "ValueError: bad data") and inbox.get(0.0) is None
+    assert inbox.failures == {"dev0": {"code": "train_failed", "reason": "ValueError: bad data"}}
+    late, rejected = inbox.close_round()
+    assert late == 1
+    assert {reason.split(" [")[0] for reason in rejected} == {"unknown device", "device id mismatch",
+                                                              "wrong run or bundle", "unknown header fields"}

@@ -209,7 +209,9 @@ def test_check_header_names_missing_and_mistyped_fields() -> None:
 
 
 def test_header_fields_cover_every_message_kind() -> None:
-    assert set(wire.HEADER_FIELDS) == {"task", "global", "update", "status"}
+    from edgeftl.device.messages import KINDS
+
+    assert set(wire.HEADER_FIELDS) == set(KINDS) == {"task", "global", "update", "error", "status"}
     assert all("kind" in fields and "format" in fields for fields in wire.HEADER_FIELDS.values())
 
 
