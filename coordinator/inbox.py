@@ -117,11 +117,7 @@ class Inbox:
         if isinstance(header_dict, dict) and header_dict.get("kind") == "error":
             return self._failure(topic, parse_header(header_dict, ErrorReply))
         header = parse_header(header_dict, UpdateHeader)
-        device = topic.rsplit("/", 1)[-1]
-        if header.device_id != device:
-            raise MessageError(f"device id mismatch: header says {header.device_id!r}, topic says {device!r}")
-        if header.run_id != self.run_id or header.bundle_sha256 != self.bundle_sha256:
-            raise MessageError("wrong run or bundle: update is for another federation")
+        device = self._sender(topic, header, "update")
         with self._lock:
             key = (device, header.round, header.seq)
             if key in self._seen:
@@ -145,13 +141,18 @@ class Inbox:
             self._accepted.add(device)
         return ReceivedUpdate(header, delta, len(payload))
 
+    def _sender(self, topic: str, header: UpdateHeader | ErrorReply, what: str) -> str:
+        """The sending device, once the header's device id matches the topic and it is for this federation."""
+        device = topic.rsplit("/", 1)[-1]
+        if header.device_id != device:
+            raise MessageError(f"device id mismatch: header says {header.device_id!r}, topic says {device!r}")
+        if header.run_id != self.run_id or header.bundle_sha256 != self.bundle_sha256:
+            raise MessageError(f"wrong run or bundle: {what} is for another federation")
+        return device
+
     def _failure(self, topic: str, reply: ErrorReply) -> DeviceFailure | None:
         """An error reply: the same identity checks as an update, then recorded once per device and round."""
-        device = topic.rsplit("/", 1)[-1]
-        if reply.device_id != device:
-            raise MessageError(f"device id mismatch: header says {reply.device_id!r}, topic says {device!r}")
-        if reply.run_id != self.run_id or reply.bundle_sha256 != self.bundle_sha256:
-            raise MessageError("wrong run or bundle: error reply is for another federation")
+        device = self._sender(topic, reply, "error reply")
         failure = {"code": reply.code, "reason": reply.reason}
         with self._lock:
             if reply.round != self._round:

@@ -61,7 +61,7 @@ def status_text(p: Progress, rounds: int) -> str:
     online = f"{p.online} online" if p.online >= 0 else "? online"
     updates = "updates" if p.live else "last round"
     return (f"round {min(p.round + 1, rounds)}/{rounds} | accuracy {acc} | {online} | {updates} "
-            f"{p.received}/{p.selected}, {p.late} late, {p.rejected} rejected{_failed(p.failed)} | "
+            f"{p.received}/{p.selected}, {p.late} late, {p.rejected} rejected{failed_suffix(p.failed)} | "
             f"up {_kib(p.bytes_up)}, "
             f"down {_kib(p.bytes_down)}")
 
@@ -178,7 +178,8 @@ class LiveView:
         return status, deadline
 
 
-def _failed(count: int) -> str:
+def failed_suffix(count: int) -> str:
+    """`, N failed` when sampled devices replied with an error, else nothing."""
     return f", {count} failed" if count else ""
 
 

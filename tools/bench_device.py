@@ -190,14 +190,8 @@ def _run_all(work: Path, data: Path, args) -> list[dict]:
 
 def _runtime_alone(work: Path, data: Path, args) -> list[float]:
     """RSS of a device process that loads everything but a model, once per repeat (MiB)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "runtime", "--data", str(data),
-           "--bundle", str(work / "fp32"), "--threads", str(args.threads)]
-    values = []
-    for _ in range(args.repeats):
-        proc = subprocess.run(cmd, env=_env(args.threads), capture_output=True, text=True)
-        _check(proc, cmd)
-        values.append(json.loads(proc.stdout.strip().splitlines()[-1])["rss_after_load_mib"])
-    return values
+    flags = ["--data", str(data), "--bundle", str(work / "fp32")]
+    return [_spawn("runtime", flags, args.threads)["rss_after_load_mib"] for _ in range(args.repeats)]
 
 
 def _cpu_seconds() -> tuple[float, float]:
@@ -231,13 +225,18 @@ def _wait_for_quiet(limit_s: float) -> float:
 def _worker(case: str, micro: int, work: Path, data: Path, args) -> dict:
     bundle = CASES[case][1]
     kind = "torch" if bundle is None else ("split" if bundle == "int8-top2" else "bundle")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--data", str(data),
-           "--threads", str(args.threads), "--steps", str(args.steps), "--micro-batch", str(micro),
-           "--epochs", "2" if args.quick else "3"]
+    flags = ["--data", str(data), "--steps", str(args.steps), "--micro-batch", str(micro),
+             "--epochs", "2" if args.quick else "3"]
     if bundle is not None:
-        cmd += ["--bundle", str(work / bundle)]
+        flags += ["--bundle", str(work / bundle)]
+    return _spawn(kind, flags, args.threads)
+
+
+def _spawn(kind: str, flags: list[str], threads: int) -> dict:
+    """Run one worker of this script in a fresh process: its last stdout line (JSON) + process_wall_s."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--threads", str(threads), *flags]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, env=_env(args.threads), capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=_env(threads), capture_output=True, text=True)
     _check(proc, cmd)
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "process_wall_s": time.perf_counter() - started}
 

@@ -53,9 +53,12 @@ def config_from(args: argparse.Namespace, out: Path):
 
 
 def round_line(record: dict) -> str:
+    from edgeftl.coordinator.live import failed_suffix  # the live view's module, loaded once the rounds run
+
     acc = f" accuracy {record['accuracy']:.1%}" if "accuracy" in record else ""
+    failed = failed_suffix(record.get("updates_failed", 0))  # records written before error replies lack it
     return (f"round {record['round']:3d}: {record['updates_received']}/{record['devices_selected']} updates"
-            f" ({record['updates_late']} late, {record['updates_rejected']} rejected{_failed(record)}){acc}"
+            f" ({record['updates_late']} late, {record['updates_rejected']} rejected{failed}){acc}"
             f" loss {record.get('loss', float('nan')):.4f} up {record['bytes_up'] / 1024:.1f} KiB"
             f" device peak {record['device_peak_rss_mib']:.0f} MiB  {record['wall_s']:.1f} s")
 
@@ -89,9 +92,3 @@ def run(args: argparse.Namespace) -> int:
     finally:
         transport.close()
     return 0
-
-
-def _failed(record: dict) -> str:
-    """`, N failed` when sampled devices replied with an error (records before error replies lack the key)."""
-    count = record.get("updates_failed", 0)
-    return f", {count} failed" if count else ""
