@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import shutil
 import statistics
@@ -44,6 +43,8 @@ from pathlib import Path
 import numpy as np
 
 import benchdoc
+
+from edgeftl.device.measure import proc_status_mib  # VmRSS / VmHWM in MiB, as devices report them
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "BENCHMARKS.md"
@@ -255,12 +256,6 @@ def _check(proc: subprocess.CompletedProcess, cmd: list[str]) -> None:
 
 # ---- worker processes (one case, one fresh process each) -----------------------------------
 
-def _proc_status_mib(key: str) -> float:
-    """VmRSS (resident now) or VmHWM (peak resident) of this process, MiB."""
-    match = re.search(rf"^{key}:\s*(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    return round(int(match.group(1)) / 1024, 1)
-
-
 def _load_data(path: Path) -> dict[str, np.ndarray]:
     with np.load(path) as npz:
         return {k: npz[k] for k in npz.files}
@@ -274,7 +269,7 @@ def _finish(result: dict, rss_after_load: float, times: list[tuple[float, float]
     """
     result.update(
         rss_after_load_mib=rss_after_load,
-        peak_rss_mib=_proc_status_mib("VmHWM"),
+        peak_rss_mib=proc_status_mib("VmHWM"),
         ru_maxrss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         median_step_time_s=statistics.median(wall for wall, _ in times),
         median_step_cpu_s=statistics.median(cpu for _, cpu in times),
@@ -305,7 +300,7 @@ def _torch_worker(args: argparse.Namespace) -> int:
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=LR)
     model.train()
-    rss_after_load = _proc_status_mib("VmRSS")
+    rss_after_load = proc_status_mib("VmRSS")
 
     def step(rows: slice) -> float:
         optimizer.zero_grad(set_to_none=True)
@@ -360,7 +355,7 @@ def _open_bundle(args: argparse.Namespace):
     data = _load_data(args.data)
     runtime = BundleRuntime(args.bundle, threads=args.threads)
     runtime.set_learning_rate(LR)
-    return runtime, data, _proc_status_mib("VmRSS")
+    return runtime, data, proc_status_mib("VmRSS")
 
 
 def _encode_matches(runtime, data: dict[str, np.ndarray], args: argparse.Namespace) -> bool:
@@ -424,7 +419,7 @@ def _runtime_worker(args: argparse.Namespace) -> int:
     training_api()
     _load_data(args.data)
     Tokenizer.from_file(str(args.bundle / "tokenizer.json"))
-    print(json.dumps({"rss_after_load_mib": _proc_status_mib("VmRSS")}))
+    print(json.dumps({"rss_after_load_mib": proc_status_mib("VmRSS")}))
     return 0
 
 
