@@ -34,7 +34,7 @@ from edgeftl.device.messages import (
     parse_header,
 )
 from edgeftl.device.runtime import BundleRuntime
-from edgeftl.device.train import TrainConfig, text_inputs, train
+from edgeftl.device.train import TrainConfig, data_inputs, train
 from edgeftl.device.transport import Topics, Transport
 
 log = logging.getLogger("edgeftl.device")
@@ -63,7 +63,8 @@ class DeviceAgent:
         self.bundle_sha256 = sha256_file(Path(config.bundle) / "manifest.json")
         self.runtime = BundleRuntime(config.bundle, threads=config.threads)
         self.examples = read_examples(config.data, self.runtime.manifest.task, self.runtime.manifest.labels or None)
-        self.inputs, self._closers = self._make_inputs()
+        self.inputs, self._closers = data_inputs(self.runtime, self.examples, config.data, config.cache_dir,
+                                                 progress=False)
         self.reference = self.runtime.get_flat()  # the global parameters this device holds
         self.global_round: int | None = None
         self.run_id: str | None = None
@@ -75,13 +76,6 @@ class DeviceAgent:
         self._platform_sent = False
         self._saved = self._read_state()  # applied once the run it belongs to shows up
 
-    def _make_inputs(self):
-        if self.runtime.lower is None or self.config.cache_dir is None:
-            return text_inputs(self.runtime, self.examples), []
-        from edgeftl.device.cache import open_or_build
-
-        cache = open_or_build(self.runtime, self.examples, self.config.data, self.config.cache_dir, progress=False)
-        return cache.inputs(self.runtime, self.examples), [cache.close]
 
     # ---- wiring ---------------------------------------------------------------------------
     def start(self, timeout_s: float = 30.0) -> None:

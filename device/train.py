@@ -269,19 +269,25 @@ def _split(examples: list[Example], eval_file: Path | None, manifest: Manifest,
 
 def _inputs(runtime: BundleRuntime, examples: list[Example], data: Path, eval_examples: list[Example] | None,
             eval_file: Path | None, cache_dir: Path | None, progress: bool) -> tuple[Inputs, Inputs | None, list]:
-    """Inputs for the training file and the --eval file: cached lower-stack outputs for a split bundle."""
+    """Inputs for the training file and the --eval file, with the closers of their caches."""
+    inputs, closers = data_inputs(runtime, examples, data, cache_dir, progress)
+    eval_inputs = None
+    if eval_examples:
+        eval_inputs, eval_closers = data_inputs(runtime, eval_examples, eval_file, cache_dir, progress)
+        closers += eval_closers
+    return inputs, eval_inputs, closers
+
+
+def data_inputs(runtime: BundleRuntime, examples: list[Example], data: Path, cache_dir: Path | None,
+                progress: bool) -> tuple[Inputs, list]:
+    """(inputs, closers) for one data file: the cached lower-stack outputs of a split bundle when
+    `cache_dir` is given (computed on first use), else the text, tokenized on every use."""
     if runtime.lower is None or cache_dir is None:
-        eval_inputs = text_inputs(runtime, eval_examples) if eval_examples else None
-        return text_inputs(runtime, examples), eval_inputs, []
+        return text_inputs(runtime, examples), []
     from edgeftl.device.cache import open_or_build
 
     cache = open_or_build(runtime, examples, data, cache_dir, progress)
-    closers, eval_inputs = [cache.close], None
-    if eval_examples:
-        eval_cache = open_or_build(runtime, eval_examples, eval_file, cache_dir, progress)
-        closers.append(eval_cache.close)
-        eval_inputs = eval_cache.inputs(runtime, eval_examples)
-    return cache.inputs(runtime, examples), eval_inputs, closers
+    return cache.inputs(runtime, examples), [cache.close]
 
 
 def _fit_memory(runtime: BundleRuntime, after_load: float, texts: list[str], config: TrainConfig) -> TrainConfig:
