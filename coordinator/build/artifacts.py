@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from edgeftl.coordinator.build.layernorm_grad import decompose_layernorm_grads
 from edgeftl.coordinator.build.recompute import recompute_dequantized_weights
 from edgeftl.device.manifest import CHECKPOINT, EVAL_MODEL, TRAINING_MODEL, TrainableParam
 from edgeftl.device.ort import training_api
@@ -26,6 +27,10 @@ def generate(model: onnx.ModelProto, trainable: list[str], out: Path, recompute:
     a constant in both the training and the eval graph. The task model already outputs
     (loss, logits); the loss block passes `loss` through and `logits` rides along as an extra
     output so devices can compute accuracy.
+
+    The training graph is then rewritten: LayerNorm input gradients as plain ops
+    (`layernorm_grad.py`, always) and, with `recompute`, dequantized weights recomputed for the
+    backward pass (`recompute.py`).
     """
     from onnxruntime.training import artifacts
 
@@ -46,11 +51,12 @@ def generate(model: onnx.ModelProto, trainable: list[str], out: Path, recompute:
             loss_input_names=["loss"],
             additional_output_names=["logits"],
         )
+    path = out / TRAINING_MODEL
+    training = onnx.load(str(path))
     if recompute:
-        path = out / TRAINING_MODEL
-        training = onnx.load(str(path))
         recompute_dequantized_weights(training, set(frozen))
-        onnx.save(training, str(path))
+    decompose_layernorm_grads(training)
+    onnx.save(training, str(path))
 
 
 @contextlib.contextmanager
