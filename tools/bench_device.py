@@ -80,11 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         data = _prepare_data(work, work / "fp32" / "tokenizer.json", labels)
         runs = _run_all(work, data, args)
         runtime_alone = _runtime_alone(work, data, args)
+        checkpoints = {name: (work / name / "checkpoint").stat().st_size / 2**20 for name in BUNDLES}
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
     results = _summarise(runs, builds, labels, time.perf_counter() - started, args)
     results["runtime_alone_rss_mib"] = {"runs": runtime_alone, "median": statistics.median(runtime_alone)}
+    results["checkpoint_mib"] = checkpoints
+    results["step_gflop"] = _step_gflop()
     section = _markdown(results)
     print(section)
     if not args.no_write:
@@ -543,7 +546,7 @@ def _markdown(results: dict) -> str:
         lines += ["", f"Targets, edgeftl cases at {config} ({passed}/{len(targets)} pass; (a) at micro-batch "
                       f"{BATCH}):", ""]
         lines += [f"- {'PASS' if t['passed'] else 'MISS'} {t['target']}: {t['margin']}" for t in targets]
-    lines += ["", _runtime_line(results), "", _checks_line(results), "", _quiet_line(results), "",
+    lines += ["", _runtime_line(results), "", _work_line(results), "", _checks_line(results), "", _quiet_line(results), "",
               _ranges_line(results), "", _machine_line(results)]
     return "\n".join(lines + [END])
 
@@ -558,7 +561,59 @@ def _runtime_line(results: dict) -> str:
     return (f"RSS after load, model part: a process that loads everything but a model (Python, numpy, ONNX Runtime "
             f"training API, tokenizer, data) holds {base:.0f} MiB; above that, loading the model and its training "
             f"sessions adds fp32 {b - base:.0f}, int8 {c - base:.0f}, int4 {d - base:.0f} MiB: int8 / fp32 = "
-            f"{(c - base) / (b - base):.2f}x (the target above is on whole-process RSS, {c / b:.2f}x).")
+            f"{(c - base) / (b - base):.2f}x (the target above is on whole-process RSS, {c / b:.2f}x)."
+            + _load_floor(results, base))
+
+
+def _load_floor(results: dict, base: float) -> str:
+    """Why (c) <= 0.5 x (b) after load cannot hold: what the shared part would have to fit in."""
+    sizes = results.get("checkpoint_mib")
+    if not sizes:
+        return ""
+    w32, w8 = sizes["fp32"], sizes["int8"]
+    return (f" With R the memory both processes hold besides their checkpoint (runtime, sessions), "
+            f"R + {w8:.0f} <= 0.5 x (R + {w32:.0f}) needs R <= {w32:.0f} - 2 x {w8:.0f} = {w32 - 2 * w8:.0f} MiB "
+            f"(fp32 and int8 checkpoint sizes); the runtime alone holds {base:.0f} MiB, so no bundle format "
+            f"whose weights are resident once loaded meets that target in this device process.")
+
+
+def _step_gflop() -> dict[str, float]:
+    """Matrix-product GFLOP of one training step, full depth and top 2 blocks, from the model's sizes.
+
+    Exact backpropagation for LoRA on query/value: every trainable block runs forward; every one
+    but the lowest also passes the gradient to its input (all 6 projections + attention: 2 x
+    forward attention); the lowest needs no input gradient and no key gradient, only the
+    gradient through its output projection, FFN and attention down to query and value.
+    LoRA, head and elementwise work are left out (under 1%).
+    """
+    from edgeftl.models.loading import default_model_dir
+
+    config = json.loads((default_model_dir() / "config.json").read_text(encoding="utf-8"))
+    hidden, ffn, blocks = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    tokens, attention = BATCH * SEQ, 2 * BATCH * SEQ * SEQ * hidden  # one QK^T or PV product
+    forward = 2 * tokens * (4 * hidden**2 + 2 * hidden * ffn) + 2 * attention
+    backward = 2 * tokens * (4 * hidden**2 + 2 * hidden * ffn) + 4 * attention
+    lowest = 2 * tokens * (hidden**2 + 2 * hidden * ffn) + 3 * attention
+
+    def step(trained: int) -> float:
+        return (trained * forward + (trained - 1) * backward + lowest) / 1e9
+
+    return {"full_depth": step(blocks), "top_2": step(2)}
+
+
+def _work_line(results: dict) -> str:
+    """(e) vs (b): the arithmetic each step has to do, and the rate each one did it at."""
+    work = results.get("step_gflop")
+    if not work:
+        return ""
+    rows = results["cases"]
+    b, e = rows[f"b{BATCH}"]["median_step_time_s"], rows[f"e{BATCH}"]["median_step_time_s"]
+    return (f"Work per step (matrix products, exact backpropagation, counted from the model's sizes; "
+            f"`_step_gflop`): full depth {work['full_depth']:.1f} GFLOP, top 2 blocks {work['top_2']:.1f} GFLOP, "
+            f"ratio {work['top_2'] / work['full_depth']:.2f}x. Measured at micro-batch {BATCH}: (b) "
+            f"{work['full_depth'] / b:.0f} GFLOP/s, (e) {work['top_2'] / e:.0f} GFLOP/s, so (e) / (b) per step "
+            f"{e / b:.2f}x sits at that ratio; 0.2x would need (e) to run "
+            f"{work['top_2'] / work['full_depth'] / 0.2:.1f}x as many GFLOP/s as (b).")
 
 
 def _checks_line(results: dict) -> str:
