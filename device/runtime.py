@@ -31,7 +31,7 @@ class BundleRuntime:
     """Train and evaluate one bundle's trainable parameters with ONNX Runtime Training."""
 
     def __init__(self, folder: Path, threads: int | None = None, verify: bool = True,
-                 checkpoint: Path | None = None) -> None:
+                 checkpoint: Path | None = None, shared_arena: bool = True) -> None:
         """Load a bundle.
 
         Args:
@@ -40,20 +40,23 @@ class BundleRuntime:
             verify: check every bundle file's sha256 first.
             checkpoint: start from this ORT checkpoint (a saved device state, optimizer state
                 included) instead of the bundle's own.
+            shared_arena: let every session of this runtime (training, eval, optimizer, lower
+                stack) draw from one memory arena (`device/ort.py` `session_options`).
         """
         from tokenizers import Tokenizer
 
         self.folder = Path(folder)
         self.manifest: Manifest = verify_bundle(self.folder) if verify else _read(self.folder)
         api = training_api()
-        options = session_options(threads)
+        options = session_options(threads, shared_arena=shared_arena)
         checkpoint = Path(checkpoint) if checkpoint else self.folder / CHECKPOINT
         self.state = api.CheckpointState.load_checkpoint(str(checkpoint))
         # Every model file this runtime opened, for the "bytes of model files loaded" metric.
         self.loaded_files: list[Path] = [checkpoint, self.folder / TRAINING_MODEL, self.folder / EVAL_MODEL,
                                          self.folder / OPTIMIZER_MODEL, self.folder / TOKENIZER]
-        self.module = api.Module(str(self.folder / TRAINING_MODEL), self.state,
-                                 str(self.folder / EVAL_MODEL), session_options=session_options(threads, training=True))
+        training_options = session_options(threads, training=True, shared_arena=shared_arena)
+        self.module = api.Module(str(self.folder / TRAINING_MODEL), self.state, str(self.folder / EVAL_MODEL),
+                                 session_options=training_options)
         self.optimizer = api.Optimizer(str(self.folder / OPTIMIZER_MODEL), self.module)
         size = self.module.get_parameters_size(trainable_only=True)
         if size != self.manifest.trainable_count:

@@ -106,6 +106,29 @@ def test_training_on_a_separable_task_lowers_the_loss(torch_free_run: dict) -> N
     assert summary["eval_samples"] == 64
 
 
+@pytest.mark.parametrize("name", ["bert-int8", "bert-int8-top1"])
+def test_one_shared_memory_arena_changes_no_numbers(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Prepare: the same steps with separate per-session arenas, then twice with the shared one
+    # (the second runtime finds it registered already)
+    folder = bundle(tmp_path_factory, name)
+    texts, labels = keyword_dataset(16, seed=3)
+
+    def run(shared: bool) -> list[float]:
+        runtime = BundleRuntime(folder, threads=1, shared_arena=shared)
+        ids, mask = runtime.encode(texts)
+        feats, targets = runtime.features(ids, mask), runtime.targets(ids, mask, labels)
+        losses = [runtime.train_step(feats, mask, targets) for _ in range(3)]
+        loss, logits = runtime.eval_step(feats, mask, targets)
+        return [*losses, loss, *logits.ravel().tolist()]
+
+    # Execute
+    separate, shared, shared_again = run(False), run(True), run(True)
+
+    # Assert
+    assert separate == shared == shared_again
+    assert separate[2] < separate[0]
+
+
 # ---- the flat parameter vector ------------------------------------------------------------
 
 
