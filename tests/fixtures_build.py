@@ -20,6 +20,7 @@ BUNDLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "bert-int4": ("bert", ("--quant", "int4", "--block-size", "16", "--int4-int8-top", "0")),  # hidden 32: two blocks per row; all int4
     "bert-none": ("bert", ("--quant", "none")),
     "bert-int8-top1": ("bert", ("--quant", "int8", "--train-layers", "1")),
+    "bert-int8-keep-attention": ("bert", ("--quant", "int8", "--keep-attention")),
     "bert-head": ("bert", ("--quant", "int8", "--adapter", "head")),
     "llama-int8": ("llama", ("--task", "causal-lm", "--quant", "int8")),
 }

@@ -13,13 +13,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from edgeftl.coordinator.build.attention_recompute import recompute_attention_probs
 from edgeftl.coordinator.build.layernorm_grad import decompose_layernorm_grads
 from edgeftl.coordinator.build.recompute import recompute_dequantized_weights
 from edgeftl.device.manifest import CHECKPOINT, EVAL_MODEL, TRAINING_MODEL, TrainableParam
 from edgeftl.device.ort import training_api
 
 
-def generate(model: onnx.ModelProto, trainable: list[str], out: Path, recompute: bool = False) -> None:
+def generate(model: onnx.ModelProto, trainable: list[str], out: Path, recompute: bool = False,
+             recompute_attention: bool = True) -> None:
     """Write the four artifacts into `out` (which must exist).
 
     Every initializer that is not trainable is listed as a frozen parameter, so it is stored
@@ -29,8 +31,9 @@ def generate(model: onnx.ModelProto, trainable: list[str], out: Path, recompute:
     output so devices can compute accuracy.
 
     The training graph is then rewritten: LayerNorm input gradients as plain ops
-    (`layernorm_grad.py`, always) and, with `recompute`, dequantized weights recomputed for the
-    backward pass (`recompute.py`).
+    (`layernorm_grad.py`, always), with `recompute` dequantized weights and with
+    `recompute_attention` attention probabilities recomputed for the backward pass
+    (`recompute.py`, `attention_recompute.py`).
     """
     from onnxruntime.training import artifacts
 
@@ -55,6 +58,8 @@ def generate(model: onnx.ModelProto, trainable: list[str], out: Path, recompute:
     training = onnx.load(str(path))
     if recompute:
         recompute_dequantized_weights(training, set(frozen))
+    if recompute_attention:
+        recompute_attention_probs(training)
     decompose_layernorm_grads(training)
     onnx.save(training, str(path))
 

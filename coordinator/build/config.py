@@ -32,6 +32,7 @@ class BuildConfig:
     block_size: int = 32
     int8_top_blocks: int = 2  # int4 only: the top N blocks' linear weights stay int8
     max_seq_len: int = 128
+    recompute_attention: bool = True  # attention probabilities recomputed in the backward pass
     seed: int = 0
     force: bool = False
     model_id: str | None = None

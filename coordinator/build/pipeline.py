@@ -87,7 +87,8 @@ def _build_into(staging: Path, model_dir: Path, config: BuildConfig,
 
     step(STEPS[3])
     # Quantized weights: dequantize again for the backward pass rather than hold fp32 copies.
-    artifacts.generate(graph, trainable, staging, recompute=config.quant != "none")
+    artifacts.generate(graph, trainable, staging, recompute=config.quant != "none",
+                       recompute_attention=config.recompute_attention)
     (staging / "upper_model.onnx").unlink()
     layout = artifacts.contiguous_layout(staging)
     bar.update()

@@ -31,6 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--int4-int8-top", type=int, default=2, dest="int8_top_blocks",
                    help="int4 only: keep the linear weights of the top N blocks int8 (default 2; 0 = all int4)")
     p.add_argument("--max-seq-len", type=int, default=128, help="tokens per sample on device (default 128)")
+    p.add_argument("--keep-attention", action="store_false", dest="recompute_attention",
+                   help="hold attention probabilities for the backward pass instead of recomputing them "
+                        "(MiniLM int8, 16 x 128: ~3%% faster steps, ~15%% more peak memory)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed for adapters and head")
     p.add_argument("--model-id", default=None, help="name recorded in the manifest (default: derived)")
     p.add_argument("--out", type=Path, required=True, help="bundle folder to create")
@@ -53,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
             adapter=args.adapter, rank=args.rank, alpha=args.alpha, targets=args.targets,
             train_layers=args.train_layers, quant=args.quant, block_size=args.block_size, int8_top_blocks=args.int8_top_blocks,
             max_seq_len=args.max_seq_len, seed=args.seed, force=args.force, model_id=args.model_id,
+            recompute_attention=args.recompute_attention,
         )
         from edgeftl.coordinator.build.pipeline import build
 
