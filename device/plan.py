@@ -3,14 +3,18 @@
 Peak RSS is monotonic within a process, so each probe is a fresh process (this module run with
 `python -m`): it loads the bundle, runs one real training step (forward, backward, optimizer) on
 synthetic inputs of the requested sequence length, and reports its resident memory after loading
-and its peak. Probing micro-batches 1 and 2 gives the fixed part and the per-sample part:
+and its peak. Probes run at micro-batches 1, 2 and the one asked for; between measured points
+the estimate is the straight line through them, beyond the largest the last segment's slope:
 
-    peak(M) ~= peak(1) + (M - 1) * (peak(2) - peak(1))
+    peak(M) ~= peak(a) + (M - a) * (peak(b) - peak(a)) / (b - a)    for measured a <= M <= b
 
-Activations kept for the backward pass grow linearly with the micro-batch, which is what the
-slope captures; ORT's allocator arena rounds allocations up, so the estimate is a guide to be
-checked against `device train`'s measured `peak_rss_mib`, not a guarantee. Nothing is saved:
-the probe's trained weights die with its process.
+Peak memory grows a little faster than linearly with the micro-batch (MiniLM int8, 128 tokens:
++13 MiB from 1 to 2 samples, +15 per sample from 8 to 16), so a line from 1 and 2 alone fell 5%
+short at 16 (332 vs 351 MiB); interpolating below a measured point errs high, the safe side. A
+probe that fails (the kernel killing it for memory, typically) marks its micro-batch as not
+fitting. The estimate is a guide to be checked against `device train`'s measured
+`peak_rss_mib`, not a guarantee. Nothing is saved: the probe's trained weights die with its
+process.
 """
 
 from __future__ import annotations
@@ -39,35 +43,59 @@ class Probe:
 
 @dataclass
 class MemoryPlan:
-    """Probes at micro-batch 1 and 2 of one sequence length, and the line through them."""
+    """Measured peaks at a few micro-batches of one sequence length, and lines between them."""
 
     seq: int
     rss_after_load_mib: float
-    peak_1_mib: float
-    peak_2_mib: float
+    peaks_mib: dict[int, float]  # micro-batch -> measured peak RSS
+    fails_from: int | None = None  # smallest micro-batch whose probe failed (does not fit)
+
+    def __post_init__(self) -> None:
+        if not self.peaks_mib:
+            raise ValueError("a memory plan needs at least one measured micro-batch")
+        self.peaks_mib = dict(sorted(self.peaks_mib.items()))
+
+    def _envelope(self) -> list[tuple[int, float]]:
+        """Measured points, each peak raised to the largest at or below its micro-batch: a lower
+        reading at a larger micro-batch is noise (page granularity, arena reuse), not savings."""
+        points, highest = [], 0.0
+        for micro_batch, peak in self.peaks_mib.items():
+            highest = max(highest, peak)
+            points.append((micro_batch, highest))
+        return points
 
     @property
     def per_sample_mib(self) -> float:
-        # A negative slope is measurement noise (page granularity, arena reuse), not savings.
-        return max(0.0, self.peak_2_mib - self.peak_1_mib)
+        """Slope of the last measured segment, MiB per sample."""
+        points = self._envelope()
+        if len(points) < 2:
+            return 0.0
+        (a, peak_a), (b, peak_b) = points[-2], points[-1]
+        return (peak_b - peak_a) / (b - a)
 
     def peak_mib(self, micro_batch: int) -> float:
         """Estimated peak RSS of training at this micro-batch, MiB."""
-        return round(self.peak_1_mib + (micro_batch - 1) * self.per_sample_mib, 1)
+        points = self._envelope()
+        for (a, peak_a), (b, peak_b) in zip(points, points[1:]):
+            if micro_batch <= b:
+                return round(peak_a + max(0, micro_batch - a) * (peak_b - peak_a) / (b - a), 1)
+        last, peak_last = points[-1]
+        return round(peak_last + max(0, micro_batch - last) * self.per_sample_mib, 1)
 
     def largest_fitting(self, limit_mib: float, batch: int) -> int:
         """Largest micro-batch in 1..batch whose estimated peak is within the limit; 0 if none."""
-        if self.peak_1_mib > limit_mib:
-            return 0
-        if self.per_sample_mib == 0:
-            return batch
-        return min(batch, 1 + int((limit_mib - self.peak_1_mib) // self.per_sample_mib))
+        ceiling = min(batch, self.fails_from - 1) if self.fails_from else batch
+        return next((m for m in range(ceiling, 0, -1) if self.peak_mib(m) <= limit_mib), 0)
 
     def report(self, batch: int, micro_batch: int | None, limit_mib: float | None) -> dict:
         """Flat dict for the CLI: measured points, the estimate at the requested micro-batch, the fit."""
         micro = micro_batch or batch
-        record = {**asdict(self), "per_sample_mib": round(self.per_sample_mib, 2), "batch": batch,
-                  "micro_batch": micro, "estimated_peak_mib": self.peak_mib(micro)}
+        record = {"seq": self.seq, "rss_after_load_mib": self.rss_after_load_mib,
+                  **{f"peak_{m}_mib": peak for m, peak in self.peaks_mib.items()},
+                  "per_sample_mib": round(self.per_sample_mib, 2), "batch": batch, "micro_batch": micro,
+                  "estimated_peak_mib": self.peak_mib(micro)}
+        if self.fails_from:
+            record["probe_failed_at_micro_batch"] = self.fails_from
         if limit_mib is not None:
             record["max_memory_mib"] = limit_mib
             record["largest_fitting_micro_batch"] = self.largest_fitting(limit_mib, batch)
@@ -117,12 +145,22 @@ def probe(bundle: Path, micro_batch: int, seq: int, threads: int | None = None) 
 
 
 def measure_plan(bundle: Path, seq: int, threads: int | None = None,
-                 run_probe: Callable[..., Probe] | None = None) -> MemoryPlan:
-    """Probe micro-batches 1 and 2 at sequence length `seq` (two fresh processes, or `run_probe`)."""
+                 run_probe: Callable[..., Probe] | None = None, micro_batch: int = 2) -> MemoryPlan:
+    """Probe micro-batches 1, 2 and `micro_batch` at sequence length `seq` (fresh processes, or `run_probe`).
+
+    Raises:
+        RuntimeError: if even the micro-batch 1 probe fails.
+    """
     run_probe = run_probe or probe
-    one, two = (run_probe(bundle, m, seq, threads) for m in (1, 2))
-    return MemoryPlan(seq=seq, rss_after_load_mib=one.rss_after_load_mib,
-                      peak_1_mib=one.peak_rss_mib, peak_2_mib=two.peak_rss_mib)
+    first = run_probe(bundle, 1, seq, threads)
+    peaks, fails_from = {1: first.peak_rss_mib}, None
+    for m in sorted({2, micro_batch} - {1}):
+        try:
+            peaks[m] = run_probe(bundle, m, seq, threads).peak_rss_mib
+        except RuntimeError:  # most often killed for memory: this micro-batch does not fit here
+            fails_from = m
+            break
+    return MemoryPlan(seq=seq, rss_after_load_mib=first.rss_after_load_mib, peaks_mib=peaks, fails_from=fails_from)
 
 
 def _probe_main(argv: list[str]) -> int:

@@ -299,7 +299,7 @@ def _fit_memory(runtime: BundleRuntime, after_load: float, texts: list[str], con
     from edgeftl.device.plan import fit_micro_batch, measure_plan
 
     seq = max(len(ids) for ids in runtime.token_ids(texts))
-    plan = measure_plan(runtime.folder, seq, config.threads)
+    plan = measure_plan(runtime.folder, seq, config.threads, micro_batch=config.micro_batch or config.batch)
     extra = max(0.0, after_load - plan.rss_after_load_mib)
     micro, note = fit_micro_batch(plan, config.batch, config.micro_batch, config.max_memory_mib, extra)
     if note:

@@ -22,7 +22,7 @@ from edgeftl.device.cache import CACHE_ENV, FEATURES, META, default_cache_dir, e
 from edgeftl.device.data import read_examples, write_csv
 from edgeftl.device.manifest import MANIFEST
 from edgeftl.device.measure import append_jsonl, platform_info, proc_status_mib, run_metrics
-from edgeftl.device.plan import MemoryLimitError, MemoryPlan, Probe, fit_micro_batch
+from edgeftl.device.plan import MemoryLimitError, MemoryPlan, Probe, fit_micro_batch, measure_plan
 from edgeftl.device.runtime import BundleRuntime
 from edgeftl.device.state import Progress, StateError, load_state, save_state
 from edgeftl.device.train import TrainConfig, accumulate_batch, train
@@ -374,8 +374,8 @@ def test_append_jsonl_appends_sorted_lines(tmp_path: Path) -> None:
 
 def test_memory_plan_extrapolates_linearly_and_finds_the_largest_fitting_micro_batch() -> None:
     # Prepare: peak 100 MiB at micro-batch 1, 110 at 2 -> 10 MiB per sample
-    plan = MemoryPlan(seq=64, rss_after_load_mib=80.0, peak_1_mib=100.0, peak_2_mib=110.0)
-    noisy = MemoryPlan(seq=64, rss_after_load_mib=80.0, peak_1_mib=100.0, peak_2_mib=99.5)
+    plan = MemoryPlan(seq=64, rss_after_load_mib=80.0, peaks_mib={1: 100.0, 2: 110.0})
+    noisy = MemoryPlan(seq=64, rss_after_load_mib=80.0, peaks_mib={1: 100.0, 2: 99.5})
 
     # Execute / Assert
     assert plan.peak_mib(5) == 140.0
@@ -391,6 +391,42 @@ def test_memory_plan_extrapolates_linearly_and_finds_the_largest_fitting_micro_b
     # The training process holds 5 or 6 MiB more than a probe: 100 + 5 + 3 * 10 = 135 fits, 136 does not.
     assert fit_micro_batch(plan, 16, None, 135.0, extra_mib=5.0)[0] == 4
     assert fit_micro_batch(plan, 16, None, 135.0, extra_mib=6.0)[0] == 3
+
+
+def test_memory_plan_interpolates_between_measured_micro_batches_and_respects_a_failed_probe() -> None:
+    # Prepare: peaks grow faster than linearly (as measured on MiniLM): 100, 110, then 290 at 16
+    plan = MemoryPlan(seq=64, rss_after_load_mib=80.0, peaks_mib={16: 290.0, 1: 100.0, 2: 110.0})
+    failed = MemoryPlan(seq=64, rss_after_load_mib=80.0, peaks_mib={1: 100.0, 2: 110.0}, fails_from=16)
+
+    # Execute / Assert: exact at measured points, on the line between them, last slope beyond
+    assert plan.peak_mib(16) == 290.0 and plan.peak_mib(2) == 110.0
+    assert plan.peak_mib(9) == 110.0 + 7 * (180.0 / 14)  # 200.0
+    assert plan.per_sample_mib == pytest.approx(180.0 / 14)
+    assert plan.peak_mib(18) == pytest.approx(290.0 + 2 * 180.0 / 14, abs=0.1)
+    assert plan.largest_fitting(200.0, batch=16) == 9
+    # A probe at 16 that failed: 16 never fits, whatever the line through 1 and 2 says.
+    assert failed.largest_fitting(1000.0, batch=16) == 15
+    assert failed.report(16, None, 1000.0)["probe_failed_at_micro_batch"] == 16
+
+
+def test_measure_plan_probes_1_2_and_the_asked_micro_batch_and_stops_at_a_failure(tmp_path: Path) -> None:
+    # Prepare: a fake probe; micro-batch 16 "gets killed"
+    asked: list[int] = []
+
+    def run_probe(bundle: Path, micro_batch: int, seq: int, threads: int | None) -> Probe:
+        asked.append(micro_batch)
+        if micro_batch == 16:
+            raise RuntimeError("memory probe (micro-batch 16, sequence 64) failed: Killed")
+        return Probe(micro_batch, seq, 80.0, 100.0 + 10 * (micro_batch - 1))
+
+    # Execute
+    fitting = measure_plan(tmp_path, 64, run_probe=run_probe, micro_batch=8)
+    killed = measure_plan(tmp_path, 64, run_probe=run_probe, micro_batch=16)
+
+    # Assert
+    assert asked == [1, 2, 8, 1, 2, 16]
+    assert fitting.peaks_mib == {1: 100.0, 2: 110.0, 8: 170.0} and fitting.fails_from is None
+    assert killed.peaks_mib == {1: 100.0, 2: 110.0} and killed.fails_from == 16
 
 
 def test_plan_estimate_is_in_the_range_of_a_measured_training_step(
@@ -438,10 +474,11 @@ def test_max_memory_picks_a_smaller_micro_batch_when_the_batch_does_not_fit(
     # Execute
     rc, summary, err = cli(args, capsys)
 
-    # Assert: micro-batch 4 (estimated 130 MiB) instead of 8 (170 MiB), said in one info line
+    # Assert: micro-batch 4 (estimated 130 MiB) instead of 8 (170 MiB), said in one info line;
+    # probes at 1, 2 and the batch asked for, at the data's longest sequence
     longest = max(len(e.text.split()) for e in read_examples(data["train"], "classify", list(LABELS))) + 2  # [CLS] [SEP]
     assert rc == 0 and summary["micro_batch"] == 4
-    assert seen == [(1, longest), (2, longest)]
+    assert seen == [(1, longest), (2, longest), (8, longest)]
     assert [line for line in err if "micro-batch 4" in line and "instead of 8" in line]
 
 
