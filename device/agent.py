@@ -76,7 +76,6 @@ class DeviceAgent:
         self._platform_sent = False
         self._saved = self._read_state()  # applied once the run it belongs to shows up
 
-
     # ---- wiring ---------------------------------------------------------------------------
     def start(self, timeout_s: float = 30.0) -> None:
         for topic in (self.topics.task, self.topics.global_delta):

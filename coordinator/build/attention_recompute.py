@@ -13,14 +13,16 @@ parameter updates identical to the bit.
 
 The copy starts with FusedMatMul(alpha=1) where the forward has MatMul: the same product to
 the bit, but a different op, so ORT's common-subexpression elimination cannot merge the copy
-back into the forward chain (the trick `recompute.py` uses for dequantized weights). Backward
-nodes are the ones ORT's gradient builder names `..._Grad/...`.
+back into the forward chain (the trick `recompute.py` uses for dequantized weights, whose
+helpers find the backward nodes and place the copies).
 """
 
 from __future__ import annotations
 
 import onnx
 from onnx import helper
+
+from edgeftl.coordinator.build.recompute import insert_before_backward, is_backward
 
 MS_DOMAIN = "com.microsoft"
 SUFFIX = "_recompute"
@@ -32,8 +34,7 @@ def recompute_attention_probs(model: onnx.ModelProto) -> int:
     """Give backward readers of each attention softmax a recomputed copy of it (in place).
 
     A softmax counts as attention when its input comes from a MatMul through at most
-    MAX_CHAIN elementwise nodes. The copies go just before the first backward node; ORT then
-    runs each one right before its readers.
+    MAX_CHAIN elementwise nodes.
 
     Returns:
         The number of softmax outputs whose backward readers now read a copy.
@@ -43,21 +44,18 @@ def recompute_attention_probs(model: onnx.ModelProto) -> int:
     copies: list[onnx.NodeProto] = []
     rewired = 0
     for node in list(graph.node):
-        if node.op_type != "Softmax" or "_Grad" in node.name:
+        if node.op_type != "Softmax" or is_backward(node):
             continue
         chain = _chain_to_product(node.input[0], producer)
-        readers = [n for n in graph.node if "_Grad" in n.name and node.output[0] in n.input]
-        if chain is None or not readers:
+        readers = [n for n in graph.node if is_backward(n) and node.output[0] in n.input] if chain else []
+        if not readers:
             continue
         probs = _copy_chain(node, chain, copies)
         for reader in readers:
             reader.input[:] = [probs if name == node.output[0] else name for name in reader.input]
         rewired += 1
     if copies:
-        nodes = list(graph.node)
-        position = next(i for i, n in enumerate(nodes) if "_Grad" in n.name)
-        graph.ClearField("node")
-        graph.node.extend(nodes[:position] + copies + nodes[position:])
+        insert_before_backward(graph, copies)
     return rewired
 
 

@@ -59,19 +59,29 @@ def recompute_dequantized_weights(model: onnx.ModelProto, frozen: set[str]) -> i
 
     rewired = 0
     for node in graph.node:
-        if "_Grad" not in node.name:
+        if not is_backward(node):
             continue
         for index, name in enumerate(node.input):
             if name in constant and name in producer and _has_quantized_source(name, producer, frozen):
                 node.input[index] = clone(name)
                 rewired += 1
     if rewired:
-        # Insert the copies just before the first backward node (a valid topological position).
-        position = next(i for i, n in enumerate(graph.node) if "_Grad" in n.name)
-        nodes = list(graph.node)
-        del graph.node[:]
-        graph.node.extend(nodes[:position] + new_nodes + nodes[position:])
+        insert_before_backward(graph, new_nodes)
     return rewired
+
+
+def is_backward(node: onnx.NodeProto) -> bool:
+    """A gradient node: ORT's gradient builder names them `<forward node>_Grad/...`."""
+    return "_Grad" in node.name
+
+
+def insert_before_backward(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    """Put recomputation nodes just before the first backward node (a valid topological position;
+    ORT then runs each one right before its readers)."""
+    existing = list(graph.node)
+    position = next(i for i, n in enumerate(existing) if is_backward(n))
+    del graph.node[:]
+    graph.node.extend(existing[:position] + nodes + existing[position:])
 
 
 def _constant_derived(graph: onnx.GraphProto, frozen: set[str]) -> set[str]:
