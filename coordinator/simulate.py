@@ -119,7 +119,7 @@ def simulate(sim: SimulationConfig, rounds: CoordinatorConfig, on_round: Callabl
     from edgeftl.coordinator.evaluate import make_evaluator
     from edgeftl.coordinator.server import Coordinator
     from edgeftl.device.manifest import verify_bundle
-    from edgeftl.device.runtime import BundleRuntime
+    from edgeftl.device.runtime import trainable_vector
     from edgeftl.device.transport import MqttTransport
 
     sim.out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +136,7 @@ def simulate(sim: SimulationConfig, rounds: CoordinatorConfig, on_round: Callabl
     if metrics.exists() and not rounds.resume:
         metrics.unlink()
     evaluate = make_evaluator(bundle, test, threads=2, cache_dir=sim.out / "cache")
-    initial = BundleRuntime(bundle, verify=False).get_flat()
+    initial = trainable_vector(bundle, manifest)
     with broker_for(sim) as url, device_processes(sim, url, bundle, files, rounds.prefix) as processes:
         transport = MqttTransport(url, f"edgeftl-coordinator-{rounds.prefix}".replace("/", "-")[:64])
         coordinator = Coordinator(transport, bundle, manifest, initial, rounds, evaluate, on_round)

@@ -12,15 +12,17 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-FORMAT_VERSION = 1
+# 2: graphs for stock ONNX Runtime, parameters in params.safetensors, AdamW settings in the
+# manifest. 1 was ONNX Runtime Training's format (checkpoint + optimizer graph).
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 # File roles inside a bundle folder.
-TRAINING_MODEL = "training_model.onnx"
+TRAINING_MODEL = "training_model.onnx"  # inputs: the roles of `inputs["training"]`, then every parameter
 EVAL_MODEL = "eval_model.onnx"
-OPTIMIZER_MODEL = "optimizer_model.onnx"
-CHECKPOINT = "checkpoint"
+PARAMS = "params.safetensors"  # every parameter, frozen (at its own dtype) and trainable (fp32)
 LOWER_MODEL = "lower_model.onnx"  # present only when the frozen lower backbone is split off
 TOKENIZER = "tokenizer.json"
+GRAD_SUFFIX = "_grad"  # the training graph outputs "loss" and, per trainable parameter P, "P_grad"
 
 
 class BundleError(ValueError):
@@ -29,7 +31,7 @@ class BundleError(ValueError):
 
 @dataclass
 class TrainableParam:
-    """One trainable tensor, at `offset` (in elements) in ORT's contiguous parameter buffer."""
+    """One trainable tensor, at `offset` (in elements) in the bundle's flat trainable vector."""
 
     name: str
     shape: list[int]
@@ -60,6 +62,8 @@ class Manifest:
     hidden_size: int
     trainable: list[TrainableParam]
     inputs: dict  # role -> graph input name, for the training/eval graph and the lower graph
+    # AdamW settings the device optimizer runs with (device/optim.py AdamWConfig.to_dict()).
+    optimizer: dict = field(default_factory=lambda: {"kind": "adamw"})
     files: dict[str, dict] = field(default_factory=dict)  # relative path -> {"bytes", "sha256"}
     built_with: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -140,6 +144,10 @@ def read_manifest(folder: Path) -> Manifest:
         raise BundleError(f"{str(path)!r} is not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise BundleError(f"{str(path)!r} must hold a JSON object")
+    if data.get("format_version") == 1:
+        raise BundleError(
+            f"bundle {str(folder)!r} was built for ONNX Runtime Training (manifest format 1); edgeftl devices now "
+            f"train on stock ONNX Runtime and read format {FORMAT_VERSION}: rebuild it with `edgeftl build`")
     return Manifest.from_dict(data)
 
 

@@ -185,5 +185,5 @@ def _probe_main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":  # `python -m` has imported edgeftl.device (the torch-free hook) already
+if __name__ == "__main__":
     sys.exit(_probe_main(sys.argv[1:]))

@@ -1,7 +1,12 @@
-"""A bundle loaded for training on a device: tokenizer, frozen lower stack, ORT training session.
+"""A bundle loaded for training on a device: tokenizer, frozen lower stack, stock ONNX Runtime sessions.
 
-Torch-free: numpy, onnxruntime (training build, imported via `edgeftl.device.ort`) and
-tokenizers only.
+Torch-free: numpy, stock onnxruntime and tokenizers only. The training graph computes the loss
+and the gradient of every trainable parameter (`P_grad` outputs); this runtime adds
+micro-batch gradients up in numpy and runs AdamW on the flat trainable vector
+(`device/optim.py`). Every parameter is a graph input: the frozen weights are read once from
+params.safetensors and shared by the training and the evaluation session, and the trainable
+ones are views into the flat vector, so an optimizer step or `set_flat` changes what the next
+run reads without copying anything into ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -12,69 +17,115 @@ from pathlib import Path
 import numpy as np
 
 from edgeftl.device.manifest import (
-    CHECKPOINT,
     EVAL_MODEL,
+    GRAD_SUFFIX,
     LOWER_MODEL,
-    OPTIMIZER_MODEL,
+    PARAMS,
     TOKENIZER,
     TRAINING_MODEL,
     BundleError,
     Manifest,
     verify_bundle,
 )
-from edgeftl.device.ort import session_options, training_api
+from edgeftl.device.optim import AdamW, AdamWConfig
+from edgeftl.device.ort import session_options
+from edgeftl.device.params import ParamsError, read_params
 
 IGNORE_INDEX = -100  # causal-LM label for padding; matches the loss in the training graph
 
 
 class BundleRuntime:
-    """Train and evaluate one bundle's trainable parameters with ONNX Runtime Training."""
+    """Train and evaluate one bundle's trainable parameters with stock ONNX Runtime and numpy AdamW."""
 
     def __init__(self, folder: Path, threads: int | None = None, verify: bool = True,
-                 checkpoint: Path | None = None, shared_arena: bool = True) -> None:
+                 shared_arena: bool = True, train: bool = True) -> None:
         """Load a bundle.
 
         Args:
             folder: the bundle folder.
             threads: intra-op threads for ONNX Runtime (None: its default).
             verify: check every bundle file's sha256 first.
-            checkpoint: start from this ORT checkpoint (a saved device state, optimizer state
-                included) instead of the bundle's own.
-            shared_arena: let every session of this runtime (training, eval, optimizer, lower
-                stack) draw from one memory arena (`device/ort.py` `session_options`).
+            shared_arena: let every session of this runtime (training, eval, lower stack)
+                draw from one memory arena (`device/ort.py` `session_options`).
+            train: load the training graph (False: evaluation only, as the coordinator does).
+
+        Raises:
+            BundleError: a bundle whose files do not fit its manifest (the message says which).
         """
+        import onnxruntime as ort
         from tokenizers import Tokenizer
 
         self.folder = Path(folder)
         self.manifest: Manifest = verify_bundle(self.folder) if verify else _read(self.folder)
-        api = training_api()
-        options = session_options(threads, shared_arena=shared_arena)
-        checkpoint = Path(checkpoint) if checkpoint else self.folder / CHECKPOINT
-        self.state = api.CheckpointState.load_checkpoint(str(checkpoint))
+        self._ort, self._threads, self._shared_arena = ort, threads, shared_arena
+        self.flat, self._values = self._load_params()
+        try:
+            self.optimizer = AdamW(self.flat.size, AdamWConfig.from_dict(self.manifest.optimizer))
+        except ValueError as exc:
+            raise BundleError(f"manifest optimizer: {exc}") from exc
+        self.grad = np.zeros_like(self.flat)  # accumulated gradient of the step in progress
+        self.lr = 1e-3
         # Every model file this runtime opened, for the "bytes of model files loaded" metric.
-        self.loaded_files: list[Path] = [checkpoint, self.folder / TRAINING_MODEL, self.folder / EVAL_MODEL,
-                                         self.folder / OPTIMIZER_MODEL, self.folder / TOKENIZER]
-        training_options = session_options(threads, training=True, shared_arena=shared_arena)
-        self.module = api.Module(str(self.folder / TRAINING_MODEL), self.state, str(self.folder / EVAL_MODEL),
-                                 session_options=training_options)
-        self.optimizer = api.Optimizer(str(self.folder / OPTIMIZER_MODEL), self.module)
-        size = self.module.get_parameters_size(trainable_only=True)
-        if size != self.manifest.trainable_count:
-            raise BundleError(
-                f"manifest lists {self.manifest.trainable_count} trainable values but the training graph has "
-                f"{size}; the bundle is inconsistent, rebuild it"
-            )
-        self.lower = None
-        if self.manifest.split:
-            import onnxruntime as ort
-
-            self.lower = ort.InferenceSession(str(self.folder / LOWER_MODEL), options,
-                                              providers=["CPUExecutionProvider"])
+        self.loaded_files: list[Path] = [self.folder / PARAMS, self.folder / TRAINING_MODEL, self.folder / TOKENIZER]
+        self._input_names: dict[int, list[str]] = {}
+        self._grad_outputs = [p.name + GRAD_SUFFIX for p in self.manifest.trainable]
+        self.training = None
+        if train:
+            self.training = self._session(TRAINING_MODEL, training=True)
+            self._check_training_graph()
+        else:
+            self.loaded_files.remove(self.folder / TRAINING_MODEL)
+        self._eval = None  # created on first use: a device that never evaluates never holds it
+        self.lower = self._session(LOWER_MODEL) if self.manifest.split else None
+        if self.lower is not None:
             self.loaded_files.append(self.folder / LOWER_MODEL)
         self.tokenizer = Tokenizer.from_file(str(self.folder / TOKENIZER))
         self.tokenizer.enable_truncation(self.manifest.max_seq_len)
         self.tokenizer.no_padding()
         self.label_index = {label: i for i, label in enumerate(self.manifest.labels)}
+
+    def _load_params(self) -> tuple[np.ndarray, dict]:
+        """(flat trainable vector, {parameter name: OrtValue}) from params.safetensors."""
+        try:
+            tensors = read_params(self.folder / PARAMS)
+        except (OSError, ParamsError) as exc:
+            raise BundleError(f"bundle {str(self.folder)!r}: {exc}") from exc
+        flat = np.zeros(self.manifest.trainable_count, dtype=np.float32)
+        for param in self.manifest.trainable:
+            array = tensors.get(param.name)
+            if array is None or list(array.shape) != param.shape or array.dtype != np.float32:
+                found = "missing" if array is None else f"{array.dtype} {list(array.shape)}"
+                raise BundleError(f"bundle {str(self.folder)!r}: trainable parameter {param.name!r} is {found} in "
+                                  f"{PARAMS}, the manifest says float32 {param.shape}; rebuild the bundle")
+            view = flat[param.offset:param.offset + param.size].reshape(param.shape)
+            view[...] = array
+            tensors[param.name] = view  # the session reads the flat vector itself
+        values = {name: self._ort.OrtValue.ortvalue_from_numpy(array) for name, array in tensors.items()}
+        self._arrays = tensors  # OrtValues on CPU share these arrays' memory: keep them alive
+        return flat, values
+
+    def _session(self, role: str, training: bool = False):
+        options = session_options(self._threads, training=training, shared_arena=self._shared_arena)
+        try:
+            return self._ort.InferenceSession(str(self.folder / role), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types (Fail, NotImplemented, InvalidGraph)
+            raise BundleError(f"bundle file {role!r} does not load in onnxruntime {self._ort.__version__} "
+                              f"({str(exc).splitlines()[0][:300]}); rebuild the bundle with this edgeftl") from exc
+
+    def _check_training_graph(self) -> None:
+        outputs = {o.name for o in self.training.get_outputs()}
+        missing = [name for name in ["loss", *self._grad_outputs] if name not in outputs]
+        if missing:
+            raise BundleError(f"bundle {str(self.folder)!r}: the training graph lacks outputs {missing[:3]}; "
+                              "rebuild the bundle")
+        self._param_inputs(self.training)
+
+    @property
+    def eval_session(self):
+        if self._eval is None:
+            self._eval = self._session(EVAL_MODEL)
+            self.loaded_files.append(self.folder / EVAL_MODEL)
+        return self._eval
 
     # ---- inputs -------------------------------------------------------------------------
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -128,21 +179,43 @@ class BundleRuntime:
 
     # ---- steps --------------------------------------------------------------------------
     def set_learning_rate(self, lr: float) -> None:
-        self.optimizer.set_learning_rate(lr)
+        self.lr = float(lr)
+
+    def _feeds(self, session, features: np.ndarray, mask: np.ndarray, targets: np.ndarray, weight: float) -> dict:
+        """The session's inputs: the batch under its role names, every parameter from `_values`."""
+        data = (features, mask, targets, np.array(weight, dtype=np.float32))
+        # np.require, not np.ascontiguousarray: that one turns the 0-d weight into shape (1,).
+        feeds = {name: self._ort.OrtValue.ortvalue_from_numpy(np.require(array, requirements="C"))
+                 for name, array in zip(self.manifest.inputs["training"], data)}
+        feeds.update((name, self._values[name]) for name in self._param_inputs(session))
+        return feeds
+
+    def _param_inputs(self, session) -> list[str]:
+        names = self._input_names.get(id(session))
+        if names is None:
+            roles = set(self.manifest.inputs["training"])
+            names = self._input_names[id(session)] = [i.name for i in session.get_inputs() if i.name not in roles]
+            unfed = [name for name in names if name not in self._values]
+            if unfed:
+                raise BundleError(f"bundle {str(self.folder)!r}: graph inputs {unfed[:3]} are not in {PARAMS}; "
+                                  "rebuild the bundle")
+        return names
 
     def accumulate(self, features: np.ndarray, mask: np.ndarray, targets: np.ndarray, weight: float = 1.0) -> float:
         """Forward + backward, adding `weight` x this batch's gradient to the accumulated one.
 
         Returns the unweighted loss of this (micro-)batch.
         """
-        self.module.train()
-        loss, _ = self.module(features, mask, targets, np.array(weight, dtype=np.float32))
-        return float(loss) / weight if weight else 0.0
+        outputs = self.training.run_with_ort_values(["loss", *self._grad_outputs],
+                                                    self._feeds(self.training, features, mask, targets, weight))
+        for param, value in zip(self.manifest.trainable, outputs[1:]):
+            self.grad[param.offset:param.offset + param.size] += value.numpy().reshape(-1)
+        return float(outputs[0].numpy()) / weight if weight else 0.0
 
     def apply_step(self) -> None:
-        """One optimizer step on the accumulated gradient, then clear it."""
-        self.optimizer.step()
-        self.module.lazy_reset_grad()
+        """One AdamW step on the accumulated gradient, then clear it."""
+        self.optimizer.step(self.flat, self.grad, self.lr)
+        self.grad[:] = 0.0
 
     def train_step(self, features: np.ndarray, mask: np.ndarray, targets: np.ndarray) -> float:
         """Forward, backward and one optimizer step; returns the batch loss."""
@@ -151,25 +224,46 @@ class BundleRuntime:
         return loss
 
     def eval_step(self, features: np.ndarray, mask: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
-        self.module.eval()
-        loss, logits = self.module(features, mask, targets, np.array(1.0, dtype=np.float32))
-        return float(loss), logits
+        session = self.eval_session
+        loss, logits = session.run_with_ort_values(["loss", "logits"], self._feeds(session, features, mask, targets, 1.0))
+        return float(loss.numpy()), logits.numpy()
 
     # ---- parameters as one vector -------------------------------------------------------
     def get_flat(self) -> np.ndarray:
-        """Trainable parameters as one float32 vector, in manifest (ORT buffer) order."""
-        return self.module.get_contiguous_parameters(trainable_only=True).numpy().copy()
+        """Trainable parameters as one float32 vector (a copy), in manifest order."""
+        return self.flat.copy()
 
     def set_flat(self, vector: np.ndarray) -> None:
-        size = self.module.get_parameters_size(trainable_only=True)
-        vector = np.ascontiguousarray(vector, dtype=np.float32)
-        if vector.shape != (size,):
-            raise ValueError(f"parameter vector has shape {vector.shape}, this bundle needs ({size},)")
+        vector = np.asarray(vector, dtype=np.float32)
+        if vector.shape != self.flat.shape:
+            raise ValueError(f"parameter vector has shape {vector.shape}, this bundle needs {self.flat.shape}")
         if not np.isfinite(vector).all():
             raise ValueError("parameter vector holds NaN or Inf values; refusing to load it")
-        buffer = self.module.get_contiguous_parameters(trainable_only=True)
-        buffer.numpy()[:] = vector
-        self.module.copy_buffer_to_parameters(buffer, trainable_only=True)
+        self.flat[:] = vector  # in place: the sessions' OrtValues view this memory
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """Trainable parameters by name (copies)."""
+        return self._named(self.flat)
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """The accumulated gradient by name (copies), before `apply_step` clears it."""
+        return self._named(self.grad)
+
+    def _named(self, vector: np.ndarray) -> dict[str, np.ndarray]:
+        return {p.name: vector[p.offset:p.offset + p.size].reshape(p.shape).copy() for p in self.manifest.trainable}
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """AdamW's step count and moments (copies), for the device's saved state."""
+        return {key: np.array(value) for key, value in self.optimizer.state().items()}
+
+    def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        self.optimizer.load_state(state)
+
+
+def trainable_vector(folder: Path, manifest: Manifest) -> np.ndarray:
+    """A bundle's initial trainable parameters as one vector, read without loading any graph."""
+    tensors = read_params(Path(folder) / PARAMS, {p.name for p in manifest.trainable})
+    return np.concatenate([tensors[p.name].reshape(-1) for p in manifest.trainable]).astype(np.float32, copy=False)
 
 
 def _read(folder: Path) -> Manifest:

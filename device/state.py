@@ -1,16 +1,15 @@
 """The device's local state on disk, so a restarted device resumes exactly where it stopped.
 
-    <dir>/CURRENT              name of the complete version below (replaced atomically)
-    <dir>/step-<N>/checkpoint  ORT checkpoint: parameters + optimizer state (AdamW moments, step)
-    <dir>/step-<N>/params.npy  trainable parameters as one float32 vector, manifest order
-    <dir>/step-<N>/state.json  bundle sha256, progress (step, epoch, RNG position), run settings
+    <dir>/CURRENT                 name of the complete version below (replaced atomically)
+    <dir>/step-<N>/params.npy     trainable parameters as one float32 vector, manifest order
+    <dir>/step-<N>/optimizer.npz  AdamW's step count and moments m, v (float32, same order)
+    <dir>/step-<N>/state.json     bundle sha256, progress (step, epoch, RNG position), run settings
 
 A save writes a new version folder and only then points CURRENT at it, so a failure at any
-moment leaves the previous state complete and current. ORT's `save_checkpoint(...,
-include_optimizer_state=True)` stores the moments, and building the optimizer on that
-checkpoint restores them: 2 + 2 steps with a restart in between give bit-identical parameters to
-4 steps straight. The checkpoint also carries the frozen weights (as large as the bundle's own
-checkpoint): the price of ORT having no optimizer-state-only format.
+moment leaves the previous state complete and current. Parameters and moments are stored
+exactly, so 2 + 2 steps with a restart in between give bit-identical parameters to 4 steps
+straight. Only trainable values are saved: the frozen weights never change and stay in the
+bundle (format 1 states also held an ORT checkpoint with every frozen weight).
 """
 
 from __future__ import annotations
@@ -24,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeftl.device.manifest import CHECKPOINT, MANIFEST, sha256_file, write_atomic
+from edgeftl.device.manifest import MANIFEST, sha256_file, write_atomic
 
-STATE_FORMAT = 1
-CURRENT, PARAMS, STATE_JSON = "CURRENT", "params.npy", "state.json"
+STATE_FORMAT = 2
+CURRENT, PARAMS, OPTIMIZER, STATE_JSON = "CURRENT", "params.npy", "optimizer.npz", "state.json"
 
 
 class StateError(ValueError):
@@ -46,10 +45,10 @@ class Progress:
 
 @dataclass
 class SavedState:
-    """What `load_state` returns: the checkpoint to build the runtime on, and the progress."""
+    """What `load_state` returns: the parameters and optimizer state to resume from, and the progress."""
 
-    checkpoint: Path
     params: np.ndarray
+    optimizer: dict[str, np.ndarray]
     progress: Progress
     settings: dict
 
@@ -71,20 +70,16 @@ def save_state(folder: Path, runtime, progress: Progress, settings: dict) -> Pat
     Returns:
         The version folder written.
     """
-    from edgeftl.device.ort import training_api
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".saving-"))
     try:
-        training_api().CheckpointState.save_checkpoint(runtime.state, str(tmp / CHECKPOINT),
-                                                       include_optimizer_state=True)
-        params = runtime.get_flat()
-        np.save(tmp / PARAMS, params)
+        np.save(tmp / PARAMS, runtime.get_flat())
+        np.savez(tmp / OPTIMIZER, **runtime.optimizer_state())
         info = {
             "format_version": STATE_FORMAT,
             "bundle_sha256": bundle_sha256(runtime.folder),
-            "checkpoint_sha256": sha256_file(tmp / CHECKPOINT),
+            "optimizer_sha256": sha256_file(tmp / OPTIMIZER),
             "params_sha256": sha256_file(tmp / PARAMS),
             "progress": asdict(progress),
             "settings": settings,
@@ -126,16 +121,21 @@ def load_state(folder: Path, bundle: Path) -> SavedState | None:
         raise StateError(f"state {str(version)!r} is unreadable ({exc}); use another --state folder") from exc
     if info.get("format_version") != STATE_FORMAT:
         raise StateError(f"state {str(version)!r} has format_version {info.get('format_version')!r}; "
-                         f"this edgeftl reads {STATE_FORMAT}")
+                         f"this edgeftl reads {STATE_FORMAT} (format 1 was saved by the ONNX Runtime Training "
+                         "runtime); use a new --state folder")
     if info.get("bundle_sha256") != bundle_sha256(bundle):
         raise StateError(f"state {str(folder)!r} was saved for another bundle (manifest sha256 "
                          f"{str(info.get('bundle_sha256'))[:12]}..., this bundle's is {bundle_sha256(bundle)[:12]}...); "
                          "use a new --state folder for this bundle")
-    for name, key in ((CHECKPOINT, "checkpoint_sha256"), (PARAMS, "params_sha256")):
+    for name, key in ((OPTIMIZER, "optimizer_sha256"), (PARAMS, "params_sha256")):
         path = version / name
         if not path.is_file() or sha256_file(path) != info.get(key):
             raise StateError(f"state file {str(path)!r} is missing or fails its sha256; use another --state folder")
-    return SavedState(checkpoint=version / CHECKPOINT, params=np.load(version / PARAMS, allow_pickle=False),
+    with np.load(version / OPTIMIZER, allow_pickle=False) as data:
+        optimizer = {key: data[key] for key in ("step", "m", "v") if key in data}
+    if len(optimizer) != 3:
+        raise StateError(f"state file {str(version / OPTIMIZER)!r} lacks step, m or v; use another --state folder")
+    return SavedState(params=np.load(version / PARAMS, allow_pickle=False), optimizer=optimizer,
                       progress=Progress(**info["progress"]), settings=info.get("settings", {}))
 
 

@@ -86,7 +86,7 @@ def subset_inputs(inputs: Inputs, positions: Sequence[int]) -> Inputs:
 # ---- steps ----------------------------------------------------------------------------------
 
 
-def _loss_units(runtime: BundleRuntime, targets: np.ndarray) -> int:
+def loss_units(runtime: BundleRuntime, targets: np.ndarray) -> int:
     # What the graph's loss averages over: samples (classify) or predicted tokens (causal-LM).
     if runtime.manifest.task == "classify":
         return len(targets)
@@ -99,7 +99,7 @@ def accumulate_parts(runtime: BundleRuntime, parts: list[Batch], share: float) -
     Each micro-batch's loss is weighted by its fraction of the batch's loss units, so the sum of
     the micro-batch gradients is the gradient of the batch's mean loss. Returns that mean loss.
     """
-    units = [_loss_units(runtime, targets) for _, _, targets in parts]
+    units = [loss_units(runtime, targets) for _, _, targets in parts]
     total = max(1, sum(units))
     loss = 0.0
     for (feats, mask, targets), count in zip(parts, units):
@@ -121,7 +121,7 @@ def evaluate(runtime: BundleRuntime, examples: Sequence[Example], batch: int, in
     for start in range(0, len(examples), batch):
         feats, mask, targets = inputs(list(range(start, min(start + batch, len(examples)))))
         loss, logits = runtime.eval_step(feats, mask, targets)
-        units = _loss_units(runtime, targets)
+        units = loss_units(runtime, targets)
         total_loss, total_units = total_loss + loss * units, total_units + units
         if runtime.manifest.task == "classify":
             correct += int((logits.argmax(axis=-1) == targets).sum())
@@ -225,13 +225,16 @@ def train_file(bundle: Path, data: Path, eval_file: Path | None, config: TrainCo
     saved = load_state(state_dir, bundle) if state_dir else None
     if saved:
         check_settings(saved, settings, state_dir)
-    runtime = BundleRuntime(bundle, threads=config.threads, verify=False,
-                            checkpoint=saved.checkpoint if saved else None)
+    runtime = BundleRuntime(bundle, threads=config.threads, verify=False)
+    if saved:
+        try:
+            runtime.set_flat(saved.params)
+            runtime.load_optimizer_state(saved.optimizer)
+        except ValueError as exc:
+            raise StateError(f"state {str(state_dir)!r} does not fit this bundle ({exc}); use another --state folder") from exc
     after_load = rss_mib()
     if config.max_memory_mib:
         config = _fit_memory(runtime, after_load, [examples[i].text for i in train_idx], config)
-    if saved and not np.array_equal(runtime.get_flat(), saved.params):
-        raise StateError(f"state {str(state_dir)!r}: checkpoint and params.npy disagree; use another --state folder")
     if saved and saved.progress.step:
         info(f"resuming {state_dir} at step {saved.progress.step} (epoch {saved.progress.epoch})")
     all_inputs, eval_inputs, closers = _inputs(runtime, examples, data, eval_examples, eval_file, cache_dir, progress)

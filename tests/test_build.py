@@ -22,7 +22,7 @@ import pytest
 from edgeftl.coordinator.cli import main
 from edgeftl.device.data import write_csv
 from edgeftl.device.manifest import FORMAT_VERSION, MANIFEST, Manifest, verify_bundle
-from edgeftl.device.ort import training_api
+from edgeftl.device.params import read_params
 from fixtures_build import LABELS, bundle, tiny_model
 
 # Hand-computed sizes of the tiny models (tests/tiny_models.py).
@@ -62,9 +62,9 @@ def bert_lora_params(blocks: tuple[int, ...]) -> dict[str, list[int]]:
 
 
 def checkpoint_params(folder: Path) -> dict[str, tuple[np.dtype, tuple[int, ...], bool]]:
-    """{name: (dtype, shape, requires_grad)} as ONNX Runtime loads the bundle's checkpoint."""
-    state = training_api().CheckpointState.load_checkpoint(str(folder / "checkpoint"))
-    return {name: (p.data.dtype, p.data.shape, p.requires_grad) for name, p in state.parameters}
+    """{name: (dtype, shape, requires_grad)} of the bundle's params.safetensors (trainable: in the manifest)."""
+    trainable = {p.name for p in verify_bundle(folder).trainable}
+    return {name: (a.dtype, a.shape, name in trainable) for name, a in read_params(folder / "params.safetensors").items()}
 
 
 # ---- fixtures ---------------------------------------------------------------------------
@@ -223,8 +223,8 @@ def test_manifest_lists_every_file_with_its_size_and_sha256(
     assert manifest.labels == list(LABELS)
     assert manifest.task == "classify" and manifest.model_type == "bert" and manifest.num_blocks == BLOCKS
     assert set(manifest.files) == on_disk
-    assert {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint",
-            "tokenizer.json"} <= on_disk
+    assert {"training_model.onnx", "eval_model.onnx", "params.safetensors", "tokenizer.json"} <= on_disk
+    assert not {"optimizer_model.onnx", "checkpoint"} & on_disk  # ONNX Runtime Training's files stay on the host
     for rel, entry in manifest.files.items():
         data = (folder / rel).read_bytes()
         assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -295,7 +295,7 @@ STORED = {
 
 
 @pytest.mark.parametrize("name", list(STORED))
-def test_checkpoint_stores_frozen_linear_weights_as_integers(
+def test_params_file_stores_frozen_linear_weights_as_integers(
     name: str, tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     # Prepare

@@ -245,7 +245,7 @@ def test_a_failed_save_leaves_the_previous_state_intact(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Prepare
-    from edgeftl.device.ort import training_api
+    import edgeftl.device.state as state_module
 
     runtime = BundleRuntime(bundle(tmp_path_factory, "bert-int8"), threads=1)
     state = tmp_path / "state"
@@ -253,12 +253,11 @@ def test_a_failed_save_leaves_the_previous_state_intact(
     before = tree_digest(state)
     runtime.set_flat(runtime.get_flat() + 1.0)
 
-    def disk_full(state_obj, path, include_optimizer_state=False) -> None:
-        Path(path).write_bytes(b"half a checkpoint")
+    def disk_full(path, **arrays) -> None:  # the optimizer state half written, then ENOSPC
+        Path(path).write_bytes(b"half an optimizer state")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(training_api().CheckpointState, "save_checkpoint", classmethod(
-        lambda cls, *a, **k: disk_full(*a, **k)))
+    monkeypatch.setattr(state_module.np, "savez", disk_full)
 
     # Execute
     with pytest.raises(OSError, match="No space"):
@@ -327,8 +326,8 @@ def test_metrics_are_a_flat_dict_with_units_appended_as_json_lines(
     # Prepare
     metrics = tmp_path / "runs" / "metrics.jsonl"
     folder = bundle(tmp_path_factory, SPLIT)
-    opened = ["checkpoint", "training_model.onnx", "eval_model.onnx", "optimizer_model.onnx",
-              "tokenizer.json", "lower_model.onnx"]
+    # No evaluation in this run: the eval graph is never opened.
+    opened = ["params.safetensors", "training_model.onnx", "tokenizer.json", "lower_model.onnx"]
     args = [*train_args(tmp_path_factory, SPLIT, data["train"], cache_dir), "--steps", "2", "--metrics", str(metrics)]
 
     # Execute
@@ -485,8 +484,8 @@ def test_max_memory_picks_a_smaller_micro_batch_when_the_batch_does_not_fit(
 # ---- 7. bad input: one line, exit 2, the saved state untouched ------------------------------
 
 
-def _drop_checkpoint(folder: Path, files: dict[str, Path]) -> None:
-    (folder / "checkpoint").unlink()
+def _drop_params(folder: Path, files: dict[str, Path]) -> None:
+    (folder / "params.safetensors").unlink()
 
 
 def _flip_tokenizer(folder: Path, files: dict[str, Path]) -> None:
@@ -506,7 +505,7 @@ def _data_file(text: bytes):
 
 
 BAD_INPUTS = [
-    pytest.param(_drop_checkpoint, [], ["'checkpoint'", "missing"], id="bundle-file-missing"),
+    pytest.param(_drop_params, [], ["'params.safetensors'", "missing"], id="bundle-file-missing"),
     pytest.param(_flip_tokenizer, [], ["tokenizer.json", "sha256"], id="bundle-file-sha256"),
     pytest.param(_bump_format, [], ["format_version 99"], id="unknown-format-version"),
     pytest.param(_data_file(b""), [], ["file is empty"], id="data-empty"),

@@ -166,7 +166,7 @@ def test_manifest_offsets_locate_each_parameter_in_the_flat_vector(runtime: Bund
     runtime.set_flat(vector)
 
     # Execute
-    params = {p.name: runtime.state.parameters[p.name].data for p in runtime.manifest.trainable}
+    params = runtime.parameters()
 
     # Assert
     for p in runtime.manifest.trainable:
@@ -213,14 +213,14 @@ def bump_format_version(folder: Path) -> None:
     (folder / MANIFEST).write_text(json.dumps(manifest))
 
 
-def drop_checkpoint(folder: Path) -> None:
-    (folder / "checkpoint").unlink()
+def drop_params(folder: Path) -> None:
+    (folder / "params.safetensors").unlink()
 
 
 TAMPERINGS = [
     pytest.param(flip_tokenizer_byte, ["tokenizer.json", "sha256"], id="flipped-byte"),
     pytest.param(bump_format_version, ["format_version", "99"], id="unknown-format-version"),
-    pytest.param(drop_checkpoint, ["checkpoint", "missing"], id="missing-file"),
+    pytest.param(drop_params, ["params.safetensors", "missing"], id="missing-file"),
 ]
 
 

@@ -330,7 +330,7 @@ def test_onnx_export_keeps_integer_initializers_and_matches_torch(scheme: QuantS
 
 
 class _LoraOnQuant(nn.Module):
-    """A quantized frozen layer under a trainable low-rank branch and head."""
+    """A quantized frozen layer under a trainable low-rank branch and head; returns (loss, logits)."""
 
     def __init__(self, scheme: QuantScheme) -> None:
         super().__init__()
@@ -342,47 +342,56 @@ class _LoraOnQuant(nn.Module):
         self.classifier = nn.Linear(32, 3)
         quantize_module_(self, scheme, _skip_adapters_and_head)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.emb(ids)
         h = self.dense(h) + self.lora_B(self.lora_A(h))
-        return self.classifier(h.mean(dim=1))
+        logits = self.classifier(h.mean(dim=1))
+        return nn.functional.cross_entropy(logits, labels), logits
 
 
 @pytest.mark.parametrize("scheme", SCHEMES_Q, ids=lambda s: s.name)
-def test_quantized_graph_builds_ort_training_artifacts_and_trains(scheme: QuantScheme, tmp_path: Path) -> None:
+def test_quantized_graph_becomes_a_portable_training_graph_that_trains(scheme: QuantScheme, tmp_path: Path) -> None:
     # Prepare: the integer buffers are frozen params; only the adapter and head train.
-    from onnxruntime.training import artifacts
-    from onnxruntime.training.api import CheckpointState, Module, Optimizer
+    import onnxruntime as ort
+
+    from edgeftl.coordinator.build.artifacts import generate
+    from edgeftl.device.optim import AdamW
+    from edgeftl.device.params import read_params
 
     buf = io.BytesIO()
+    ids = torch.tensor([[1, 2, 3]])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_LoraOnQuant(scheme), (torch.tensor([[1, 2, 3]]),), buf, dynamo=False,
-                          do_constant_folding=False, opset_version=17, input_names=["ids"],
-                          output_names=["logits"], dynamic_axes={"ids": {0: "batch", 1: "seq"}},
-                          training=torch.onnx.TrainingMode.TRAINING)
+        torch.onnx.export(_LoraOnQuant(scheme), (ids, torch.tensor([0])), buf, dynamo=False,
+                          do_constant_folding=False, opset_version=17, input_names=["ids", "labels"],
+                          output_names=["loss", "logits"], training=torch.onnx.TrainingMode.TRAINING,
+                          dynamic_axes={"ids": {0: "batch", 1: "seq"}, "labels": {0: "batch"}})
     model = onnx.load_from_string(buf.getvalue())
     names = [t.name for t in model.graph.initializer]
     trainable = [n for n in names if "lora_" in n or "classifier" in n]
-    artifacts.generate_artifacts(model, requires_grad=trainable, frozen_params=[n for n in names if n not in trainable],
-                                 loss=artifacts.LossType.CrossEntropyLoss, optimizer=artifacts.OptimType.AdamW,
-                                 artifact_directory=str(tmp_path))
-    state = CheckpointState.load_checkpoint(str(tmp_path / "checkpoint"))
-    module = Module(str(tmp_path / "training_model.onnx"), state, str(tmp_path / "eval_model.onnx"))
-    optimizer = Optimizer(str(tmp_path / "optimizer_model.onnx"), module)
-    ids = np.random.default_rng(0).integers(0, 30, (4, 5), dtype=np.int64)
-    labels = np.array([0, 1, 2, 1], dtype=np.int64)
+    (tmp_path / "bundle").mkdir()
 
-    # Execute
-    module.train()
+    # Execute: ORT Training's gradient graph, made portable, trained on stock onnxruntime + numpy AdamW
+    made = generate(model, trainable, tmp_path / "bundle", tmp_path / "reference", recompute=True)
+    session = ort.InferenceSession(str(tmp_path / "bundle" / "training_model.onnx"), providers=["CPUExecutionProvider"])
+    params = read_params(tmp_path / "bundle" / "params.safetensors")
+    flat = np.concatenate([params[p.name].ravel() for p in made.trainable])
+    optimizer = AdamW(flat.size, made.optimizer)
+    batch = {"ids": np.random.default_rng(0).integers(0, 30, (4, 5), dtype=np.int64),
+             "labels": np.array([0, 1, 2, 1], dtype=np.int64)}
     losses = []
     for _ in range(4):
-        losses.append(float(module(ids, labels)))
-        optimizer.step()
-        module.lazy_reset_grad()
+        for p in made.trainable:
+            params[p.name] = flat[p.offset:p.offset + p.size].reshape(p.shape)
+        feeds = {**batch, **{i.name: params[i.name] for i in session.get_inputs() if i.name not in batch}}
+        loss, *grads = session.run(["loss", *[p.name + "_grad" for p in made.trainable]], feeds)
+        losses.append(float(loss))
+        optimizer.step(flat, np.concatenate([g.ravel() for g in grads]), lr=0.05)
 
     # Assert
-    assert {"emb.weight_q", "dense.weight_q"} <= set(names)
+    assert {"emb.weight_q", "dense.weight_q"} <= set(params)
+    assert params["dense.weight_q"].dtype == (np.int8 if scheme.name == "int8" else np.uint8)
+    assert {i.name for i in session.get_inputs()} >= {"dense.weight_q", "lora_A.weight"}  # frozen and trainable
     assert losses[-1] < losses[0]
 
 

@@ -193,10 +193,10 @@ def _encode_all(runtime, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]
 
 
 def _trainable_values(bundle: Path) -> dict[str, np.ndarray]:
-    from edgeftl.device.ort import training_api
+    from edgeftl.device.manifest import PARAMS, read_manifest
+    from edgeftl.device.params import read_params
 
-    state = training_api().CheckpointState.load_checkpoint(str(bundle / "checkpoint"))
-    return {name: np.array(p.data) for name, p in state.parameters if p.requires_grad}
+    return read_params(bundle / PARAMS, {p.name for p in read_manifest(bundle).trainable})
 
 
 def _save(path: Path, batches, logits: list[np.ndarray], params: dict[str, np.ndarray], **extra) -> None:
@@ -211,7 +211,7 @@ def _bundle_worker(args: argparse.Namespace) -> int:
     """Eval logits of one bundle, in a process that never imports torch."""
     from edgeftl.device.runtime import BundleRuntime
 
-    runtime = BundleRuntime(args.bundle, threads=args.threads)
+    runtime = BundleRuntime(args.bundle, threads=args.threads, train=False)
     texts = json.loads(args.texts.read_text(encoding="utf-8"))
     batches = _encode_all(runtime, texts)
     logits = []
@@ -227,10 +227,10 @@ def _reference_worker(args: argparse.Namespace) -> int:
     from edgeftl.device.manifest import read_manifest
     from edgeftl.device.runtime import BundleRuntime
 
-    # Same tokenizer call as the bundle side; ORT is loaded (torch-free) before torch is.
+    # Same tokenizer call as the bundle side.
     manifest = read_manifest(args.bundle)
     texts = json.loads(args.texts.read_text(encoding="utf-8"))
-    batches = _encode_all(BundleRuntime(args.bundle, threads=args.threads), texts)
+    batches = _encode_all(BundleRuntime(args.bundle, threads=args.threads, train=False), texts)
     params = _trainable_values(args.bundle)
     model, lower = _reference_model(manifest, params, args.threads)
     logits = [_torch_logits(model, lower, ids, mask) for ids, mask in batches]

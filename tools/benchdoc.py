@@ -19,7 +19,7 @@ def machine() -> dict:
     cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
     mem = re.search(r"^MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
     versions = {}
-    for name in ("onnxruntime-training-cpu", "onnxruntime-training", "torch"):
+    for name in ("onnxruntime", "torch"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -40,9 +40,12 @@ def git_state() -> dict:
 
 
 def machine_line(m: dict) -> str:
-    ort = m.get("onnxruntime-training-cpu") or m.get("onnxruntime-training", "?")
+    if m.get("onnxruntime"):
+        ort = f"onnxruntime {m['onnxruntime']}"
+    else:  # runs from before devices moved to stock onnxruntime
+        ort = f"onnxruntime-training {m.get('onnxruntime-training-cpu') or m.get('onnxruntime-training', '?')}"
     return (f"Machine: {m['nproc']} CPUs (nproc), {m['ram_gib']} GiB RAM, {m['cpu']}; Python {m['python']}, "
-            f"onnxruntime-training {ort}, torch {m.get('torch', '?')}; {m['date']}.")
+            f"{ort}, torch {m.get('torch', '?')}; {m['date']}.")
 
 
 def write_section(name: str, section: str, machine_info: dict | None = None, doc: Path = DOC) -> None:

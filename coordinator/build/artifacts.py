@@ -1,118 +1,112 @@
-"""ONNX Runtime Training artifacts (training / eval / optimizer graphs + checkpoint)."""
+"""Training artifacts: ORT Training's gradient graphs, rewritten into a bundle stock ONNX Runtime trains.
+
+1. ONNX Runtime Training generates the training, eval and AdamW graphs and a checkpoint (in a
+   training-build process, `training_build.py`), into a reference folder.
+2. edgeftl's memory rewrites go into its training graph: LayerNorm input gradients as plain ops
+   (`layernorm_grad.py`, always), dequantized weights (`recompute.py`, quantized bundles) and
+   attention probabilities (`attention_recompute.py`) recomputed for the backward pass. The
+   reference folder then holds what bundles trained on before they became portable.
+3. `portable.py` turns a copy into the bundle's training graph (standard ops, raw gradients
+   out); the eval graph is standard already. Every parameter goes into params.safetensors, and
+   the AdamW settings are read off the optimizer graph's node.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import sys
-import tempfile
-from collections.abc import Iterator
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 from edgeftl.coordinator.build.attention_recompute import recompute_attention_probs
+from edgeftl.coordinator.build.config import BuildError
 from edgeftl.coordinator.build.layernorm_grad import decompose_layernorm_grads
+from edgeftl.coordinator.build.portable import PortabilityError, make_portable
 from edgeftl.coordinator.build.recompute import recompute_dequantized_weights
-from edgeftl.device.manifest import CHECKPOINT, EVAL_MODEL, TRAINING_MODEL, TrainableParam
-from edgeftl.device.ort import training_api
+from edgeftl.coordinator.build.reference import EVAL_MODEL as REF_EVAL
+from edgeftl.coordinator.build.reference import OPTIMIZER_MODEL
+from edgeftl.coordinator.build.reference import TRAINING_MODEL as REF_TRAINING
+from edgeftl.coordinator.build.training_build import run_job
+from edgeftl.device.manifest import EVAL_MODEL, PARAMS, TRAINING_MODEL, TrainableParam
+from edgeftl.device.optim import AdamWConfig
+from edgeftl.device.params import write_params
 
 
-def generate(model: onnx.ModelProto, trainable: list[str], out: Path, recompute: bool = False,
-             recompute_attention: bool = True) -> None:
-    """Write the four artifacts into `out` (which must exist).
+@dataclass
+class Artifacts:
+    """What the manifest needs to know about the generated graphs."""
 
-    Every initializer that is not trainable is listed as a frozen parameter, so it is stored
-    once, in the checkpoint, at its own dtype (int8 / packed uint8 stay small), instead of as
-    a constant in both the training and the eval graph. The task model already outputs
-    (loss, logits); the loss block passes `loss` through and `logits` rides along as an extra
-    output so devices can compute accuracy.
+    trainable: list[TrainableParam]
+    optimizer: AdamWConfig
 
-    The training graph is then rewritten: LayerNorm input gradients as plain ops
-    (`layernorm_grad.py`, always), with `recompute` dequantized weights and with
-    `recompute_attention` attention probabilities recomputed for the backward pass
-    (`recompute.py`, `attention_recompute.py`).
+
+def generate(model: onnx.ModelProto, trainable: list[str], out: Path, reference: Path, recompute: bool = False,
+             recompute_attention: bool = True) -> Artifacts:
+    """Write the bundle's training graph, eval graph and parameters into `out`, the ORT Training ones into `reference`.
+
+    Args:
+        model: the exported task model (outputs loss and logits); every initializer is a parameter.
+        trainable: names of its trainable initializers, in the order of the flat trainable vector.
+        out: the bundle's staging folder (exists).
+        reference: an empty folder for the ORT Training artifacts (the build's probe and the
+            equivalence tests train them with the training build).
     """
-    from onnxruntime.training import artifacts
-
     names = [init.name for init in model.graph.initializer]
     missing = sorted(set(trainable) - set(names))
     if missing:
-        raise RuntimeError(f"trainable parameters missing from the exported graph: {missing[:5]}")
-    frozen = [name for name in names if name not in set(trainable)]
-    logging.getLogger("onnxruntime").setLevel(logging.WARNING)
-    with native_stderr_captured():
-        artifacts.generate_artifacts(
-            model,
-            requires_grad=list(trainable),
-            frozen_params=frozen,
-            loss=None,
-            optimizer=artifacts.OptimType.AdamW,
-            artifact_directory=out,
-            loss_input_names=["loss"],
-            additional_output_names=["logits"],
-        )
-    path = out / TRAINING_MODEL
-    training = onnx.load(str(path))
+        raise BuildError(f"trainable parameters missing from the exported graph: {missing[:5]}")
+    reference.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(reference / "task_model.onnx"))
+    (reference / "trainable.json").write_text(json.dumps(trainable), encoding="utf-8")
+    run_job("artifacts", reference / "task_model.onnx", reference / "trainable.json", reference)
+    (reference / "task_model.onnx").unlink()
+
+    training = onnx.load(str(reference / REF_TRAINING))
+    frozen = set(names) - set(trainable)
     if recompute:
-        recompute_dequantized_weights(training, set(frozen))
+        recompute_dequantized_weights(training, frozen)
     if recompute_attention:
         recompute_attention_probs(training)
     decompose_layernorm_grads(training)
-    onnx.save(training, str(path))
+    onnx.save(training, str(reference / REF_TRAINING))
+
+    try:
+        make_portable(training)
+    except PortabilityError as exc:
+        raise BuildError(str(exc)) from exc
+    onnx.save(training, str(out / TRAINING_MODEL))
+    onnx.save(onnx.load(str(reference / REF_EVAL)), str(out / EVAL_MODEL))
+    tensors = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    write_params(out / PARAMS, tensors)
+    return Artifacts(layout(tensors, trainable), read_optimizer(reference / OPTIMIZER_MODEL))
 
 
-@contextlib.contextmanager
-def native_stderr_captured() -> Iterator[None]:
-    """Hold back native (C++) stderr; replay it only if the block fails.
-
-    ORT's gradient-graph builder logs every graph transformer pass at INFO level through its
-    own logger, which `set_default_logger_severity` does not reach: ~50 lines per build.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            sink.seek(0)
-            sys.stderr.write(sink.read().decode(errors="replace")[-4000:])
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+def layout(tensors: dict, trainable: list[str]) -> list[TrainableParam]:
+    """Trainable parameters back to back in the flat vector, in the given order."""
+    params, offset = [], 0
+    for name in trainable:
+        array = tensors[name]
+        if str(array.dtype) != "float32":
+            raise BuildError(f"trainable parameter {name!r} is {array.dtype}; trainable parameters must be float32")
+        params.append(TrainableParam(name, list(array.shape), "float32", offset))
+        offset += array.size
+    return params
 
 
-def contiguous_layout(out: Path) -> list[TrainableParam]:
-    """Trainable parameters in the order of ORT's contiguous parameter buffer, with offsets.
+def read_optimizer(path: Path) -> AdamWConfig:
+    """AdamW settings from ORT Training's optimizer graph (one com.microsoft AdamWOptimizer node)."""
+    nodes = [n for n in onnx.load(str(path)).graph.node if n.op_type == "AdamWOptimizer"]
+    if len(nodes) != 1:
+        raise BuildError(f"{path.name} holds {len(nodes)} AdamWOptimizer nodes, expected 1")
+    attrs = {a.name: helper.get_attribute_value(a) for a in nodes[0].attribute}
 
-    Found by writing 0..n-1 into the buffer and reading back where each parameter's first
-    element landed, so it is the runtime's own order rather than an assumption about it.
-    """
-    api = training_api()
-    state = api.CheckpointState.load_checkpoint(str(out / CHECKPOINT))
-    module = api.Module(str(out / TRAINING_MODEL), state, str(out / EVAL_MODEL))
-    size = module.get_parameters_size(trainable_only=True)
-    buffer = module.get_contiguous_parameters(trainable_only=True)
-    marker = np.arange(size, dtype=np.float32)
-    buffer.numpy()[:] = marker  # OrtValue on CPU shares memory with this view
-    module.copy_buffer_to_parameters(buffer, trainable_only=True)
-    layout = []
-    for name, param in state.parameters:
-        if not param.requires_grad:
-            continue
-        data = param.data
-        layout.append(TrainableParam(name, list(data.shape), str(data.dtype), int(data.reshape(-1)[0])))
-    layout.sort(key=lambda p: p.offset)
-    position = 0
-    for param in layout:
-        if param.offset != position:
-            raise RuntimeError(f"unexpected ORT parameter layout at {param.name}: offset {param.offset} != {position}")
-        position += param.size
-    if position != size:
-        raise RuntimeError(f"trainable sizes add up to {position}, ORT buffer holds {size}")
-    return layout
+    def f32(name: str, default: float) -> float:  # the shortest decimal of the float32 attribute: 0.9, not 0.8999999762
+        return float(np.format_float_positional(np.float32(attrs.get(name, default)), unique=True))
+
+    # The kernel's defaults for attributes the node leaves out (adamw.h / AdamWOptimizerBase).
+    return AdamWConfig(beta1=f32("alpha", 0.9), beta2=f32("beta", 0.999), eps=f32("epsilon", 1e-8),
+                       weight_decay=f32("weight_decay", 0.0), bias_correction=bool(attrs.get("correct_bias", 1)),
+                       mode=int(attrs.get("adam_mode", 0)))

@@ -36,11 +36,15 @@ class BuildConfig:
     seed: int = 0
     force: bool = False
     model_id: str | None = None
+    # Where to keep ONNX Runtime Training's own artifacts (graphs with training-only ops, AdamW
+    # graph, checkpoint): what the benchmarks and equivalence tests run on the training build.
+    reference_dir: Path | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         self.model = Path(self.model) if self.model is not None else None
+        self.reference_dir = Path(self.reference_dir) if self.reference_dir is not None else None
         self.labels = tuple(self.labels)
         self.targets = tuple(self.targets)
         if self.task not in TASKS:

@@ -1,8 +1,9 @@
-"""`edgeftl build`: pretrained model -> quantized frozen backbone + adapters -> ORT Training bundle.
+"""`edgeftl build`: pretrained model -> quantized frozen backbone + adapters -> a bundle stock ONNX Runtime trains.
 
 Reads top to bottom like the pipeline: load, attach trainable parts, split off the frozen
-lower stack, quantize, export, generate training artifacts, write the manifest, and publish
-the folder by renaming it into place (a failed build leaves no partial bundle).
+lower stack, quantize, export, generate the training graphs (with ONNX Runtime Training, then
+made portable), write the manifest, check the bundle trains as ONNX Runtime Training does, and
+publish the folder by renaming it into place (a failed build leaves no partial bundle).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from edgeftl.coordinator.build import artifacts
 from edgeftl.coordinator.build.config import BuildConfig, BuildError
 from edgeftl.coordinator.build.export import export_onnx
+from edgeftl.coordinator.build.probe import check_bundle
 from edgeftl.device.manifest import (
     LOWER_MODEL,
     MANIFEST,
@@ -33,7 +35,7 @@ from edgeftl.models.loading import Pretrained, default_model_dir, load_pretraine
 from edgeftl.models.task import LowerModel, UpperModel, make_head
 
 STEPS = ("export frozen lower stack", "quantize", "export training graph",
-         "generate ORT artifacts", "write manifest")
+         "generate training graphs", "write manifest", "check against ONNX Runtime Training")
 DUMMY_BATCH, DUMMY_SEQ = 2, 16  # export shapes; both axes are dynamic in the graphs
 PACKAGED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 # Embedding tables this small stay fp32: they cost nothing, and a token-type row is added to
@@ -54,17 +56,22 @@ def build(config: BuildConfig, progress: bool = True) -> Manifest:
     pre, model, first = prepare_model(model_dir, config)
     config.out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=config.out.parent, prefix=f".{config.out.name}.building-"))
+    reference_root = (config.reference_dir or config.out).parent
+    reference_root.mkdir(parents=True, exist_ok=True)
+    reference = Path(tempfile.mkdtemp(dir=reference_root, prefix=f".{config.out.name}.reference-"))
     try:
         with tqdm(total=len(STEPS), desc="edgeftl build", unit="step", disable=not progress) as bar:
-            manifest = _build_into(staging, model_dir, config, (pre, model, first), bar)
+            manifest = _build_into(staging, reference, model_dir, config, (pre, model, first), bar)
         _publish(staging, config.out, config.force)
-    except BaseException:
+        if config.reference_dir is not None:
+            _publish(reference, config.reference_dir, force=True)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        shutil.rmtree(reference, ignore_errors=True)
     return manifest
 
 
-def _build_into(staging: Path, model_dir: Path, config: BuildConfig,
+def _build_into(staging: Path, reference: Path, model_dir: Path, config: BuildConfig,
                 prepared: tuple[Pretrained, UpperModel, int], bar: tqdm) -> Manifest:
     def step(name: str) -> None:
         bar.set_postfix_str(name)
@@ -87,10 +94,9 @@ def _build_into(staging: Path, model_dir: Path, config: BuildConfig,
 
     step(STEPS[3])
     # Quantized weights: dequantize again for the backward pass rather than hold fp32 copies.
-    artifacts.generate(graph, trainable, staging, recompute=config.quant != "none",
-                       recompute_attention=config.recompute_attention)
+    generated = artifacts.generate(graph, trainable, staging, reference, recompute=config.quant != "none",
+                                   recompute_attention=config.recompute_attention)
     (staging / "upper_model.onnx").unlink()
-    layout = artifacts.contiguous_layout(staging)
     bar.update()
 
     step(STEPS[4])
@@ -114,7 +120,8 @@ def _build_into(staging: Path, model_dir: Path, config: BuildConfig,
         num_blocks=pre.num_blocks,
         first_trainable_block=first,
         hidden_size=pre.hidden_size,
-        trainable=layout,
+        trainable=generated.trainable,
+        optimizer=generated.optimizer.to_dict(),
         inputs={
             "training": ["hidden_states" if first else "input_ids", "attention_mask", "labels", "loss_weight"],
             "lower": ["input_ids", "attention_mask"] if first else [],
@@ -124,6 +131,10 @@ def _build_into(staging: Path, model_dir: Path, config: BuildConfig,
         built_with=_versions(),
     )
     write_atomic(staging / MANIFEST, manifest.to_json())
+    bar.update()
+
+    step(STEPS[5])
+    check_bundle(staging, reference)
     bar.update()
     return manifest
 
@@ -240,8 +251,10 @@ def _copy_tokenizer(model_dir: Path, staging: Path) -> int:
 
 
 def _versions() -> dict[str, str]:
-    names = ("edgeftl", "torch", "transformers", "onnx", "onnxruntime-training-cpu", "numpy")
-    found = {"python": platform.python_version()}
+    from edgeftl.coordinator.build import training_build
+
+    names = ("edgeftl", "torch", "transformers", "onnx", "onnxruntime", "numpy")
+    found = {"python": platform.python_version(), training_build.PACKAGE: training_build.VERSION}
     for name in names:
         try:
             found[name] = metadata.version(name)
@@ -251,7 +264,7 @@ def _versions() -> dict[str, str]:
 
 
 def _publish(staging: Path, out: Path, force: bool) -> None:
-    """Rename the finished staging folder into place; an old bundle is replaced only with --force."""
+    """Rename the finished staging folder into place; an old folder is replaced only with --force."""
     if out.exists():
         if not force:
             raise BuildError(f"output folder {str(out)!r} already exists; pass --force to replace it")

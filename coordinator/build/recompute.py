@@ -36,8 +36,7 @@ def recompute_dequantized_weights(model: onnx.ModelProto, frozen: set[str]) -> i
     constant = _constant_derived(graph, frozen)
     clones: dict[str, str] = {}
     new_nodes: list[onnx.NodeProto] = []
-    one = "edgeftl_dq_unit_scale"
-    graph.initializer.append(numpy_helper.from_array(np.array(1.0, dtype=np.float32), one))
+    one = "edgeftl_dq_unit_scale"  # added to the graph only if a copy reads it
 
     def clone(tensor: str) -> str:
         if tensor in clones:
@@ -66,6 +65,7 @@ def recompute_dequantized_weights(model: onnx.ModelProto, frozen: set[str]) -> i
                 node.input[index] = clone(name)
                 rewired += 1
     if rewired:
+        graph.initializer.append(numpy_helper.from_array(np.array(1.0, dtype=np.float32), one))
         insert_before_backward(graph, new_nodes)
     return rewired
 

@@ -1,4 +1,4 @@
-"""`edgeftl build`: pretrained model -> quantized ONNX Runtime Training bundle."""
+"""`edgeftl build`: pretrained model -> quantized training bundle for stock ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from edgeftl.coordinator.cli._common import csv_list, fail
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("build", help="build an ONNX Runtime Training bundle from a local pretrained model",
+    p = sub.add_parser("build", help="build a training bundle (stock ONNX Runtime) from a local pretrained model",
                        description=__doc__)
     p.add_argument("--model", type=Path, default=None,
                    help="local Hugging Face model folder (default: the packaged all-MiniLM-L6-v2)")
@@ -37,6 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="initialisation seed for adapters and head")
     p.add_argument("--model-id", default=None, help="name recorded in the manifest (default: derived)")
     p.add_argument("--out", type=Path, required=True, help="bundle folder to create")
+    p.add_argument("--reference-dir", type=Path, default=None,
+                   help="also keep ONNX Runtime Training's own artifacts here (training-only ops, AdamW graph, "
+                        "checkpoint), for benchmarks and equivalence checks against the training build")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             adapter=args.adapter, rank=args.rank, alpha=args.alpha, targets=args.targets,
             train_layers=args.train_layers, quant=args.quant, block_size=args.block_size, int8_top_blocks=args.int8_top_blocks,
             max_seq_len=args.max_seq_len, seed=args.seed, force=args.force, model_id=args.model_id,
-            recompute_attention=args.recompute_attention,
+            recompute_attention=args.recompute_attention, reference_dir=args.reference_dir,
         )
         from edgeftl.coordinator.build.pipeline import build
 

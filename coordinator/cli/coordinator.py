@@ -68,14 +68,14 @@ def run(args: argparse.Namespace) -> int:
     from edgeftl.coordinator.live import LiveView
     from edgeftl.coordinator.server import Coordinator
     from edgeftl.device.manifest import BundleError, verify_bundle
-    from edgeftl.device.runtime import BundleRuntime
+    from edgeftl.device.runtime import trainable_vector
     from edgeftl.device.transport import MqttTransport, TransportError
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = config_from(args, args.out)
         manifest = verify_bundle(args.bundle)
-        initial = BundleRuntime(args.bundle, verify=False).get_flat()
+        initial = trainable_vector(args.bundle, manifest)
         evaluate = make_evaluator(args.bundle, args.eval) if args.eval else None
         transport = MqttTransport(args.broker, f"edgeftl-coordinator-{args.prefix}".replace("/", "-")[:64])
         view = LiveView(config.rounds, config.deadline_s, round_line)  # plain lines when not a terminal

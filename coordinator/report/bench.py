@@ -86,13 +86,13 @@ def machine() -> dict[str, object]:
     """The machine the numbers came from: CPU model, cores, memory, Python and library versions."""
     return {"cpu": _cpu_model(), "cores": os.cpu_count(), "ram_gib": _ram_gib(), "python": platform.python_version(),
             "os": f"{platform.system()} {platform.release()}", "machine": platform.machine(),
-            "onnxruntime": _version("onnxruntime-training-cpu", "onnxruntime-training", "onnxruntime"),
+            "onnxruntime": _version("onnxruntime"),
             "torch": _version("torch"), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 def machine_line(m: dict[str, object]) -> str:
     return (f"Machine: {m['cores']} CPUs ({m['cpu']}, {m['machine']}), {m['ram_gib']} GiB RAM, {m['os']}; "
-            f"Python {m['python']}, onnxruntime-training {m['onnxruntime']}, torch {m['torch']}; {m['date']}.")
+            f"Python {m['python']}, onnxruntime {m['onnxruntime']}, torch {m['torch']}; {m['date']}.")
 
 
 def headline(name: str, data: object) -> str:
