@@ -7,8 +7,10 @@
    attention probabilities (`attention_recompute.py`) recomputed for the backward pass. The
    reference folder then holds what bundles trained on before they became portable.
 3. `portable.py` turns a copy into the bundle's training graph (standard ops, raw gradients
-   out); the eval graph is standard already. Every parameter goes into params.safetensors, and
-   the AdamW settings are read off the optimizer graph's node.
+   out), and `shape_pins.py` ties the backward pass's shape reads to the forward so stock
+   ONNX Runtime frees forward activations as early as the training build did. The eval graph
+   is standard already. Every parameter goes into params.safetensors, and the AdamW settings
+   are read off the optimizer graph's node.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from edgeftl.coordinator.build.recompute import recompute_dequantized_weights
 from edgeftl.coordinator.build.reference import EVAL_MODEL as REF_EVAL
 from edgeftl.coordinator.build.reference import OPTIMIZER_MODEL
 from edgeftl.coordinator.build.reference import TRAINING_MODEL as REF_TRAINING
+from edgeftl.coordinator.build.shape_pins import pin_shape_reads
 from edgeftl.coordinator.build.training_build import run_job
 from edgeftl.device.manifest import EVAL_MODEL, PARAMS, TRAINING_MODEL, TrainableParam
 from edgeftl.device.optim import AdamWConfig
@@ -77,6 +80,7 @@ def generate(model: onnx.ModelProto, trainable: list[str], out: Path, reference:
         make_portable(training)
     except PortabilityError as exc:
         raise BuildError(str(exc)) from exc
+    pin_shape_reads(training.graph)
     onnx.save(training, str(out / TRAINING_MODEL))
     onnx.save(onnx.load(str(reference / REF_EVAL)), str(out / EVAL_MODEL))
     tensors = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}

