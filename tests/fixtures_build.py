@@ -23,6 +23,7 @@ BUNDLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "bert-int8-keep-attention": ("bert", ("--quant", "int8", "--keep-attention")),
     "bert-head": ("bert", ("--quant", "int8", "--adapter", "head")),
     "llama-int8": ("llama", ("--task", "causal-lm", "--quant", "int8")),
+    "llama-int8-top1": ("llama", ("--task", "causal-lm", "--quant", "int8", "--train-layers", "1")),
 }
 
 _cache: dict[str, Path] = {}
@@ -40,7 +41,8 @@ def tiny_model(factory: pytest.TempPathFactory, kind: str) -> Path:
 def bundle(factory: pytest.TempPathFactory, name: str) -> Path:
     """The session's bundle `name` (a key of BUNDLES), built once with `edgeftl build`.
 
-    Tests that change a bundle must work on a copy.
+    Its ONNX Runtime Training artifacts are kept beside it (`reference`). Tests that change a
+    bundle must work on a copy.
     """
     key = f"bundle:{name}"
     if key not in _cache:
@@ -48,13 +50,20 @@ def bundle(factory: pytest.TempPathFactory, name: str) -> Path:
 
         kind, flags = BUNDLES[name]
         out = factory.mktemp("bundles", numbered=True) / name
-        args = ["build", "--model", str(tiny_model(factory, kind)), "--out", str(out), "--quiet", *flags]
+        args = ["build", "--model", str(tiny_model(factory, kind)), "--out", str(out), "--quiet",
+                "--reference-dir", str(out.with_name(name + ".reference")), *flags]
         if kind == "bert":
             args += ["--labels", ",".join(LABELS)]
         rc = main(args)
         assert rc == 0, f"building {name} failed with exit code {rc}"
         _cache[key] = out
     return _cache[key]
+
+
+def reference(factory: pytest.TempPathFactory, name: str) -> Path:
+    """ONNX Runtime Training's own artifacts for the session's bundle `name` (training-build runs only)."""
+    folder = bundle(factory, name)
+    return folder.with_name(name + ".reference")
 
 
 def keyword_dataset(n: int, seed: int, keyword: str = "market") -> tuple[list[str], list[str]]:

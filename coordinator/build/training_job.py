@@ -1,8 +1,14 @@
-"""What runs inside a training-build process (`training_build.run_job` starts it): artifacts and reference runs.
+"""Jobs run in a process of their own: artifacts and reference runs on the training build, plan runs anywhere.
 
     python -m edgeftl.coordinator.build.training_job artifacts MODEL TRAINABLE_JSON OUT_DIR
     python -m edgeftl.coordinator.build.training_job reference ARTIFACTS PLAN_NPZ RESULT_NPZ [THREADS]
     python -m edgeftl.coordinator.build.training_job infer MODEL FEEDS_NPZ RESULT_NPZ
+    python -m edgeftl.coordinator.build.training_job portable BUNDLE PLAN_NPZ RESULT_NPZ [THREADS]
+
+The first three need a process whose `onnxruntime` is the training build
+(`training_build.run_job` starts those). `portable` runs a plan on the device runtime with
+whatever stock onnxruntime the process has: the equivalence tests run it on other Pythons,
+onnxruntime versions and architectures (an emulated ARM64 board) and compare with `reference`.
 
 `artifacts` generates the ORT Training graphs (training, eval, AdamW optimizer) and checkpoint
 for an exported task model. `reference` trains those artifacts on the batches of a plan with
@@ -105,18 +111,26 @@ def micro_batches(plan: dict[str, np.ndarray], step: int) -> list[tuple[np.ndarr
     return out
 
 
+def _runtime(kind: str, folder: Path, threads: int | None):
+    if kind == "reference":  # ORT Training artifacts, on the training build
+        from edgeftl.coordinator.build.reference import ReferenceRuntime
+
+        return ReferenceRuntime(folder, threads)
+    from edgeftl.device.runtime import BundleRuntime  # a bundle, on this process's stock onnxruntime
+
+    return BundleRuntime(folder, threads=threads)
+
+
 def main(argv: list[str]) -> int:
     command, *args = argv
     if command == "artifacts":
         model, trainable, out = args
         generate_artifacts(Path(model), json.loads(Path(trainable).read_text()), Path(out))
-    elif command == "reference":
-        artifacts, plan, result, *threads = args
-        from edgeftl.coordinator.build.reference import ReferenceRuntime
-
+    elif command in ("reference", "portable"):
+        folder, plan, result, *threads = args
         with np.load(plan) as data:
             arrays = dict(data)
-        runtime = ReferenceRuntime(Path(artifacts), int(threads[0]) if threads else None)
+        runtime = _runtime(command, Path(folder), int(threads[0]) if threads else None)
         np.savez(result, **run_plan(runtime, arrays))
     elif command == "infer":
         import onnxruntime as ort
@@ -127,7 +141,7 @@ def main(argv: list[str]) -> int:
             outputs = session.run(None, dict(data))
         np.savez(result, **{o.name: v for o, v in zip(session.get_outputs(), outputs)})
     else:
-        print(f"unknown command {command!r}; accepted: artifacts, reference, infer", file=sys.stderr)
+        print(f"unknown command {command!r}; accepted: artifacts, reference, infer, portable", file=sys.stderr)
         return 2
     return 0
 

@@ -1,0 +1,182 @@
+"""Devices that are not this host: Python 3.10 (onnxruntime 1.23.2) and emulated ARM64 boards (3.11, 3.13).
+
+The boards are Debian ARM64 roots run under qemu-user (tools/emulated_root.py), with the
+device's dependencies installed by the board's own pip from their aarch64 wheels and edgeftl
+from a wheel of this checkout. In each environment:
+
+- the portable runtime trains tiny bundles exactly as the training build does on the host
+  (same plan, tolerance as tests/test_equivalence.py);
+- on the boards, `edgeftl device train` lowers the loss on the keyword task;
+- both boards join one federation over a real Mosquitto beside two x86 devices, and their
+  updates are accepted and aggregated every round.
+
+Emulated code is ~100-2000x slower than native, so bundles are the tiny ones and steps few.
+Needs root for the boards (debootstrap, chroot, binfmt_misc); under CI nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import in_ci
+from device_envs import DeviceEnv, board_env, edgeftl_wheel, machine_of, native_env
+from edgeftl.coordinator.build.probe import compare, probe_plan, train_reference
+from edgeftl.coordinator.config import CoordinatorConfig
+from edgeftl.coordinator.evaluate import make_evaluator
+from edgeftl.coordinator.server import Coordinator
+from edgeftl.device.data import write_csv
+from edgeftl.device.manifest import read_manifest
+from edgeftl.device.runtime import BundleRuntime, trainable_vector
+from edgeftl.device.transport import MqttTransport
+from fixtures_build import bundle, keyword_dataset, reference
+
+pytestmark = pytest.mark.slow
+
+TOLERANCE = 1e-5  # as in tests/test_equivalence.py (measured there: <= 2e-6)
+ENVIRONMENTS = {"x86_64-py3.10": ("native", "3.10"), "arm64-bookworm": ("board", "bookworm"),
+                "arm64-trixie": ("board", "trixie")}
+BOARDS = ["arm64-bookworm", "arm64-trixie"]
+EXPECTED = {"x86_64-py3.10": ("x86_64", "3.10"), "arm64-bookworm": ("aarch64", "3.11"),
+            "arm64-trixie": ("aarch64", "3.13")}
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return edgeftl_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+@pytest.fixture(scope="session")
+def environments(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, DeviceEnv]:
+    """Every environment, made (or taken from the cache) once per session."""
+    if os.geteuid() != 0:
+        reason = "emulated boards need root (debootstrap, chroot, binfmt_misc)"
+        if in_ci():
+            pytest.fail(f"CI is set and {reason}", pytrace=False)
+        pytest.skip(reason)
+    session = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    made = {}
+    for name, (kind, which) in ENVIRONMENTS.items():
+        made[name] = (native_env(which, wheel, tmp_path_factory.mktemp(name)) if kind == "native"
+                      else board_env(which, wheel, session))
+    return made
+
+
+@pytest.mark.parametrize("name", list(ENVIRONMENTS))
+def test_environment_is_what_it_claims(name: str, environments: dict[str, DeviceEnv]) -> None:
+    # Execute
+    seen = machine_of(environments[name])
+
+    # Assert: the architecture and Python asked for, running a stock (non-training) onnxruntime
+    machine, python = EXPECTED[name]
+    assert seen["machine"] == machine and seen["python"].startswith(python + "."), seen
+    print(f"{name}: {seen}")
+
+
+@pytest.mark.parametrize("kind", ["bert-int8", "bert-int8-top1", "llama-int8"])
+@pytest.mark.parametrize("name", list(ENVIRONMENTS))
+def test_portable_runtime_matches_the_training_build(name: str, kind: str, environments: dict[str, DeviceEnv],
+                                                     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Prepare: the plan and the training build's result on the host
+    env = environments[name]
+    folder = bundle(tmp_path_factory, kind)
+    plan = probe_plan(BundleRuntime(folder, threads=1), seed=1, steps=3, lr=1e-2)
+    np.savez(tmp_path / "plan.npz", **plan)
+    expected = train_reference(reference(tmp_path_factory, kind), plan, threads=1)
+
+    # Execute: the same plan on the device runtime there
+    result = f"{env.share(tmp_path)}/result.npz"
+    done = env.run([env.python, "-m", "edgeftl.coordinator.build.training_job", "portable", env.share(folder),
+                    f"{env.share(tmp_path)}/plan.npz", result, "1"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    with np.load(env.host(result)) as data:
+        actual = dict(data)
+
+    # Assert
+    differences = compare(actual, expected)
+    assert all(value <= TOLERANCE for value in differences.values()), (name, kind, differences)
+
+
+@pytest.mark.parametrize("name", BOARDS)
+def test_device_train_on_an_arm64_board_lowers_the_loss(name: str, environments: dict[str, DeviceEnv],
+                                                        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Prepare: the run tests/test_device_runtime.py makes on the host (60 steps of 16, lr 2e-2)
+    env = environments[name]
+    train = write_csv(tmp_path / "train.csv", *keyword_dataset(64, seed=0))
+    held_out = write_csv(tmp_path / "eval.csv", *keyword_dataset(64, seed=1))
+
+    # Execute
+    done = env.run(env.edgeftl("device", "train", "--bundle", env.share(bundle(tmp_path_factory, "bert-int8")),
+                               "--data", env.share(train), "--eval", env.share(held_out), "--steps", "60",
+                               "--batch", "16", "--lr", "2e-2", "--seed", "0", "--threads", "1", "--json", "--quiet"))
+
+    # Assert: a fresh 2-label head starts near ln 2; training fits the keyword rule
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"{name}: {summary}")
+    assert summary["platform_machine"] == "aarch64" and summary["steps"] == 60
+    assert summary["last_loss"] < 0.5 * summary["first_loss"]
+    assert summary["eval_accuracy"] >= 0.9
+
+
+def test_arm64_boards_federate_beside_x86_devices(mosquitto_broker, environments: dict[str, DeviceEnv],
+                                                 tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Prepare: a coordinator here, two x86 device processes and the two boards, one data file each
+    host, port = mosquitto_broker
+    url = f"mqtt://{host}:{port}"
+    folder = bundle(tmp_path_factory, "bert-int8")
+    manifest = read_manifest(folder)
+    prefix = f"arm-{uuid.uuid4().hex[:6]}"
+    test_csv = write_csv(tmp_path / "test.csv", *keyword_dataset(64, seed=7))
+    devices: dict[str, tuple[DeviceEnv | None, Path]] = {}
+    for i, name in enumerate(["x86-0", "x86-1", *BOARDS]):
+        devices[name] = (environments.get(name), write_csv(tmp_path / f"{name}.csv", *keyword_dataset(48, seed=50 + i)))
+    rounds = 2
+    config = CoordinatorConfig(out=tmp_path / "run", rounds=rounds, steps=3, batch=16, lr=3e-2, deadline_s=900,
+                               wait_devices=len(devices), wait_devices_s=600, prefix=prefix, codec="topk:0.25+int8")
+    coordinator = Coordinator(MqttTransport(url, f"coord-{prefix}"), folder, manifest, trainable_vector(folder, manifest),
+                              config, evaluate=make_evaluator(folder, test_csv))
+    processes = []
+    for name, (env, data) in devices.items():
+        args = ["device", "run", "--broker", url, "--id", name, "--prefix", prefix, "--threads", "1",
+                "--rounds", str(rounds)]
+        if env is None:
+            command = [sys.executable, "-m", "edgeftl.coordinator.cli", *args, "--bundle", str(folder), "--data", str(data)]
+        else:
+            command = env.command(env.edgeftl(*args, "--bundle", env.share(folder), "--data", env.share(data)))
+        log = open(tmp_path / f"{name}.log", "w")
+        processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+
+    # Execute
+    try:
+        coordinator.connect()
+        online = coordinator.wait_for_devices()
+        records = coordinator.run() if online == len(devices) else []
+    finally:
+        coordinator.transport.close()
+        for process in processes:
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    # Assert: every device's update aggregated each round, the boards reporting aarch64
+    logs = {name: (tmp_path / f"{name}.log").read_text()[-1500:] for name in devices}
+    assert online == len(devices), logs
+    assert [r["round"] for r in records] == list(range(rounds))
+    for record in records:
+        assert record["updates_received"] == len(devices) and record["updates_rejected"] == 0, (record, logs)
+        assert record["aggregated"] and set(record["devices"]) == set(devices)
+        for name in BOARDS:
+            assert record["devices"][name]["platform_machine"] == "aarch64"
+        print(f"round {record['round']}: accuracy {record.get('accuracy')} "
+              + ", ".join(f"{d} {m['platform_machine']}/py{m['platform_python']} train {m.get('train_time_s')} s"
+                          for d, m in record["devices"].items()))
+    assert records[-1]["loss"] < records[0]["loss"] or records[-1]["accuracy"] >= records[0]["accuracy"]
