@@ -6,10 +6,11 @@ bundle here (the stock onnxruntime installed on the host) and on the bundle's ow
 artifacts in a training-build process: random token ids or hidden states, padded rows, a first
 step made of two weighted micro-batches, AdamW at lr 1e-2 (large, so parameters move far).
 
-Tolerance, relative to the largest magnitude of each quantity: 1e-5. The rewrites change only
-the order of float32 operations, whose rounding is ~6e-8 relative per operation; over a
-5-step plan the differences measured here stay below 2e-6 (losses, gradients, parameters,
-evaluation logits). A wrong gradient formula shows up at 1e-2 or more.
+Tolerances (coordinator/build/probe.py has the reasoning): losses, gradients and evaluation
+logits to 1e-5 of their largest magnitude (measured here: <= 4e-7; the rewrites change only
+the order of float32 operations), parameters to 1e-4 of the most AdamW can move them, lr x
+steps (measured: <= 7.2e-6). A wrong gradient formula shows up at 1e-2 or more, a wrong
+optimizer at 0.1 or more of that bound.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from edgeftl.coordinator.build.training_job import run_plan
 from edgeftl.device.runtime import BundleRuntime
 from fixtures_build import BUNDLES, bundle, reference
 
-TOLERANCE = 1e-5
+TOLERANCE = {"loss": 1e-5, "gradients": 1e-5, "eval logits": 1e-5, "parameters": 1e-4}
 STEPS, LR = 5, 1e-2
 
 
@@ -40,7 +41,7 @@ def test_portable_runtime_trains_like_the_training_build(name: str, tmp_path_fac
     actual = run_plan(BundleRuntime(folder, threads=1), plan)
 
     # Assert
-    differences = compare(actual, expected)
-    assert all(value <= TOLERANCE for value in differences.values()), differences
+    differences = compare(actual, expected, plan)
+    assert all(value <= TOLERANCE[what] for what, value in differences.items()), differences
     first, last = float(expected["loss.0"]), float(expected[f"loss.{STEPS - 1}"])
     assert first != last  # the plan really trained

@@ -1,4 +1,4 @@
-"""Benchmark training on a device: memory and step time of edgeftl bundles vs PyTorch + PEFT.
+"""Benchmark training on a device: memory and step time of edgeftl bundles vs PyTorch + PEFT and vs ONNX Runtime Training.
 
 Same model, data, batch and thread count for every case: the packaged all-MiniLM-L6-v2,
 5 BBC labels, LoRA r=8 alpha=16 on query/value + a mean-pool linear head, batch 16 x 128
@@ -10,10 +10,17 @@ AdamW, lr 1e-3.
     (b) edgeftl fp32 bundle          (c) int8 bundle          (d) int4 bundle
     (e) top-2 split int8 bundle: the frozen lower stack runs once per sample in epoch 1, its
         outputs are cached, later epochs only train the top 2 blocks
+    (b*)-(e*) the same bundles as devices trained them before they moved to stock onnxruntime:
+        ONNX Runtime Training 1.19.2's own artifacts for each bundle (`edgeftl build
+        --reference-dir`: training-only ops, in-graph gradient accumulators, AdamW graph,
+        checkpoint) on its Module/Optimizer API, with the bundle's tokenizer and lower stack, in a
+        process whose onnxruntime is the training build. (b)-(e) run the portable bundles on the
+        stock onnxruntime of this venv, AdamW in numpy.
 
 Every case runs in a fresh process; the cases alternate round-robin, `--repeats` times. A run
 does WARMUP steps, then `--steps` timed steps ((e): whole epochs of EPOCH_BATCHES batches).
 Bundle processes import only edgeftl.device + numpy and report whether torch got loaded.
+The portable runtime's targets: peak RSS and median step each <= 1.05 x its (x*) twin.
 Memory is read from /proc/self/status: VmRSS once the model and optimizer exist (before the
 first step) and VmHWM (peak RSS) at the end. Each figure is the median over repeats.
 
@@ -56,7 +63,10 @@ BUNDLES = {"fp32": ["--quant", "none"], "int8": ["--quant", "int8"], "int4": ["-
            "int8-top2": ["--quant", "int8", "--train-layers", "2"]}
 CASES = {"a": ("PyTorch + PEFT eager fp32", None), "b": ("edgeftl fp32 bundle", "fp32"),
          "c": ("edgeftl int8 bundle", "int8"), "d": ("edgeftl int4 bundle", "int4"),
-         "e": ("edgeftl top-2 split int8, cached lower outputs", "int8-top2")}
+         "e": ("edgeftl top-2 split int8, cached lower outputs", "int8-top2"),
+         "b*": ("ORT Training build, fp32", "fp32"), "c*": ("ORT Training build, int8", "int8"),
+         "d*": ("ORT Training build, int4", "int4"), "e*": ("ORT Training build, top-2 split int8", "int8-top2")}
+TRAINING_BUILD = "*"  # case suffix: the bundle's ORT Training artifacts on the training build
 MICRO_BATCHES = (16, 4)
 # The machine may be shared: before each run, wait until other processes use under QUIET_SHARE
 # of the CPUs (sampled over QUIET_SAMPLE_S), at most QUIET_WAIT_S per run and QUIET_BUDGET_S in all.
@@ -80,12 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         data = _prepare_data(work, work / "fp32" / "tokenizer.json", labels)
         runs = _run_all(work, data, args)
         runtime_alone = _runtime_alone(work, data, args)
-        checkpoints = {name: (work / name / "checkpoint").stat().st_size / 2**20 for name in BUNDLES}
+        checkpoints = {name: (work / name / "params.safetensors").stat().st_size / 2**20 for name in BUNDLES}
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
     results = _summarise(runs, builds, labels, time.perf_counter() - started, args)
-    results["runtime_alone_rss_mib"] = {"runs": runtime_alone, "median": statistics.median(runtime_alone)}
+    results["runtime_alone_rss_mib"] = {runtime: {"runs": runs_, "median": statistics.median(runs_)}
+                                        for runtime, runs_ in runtime_alone.items()}
     results["checkpoint_mib"] = checkpoints
     results["step_gflop"] = _step_gflop()
     section = _markdown(results)
@@ -111,6 +122,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--micro-batch", type=int, default=BATCH, help=argparse.SUPPRESS)
     p.add_argument("--epochs", type=int, default=3, help=argparse.SUPPRESS)
+    p.add_argument("--runtime", choices=("stock", "training"), default="stock", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("threads", "repeats", "steps"):
         if getattr(args, name) <= 0:
@@ -129,7 +141,8 @@ def _build(out: Path, labels: list[str], flags: list[str], args) -> float | None
     if args.reuse and (out / "manifest.json").is_file():
         return None
     cmd = [sys.executable, "-m", "edgeftl.coordinator.cli", "build", "--quiet", "--force",
-           "--labels", ",".join(labels), "--out", str(out), *flags, *BUILD_FLAGS]
+           "--labels", ",".join(labels), "--out", str(out), "--reference-dir", str(_reference(out)), *flags,
+           *BUILD_FLAGS]
     started = time.perf_counter()
     _check(subprocess.run(cmd, env=_env(args.threads), capture_output=True, text=True), cmd)
     return round(time.perf_counter() - started, 1)
@@ -192,10 +205,16 @@ def _run_all(work: Path, data: Path, args) -> list[dict]:
     return runs
 
 
-def _runtime_alone(work: Path, data: Path, args) -> list[float]:
-    """RSS of a device process that loads everything but a model, once per repeat (MiB)."""
+def _runtime_alone(work: Path, data: Path, args) -> dict[str, list[float]]:
+    """RSS of a device process that loads everything but a model, once per repeat (MiB), per runtime."""
     flags = ["--data", str(data), "--bundle", str(work / "fp32")]
-    return [_spawn("runtime", flags, args.threads)["rss_after_load_mib"] for _ in range(args.repeats)]
+    return {runtime: [_spawn("runtime", [*flags, "--runtime", runtime], args.threads,
+                             training=runtime == "training")["rss_after_load_mib"] for _ in range(args.repeats)]
+            for runtime in ("stock", "training")}
+
+
+def _reference(bundle: Path) -> Path:
+    return bundle.with_name(bundle.name + ".reference")
 
 
 def _cpu_seconds() -> tuple[float, float]:
@@ -229,24 +248,30 @@ def _wait_for_quiet(limit_s: float) -> float:
 def _worker(case: str, micro: int, work: Path, data: Path, args) -> dict:
     bundle = CASES[case][1]
     kind = "torch" if bundle is None else ("split" if bundle == "int8-top2" else "bundle")
+    training = case.endswith(TRAINING_BUILD)
     flags = ["--data", str(data), "--steps", str(args.steps), "--micro-batch", str(micro),
-             "--epochs", "2" if args.quick else "3"]
+             "--epochs", "2" if args.quick else "3", "--runtime", "training" if training else "stock"]
     if bundle is not None:
         flags += ["--bundle", str(work / bundle)]
-    return _spawn(kind, flags, args.threads)
+    return _spawn(kind, flags, args.threads, training)
 
 
-def _spawn(kind: str, flags: list[str], threads: int) -> dict:
-    """Run one worker of this script in a fresh process: its last stdout line (JSON) + process_wall_s."""
+def _spawn(kind: str, flags: list[str], threads: int, training: bool = False) -> dict:
+    """Run one worker of this script in a fresh process: its last stdout line (JSON) + process_wall_s.
+
+    `training`: in a process whose onnxruntime is the training build (training_build.job_env).
+    """
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--threads", str(threads), *flags]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, env=_env(threads), capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=_env(threads, training), capture_output=True, text=True)
     _check(proc, cmd)
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "process_wall_s": time.perf_counter() - started}
 
 
-def _env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
+def _env(threads: int, training: bool = False) -> dict[str, str]:
+    from edgeftl.coordinator.build.training_build import job_env
+
+    env = job_env() if training else dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return env
@@ -353,12 +378,51 @@ def _bundle_step(runtime, feats: np.ndarray, mask: np.ndarray, labels: np.ndarra
 
 
 def _open_bundle(args: argparse.Namespace):
-    from edgeftl.device.runtime import BundleRuntime
+    if args.runtime == "training":
+        runtime = _TrainingBuild(args.bundle, args.threads)
+    else:
+        from edgeftl.device.runtime import BundleRuntime
 
+        runtime = BundleRuntime(args.bundle, threads=args.threads)
     data = _load_data(args.data)
-    runtime = BundleRuntime(args.bundle, threads=args.threads)
     runtime.set_learning_rate(LR)
     return runtime, data, proc_status_mib("VmRSS")
+
+
+class _TrainingBuild:
+    """A bundle as devices trained it on ONNX Runtime Training: its reference artifacts on the
+    Module/Optimizer API, with the bundle's tokenizer and lower stack (loaded the way the device
+    runtime loads them), all sessions drawing from one shared arena as the device runtime did."""
+
+    def __init__(self, bundle: Path, threads: int) -> None:
+        from edgeftl.coordinator.build.reference import ReferenceRuntime, training_api
+
+        training_api()  # before onnxruntime is imported: no torch
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        from edgeftl.device.manifest import LOWER_MODEL, read_manifest
+        from edgeftl.device.ort import session_options
+
+        self.manifest = read_manifest(bundle)
+        self.reference = ReferenceRuntime(_reference(bundle), threads, shared_arena=True)
+        self.lower = (ort.InferenceSession(str(bundle / LOWER_MODEL), session_options(threads, shared_arena=True),
+                                           providers=["CPUExecutionProvider"]) if self.manifest.split else None)
+        self.tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+        self.tokenizer.enable_truncation(self.manifest.max_seq_len)
+        self.tokenizer.no_padding()
+        self.set_learning_rate, self.accumulate = self.reference.set_learning_rate, self.reference.accumulate
+        self.apply_step = self.reference.apply_step
+
+    def features(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        from edgeftl.device.runtime import BundleRuntime
+
+        return BundleRuntime.features(self, ids, mask)  # the same per-example lower-stack calls
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        from edgeftl.device.runtime import BundleRuntime
+
+        return BundleRuntime.encode(self, texts)
 
 
 def _encode_matches(runtime, data: dict[str, np.ndarray], args: argparse.Namespace) -> bool:
@@ -413,13 +477,17 @@ def _split_worker(args: argparse.Namespace) -> int:
 
 
 def _runtime_worker(args: argparse.Namespace) -> int:
-    """What a device process holds before any model: Python, numpy, ONNX Runtime with its training
-    API, the tokenizer and the benchmark data; the part of "RSS after load" no quantization can shrink."""
+    """What a device process holds before any model: Python, numpy, ONNX Runtime (stock, or the
+    training build with its training API), the tokenizer and the benchmark data; the part of "RSS
+    after load" no quantization can shrink."""
     from tokenizers import Tokenizer
 
-    from edgeftl.device.ort import training_api
+    if args.runtime == "training":
+        from edgeftl.coordinator.build.reference import training_api
 
-    training_api()
+        training_api()
+    else:
+        import onnxruntime  # noqa: F401
     _load_data(args.data)
     Tokenizer.from_file(str(args.bundle / "tokenizer.json"))
     print(json.dumps({"rss_after_load_mib": proc_status_mib("VmRSS")}))
@@ -468,6 +536,7 @@ def _summarise(runs: list[dict], builds: dict, labels: list[str], wall_s: float,
                      "lr": LR, "split_epochs": 2 if args.quick else 3, "micro_batches": list(MICRO_BATCHES)},
         "cases": rows,
         "targets": {f"micro-batch {m}": _targets(rows, m) for m in MICRO_BATCHES},
+        "portable_targets": {f"micro-batch {m}": _portable_targets(rows, m) for m in MICRO_BATCHES},
         "runs": runs,
         "loadavg_1min_during_runs": _spread([x for r in runs for x in r["loadavg_1min"]]),
         "others_cpu_share_during_runs": _spread([r["others_cpu_share"] for r in runs]),
@@ -505,6 +574,20 @@ def _targets(rows: dict, micro: int) -> list[dict]:
     ]
 
 
+def _portable_targets(rows: dict, micro: int) -> list[dict]:
+    """Stock onnxruntime + numpy AdamW against the training build, bundle by bundle: each <= 1.05x."""
+    out = []
+    for case in "bcde":
+        mine, theirs = rows[f"{case}{micro}"], rows[f"{case}{TRAINING_BUILD}{micro}"]
+        for key, unit, what in (("peak_rss_mib", "MiB", "peak RSS"), ("median_step_time_s", "s", "median step")):
+            r = mine[key] / theirs[key]
+            digits = 2 if unit == "s" else 0
+            out.append({"target": f"({case}) {what} <= 1.05 x ({case}{TRAINING_BUILD})", "ratio": r, "limit": 1.05,
+                        "passed": r <= 1.05, "margin": f"{r:.3f}x vs limit 1.05x ({1.05 - r:+.3f}x; "
+                                                      f"{mine[key]:.{digits}f} vs {theirs[key]:.{digits}f} {unit})"})
+    return out
+
+
 def _markdown(results: dict) -> str:
     s = results["settings"]
     lines = [START, "## Device: training memory and step time (`tools/bench_device.py`)", "",
@@ -514,8 +597,8 @@ def _markdown(results: dict) -> str:
              f"row is {s['seq']} tokens, tokenized once); {s['threads']} threads everywhere (torch.set_num_threads, "
              "ORT intra_op_num_threads, OMP/MKL). Each run is a fresh process, started once other processes "
              f"use under {100 * QUIET_SHARE:.0f}% of the CPUs (waiting at most {QUIET_WAIT_S:.0f} s per run, "
-             f"{QUIET_BUDGET_S / 60:.0f} min in all; the share they used during each run is recorded); the 10 "
-             f"cases alternate round-robin, {s['repeats']} repeats; a run does {s['warmup_steps']} warmup + "
+             f"{QUIET_BUDGET_S / 60:.0f} min in all; the share they used during each run is recorded); the "
+             f"{len(CASES) * len(MICRO_BATCHES)} cases alternate round-robin, {s['repeats']} repeats; a run does {s['warmup_steps']} warmup + "
              f"{s['timed_steps']} timed optimizer steps. Figures are medians over repeats of: VmRSS once model + "
              "optimizer exist (before the first step), VmHWM (peak RSS) at the end, and the run's median step "
              "time, wall clock and process CPU time (all threads; less disturbed by other work on a shared "
@@ -527,6 +610,9 @@ def _markdown(results: dict) -> str:
              f"frozen lower 4 blocks once per sample and caches their outputs in memory, later epochs "
              f"({s['epoch_batches']} batches each) train only the top 2 blocks; its step time is from the "
              f"cached epochs. A full-depth epoch time is {s['epoch_batches']} x the median step. "
+             "(b*)-(e*): the same bundles' ONNX Runtime Training artifacts (`edgeftl build --reference-dir`) on "
+             "the training build's Module/Optimizer, with the bundle's tokenizer and lower stack, as devices ran "
+             "them before moving to stock onnxruntime; (b)-(e) run on stock onnxruntime with AdamW in numpy. "
              "*micro-batch 4*: each batch of 16 runs as 4 forward/backward passes whose weighted gradients "
              "add up exactly to the batch's, then one optimizer step (device/train.py `accumulate_batch`; "
              "PyTorch the same way with loss scaling). All ratios are to (a) at micro-batch 16.", "",
@@ -541,6 +627,10 @@ def _markdown(results: dict) -> str:
                      f"{row['median_step_time_s']:.3f} | {row['median_step_time_x_a']:.2f} | "
                      f"{row['median_step_cpu_s']:.3f} | {row['median_step_cpu_x_a']:.2f} | {epoch} | "
                      f"{'yes' if row['imported_torch_any'] else 'no'} |")
+    for config, targets in results.get("portable_targets", {}).items():
+        passed = sum(t["passed"] for t in targets)
+        lines += ["", f"Stock onnxruntime against the training build, at {config} ({passed}/{len(targets)} pass):", ""]
+        lines += [f"- {'PASS' if t['passed'] else 'MISS'} {t['target']}: {t['margin']}" for t in targets]
     for config, targets in results["targets"].items():
         passed = sum(t["passed"] for t in targets)
         lines += ["", f"Targets, edgeftl cases at {config} ({passed}/{len(targets)} pass; (a) at micro-batch "
@@ -553,13 +643,16 @@ def _markdown(results: dict) -> str:
 
 def _runtime_line(results: dict) -> str:
     """RSS after load with and without the runtime every device process holds before a model."""
-    base = results.get("runtime_alone_rss_mib", {}).get("median")
+    alone = results.get("runtime_alone_rss_mib", {})
+    base = alone.get("stock", alone).get("median")  # runs before the stock runtime: one figure
     if base is None:
         return ""
     rows = results["cases"]
     b, c, d = (rows[f"{k}{BATCH}"]["rss_after_load_mib"] for k in "bcd")
-    return (f"RSS after load, model part: a process that loads everything but a model (Python, numpy, ONNX Runtime "
-            f"training API, tokenizer, data) holds {base:.0f} MiB; above that, loading the model and its training "
+    training = alone.get("training", {}).get("median")
+    both = f" ({training:.0f} MiB with the training build)" if training is not None else ""
+    return (f"RSS after load, model part: a process that loads everything but a model (Python, numpy, stock ONNX "
+            f"Runtime, tokenizer, data) holds {base:.0f} MiB{both}; above that, loading the model and its training "
             f"sessions adds fp32 {b - base:.0f}, int8 {c - base:.0f}, int4 {d - base:.0f} MiB: int8 / fp32 = "
             f"{(c - base) / (b - base):.2f}x (the target above is on whole-process RSS, {c / b:.2f}x)."
             + _load_floor(results, base))
@@ -667,15 +760,18 @@ def _machine() -> dict:
 
 
 def _machine_line(results: dict) -> str:
+    from edgeftl.coordinator.build import training_build
+
     m, src = results["machine"], results["source"]
-    ort = m.get("onnxruntime-training-cpu") or m.get("onnxruntime-training", "?")
+    ort = (f"onnxruntime {m['onnxruntime']} (stock) and {training_build.PACKAGE} {training_build.VERSION}"
+           if m.get("onnxruntime") else f"onnxruntime-training {m.get('onnxruntime-training-cpu', '?')}")
     low, mid, high = results["loadavg_1min_during_runs"]
     busy = results["others_cpu_share_during_runs"]
     return (f"Machine: {m['nproc']} CPUs (nproc), {m['ram_gib']} GiB RAM, {m['cpu']}, shared with other work: "
             f"other processes used {100 * busy[1]:.0f}% of its CPUs during the median run (range "
             f"{100 * busy[0]:.0f}-{100 * busy[2]:.0f}%; 1-minute load average {low:.1f}-{high:.1f}, "
             f"median {mid:.1f}), so step times are only comparable within one run of this script; "
-            f"Python {m['python']}, onnxruntime-training {ort}, torch {m.get('torch', '?')}, transformers "
+            f"Python {m['python']}, {ort}, torch {m.get('torch', '?')}, transformers "
             f"{m.get('transformers', '?')}, peft {m.get('peft', '?')}; {m['date']}. Commit {src['commit']}"
             f"{' + uncommitted changes' if src['dirty'] else ''}. Whole run: {results['total_wall_s']:.0f} s. "
             "Raw numbers, every run: `docs/bench_device.json`.")

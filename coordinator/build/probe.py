@@ -6,11 +6,16 @@ train the same random probe plan: two optimizer steps, the first as two weighted
 (gradient accumulation), then evaluate. Losses, step 0's gradients, the parameters after both
 steps and the evaluation logits must agree within `TOLERANCE`, or the build fails.
 
-Tolerances, relative to the largest magnitude of the quantity compared (the rewrite changes
-the order of float32 operations, never the math): MiniLM's measured differences were 1.2e-7
-(loss), 3.4e-8 (gradients) and 1.4e-7 (parameters after 5 steps); 1e-4 leaves room for
-other models and thread counts while catching any real error in a rewritten gradient, which
-shows up at 1e-2 or more.
+Tolerances. Losses, gradients and logits are compared relative to their largest magnitude: the
+rewrite changes the order of float32 operations, never the math, so they agree to ~1e-7
+(tiny models) and ~1e-5 (MiniLM, whose deeper sums round more); 1e-4 leaves room for other
+models and thread counts, and a wrong gradient formula shows up at 1e-2 or more. Parameters
+are compared relative to the most AdamW can move them (lr per step, times the steps): AdamW
+divides each gradient entry by its own running magnitude, so an entry that cancels to almost
+nothing, and so differs relatively more between the two runtimes, still moves its parameter by
+up to lr. MiniLM's parameters after the probe differed by up to 4.8e-4 of that bound; 1e-2
+catches any optimizer that does not compute what ORT's AdamW computes (a wrong bias
+correction alone is a factor 2-3 in the first steps).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from edgeftl.coordinator.build.config import BuildError
 from edgeftl.coordinator.build.training_build import run_job
 from edgeftl.coordinator.build.training_job import run_plan
 
-TOLERANCE = {"loss": 1e-4, "gradients": 1e-4, "parameters": 1e-4, "eval logits": 1e-4}
+TOLERANCE = {"loss": 1e-4, "gradients": 1e-4, "parameters": 1e-2, "eval logits": 1e-4}
 PROBE_ROWS, PROBE_SEQ, PROBE_LR = 4, 16, 1e-2
 
 
@@ -54,8 +59,8 @@ def probe_plan(runtime, seed: int = 0, steps: int = 2, rows: int = PROBE_ROWS, l
     return plan
 
 
-def compare(portable: dict, reference: dict) -> dict[str, float]:
-    """Largest difference of each compared quantity, relative to its largest magnitude."""
+def compare(portable: dict, reference: dict, plan: dict) -> dict[str, float]:
+    """Largest difference of each compared quantity, relative to its scale (module docstring)."""
     groups = {"loss": "loss.", "gradients": "grad.", "parameters": "param.", "eval logits": "eval.logits"}
     out = {}
     for label, prefix in groups.items():
@@ -63,7 +68,10 @@ def compare(portable: dict, reference: dict) -> dict[str, float]:
         missing = [k for k in keys if k not in portable]
         if missing or not keys:
             raise BuildError(f"probe: the portable runtime produced no {missing[:3] or prefix!r}")
-        scale = max(float(np.abs(reference[k]).max(initial=0.0)) for k in keys) or 1.0
+        if label == "parameters":
+            scale = float(plan["lr"]) * int(plan["steps"])  # the most AdamW can move a parameter
+        else:
+            scale = max(float(np.abs(reference[k]).max(initial=0.0)) for k in keys) or 1.0
         out[label] = max(float(np.abs(np.asarray(portable[k], dtype=np.float64) - reference[k]).max(initial=0.0))
                          for k in keys) / scale
     return out
@@ -91,7 +99,7 @@ def check_bundle(bundle: Path, reference: Path, threads: int | None = None) -> d
 
     runtime = BundleRuntime(bundle, threads=threads, verify=False)
     plan = probe_plan(runtime)
-    differences = compare(run_plan(runtime, plan), train_reference(reference, plan, threads))
+    differences = compare(run_plan(runtime, plan), train_reference(reference, plan, threads), plan)
     bad = {k: v for k, v in differences.items() if not v <= TOLERANCE[k]}
     if bad:
         what = ", ".join(f"{k} by {v:.2e} (tolerance {TOLERANCE[k]:.0e})" for k, v in bad.items())

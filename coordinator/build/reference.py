@@ -53,21 +53,15 @@ def training_api() -> types.ModuleType:
 class ReferenceRuntime:
     """Forward/backward, accumulation and AdamW steps with ONNX Runtime Training's Module and Optimizer."""
 
-    def __init__(self, folder: Path, threads: int | None = None) -> None:
+    def __init__(self, folder: Path, threads: int | None = None, shared_arena: bool = False) -> None:
+        """Load the artifacts in `folder`; `shared_arena` as `device/ort.py` (what devices ran with)."""
         api = training_api()  # first: a plain `import onnxruntime` would import torch
-        import onnxruntime as ort
+        from edgeftl.device.ort import session_options  # the settings edgeftl devices trained with
 
         folder = Path(folder)
         self.state = api.CheckpointState.load_checkpoint(str(folder / CHECKPOINT))
-        options = ort.SessionOptions()
-        # The settings edgeftl devices trained with (device/ort.py has why).
-        options.enable_mem_pattern = False
-        options.enable_mem_reuse = False
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
         self.module = api.Module(str(folder / TRAINING_MODEL), self.state, str(folder / EVAL_MODEL),
-                                 session_options=options)
+                                 session_options=session_options(threads, training=True, shared_arena=shared_arena))
         self.optimizer = api.Optimizer(str(folder / OPTIMIZER_MODEL), self.module)
         self.trainable = [name for name, p in self.state.parameters if p.requires_grad]
 
