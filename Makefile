@@ -43,7 +43,7 @@ define apt_install
 	apt_get update && apt_get install -y --no-install-recommends $(1)
 endef
 
-.PHONY: help install mosquitto chromium test test-fast demo bench clean distclean check-python
+.PHONY: help install mosquitto chromium boards test test-fast demo bench clean distclean check-python
 
 help:
 	@echo "make demo       set up .venv and run the end-to-end demo (tools/demo.py)"
@@ -52,6 +52,7 @@ help:
 	@echo "make install    create/refresh .venv (no-op when pyproject.toml is unchanged)"
 	@echo "make mosquitto  install the Mosquitto MQTT broker with apt (as root)"
 	@echo "make chromium   install headless Chromium with apt (as root; the report test renders HTML)"
+	@echo "make boards     install qemu-user-static and debootstrap with apt (as root; emulated ARM64 device tests)"
 	@echo "make bench      run the benchmarks (edgeftl bench; BENCH_ARGS=--quick) and refresh docs/BENCHMARKS.md"
 	@echo "make clean      remove caches and build outputs; distclean also removes .venv"
 	@echo "Variables: PYTHON=$(PYTHON) (must be Python $(REQUIRED_PY)), PYTEST_ARGS=..."
@@ -135,7 +136,19 @@ chromium:
 		exit 1; \
 	fi
 
-test: install mosquitto chromium
+# The slow device tests run emulated ARM64 boards: Debian roots made with debootstrap, run under
+# qemu-user (tests/test_devices_elsewhere.py; roots cached in ~/.cache/edgeftl/roots).
+boards:
+	@if command -v debootstrap >/dev/null 2>&1 && [ -e /usr/libexec/qemu-binfmt/aarch64-binfmt-P ]; then \
+		exit 0; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		$(call apt_install,qemu-user-static debootstrap); \
+	else \
+		echo "note: the emulated ARM64 device tests need root and Debian's qemu-user-static and debootstrap" \
+			"(sudo apt-get install -y qemu-user-static debootstrap); they are skipped without them" >&2; \
+	fi
+
+test: install mosquitto chromium boards
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install mosquitto chromium

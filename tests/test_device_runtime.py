@@ -213,6 +213,13 @@ def bump_format_version(folder: Path) -> None:
     (folder / MANIFEST).write_text(json.dumps(manifest))
 
 
+def training_build_format(folder: Path) -> None:
+    """A bundle built before devices moved to stock onnxruntime (manifest format 1)."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["format_version"] = 1
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
 def drop_params(folder: Path) -> None:
     (folder / "params.safetensors").unlink()
 
@@ -220,6 +227,8 @@ def drop_params(folder: Path) -> None:
 TAMPERINGS = [
     pytest.param(flip_tokenizer_byte, ["tokenizer.json", "sha256"], id="flipped-byte"),
     pytest.param(bump_format_version, ["format_version", "99"], id="unknown-format-version"),
+    pytest.param(training_build_format, ["ONNX Runtime Training", "format 1", "rebuild it with `edgeftl build`"],
+                 id="format-1-bundle"),
     pytest.param(drop_params, ["params.safetensors", "missing"], id="missing-file"),
 ]
 
