@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,18 +33,10 @@ import emulated_root  # noqa: E402  (tools/ is not a package)
 CACHE = Path(os.environ.get("EDGEFTL_CACHE") or Path.home() / ".cache" / "edgeftl")
 
 
-def device_requirements() -> list[str]:
-    """The base install's requirements (what a device needs), from pyproject.toml."""
-    return list(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+device_requirements = emulated_root.device_requirements
 
 
-def edgeftl_wheel(out: Path) -> Path:
-    """A wheel of this checkout (pure Python, any platform), built with the host's pip."""
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(out), str(ROOT)], capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"pip wheel failed: {done.stderr[-2000:]}")
-    return next(out.glob("edgeftl-*.whl"))
+edgeftl_wheel = emulated_root.edgeftl_wheel
 
 
 @dataclass
@@ -114,27 +105,15 @@ def native_env(version: str, wheel: Path, session: Path) -> DeviceEnv:
                 raise RuntimeError(f"{' '.join(argv[:4])} failed: {done.stderr[-2000:]}")
         (venv / ".edgeftl-complete").write_text("ok\n")
     site = session / f"py{version}-site"
-    _unpack(wheel, [str(venv / "bin/python")], str(site))
+    emulated_root.unpack(wheel, [str(venv / "bin/python")], str(site))
     return DeviceEnv(f"x86_64-py{version}", str(venv / "bin/python"), env={"PYTHONPATH": str(site)}, work=session)
 
 
 def board_env(suite: str, wheel: Path, session_id: str) -> DeviceEnv:
     """An emulated ARM64 Debian `suite` board with the device requirements and this checkout's wheel."""
     made = emulated_root.board(suite, "arm64", device_requirements(), log=lambda m: print(f"[{suite}] {m}"))
-    work = made.host_path(f"/tmp/edgeftl-tests/{session_id}")
-    work.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(wheel, work / wheel.name)
-    guest = f"/tmp/edgeftl-tests/{session_id}"
-    _unpack(Path(f"{guest}/{wheel.name}"), made.command([made.python]), f"{guest}/site")
-    return DeviceEnv(f"arm64-{suite}", made.python, env={"PYTHONPATH": f"{guest}/site"}, board=made, work=work)
-
-
-def _unpack(wheel: Path, python: list[str], site: str) -> None:
-    """`pip install --no-deps --target site wheel`, run by the environment's own pip."""
-    done = subprocess.run([*python, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", site,
-                           str(wheel)], capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"pip install of {wheel.name} failed: {done.stderr[-2000:]}")
+    guest, env = emulated_root.with_edgeftl(made, wheel, session_id)
+    return DeviceEnv(f"arm64-{suite}", made.python, env=env, board=made, work=made.host_path(guest))
 
 
 def machine_of(env: DeviceEnv) -> dict:

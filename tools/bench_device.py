@@ -30,6 +30,11 @@ one optimizer step per batch of 16). PyTorch runs the same way for reference.
 
     .venv/bin/python tools/bench_device.py              # 3 repeats, writes docs/
     .venv/bin/python tools/bench_device.py --quick --no-write
+    .venv/bin/python tools/bench_device.py --arm64      # also (c) and (e) on an emulated ARM64 board
+
+With --arm64 (root, Debian host), (c) and (e) also run under qemu-user on the Debian 12 ARM64
+board the tests use (tools/emulated_root.py), batch 2 x 128, 2 steps: a step time to know, not
+a target (emulated matrix products run ~100-200x slower than native here).
 """
 
 from __future__ import annotations
@@ -90,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         data = _prepare_data(work, work / "fp32" / "tokenizer.json", labels)
         runs = _run_all(work, data, args)
         runtime_alone = _runtime_alone(work, data, args)
+        emulated = _arm64_emulated(work, data, args) if args.arm64 else None
         checkpoints = {name: (work / name / "params.safetensors").stat().st_size / 2**20 for name in BUNDLES}
     finally:
         if not args.work_dir:
@@ -99,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                                         for runtime, runs_ in runtime_alone.items()}
     results["checkpoint_mib"] = checkpoints
     results["step_gflop"] = _step_gflop()
+    if emulated is not None:
+        results["arm64_emulated"] = emulated
     section = _markdown(results)
     print(section)
     if not args.no_write:
@@ -117,6 +125,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=None, help="bundles and data here (default: a temp dir, removed)")
     p.add_argument("--reuse", action="store_true", help="keep bundles already in --work-dir")
     p.add_argument("--no-write", action="store_true", help="print the table; write nothing under docs/")
+    p.add_argument("--arm64", action="store_true", help="also time (c) and (e) on an emulated ARM64 board (root)")
     p.add_argument("--worker", choices=sorted(_WORKERS), help=argparse.SUPPRESS)  # child processes
     p.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -211,6 +220,29 @@ def _runtime_alone(work: Path, data: Path, args) -> dict[str, list[float]]:
     return {runtime: [_spawn("runtime", [*flags, "--runtime", runtime], args.threads,
                              training=runtime == "training")["rss_after_load_mib"] for _ in range(args.repeats)]
             for runtime in ("stock", "training")}
+
+
+ARM64_BATCH, ARM64_STEPS = 2, 2
+
+
+def _arm64_emulated(work: Path, data: Path, args) -> list[dict]:
+    """(c) and (e) on the emulated Debian 12 ARM64 board, in fresh processes there (not a target)."""
+    import emulated_root
+
+    made = emulated_root.board("bookworm", "arm64", emulated_root.device_requirements())
+    guest, env = emulated_root.with_edgeftl(made, emulated_root.edgeftl_wheel(work / "wheel"), "bench_device")
+    for path in (Path(__file__), Path(__file__).with_name("benchdoc.py"), data):
+        shutil.copyfile(path, made.host_path(f"{guest}/{path.name}"))
+    out = []
+    for case in ("c", "e"):
+        bundle = CASES[case][1]
+        shutil.copytree(work / bundle, made.host_path(f"{guest}/{bundle}"), dirs_exist_ok=True)
+        argv = [made.python, f"{guest}/{Path(__file__).name}", "--worker", "emulated", "--threads", str(args.threads),
+                "--bundle", f"{guest}/{bundle}", "--data", f"{guest}/{data.name}", "--steps", str(ARM64_STEPS)]
+        proc = subprocess.run(made.command(argv, env), capture_output=True, text=True)
+        _check(proc, argv)
+        out.append({"case": case, **json.loads(proc.stdout.strip().splitlines()[-1])})
+    return out
 
 
 def _reference(bundle: Path) -> Path:
@@ -494,7 +526,30 @@ def _runtime_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-_WORKERS = {"torch": _torch_worker, "bundle": _bundle_worker, "split": _split_worker, "runtime": _runtime_worker}
+def _emulated_worker(args: argparse.Namespace) -> int:
+    """On the emulated board: ARM64_BATCH rows, `--steps` optimizer steps, each timed whole (lower stack
+    included for a split bundle)."""
+    import platform
+
+    import onnxruntime
+
+    runtime, data, rss_after_load = _open_bundle(args)
+    rows = slice(0, ARM64_BATCH)
+    ids, mask, labels = data["ids"][rows], data["mask"][rows], data["labels"][rows]
+    times = []
+    for _ in range(args.steps):
+        started = time.perf_counter()
+        _bundle_step(runtime, runtime.features(ids, mask), mask, labels, ARM64_BATCH)
+        times.append(round(time.perf_counter() - started, 2))
+    print(json.dumps({"machine": platform.machine(), "python": platform.python_version(),
+                      "onnxruntime": onnxruntime.__version__, "batch": ARM64_BATCH, "seq": int(ids.shape[1]),
+                      "step_times_s": times, "rss_after_load_mib": rss_after_load,
+                      "peak_rss_mib": proc_status_mib("VmHWM")}))
+    return 0
+
+
+_WORKERS = {"torch": _torch_worker, "bundle": _bundle_worker, "split": _split_worker, "runtime": _runtime_worker,
+            "emulated": _emulated_worker}
 
 
 # ---- results, table, targets ---------------------------------------------------------------
@@ -636,9 +691,23 @@ def _markdown(results: dict) -> str:
         lines += ["", f"Targets, edgeftl cases at {config} ({passed}/{len(targets)} pass; (a) at micro-batch "
                       f"{BATCH}):", ""]
         lines += [f"- {'PASS' if t['passed'] else 'MISS'} {t['target']}: {t['margin']}" for t in targets]
-    lines += ["", _runtime_line(results), "", _work_line(results), "", _checks_line(results), "",
+    lines += ["", _arm64_line(results), "", _runtime_line(results), "", _work_line(results), "", _checks_line(results), "",
               _quiet_line(results), "", _ranges_line(results), "", _machine_line(results)]
     return "\n".join(lines + [END])
+
+
+def _arm64_line(results: dict) -> str:
+    """Step times on the emulated ARM64 board, when the run had --arm64."""
+    runs = results.get("arm64_emulated")
+    if not runs:
+        return ""
+    first = runs[0]
+    parts = [f"({r['case']}) {CASES[r['case']][0]}: steps {', '.join(f'{t:.1f}' for t in r['step_times_s'])} s, "
+             f"peak RSS {r['peak_rss_mib']:.0f} MiB" for r in runs]
+    return (f"ARM64 under emulation (not a target): qemu-user, Debian 12 {first['machine']}, Python {first['python']}, "
+            f"onnxruntime {first['onnxruntime']} from its aarch64 wheel, batch {first['batch']} x {first['seq']}: "
+            + "; ".join(parts) + ". Emulated matrix products run ~100-200x slower than native; these say the "
+            "bundles train there, not how fast a board is.")
 
 
 def _runtime_line(results: dict) -> str:

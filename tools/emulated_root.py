@@ -88,6 +88,14 @@ class Board:
                 "env", "-i", *(f"{k}={v}" for k, v in guest_env.items()), *argv]
 
 
+def device_requirements() -> list[str]:
+    """What a device needs: the base install's requirements in pyproject.toml."""
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    return list(tomllib.loads(pyproject.read_text())["project"]["dependencies"])
+
+
 def default_cache() -> Path:
     """$EDGEFTL_ROOTS, else ~/.cache/edgeftl/roots (outside the checkout, shared by every clone)."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "edgeftl" / "roots")
@@ -226,6 +234,37 @@ def _make_venv(made: Board, venv: str, requirements: list[str], log) -> None:
                             f"{(done.stdout + done.stderr).strip()[-800:]}")
     made.host_path(f"{venv}/.edgeftl-complete").write_text(f"{time.monotonic() - began:.0f} s\n")
     log(f"venv ready in {time.monotonic() - began:.0f} s")
+
+
+def edgeftl_wheel(out: Path) -> Path:
+    """A wheel of this checkout (pure Python, any platform), built with the host's pip."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(out), str(root)], capture_output=True, text=True)
+    if done.returncode:
+        raise RootError(f"pip wheel failed: {done.stderr[-2000:]}")
+    return next(Path(out).glob("edgeftl-*.whl"))
+
+
+def unpack(wheel: Path, python: list[str], site: str) -> None:
+    """`pip install --no-deps --target site wheel`, run by the environment's own pip (`python` is its command)."""
+    done = subprocess.run([*python, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", site,
+                           str(wheel)], capture_output=True, text=True)
+    if done.returncode:
+        raise RootError(f"pip install of {Path(wheel).name} failed: {done.stderr[-2000:]}")
+
+
+def with_edgeftl(made: Board, wheel: Path, session: str) -> tuple[str, dict[str, str]]:
+    """Unpack this checkout's wheel into /tmp/edgeftl-tests/<session>/site in the root, by the root's pip.
+
+    Returns (the session folder inside the root, the environment that puts edgeftl on the path).
+    The cached venv itself never holds edgeftl, so it never holds a stale one.
+    """
+    guest = f"/tmp/edgeftl-tests/{session}"
+    made.host_path(guest).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(wheel, made.host_path(f"{guest}/{Path(wheel).name}"))
+    unpack(Path(f"{guest}/{Path(wheel).name}"), made.command([made.python]), f"{guest}/site")
+    return guest, {"PYTHONPATH": f"{guest}/site"}
 
 
 def main(argv: list[str] | None = None) -> int:
