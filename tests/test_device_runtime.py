@@ -30,11 +30,13 @@ from fixtures_build import bundle, keyword_dataset
 TORCH_FREE_CHILD = r"""
 import contextlib, importlib.abc, io, json, sys
 
-BLOCKED = {"torch", "transformers", "optimum", "peft"}
+BLOCKED = {"torch", "transformers", "optimum", "peft", "onnx", "onnxruntime.training"}
+def blocked(name):  # a blocked package or any module inside it
+    return any(name == b or name.startswith(b + ".") for b in BLOCKED)
 
 class BlockHostPackages(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in BLOCKED:
+        if blocked(name):
             raise ImportError(f"{name} must not be imported on a device")
         return None
 
@@ -47,7 +49,7 @@ with contextlib.redirect_stdout(stdout):
 print(json.dumps({
     "rc": rc,
     "summary": json.loads(stdout.getvalue()) if rc == 0 else None,
-    "loaded": sorted(m for m in sys.modules if m.partition(".")[0] in BLOCKED),
+    "loaded": sorted(m for m in sys.modules if blocked(m)),
 }))
 """
 

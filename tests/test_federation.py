@@ -95,11 +95,13 @@ def test_resume_continues_after_the_last_checkpoint(tmp_path, tmp_path_factory):
 
 TORCH_FREE_ROUND = r"""
 import importlib.abc, json, sys
-BLOCKED = {"torch", "transformers", "optimum", "peft", "bitsandbytes"}
+BLOCKED = {"torch", "transformers", "optimum", "peft", "bitsandbytes", "onnx", "onnxruntime.training"}
+def blocked(name):  # a blocked package or any module inside it
+    return any(name == b or name.startswith(b + ".") for b in BLOCKED)
 
 class BlockHostPackages(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in BLOCKED:
+        if blocked(name):
             raise ImportError(f"{name} must not be imported by the coordinator's round loop")
 
 sys.meta_path.insert(0, BlockHostPackages())
@@ -125,12 +127,13 @@ coordinator.connect()
 coordinator.wait_for_devices()
 record = coordinator.run()[0]
 print(json.dumps({"received": record["updates_received"], "accuracy": record.get("accuracy"),
-                  "loaded": sorted(m for m in sys.modules if m.partition(".")[0] in BLOCKED)}))
+                  "loaded": sorted(m for m in sys.modules if blocked(m))}))
 """
 
 
 def test_coordinator_round_loop_runs_without_torch(tmp_path, tmp_path_factory):
-    # Prepare: a process where importing torch, transformers, optimum, peft or bitsandbytes fails
+    # Prepare: a process where importing torch, transformers, optimum, peft, bitsandbytes, onnx or the
+    # ONNX Runtime Training API fails
     import subprocess
     import sys
 
