@@ -69,7 +69,7 @@ def _register_shared_arena(ort: Any) -> None:
         return
     info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
     try:
-        ort.create_and_register_allocator(info, ort.OrtArenaCfg(ARENA))
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(ARENA) if ARENA else None)  # {}: ORT's defaults
     except RuntimeError as error:  # someone else in this process registered one: share theirs
         if "already been registered" not in str(error):
             raise
