@@ -431,7 +431,7 @@ class _TrainingBuild:
     Module/Optimizer API, with the bundle's tokenizer and lower stack (loaded the way the device
     runtime loads them), all sessions drawing from one shared arena with ORT's default settings,
     as the device runtime did (the portable runtime's arena settings raised the training
-    build's peaks by 5-21 MiB)."""
+    build's peaks by 2-21 MiB at 16 x 128)."""
 
     def __init__(self, bundle: Path, threads: int) -> None:
         from edgeftl.coordinator.build.reference import ReferenceRuntime, training_api
