@@ -30,6 +30,7 @@ only the top-level graph is rewritten (no If / Loop bodies).
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -82,9 +83,17 @@ def _quantize_dynamic_int8(model: onnx.ModelProto, dst: Path, op_types: list[str
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # quantize_dynamic rewrites a ModelProto it is given into external-data form in a temp
-    # folder it then deletes: the proto must not be used afterwards (ours is not).
-    quantize_dynamic(model, dst, op_types_to_quantize=op_types, per_channel=True,
-                     reduce_range=True, weight_type=QuantType.QInt8)
+    # folder it then deletes: the proto must not be used afterwards (ours is not). It logs a
+    # "consider pre-processing" advice through the root logger, over the build's progress bar;
+    # the graph here is already what that pre-processing would make of it.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(model, dst, op_types_to_quantize=op_types, per_channel=True,
+                         reduce_range=True, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
 
 
 def _initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
