@@ -602,3 +602,27 @@ def test_cached_split_training_with_state_and_metrics_never_imports_torch(
     result = json.loads(proc.stdout.splitlines()[-1])
     assert result["rc"] == 0 and result["loaded"] == []
     assert result["summary"]["steps"] == 6 and (tmp_path / "m.jsonl").is_file()
+
+
+def test_a_state_saved_by_the_training_build_runtime_is_refused_untouched(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
+) -> None:
+    # Prepare: a format 1 state (ORT checkpoint + params.npy), as devices saved before moving to stock onnxruntime
+    folder = bundle(tmp_path_factory, "bert-int8")
+    state = tmp_path / "state"
+    version = state / "step-000000004"
+    version.mkdir(parents=True)
+    (state / "CURRENT").write_text(version.name + "\n")
+    (version / "checkpoint").write_bytes(b"ORT checkpoint bytes")
+    np.save(version / "params.npy", np.zeros(4, np.float32))
+    (version / "state.json").write_text(json.dumps({"format_version": 1, "progress": {"step": 4}}))
+    before = tree_digest(state)
+
+    # Execute
+    with pytest.raises(StateError) as caught:
+        load_state(state, folder)
+
+    # Assert
+    message = str(caught.value)
+    assert "format_version 1" in message and "new --state folder" in message and "\n" not in message
+    assert tree_digest(state) == before
