@@ -5,6 +5,7 @@ the board's own pip, under qemu) and edgeftl from a wheel built from this checko
 into a folder of the test session, so the cached environments never hold a stale edgeftl.
 
     native_env("3.10", wheel)        a venv of ~/.pyenv's (or PATH's) python3.10: onnxruntime 1.23.2
+    native_env("3.12", wheel)        the same with python3.12: onnxruntime 1.32
     board_env("bookworm", wheel)     Debian 12 ARM64, Python 3.11, onnxruntime from its aarch64 wheel
     board_env("trixie", wheel)       Debian 13 ARM64, Python 3.13
 

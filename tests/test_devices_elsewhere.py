@@ -1,4 +1,4 @@
-"""Devices that are not this host: Python 3.10 (onnxruntime 1.23.2) and emulated ARM64 boards (3.11, 3.13).
+"""Devices that are not this host: Python 3.10 (onnxruntime 1.23.2) and 3.12, emulated ARM64 boards (3.11, 3.13).
 
 The boards are Debian ARM64 roots run under qemu-user (tools/emulated_root.py), with the
 device's dependencies installed by the board's own pip from their aarch64 wheels and edgeftl
@@ -41,11 +41,11 @@ from test_equivalence import TOLERANCE
 
 pytestmark = pytest.mark.slow
 
-ENVIRONMENTS = {"x86_64-py3.10": ("native", "3.10"), "arm64-bookworm": ("board", "bookworm"),
-                "arm64-trixie": ("board", "trixie")}
+ENVIRONMENTS = {"x86_64-py3.10": ("native", "3.10"), "x86_64-py3.12": ("native", "3.12"),
+                "arm64-bookworm": ("board", "bookworm"), "arm64-trixie": ("board", "trixie")}
 BOARDS = ["arm64-bookworm", "arm64-trixie"]
-EXPECTED = {"x86_64-py3.10": ("x86_64", "3.10"), "arm64-bookworm": ("aarch64", "3.11"),
-            "arm64-trixie": ("aarch64", "3.13")}
+EXPECTED = {"x86_64-py3.10": ("x86_64", "3.10"), "x86_64-py3.12": ("x86_64", "3.12"),
+            "arm64-bookworm": ("aarch64", "3.11"), "arm64-trixie": ("aarch64", "3.13")}
 
 
 @pytest.fixture(scope="session")
