@@ -43,6 +43,10 @@ def generate_artifacts(model_path: Path, trainable: list[str], out: Path) -> Non
     constants in both graphs. The task model outputs (loss, logits); `logits` rides along.
     """
     import onnx
+
+    from edgeftl.coordinator.build.reference import training_api
+
+    training_api()  # the training package without its torch-importing __init__ (saves ~2 s per build)
     from onnxruntime.training import artifacts
 
     model = onnx.load(str(model_path))
@@ -133,6 +137,9 @@ def main(argv: list[str]) -> int:
         runtime = _runtime(command, Path(folder), int(threads[0]) if threads else None)
         np.savez(result, **run_plan(runtime, arrays))
     elif command == "infer":
+        from edgeftl.coordinator.build.reference import training_api
+
+        training_api()  # registers the training ops' package without importing torch (seconds)
         import onnxruntime as ort
 
         model, feeds, result = args
