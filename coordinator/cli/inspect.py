@@ -52,6 +52,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"max seq len {manifest.max_seq_len}")
     print(f"trainable   {totals['trainable_params']:,} params, {totals['trainable_bytes'] / 2**10:.1f} KiB fp32, "
           f"{len(manifest.trainable)} tensors")
+    opt = manifest.optimizer
+    print(f"optimizer   {opt.get('kind', '?')} mode {opt.get('mode', '?')}, betas {opt.get('beta1', '?')}/"
+          f"{opt.get('beta2', '?')}, eps {opt.get('eps', '?')}, weight decay {opt.get('weight_decay', '?')} "
+          "(numpy, on the device)")
+    built = manifest.built_with
+    print(f"built with  onnxruntime {built.get('onnxruntime', '?')}, gradients by "
+          f"onnxruntime-training-cpu {built.get('onnxruntime-training-cpu', '?')}; runs on stock onnxruntime")
     print("files:")
     for rel, size in totals["files_on_disk_bytes"].items():
         shown = "MISSING" if size is None else f"{size / 2**20:9.2f} MiB"
