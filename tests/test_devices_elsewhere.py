@@ -10,7 +10,7 @@ from a wheel of this checkout. In each environment:
 - both boards join one federation over a real Mosquitto beside two x86 devices, and their
   updates are accepted and aggregated every round.
 
-Emulated code is ~100-2000x slower than native, so bundles are the tiny ones and steps few.
+Emulated matrix products run ~110-210x slower than native (MiniLM), so bundles are the tiny ones.
 Needs root for the boards (debootstrap, chroot, binfmt_misc); under CI nothing is skipped.
 """
 

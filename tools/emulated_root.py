@@ -10,11 +10,11 @@ The root is made with Debian's `debootstrap` (minbase: Python, venv, CA certific
 venv inside it gets the device's dependencies from their ARM64 wheels with the root's own pip,
 as a board would. Both are cached outside any checkout (CI starts from a clean clone), in a
 folder keyed by what went into it, so only the first run on a machine pays: measured here,
-bookworm ~9 min for the root and ~2 min for the venv; trixie (Python 3.13) ~9 and ~9.
+bookworm 136-176 s for the root and ~1 min for the venv; trixie (Python 3.13) 248-295 s and ~1 min.
 
 Needs root (debootstrap, chroot, mounting binfmt_misc and /proc), Debian's `qemu-user-static`
 and `debootstrap` (installed with apt-get when missing), and a Debian package mirror and PyPI.
-Emulated code runs ~2000x slower than native: use tiny models inside.
+Emulated matrix products run ~110-210x slower than native (MiniLM steps measured): use small models inside.
 """
 
 from __future__ import annotations
