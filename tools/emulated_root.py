@@ -198,7 +198,7 @@ def debian_mirror() -> str:
 def _debootstrap(suite: str, arch: str, root: Path, log) -> None:
     staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.making-"))
     began = time.monotonic()
-    log(f"making an emulated Debian {suite} {arch} root (first run on this machine, ~9 minutes): {root}")
+    log(f"making an emulated Debian {suite} {arch} root (first run on this machine, 2-5 minutes): {root}")
     try:
         done = subprocess.run(["debootstrap", f"--arch={arch}", "--variant=minbase",
                                f"--include={','.join(DEBIAN_PACKAGES)}", suite, str(staging), debian_mirror()],
