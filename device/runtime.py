@@ -53,7 +53,6 @@ class BundleRuntime:
             BundleError: a bundle whose files do not fit its manifest (the message says which).
         """
         import onnxruntime as ort
-        from tokenizers import Tokenizer
 
         self.folder = Path(folder)
         self.manifest: Manifest = verify_bundle(self.folder) if verify else _read(self.folder)
@@ -79,9 +78,7 @@ class BundleRuntime:
         self.lower = self._session(LOWER_MODEL) if self.manifest.split else None
         if self.lower is not None:
             self.loaded_files.append(self.folder / LOWER_MODEL)
-        self.tokenizer = Tokenizer.from_file(str(self.folder / TOKENIZER))
-        self.tokenizer.enable_truncation(self.manifest.max_seq_len)
-        self.tokenizer.no_padding()
+        self.tokenizer = open_tokenizer(self.folder, self.manifest)
         self.label_index = {label: i for i, label in enumerate(self.manifest.labels)}
 
     def _load_params(self) -> tuple[np.ndarray, dict]:
@@ -90,16 +87,9 @@ class BundleRuntime:
             tensors = read_params(self.folder / PARAMS)
         except (OSError, ParamsError) as exc:
             raise BundleError(f"bundle {str(self.folder)!r}: {exc}") from exc
-        flat = np.zeros(self.manifest.trainable_count, dtype=np.float32)
-        for param in self.manifest.trainable:
-            array = tensors.get(param.name)
-            if array is None or list(array.shape) != param.shape or array.dtype != np.float32:
-                found = "missing" if array is None else f"{array.dtype} {list(array.shape)}"
-                raise BundleError(f"bundle {str(self.folder)!r}: trainable parameter {param.name!r} is {found} in "
-                                  f"{PARAMS}, the manifest says float32 {param.shape}; rebuild the bundle")
-            view = flat[param.offset:param.offset + param.size].reshape(param.shape)
-            view[...] = array
-            tensors[param.name] = view  # the session reads the flat vector itself
+        flat = _flatten(self.folder, self.manifest, tensors)
+        for param in self.manifest.trainable:  # the sessions read the flat vector itself
+            tensors[param.name] = flat[param.offset:param.offset + param.size].reshape(param.shape)
         values = {name: self._ort.OrtValue.ortvalue_from_numpy(array) for name, array in tensors.items()}
         self._arrays = tensors  # OrtValues on CPU share these arrays' memory: keep them alive
         return flat, values
@@ -261,9 +251,39 @@ class BundleRuntime:
 
 
 def trainable_vector(folder: Path, manifest: Manifest) -> np.ndarray:
-    """A bundle's initial trainable parameters as one vector, read without loading any graph."""
-    tensors = read_params(Path(folder) / PARAMS, {p.name for p in manifest.trainable})
-    return np.concatenate([tensors[p.name].reshape(-1) for p in manifest.trainable]).astype(np.float32, copy=False)
+    """A bundle's initial trainable parameters as one vector, read without loading any graph.
+
+    Raises:
+        BundleError: params.safetensors is unreadable or does not hold what the manifest lists.
+    """
+    try:
+        tensors = read_params(Path(folder) / PARAMS, {p.name for p in manifest.trainable})
+    except (OSError, ParamsError) as exc:
+        raise BundleError(f"bundle {str(folder)!r}: {exc}") from exc
+    return _flatten(Path(folder), manifest, tensors)
+
+
+def _flatten(folder: Path, manifest: Manifest, tensors: dict[str, np.ndarray]) -> np.ndarray:
+    """The manifest's trainable tensors back to back at their offsets, each checked against the manifest."""
+    flat = np.zeros(manifest.trainable_count, dtype=np.float32)
+    for param in manifest.trainable:
+        array = tensors.get(param.name)
+        if array is None or list(array.shape) != param.shape or array.dtype != np.float32:
+            found = "missing" if array is None else f"{array.dtype} {list(array.shape)}"
+            raise BundleError(f"bundle {str(folder)!r}: trainable parameter {param.name!r} is {found} in "
+                              f"{PARAMS}, the manifest says float32 {param.shape}; rebuild the bundle")
+        flat[param.offset:param.offset + param.size] = array.reshape(-1)
+    return flat
+
+
+def open_tokenizer(folder: Path, manifest: Manifest):
+    """The bundle's tokenizer, truncating at its max_seq_len, unpadded (`encode` pads)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(folder) / TOKENIZER))
+    tokenizer.enable_truncation(manifest.max_seq_len)
+    tokenizer.no_padding()
+    return tokenizer
 
 
 def _read(folder: Path) -> Manifest:

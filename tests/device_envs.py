@@ -10,14 +10,12 @@ into a folder of the test session, so the cached environments never hold a stale
     board_env("trixie", wheel)       Debian 13 ARM64, Python 3.13
 
 Environments are cached under ~/.cache/edgeftl (venvs/, roots/) keyed by the device's
-requirements, so only the first run on a machine pays (boards: ~4-6 minutes each, measured).
+requirements, so only the first run on a machine pays (boards: 3-5 minutes each, measured).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -31,9 +29,6 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import emulated_root  # noqa: E402  (tools/ is not a package)
 
-CACHE = Path(os.environ.get("EDGEFTL_CACHE") or Path.home() / ".cache" / "edgeftl")
-
-
 device_requirements = emulated_root.device_requirements
 
 
@@ -42,11 +37,10 @@ edgeftl_wheel = emulated_root.edgeftl_wheel
 
 @dataclass
 class DeviceEnv:
-    """Somewhere to run device code: a command prefix, a Python, and where files must go to be seen."""
+    """Somewhere to run device code: a Python, its environment variables, and where files must go to be seen."""
 
     name: str
     python: str  # the interpreter, as the environment sees it
-    prefix: list[str] = field(default_factory=list)  # host command that enters the environment
     env: dict[str, str] = field(default_factory=dict)  # variables set inside it
     board: emulated_root.Board | None = None
     work: Path | None = None  # on the host: a folder the environment sees (inside the root for boards)
@@ -54,7 +48,7 @@ class DeviceEnv:
     def command(self, argv: Sequence[str]) -> list[str]:
         if self.board is not None:
             return self.board.command(list(argv), self.env)
-        return [*self.prefix, "env", *(f"{k}={v}" for k, v in self.env.items()), *argv]
+        return ["env", *(f"{k}={v}" for k, v in self.env.items()), *argv]
 
     def run(self, argv: Sequence[str], timeout: float = 1800) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(argv), capture_output=True, text=True, timeout=timeout)
@@ -76,10 +70,6 @@ class DeviceEnv:
         return [self.python, "-m", "edgeftl.coordinator.cli", *args]
 
 
-def _key(parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def find_python(version: str) -> str | None:
     """pyenv's newest {version}.x, else python{version} on PATH; the first that runs (pyenv shims may not)."""
     candidates = [str(p) for p in sorted(Path.home().glob(f".pyenv/versions/{version}.*/bin/python{version}"))[::-1]]
@@ -95,16 +85,14 @@ def native_env(version: str, wheel: Path, session: Path) -> DeviceEnv:
     interpreter = find_python(version)
     if interpreter is None:
         raise RuntimeError(f"no python{version} here (PATH or ~/.pyenv); install it to test devices on {version}")
+    from edgeftl.device.cache import default_cache_dir
+
     requirements = device_requirements()
-    venv = CACHE / "venvs" / f"py{version}-{_key(requirements)}"
+    venv = default_cache_dir() / "venvs" / f"py{version}-{emulated_root.cache_key({'requirements': requirements})}"
     if not (venv / ".edgeftl-complete").is_file():
         shutil.rmtree(venv, ignore_errors=True)
-        for argv in ([interpreter, "-m", "venv", str(venv)],
-                     [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--only-binary=:all:", *requirements]):
-            done = subprocess.run(argv, capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"{' '.join(argv[:4])} failed: {done.stderr[-2000:]}")
-        (venv / ".edgeftl-complete").write_text("ok\n")
+        emulated_root.make_venv(lambda argv: subprocess.run(argv, capture_output=True, text=True), interpreter,
+                                str(venv), venv / ".edgeftl-complete", requirements, log=lambda m: None)
     site = session / f"py{version}-site"
     emulated_root.unpack(wheel, [str(venv / "bin/python")], str(site))
     return DeviceEnv(f"x86_64-py{version}", str(venv / "bin/python"), env={"PYTHONPATH": str(site)}, work=session)

@@ -460,3 +460,22 @@ def test_minilm_int8_bundle_is_at_most_35_percent_of_fp32(minilm_bundles: dict[s
     # Assert: int8 stores 1 byte per frozen weight (+ a scale per row) instead of 4.
     assert sizes["int8"] <= 0.35 * sizes["none"], sizes
     assert verify_bundle(minilm_bundles["int8"]).num_blocks == 6
+
+
+def test_a_host_without_python_3_11_gets_one_line_naming_what_building_needs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: the training build not unpacked yet, on a Python its wheels do not cover
+    from edgeftl.coordinator.build import training_build
+    from edgeftl.coordinator.build.config import BuildError
+
+    monkeypatch.setenv(training_build.ENV, str(tmp_path / "ort-training"))
+    monkeypatch.setattr(training_build, "PYTHON", (3, 99))
+
+    # Execute
+    with pytest.raises(BuildError) as caught:
+        training_build.ensure(log=lambda message: None)
+
+    # Assert: nothing installed, and the line says which Python to build with
+    message = str(caught.value)
+    assert "CPython 3.99" in message and "Build bundles with Python 3.99" in message and "\n" not in message
+    assert not (tmp_path / "ort-training").exists()

@@ -438,11 +438,11 @@ class _TrainingBuild:
 
         training_api()  # before onnxruntime is imported: no torch
         import onnxruntime as ort
-        from tokenizers import Tokenizer
 
         from edgeftl.device import ort as device_ort
         from edgeftl.device.manifest import LOWER_MODEL, read_manifest
         from edgeftl.device.ort import session_options
+        from edgeftl.device.runtime import open_tokenizer
 
         device_ort.ARENA = {}  # ORT's default arena settings, as devices ran the training build
 
@@ -450,9 +450,7 @@ class _TrainingBuild:
         self.reference = ReferenceRuntime(_reference(bundle), threads, shared_arena=True)
         self.lower = (ort.InferenceSession(str(bundle / LOWER_MODEL), session_options(threads, shared_arena=True),
                                            providers=["CPUExecutionProvider"]) if self.manifest.split else None)
-        self.tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
-        self.tokenizer.enable_truncation(self.manifest.max_seq_len)
-        self.tokenizer.no_padding()
+        self.tokenizer = open_tokenizer(bundle, self.manifest)
         self.set_learning_rate, self.accumulate = self.reference.set_learning_rate, self.reference.accumulate
         self.apply_step = self.reference.apply_step
 

@@ -118,20 +118,25 @@ def board(suite: str = "bookworm", arch: str = "arm64", requirements: Sequence[s
     cache.mkdir(parents=True, exist_ok=True)
     _ensure_host_tools(log)
     _ensure_binfmt(arch)
-    key = _key({"suite": suite, "arch": arch, "packages": DEBIAN_PACKAGES})
+    key = cache_key({"suite": suite, "arch": arch, "packages": DEBIAN_PACKAGES})
     root = cache / f"debian-{suite}-{arch}-{key}"
     with _locked(cache / f".{root.name}.lock"):
         if not (root / ".edgeftl-complete").is_file():
             _debootstrap(suite, arch, root, log)
     made = Board(root, "", suite, arch)
-    venv = f"{GUEST_CACHE}/venv-{_key({'requirements': sorted(requirements)})}"
+    venv = f"{GUEST_CACHE}/venv-{cache_key({'requirements': sorted(requirements)})}"
     with _locked(cache / f".{root.name}.venv.lock"):
         if not made.host_path(f"{venv}/.edgeftl-complete").is_file():
-            _make_venv(made, venv, list(requirements), log)
+            log(f"making a venv in the {suite} {arch} root with {', '.join(requirements) or 'nothing'} "
+                "(first run, about a minute under emulation)")
+            shutil.rmtree(made.host_path(venv), ignore_errors=True)
+            make_venv(lambda argv: made.run(argv, capture_output=True, text=True), "python3", venv,
+                      made.host_path(f"{venv}/.edgeftl-complete"), list(requirements), log)
     return Board(root, venv, suite, arch)
 
 
-def _key(parts: dict) -> str:
+def cache_key(parts: dict) -> str:
+    """12 hex digits naming a cached environment by what went into it."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -218,21 +223,22 @@ def _debootstrap(suite: str, arch: str, root: Path, log) -> None:
     log(f"root ready in {time.monotonic() - began:.0f} s")
 
 
-def _make_venv(made: Board, venv: str, requirements: list[str], log) -> None:
+def make_venv(run, python: str, venv: str, marker: Path, requirements: list[str], log=print) -> None:
+    """`python -m venv venv`, then pip installs `requirements` from wheels only; `marker` says it finished.
+
+    `run(argv)` runs a command where the venv lives (inside a root, or on the host) and returns
+    its CompletedProcess with text output.
+    """
     began = time.monotonic()
-    log(f"making a venv in the {made.suite} {made.arch} root with {', '.join(requirements) or 'nothing'} "
-        "(first run, minutes under emulation)")
-    shutil.rmtree(made.host_path(venv), ignore_errors=True)
-    steps = [["python3", "-m", "venv", venv]]
+    steps = [[python, "-m", "venv", venv]]
     if requirements:
         steps.append([f"{venv}/bin/python", "-m", "pip", "install", "--progress-bar", "off",
                       "--only-binary=:all:", *requirements])
     for argv in steps:
-        done = made.run(argv, capture_output=True, text=True)
+        done = run(argv)
         if done.returncode:
-            raise RootError(f"{' '.join(argv[:4])} failed in the {made.suite} root: "
-                            f"{(done.stdout + done.stderr).strip()[-800:]}")
-    made.host_path(f"{venv}/.edgeftl-complete").write_text(f"{time.monotonic() - began:.0f} s\n")
+            raise RootError(f"{' '.join(argv[:4])} failed: {(done.stdout + done.stderr).strip()[-800:]}")
+    Path(marker).write_text(f"{time.monotonic() - began:.0f} s\n")
     log(f"venv ready in {time.monotonic() - began:.0f} s")
 
 
