@@ -53,7 +53,7 @@ help:
 	@echo "make mosquitto  install the Mosquitto MQTT broker with apt (as root)"
 	@echo "make chromium   install headless Chromium with apt (as root; the report test renders HTML)"
 	@echo "make boards     install qemu-user-static and debootstrap with apt (as root; emulated ARM64 device tests)"
-	@echo "make bench      run the benchmarks (edgeftl bench; BENCH_ARGS=--quick) and refresh docs/BENCHMARKS.md"
+	@echo "make bench      run the benchmarks (tools/bench.py; BENCH_ARGS=--quick) and refresh docs/BENCHMARKS.md"
 	@echo "make clean      remove caches and build outputs; distclean also removes .venv"
 	@echo "Variables: PYTHON=$(PYTHON) (must be Python $(REQUIRED_PY)), PYTEST_ARGS=..."
 
@@ -105,7 +105,7 @@ $(STAMP): pyproject.toml | check-python
 	fi
 	@# The training build, unpacked into a folder of its own (never into the venv): the build
 	@# runs it in child processes to generate and check gradient graphs.
-	$(VPY) -m edgeftl.coordinator.build.training_build
+	$(VPY) -m edgeftl.coordinator.bundler.training_build
 	$(VPY) -c 'import importlib.util as u, onnxruntime; \
 		assert u.find_spec("onnxruntime.training") is None, "onnxruntime in the venv is the training build"; \
 		print("onnxruntime", onnxruntime.__version__, "(stock): ok")'
@@ -159,7 +159,7 @@ demo: install mosquitto
 
 # BENCH_ARGS=--quick for a few-minute run; --only build,device,federation,coordinator for a subset.
 bench: install
-	$(VPY) -m edgeftl.coordinator.cli bench $(BENCH_ARGS)
+	$(VPY) tools/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

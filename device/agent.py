@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeftl.device import wire
-from edgeftl.device.codecs import ErrorFeedback, parse_codec
+from edgeftl.device.protocol import wire
+from edgeftl.device.protocol.codecs import ErrorFeedback, parse_codec
 from edgeftl.device.data import read_examples
-from edgeftl.device.manifest import sha256_file
+from edgeftl.device.protocol.manifest import sha256_file
 from edgeftl.device.measure import peak_rss_mib, platform_info, rss_mib
-from edgeftl.device.messages import (
+from edgeftl.device.protocol.messages import (
     MAX_REASON_CHARS,
     ErrorReply,
     GlobalHeader,
@@ -35,7 +35,7 @@ from edgeftl.device.messages import (
 )
 from edgeftl.device.runtime import BundleRuntime
 from edgeftl.device.train import TrainConfig, data_inputs, train
-from edgeftl.device.transport import Topics, Transport
+from edgeftl.device.link import Topics, Transport
 
 log = logging.getLogger("edgeftl.device")
 AGENT_STATE = "agent_state.npz"

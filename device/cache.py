@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeftl.device.data import Example
-from edgeftl.device.manifest import LOWER_MODEL, TOKENIZER, Manifest, sha256_file
+from edgeftl.device.protocol.manifest import LOWER_MODEL, TOKENIZER, Manifest, sha256_file
 
 CACHE_ENV = "EDGEFTL_CACHE"
 CACHE_FORMAT = 1

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeftl.device.manifest import (
+from edgeftl.device.protocol.manifest import (
     EVAL_MODEL,
     GRAD_SUFFIX,
     LOWER_MODEL,
@@ -287,6 +287,6 @@ def open_tokenizer(folder: Path, manifest: Manifest):
 
 
 def _read(folder: Path) -> Manifest:
-    from edgeftl.device.manifest import read_manifest
+    from edgeftl.device.protocol.manifest import read_manifest
 
     return read_manifest(folder)

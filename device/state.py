@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeftl.device.manifest import MANIFEST, sha256_file, write_atomic
+from edgeftl.device.protocol.manifest import MANIFEST, sha256_file, write_atomic
 
 STATE_FORMAT = 2
 CURRENT, PARAMS, OPTIMIZER, STATE_JSON = "CURRENT", "params.npy", "optimizer.npz", "state.json"

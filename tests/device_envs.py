@@ -67,7 +67,7 @@ class DeviceEnv:
         return self.board.host_path(guest) if self.board is not None else Path(guest)
 
     def edgeftl(self, *args: str) -> list[str]:
-        return [self.python, "-m", "edgeftl.coordinator.cli", *args]
+        return [self.python, "-m", "edgeftl.device.cli", *args]
 
 
 def find_python(version: str) -> str | None:

@@ -46,7 +46,7 @@ def bundle(factory: pytest.TempPathFactory, name: str) -> Path:
     """
     key = f"bundle:{name}"
     if key not in _cache:
-        from edgeftl.coordinator.cli import main
+        from edgeftl.device.cli import main
 
         kind, flags = BUNDLES[name]
         out = factory.mktemp("bundles", numbered=True) / name
@@ -95,7 +95,7 @@ def in_process_devices(broker, folder: Path, files: list[Path], rounds: int, sto
     import threading
 
     from edgeftl.device.agent import AgentConfig, DeviceAgent
-    from edgeftl.device.transport import InProcessTransport, Topics
+    from edgeftl.device.link import InProcessTransport, Topics
 
     topics, agents = Topics("edgeftl"), []
     for i, path in enumerate(files):

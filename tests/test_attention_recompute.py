@@ -1,4 +1,4 @@
-"""Attention probabilities recomputed for the backward pass (coordinator/build/attention_recompute.py).
+"""Attention probabilities recomputed for the backward pass (coordinator/bundler/attention_recompute.py).
 
 Built through the CLI on the tiny models: by default every backward reader of an attention
 softmax reads a recomputed copy; `--keep-attention` leaves the graph as ORT generated it; and

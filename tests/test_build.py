@@ -19,9 +19,9 @@ import numpy as np
 import onnx
 import pytest
 
-from edgeftl.coordinator.cli import main
+from edgeftl.device.cli import main
 from edgeftl.device.data import write_csv
-from edgeftl.device.manifest import FORMAT_VERSION, MANIFEST, Manifest, verify_bundle
+from edgeftl.device.protocol.manifest import FORMAT_VERSION, MANIFEST, Manifest, verify_bundle
 from edgeftl.device.params import read_params
 from fixtures_build import LABELS, bundle, tiny_model
 
@@ -465,8 +465,8 @@ def test_minilm_int8_bundle_is_at_most_35_percent_of_fp32(minilm_bundles: dict[s
 def test_a_host_without_python_3_11_gets_one_line_naming_what_building_needs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare: the training build not unpacked yet, on a Python its wheels do not cover
-    from edgeftl.coordinator.build import training_build
-    from edgeftl.coordinator.build.config import BuildError
+    from edgeftl.coordinator.bundler import training_build
+    from edgeftl.coordinator.bundler.config import BuildError
 
     monkeypatch.setenv(training_build.ENV, str(tmp_path / "ort-training"))
     monkeypatch.setattr(training_build, "PYTHON", (3, 99))

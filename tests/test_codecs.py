@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeftl.device.codecs import CodecError, Encoded, ErrorFeedback, parse_codec
+from edgeftl.device.protocol.codecs import CodecError, Encoded, ErrorFeedback, parse_codec
 
 
 def test_int8_block_codec_hand_computed():

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeftl.coordinator.cli import main
+from edgeftl.device.cli import main
 from edgeftl.device.cache import CACHE_ENV, FEATURES, META, default_cache_dir, entry_folder, open_or_build
 from edgeftl.device.data import read_examples, write_csv
-from edgeftl.device.manifest import MANIFEST
+from edgeftl.device.protocol.manifest import MANIFEST
 from edgeftl.device.measure import append_jsonl, platform_info, proc_status_mib, run_metrics
 from edgeftl.device.plan import MemoryLimitError, MemoryPlan, Probe, fit_micro_batch, measure_plan
 from edgeftl.device.runtime import BundleRuntime
@@ -433,7 +433,7 @@ def test_plan_estimate_is_in_the_range_of_a_measured_training_step(
 ) -> None:
     # Prepare: every text is 10 tokens, so the real run trains at exactly the planned shape
     folder = bundle(tmp_path_factory, "bert-int8")
-    real_cmd = [sys.executable, "-m", "edgeftl.coordinator.cli", "device", "train", "--bundle", str(folder),
+    real_cmd = [sys.executable, "-m", "edgeftl.device.cli", "device", "train", "--bundle", str(folder),
                 "--data", str(data["fixed"]), "--steps", "1", "--batch", "8", "--threads", "1", "--quiet", "--json",
                 "--cache-dir", str(tmp_path / "cache")]
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeftl.coordinator.cli import main
+from edgeftl.device.cli import main
 from edgeftl.device.data import write_csv
-from edgeftl.device.manifest import MANIFEST, BundleError, verify_bundle
+from edgeftl.device.protocol.manifest import MANIFEST, BundleError, verify_bundle
 from edgeftl.device.runtime import BundleRuntime
 from fixtures_build import bundle, keyword_dataset
 
@@ -41,7 +41,7 @@ class BlockHostPackages(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, BlockHostPackages())
-from edgeftl.coordinator.cli import main
+from edgeftl.device.cli import main
 
 stdout = io.StringIO()
 with contextlib.redirect_stdout(stdout):

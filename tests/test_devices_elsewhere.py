@@ -28,14 +28,14 @@ import pytest
 
 from conftest import in_ci
 from device_envs import DeviceEnv, board_env, edgeftl_wheel, emulated_root, machine_of, native_env
-from edgeftl.coordinator.build.probe import compare, probe_plan, train_reference
-from edgeftl.coordinator.config import CoordinatorConfig
-from edgeftl.coordinator.evaluate import make_evaluator
-from edgeftl.coordinator.server import Coordinator
+from edgeftl.coordinator.bundler.probe import compare, probe_plan, train_reference
+from edgeftl.coordinator.rounds.config import CoordinatorConfig
+from edgeftl.coordinator.rounds.evaluate import make_evaluator
+from edgeftl.coordinator.rounds.loop import Coordinator
 from edgeftl.device.data import write_csv
-from edgeftl.device.manifest import read_manifest
+from edgeftl.device.protocol.manifest import read_manifest
 from edgeftl.device.runtime import BundleRuntime, trainable_vector
-from edgeftl.device.transport import MqttTransport
+from edgeftl.device.link import MqttTransport
 from fixtures_build import bundle, keyword_dataset, reference
 from test_equivalence import TOLERANCE
 
@@ -97,7 +97,7 @@ def test_environment_is_what_it_claims(name: str, environments: Environments) ->
 @pytest.mark.parametrize("name", list(ENVIRONMENTS))
 def test_every_op_a_bundle_may_hold_has_a_kernel_there(name: str, environments: Environments) -> None:
     # Prepare: the non-standard ops portable graphs may hold, and the int4 lower stack's MatMulNBits
-    from edgeftl.coordinator.build.portable import STOCK_CONTRIB_OPS
+    from edgeftl.coordinator.bundler.portable import STOCK_CONTRIB_OPS
 
     env = environments[name]
     wanted = sorted([*STOCK_CONTRIB_OPS, ("com.microsoft", "MatMulNBits")])
@@ -126,7 +126,7 @@ def test_portable_runtime_matches_the_training_build(name: str, kind: str, envir
 
     # Execute: the same plan on the device runtime there
     result = f"{env.share(tmp_path)}/result.npz"
-    done = env.run([env.python, "-m", "edgeftl.coordinator.build.training_job", "portable", env.share(folder),
+    done = env.run([env.python, "-m", "edgeftl.coordinator.bundler.training_job", "portable", env.share(folder),
                     f"{env.share(tmp_path)}/plan.npz", result, "1"])
     assert done.returncode == 0, done.stderr[-3000:]
     with np.load(env.host(result)) as data:
@@ -182,7 +182,7 @@ def test_arm64_boards_federate_beside_x86_devices(mosquitto_broker, environments
         args = ["device", "run", "--broker", url, "--id", name, "--prefix", prefix, "--threads", "1",
                 "--rounds", str(rounds)]
         if env is None:
-            command = [sys.executable, "-m", "edgeftl.coordinator.cli", *args, "--bundle", str(folder), "--data", str(data)]
+            command = [sys.executable, "-m", "edgeftl.device.cli", *args, "--bundle", str(folder), "--data", str(data)]
         else:
             command = env.command(env.edgeftl(*args, "--bundle", env.share(folder), "--data", env.share(data)))
         log = open(tmp_path / f"{name}.log", "w")

@@ -6,7 +6,7 @@ bundle here (the stock onnxruntime installed on the host) and on the bundle's ow
 artifacts in a training-build process: random token ids or hidden states, padded rows, a first
 step made of two weighted micro-batches, AdamW at lr 1e-2 (large, so parameters move far).
 
-Tolerances (coordinator/build/probe.py has the reasoning): losses, gradients and evaluation
+Tolerances (coordinator/bundler/probe.py has the reasoning): losses, gradients and evaluation
 logits to 1e-5 of their largest magnitude (measured here: <= 4e-7; the rewrites change only
 the order of float32 operations), parameters to 1e-4 of the most AdamW can move them, lr x
 steps (measured: <= 7.2e-6). A wrong gradient formula shows up at 1e-2 or more, a wrong
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import pytest
 
-from edgeftl.coordinator.build.probe import compare, probe_plan, train_reference
-from edgeftl.coordinator.build.training_job import run_plan
+from edgeftl.coordinator.bundler.probe import compare, probe_plan, train_reference
+from edgeftl.coordinator.bundler.training_job import run_plan
 from edgeftl.device.runtime import BundleRuntime
 from fixtures_build import BUNDLES, bundle, reference
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeftl.coordinator.config import CoordinatorConfig
-from edgeftl.coordinator.evaluate import make_evaluator
-from edgeftl.coordinator.server import Coordinator
+from edgeftl.coordinator.rounds.config import CoordinatorConfig
+from edgeftl.coordinator.rounds.evaluate import make_evaluator
+from edgeftl.coordinator.rounds.loop import Coordinator
 from edgeftl.device.agent import AgentConfig, DeviceAgent
 from edgeftl.device.data import write_csv
-from edgeftl.device.manifest import read_manifest
-from edgeftl.device.transport import InProcessBroker, InProcessTransport, Topics
+from edgeftl.device.protocol.manifest import read_manifest
+from edgeftl.device.link import InProcessBroker, InProcessTransport, Topics
 from fixtures_build import bundle, in_process_devices, keyword_dataset
 
 
@@ -107,12 +107,12 @@ class BlockHostPackages(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, BlockHostPackages())
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from edgeftl.coordinator.cli import main  # the whole CLI must load without host packages
-from edgeftl.coordinator.config import CoordinatorConfig
-from edgeftl.coordinator.evaluate import make_evaluator
-from edgeftl.coordinator.server import Coordinator
-from edgeftl.device.manifest import read_manifest
-from edgeftl.device.transport import InProcessBroker, InProcessTransport
+from edgeftl.device.cli import main  # the whole CLI must load without host packages
+from edgeftl.coordinator.rounds.config import CoordinatorConfig
+from edgeftl.coordinator.rounds.evaluate import make_evaluator
+from edgeftl.coordinator.rounds.loop import Coordinator
+from edgeftl.device.protocol.manifest import read_manifest
+from edgeftl.device.link import InProcessBroker, InProcessTransport
 from fixtures_build import in_process_devices
 
 folder, data, out = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
@@ -152,9 +152,9 @@ def test_coordinator_round_loop_runs_without_torch(tmp_path, tmp_path_factory):
 def test_agent_waiting_for_a_global_skips_a_bad_message_and_keeps_later_tasks(tmp_path, tmp_path_factory):
     # Prepare: a connected agent that gets round 1's task before the global of round 0 it needs;
     # meanwhile a task for round 2, a malformed message and finally that global arrive.
-    from edgeftl.device import wire
-    from edgeftl.device.manifest import sha256_file
-    from edgeftl.device.messages import GlobalHeader, Task, header_of
+    from edgeftl.device.protocol import wire
+    from edgeftl.device.protocol.manifest import sha256_file
+    from edgeftl.device.protocol.messages import GlobalHeader, Task, header_of
 
     folder = bundle(tmp_path_factory, "bert-int8")
     (path,) = _device_files(tmp_path, 1, 16)
@@ -216,9 +216,9 @@ def test_a_device_whose_training_fails_replies_with_an_error_and_the_round_goes_
 
 def test_error_replies_are_checked_like_updates(tmp_path):
     # Prepare: an inbox whose round 3 sampled dev0 and dev1
-    from edgeftl.coordinator.inbox import DeviceFailure, Inbox
-    from edgeftl.device import wire
-    from edgeftl.device.messages import ErrorReply, header_of
+    from edgeftl.coordinator.rounds.inbox import DeviceFailure, Inbox
+    from edgeftl.device.protocol import wire
+    from edgeftl.device.protocol.messages import ErrorReply, header_of
 
     inbox = Inbox("run", "b" * 64, 10, 1 << 20)
     inbox.open_round(3, ["dev0", "dev1"])

@@ -8,13 +8,13 @@ import time
 import numpy as np
 import pytest
 
-from edgeftl.coordinator.config import CoordinatorConfig
-from edgeftl.coordinator.server import Coordinator
-from edgeftl.device import wire
-from edgeftl.device.manifest import read_manifest, sha256_file
-from edgeftl.device.messages import UpdateHeader, header_of
+from edgeftl.coordinator.rounds.config import CoordinatorConfig
+from edgeftl.coordinator.rounds.loop import Coordinator
+from edgeftl.device.protocol import wire
+from edgeftl.device.protocol.manifest import read_manifest, sha256_file
+from edgeftl.device.protocol.messages import UpdateHeader, header_of
 from edgeftl.device.runtime import BundleRuntime
-from edgeftl.device.transport import MqttTransport, Topics
+from edgeftl.device.link import MqttTransport, Topics
 from fixtures_build import bundle
 
 

@@ -1,4 +1,4 @@
-"""LayerNorm / RMSNorm input gradients written as plain ops (coordinator/build/layernorm_grad.py).
+"""LayerNorm / RMSNorm input gradients written as plain ops (coordinator/bundler/layernorm_grad.py).
 
 The reference is ORT's own fused LayerNormalizationGrad kernel, run on the same inputs by the
 training build (which alone registers it); the decomposition runs on stock onnxruntime. A built
@@ -12,8 +12,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from edgeftl.coordinator.build.layernorm_grad import decompose_layernorm_grads
-from edgeftl.coordinator.build.training_build import infer
+from edgeftl.coordinator.bundler.layernorm_grad import decompose_layernorm_grads
+from edgeftl.coordinator.bundler.training_build import infer
 from edgeftl.device.ort import session_options
 from edgeftl.device.runtime import BundleRuntime
 from fixtures_build import bundle

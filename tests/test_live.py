@@ -9,12 +9,12 @@ import select
 import time
 
 from edgeftl.coordinator.cli.coordinator import round_line
-from edgeftl.coordinator.config import CoordinatorConfig
-from edgeftl.coordinator.live import LiveView, Progress, status_text
-from edgeftl.coordinator.server import Coordinator
+from edgeftl.coordinator.rounds.config import CoordinatorConfig
+from edgeftl.coordinator.cli.live import LiveView, Progress, status_text
+from edgeftl.coordinator.rounds.loop import Coordinator
 from edgeftl.device.data import write_csv
-from edgeftl.device.manifest import read_manifest
-from edgeftl.device.transport import InProcessBroker, InProcessTransport
+from edgeftl.device.protocol.manifest import read_manifest
+from edgeftl.device.link import InProcessBroker, InProcessTransport
 from fixtures_build import bundle, in_process_devices, keyword_dataset
 
 

@@ -1,4 +1,4 @@
-"""Training-only ops rewritten into standard ones (coordinator/build/portable.py), op by op.
+"""Training-only ops rewritten into standard ones (coordinator/bundler/portable.py), op by op.
 
 Each case is a one-node graph holding an op only ONNX Runtime Training registers. The
 reference output comes from the training build itself (run in its own process through
@@ -18,14 +18,14 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeftl.coordinator.build.portable import (
+from edgeftl.coordinator.bundler.portable import (
     REWRITES,
     STOCK_CONTRIB_OPS,
     PortabilityError,
     check_portable,
     rewrite_training_ops,
 )
-from edgeftl.coordinator.build.training_build import infer
+from edgeftl.coordinator.bundler.training_build import infer
 
 MS = "com.microsoft"
 RNG = np.random.default_rng(0)

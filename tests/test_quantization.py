@@ -354,7 +354,7 @@ def test_quantized_graph_becomes_a_portable_training_graph_that_trains(scheme: Q
     # Prepare: the integer buffers are frozen params; only the adapter and head train.
     import onnxruntime as ort
 
-    from edgeftl.coordinator.build.artifacts import generate
+    from edgeftl.coordinator.bundler.artifacts import generate
     from edgeftl.device.optim import AdamW
     from edgeftl.device.params import read_params
 

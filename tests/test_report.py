@@ -7,12 +7,13 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import in_ci
-from edgeftl.coordinator.cli import main
+from edgeftl.device.cli import main
 from edgeftl.coordinator.report import ReportError, load_run, write_report
 from edgeftl.coordinator.report.summary import fmt_bytes, platform_label, totals
 
@@ -216,14 +217,19 @@ def test_headless_chromium_shows_every_plot(tmp_path):
     assert loaded_broken == FIGURES - 1
 
 
-# ---- edgeftl bench ------------------------------------------------------------------------------------
+# ---- tools/bench.py ----------------------------------------------------------------------------------
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import bench as bench_cli  # noqa: E402  (tools/ is not a package)
+import benchsuite as bench  # noqa: E402
+
+
 def test_bench_dry_run_prints_the_commands_and_writes_nothing(tmp_path, capsys):
     # Prepare: a checkout with two of the four scripts
     (tmp_path / "tools").mkdir()
     for script in ("bench_build.py", "bench_federation.py"):
         (tmp_path / "tools" / script).write_text("raise SystemExit('must not run')\n")
     # Execute
-    rc = main(["bench", "--quick", "--dry-run", "--only", "federation,device", "--root", str(tmp_path)])
+    rc = bench_cli.main(["--quick", "--dry-run", "--only", "federation,device", "--root", str(tmp_path)])
     # Assert
     out = capsys.readouterr().out.splitlines()
     assert rc == 0
@@ -234,13 +240,13 @@ def test_bench_dry_run_prints_the_commands_and_writes_nothing(tmp_path, capsys):
 
 
 def test_bench_rejects_unknown_names(tmp_path, capsys):
-    assert main(["bench", "--only", "build,gpu", "--root", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        bench_cli.main(["--only", "build,gpu", "--root", str(tmp_path)])
+    assert exit_info.value.code == 2
     assert "accepted names are build, device, federation, coordinator" in capsys.readouterr().err
 
 
 def test_bench_header_is_rewritten_and_every_section_kept(tmp_path):
-    from edgeftl.coordinator.report import bench
-
     # Prepare: a BENCHMARKS.md as the scripts leave it, and the coordinator benchmark's JSON
     docs = tmp_path / "docs"
     docs.mkdir()

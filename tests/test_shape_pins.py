@@ -1,4 +1,4 @@
-"""Backward Shape reads pinned to the forward pass (coordinator/build/shape_pins.py).
+"""Backward Shape reads pinned to the forward pass (coordinator/bundler/shape_pins.py).
 
 A Reshape's gradient needs its input's shape; the pass must move that Shape next to the input's
 producer, make the forward readers wait for it, and change no number.
@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeftl.coordinator.build.shape_pins import SUFFIX, pin_shape_reads
+from edgeftl.coordinator.bundler.shape_pins import SUFFIX, pin_shape_reads
 from fixtures_build import bundle
 
 

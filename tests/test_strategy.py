@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeftl.coordinator.strategy import FedAdam, FedAvg, FedYogi, LoraAware, Update, make_strategy
+from edgeftl.coordinator.rounds.strategy import FedAdam, FedAvg, FedYogi, LoraAware, Update, make_strategy
 
 
 def test_fedavg_is_the_sample_weighted_mean():

@@ -12,8 +12,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from conftest import in_ci
-from edgeftl.device import wire
-from edgeftl.device.transport import (
+from edgeftl.device.protocol import wire
+from edgeftl.device.link import (
     InProcessBroker, InProcessTransport, MqttTransport, Topics, TransportError, parse_url, topic_matches,
 )
 

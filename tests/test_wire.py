@@ -10,8 +10,8 @@ import struct
 import numpy as np
 import pytest
 
-from edgeftl.device import wire
-from edgeftl.device.wire import WireError
+from edgeftl.device.protocol import wire
+from edgeftl.device.protocol.wire import WireError
 
 MAX = 1 << 20
 
@@ -209,7 +209,7 @@ def test_check_header_names_missing_and_mistyped_fields() -> None:
 
 
 def test_header_fields_cover_every_message_kind() -> None:
-    from edgeftl.device.messages import KINDS
+    from edgeftl.device.protocol.messages import KINDS
 
     assert set(wire.HEADER_FIELDS) == set(KINDS) == {"task", "global", "update", "error", "status"}
     assert all("kind" in fields and "format" in fields for fields in wire.HEADER_FIELDS.values())

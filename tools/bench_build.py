@@ -116,7 +116,7 @@ def _run_cases(out_dir: Path, label_names: list[str], args: argparse.Namespace) 
 
 def _build(out: Path, labels: list[str], quant: str, train_layers: int | None, args) -> float:
     """Wall-clock seconds of one `edgeftl build` in a fresh process."""
-    cmd = [sys.executable, "-m", "edgeftl.coordinator.cli", "build", "--quiet", "--force",
+    cmd = [sys.executable, "-m", "edgeftl.device.cli", "build", "--quiet", "--force",
            "--labels", ",".join(labels), "--quant", quant, "--out", str(out), *BUILD_FLAGS]
     if train_layers is not None:
         cmd += ["--train-layers", str(train_layers)]
@@ -193,7 +193,7 @@ def _encode_all(runtime, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]
 
 
 def _trainable_values(bundle: Path) -> dict[str, np.ndarray]:
-    from edgeftl.device.manifest import PARAMS, read_manifest
+    from edgeftl.device.protocol.manifest import PARAMS, read_manifest
     from edgeftl.device.params import read_params
 
     return read_params(bundle / PARAMS, {p.name for p in read_manifest(bundle).trainable})
@@ -224,7 +224,7 @@ def _bundle_worker(args: argparse.Namespace) -> int:
 
 def _reference_worker(args: argparse.Namespace) -> int:
     """fp32 PyTorch logits of the model the bundle was built from, with the bundle's initial head."""
-    from edgeftl.device.manifest import read_manifest
+    from edgeftl.device.protocol.manifest import read_manifest
     from edgeftl.device.runtime import BundleRuntime
 
     # Same tokenizer call as the bundle side.
@@ -241,8 +241,8 @@ def _reference_worker(args: argparse.Namespace) -> int:
 def _reference_model(manifest, params: dict[str, np.ndarray], threads: int):
     import torch
 
-    from edgeftl.coordinator.build.config import BuildConfig
-    from edgeftl.coordinator.build.pipeline import prepare_model
+    from edgeftl.coordinator.bundler.config import BuildConfig
+    from edgeftl.coordinator.bundler.pipeline import prepare_model
     from edgeftl.models.loading import default_model_dir
     from edgeftl.models.task import LowerModel
 

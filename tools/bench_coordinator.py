@@ -32,11 +32,11 @@ import numpy as np
 
 import benchdoc
 
-from edgeftl.coordinator.inbox import Inbox
-from edgeftl.coordinator.strategy import Update, make_strategy
-from edgeftl.device import wire
-from edgeftl.device.codecs import parse_codec
-from edgeftl.device.messages import UpdateHeader, header_of
+from edgeftl.coordinator.rounds.inbox import Inbox
+from edgeftl.coordinator.rounds.strategy import Update, make_strategy
+from edgeftl.device.protocol import wire
+from edgeftl.device.protocol.codecs import parse_codec
+from edgeftl.device.protocol.messages import UpdateHeader, header_of
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 75_653  # MiniLM, LoRA r=8 on query/value in 6 blocks + 5-label head

@@ -149,7 +149,7 @@ def _build(out: Path, labels: list[str], flags: list[str], args) -> float | None
     """Wall-clock seconds of one `edgeftl build` in a fresh process (None: reused)."""
     if args.reuse and (out / "manifest.json").is_file():
         return None
-    cmd = [sys.executable, "-m", "edgeftl.coordinator.cli", "build", "--quiet", "--force",
+    cmd = [sys.executable, "-m", "edgeftl.device.cli", "build", "--quiet", "--force",
            "--labels", ",".join(labels), "--out", str(out), "--reference-dir", str(_reference(out)), *flags,
            *BUILD_FLAGS]
     started = time.perf_counter()
@@ -306,7 +306,7 @@ def _spawn(kind: str, flags: list[str], threads: int, training: bool = False) ->
 
 
 def _env(threads: int, training: bool = False) -> dict[str, str]:
-    from edgeftl.coordinator.build.training_build import job_env
+    from edgeftl.coordinator.bundler.training_build import job_env
 
     env = job_env() if training else dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
@@ -434,13 +434,13 @@ class _TrainingBuild:
     build's peaks by 2-21 MiB at 16 x 128)."""
 
     def __init__(self, bundle: Path, threads: int) -> None:
-        from edgeftl.coordinator.build.reference import ReferenceRuntime, training_api
+        from edgeftl.coordinator.bundler.reference import ReferenceRuntime, training_api
 
         training_api()  # before onnxruntime is imported: no torch
         import onnxruntime as ort
 
         from edgeftl.device import ort as device_ort
-        from edgeftl.device.manifest import LOWER_MODEL, read_manifest
+        from edgeftl.device.protocol.manifest import LOWER_MODEL, read_manifest
         from edgeftl.device.ort import session_options
         from edgeftl.device.runtime import open_tokenizer
 
@@ -523,7 +523,7 @@ def _runtime_worker(args: argparse.Namespace) -> int:
     from tokenizers import Tokenizer
 
     if args.runtime == "training":
-        from edgeftl.coordinator.build.reference import training_api
+        from edgeftl.coordinator.bundler.reference import training_api
 
         training_api()
     else:
@@ -846,7 +846,7 @@ def _machine() -> dict:
 
 
 def _machine_line(results: dict) -> str:
-    from edgeftl.coordinator.build import training_build
+    from edgeftl.coordinator.bundler import training_build
 
     m, src = results["machine"], results["source"]
     ort = (f"onnxruntime {m['onnxruntime']} (stock) and {training_build.PACKAGE} {training_build.VERSION}"

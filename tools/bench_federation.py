@@ -24,7 +24,7 @@ from pathlib import Path
 import benchdoc
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-m", "edgeftl.coordinator.cli"]
+CLI = [sys.executable, "-m", "edgeftl.device.cli"]
 
 
 def parse_case(case: str) -> tuple[str, str]:

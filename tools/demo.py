@@ -32,7 +32,7 @@ def main() -> int:
     parser.add_argument("--downlink", default="int8", help="codec of the per-round global delta (error feedback on "
                                                            "the coordinator)")
     args = parser.parse_args()
-    command = [sys.executable, "-m", "edgeftl.coordinator.cli", "simulate", "--devices", str(args.devices),
+    command = [sys.executable, "-m", "edgeftl.device.cli", "simulate", "--devices", str(args.devices),
                "--alpha", "0.5", "--rounds", str(args.rounds), "--steps", str(args.steps), "--lr", "2e-3",
                "--train-layers", "2", "--codec", args.codec, "--downlink", args.downlink, "--out", str(args.out)]
     print("$ edgeftl " + " ".join(command[3:]), flush=True)
@@ -55,7 +55,7 @@ def main() -> int:
           f"global included ({args.downlink} deltas; fp32 would be {fp32 * sent / 1024:.0f} KiB at least)")
     print(f"device peak memory {max(r['device_peak_rss_mib'] for r in records):.0f} MiB; "
           f"per-round records in {args.out / 'metrics.jsonl'}")
-    report = subprocess.run([sys.executable, "-m", "edgeftl.coordinator.cli", "report", str(args.out)])
+    report = subprocess.run([sys.executable, "-m", "edgeftl.device.cli", "report", str(args.out)])
     if report.returncode:
         return report.returncode
     print(f"report: {args.out / 'report.html'}")

@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edgeftl.coordinator.cli._common import csv_list, fail
+from edgeftl.device.cli.common import csv_list, fail
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("build", help="build a training bundle (stock ONNX Runtime) from a local pretrained model",
-                       description=__doc__)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="local Hugging Face model folder (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--task", default="classify", help="classify | causal-lm (default: classify)")
@@ -45,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgeftl.coordinator.build.config import BuildConfig, BuildError
+    from edgeftl.coordinator.bundler.config import BuildConfig, BuildError
     from edgeftl.models.loading import ModelError
 
     labels = args.labels
@@ -61,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             max_seq_len=args.max_seq_len, seed=args.seed, force=args.force, model_id=args.model_id,
             recompute_attention=args.recompute_attention, reference_dir=args.reference_dir,
         )
-        from edgeftl.coordinator.build.pipeline import build
+        from edgeftl.coordinator.bundler.pipeline import build
 
         manifest = build(config, progress=not args.quiet)
     except (BuildError, ModelError) as exc:

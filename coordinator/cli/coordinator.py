@@ -7,11 +7,10 @@ import logging
 import sys
 from pathlib import Path
 
-from edgeftl.coordinator.cli._common import fail
+from edgeftl.device.cli.common import fail
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("coordinator", help="run federated rounds through an MQTT broker", description=__doc__)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_round_flags(p)
     p.add_argument("--broker", required=True, help="mqtt://host:port (MQTT 3.1.1; mqtt5://host:port for v5)")
     p.add_argument("--bundle", type=Path, required=True)
@@ -41,7 +40,7 @@ def add_round_flags(p: argparse.ArgumentParser) -> None:
 
 
 def config_from(args: argparse.Namespace, out: Path):
-    from edgeftl.coordinator.config import CoordinatorConfig
+    from edgeftl.coordinator.rounds.config import CoordinatorConfig
 
     steps = args.steps if args.steps is not None or args.epochs is not None else 10
     return CoordinatorConfig(
@@ -53,7 +52,7 @@ def config_from(args: argparse.Namespace, out: Path):
 
 
 def round_line(record: dict) -> str:
-    from edgeftl.coordinator.live import failed_suffix  # the live view's module, loaded once the rounds run
+    from edgeftl.coordinator.cli.live import failed_suffix  # the live view's module, loaded once the rounds run
 
     acc = f" accuracy {record['accuracy']:.1%}" if "accuracy" in record else ""
     failed = failed_suffix(record.get("updates_failed", 0))  # records written before error replies lack it
@@ -64,12 +63,12 @@ def round_line(record: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgeftl.coordinator.evaluate import make_evaluator
-    from edgeftl.coordinator.live import LiveView
-    from edgeftl.coordinator.server import Coordinator
-    from edgeftl.device.manifest import BundleError, verify_bundle
+    from edgeftl.coordinator.rounds.evaluate import make_evaluator
+    from edgeftl.coordinator.cli.live import LiveView
+    from edgeftl.coordinator.rounds.loop import Coordinator
+    from edgeftl.device.protocol.manifest import BundleError, verify_bundle
     from edgeftl.device.runtime import trainable_vector
-    from edgeftl.device.transport import MqttTransport, TransportError
+    from edgeftl.device.link import MqttTransport, TransportError
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

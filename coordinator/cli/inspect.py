@@ -7,13 +7,11 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from edgeftl.coordinator.cli._common import fail
-from edgeftl.device.manifest import BundleError, Manifest, read_manifest
+from edgeftl.device.cli.common import fail
+from edgeftl.device.protocol.manifest import BundleError, Manifest, read_manifest
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="show a bundle's manifest, files and trainable parameters",
-                       description=__doc__)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path)
     p.add_argument("--json", action="store_true", help="print the manifest plus totals as JSON")
 

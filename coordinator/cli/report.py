@@ -6,12 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from edgeftl.coordinator.cli._common import fail
+from edgeftl.device.cli.common import fail
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="write report.html with plots of a run (or several, overlaid)",
-                       description=__doc__)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="folder with metrics.jsonl")
     p.add_argument("--out", type=Path, default=None,
                    help="HTML file (default: RUN_DIR/report.html; several runs: first RUN_DIR/report-compare.html)")

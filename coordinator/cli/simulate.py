@@ -8,13 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-from edgeftl.coordinator.cli._common import fail
+from edgeftl.device.cli.common import fail
 from edgeftl.coordinator.cli.coordinator import add_round_flags, config_from, round_line
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("simulate", help="a whole federation on this machine (real broker, real processes)",
-                       description=__doc__)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=int, default=5)
     p.add_argument("--data", default="bbc", help="bbc (BBC News, packaged) or a CSV/JSONL file with text,label")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split")
@@ -31,8 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgeftl.coordinator.live import LiveView
-    from edgeftl.coordinator.simulate import SimulationConfig, simulate
+    from edgeftl.coordinator.cli.live import LiveView
+    from edgeftl.coordinator.simulation.simulate import SimulationConfig, simulate
 
     try:
         rounds = config_from(args, args.out)

@@ -1,0 +1,55 @@
+"""CoordinatorConfig: every `edgeftl coordinator` flag, validated before anything connects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeftl.coordinator.rounds.strategy import STRATEGIES
+from edgeftl.device.protocol.codecs import parse_codec
+
+
+@dataclass
+class CoordinatorConfig:
+    """How the federation runs; one field per CLI flag."""
+
+    out: Path
+    rounds: int = 20
+    devices_per_round: int = 0  # 0 = every online device
+    min_updates: int = 1
+    deadline_s: float = 120.0
+    wait_devices: int = 1  # online devices needed before round 0 starts
+    wait_devices_s: float = 60.0
+    epochs: int | None = None
+    steps: int | None = 10
+    batch: int = 16
+    lr: float = 1e-3
+    codec: str = "none"  # uplink
+    downlink: str = "none"  # codec of the per-round global delta
+    strategy: str = "fedavg"
+    server_lr: float | None = None
+    seed: int = 0
+    run_id: str = ""  # "" = a fresh id per run (resume keeps the checkpoint's)
+    prefix: str = "edgeftl"
+    resume: bool = False
+    max_message_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        for name in ("rounds", "min_updates", "batch", "wait_devices"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.devices_per_round < 0:
+            raise ValueError(f"--devices-per-round must be >= 0, got {self.devices_per_round}")
+        if self.epochs is not None and self.steps is not None:
+            raise ValueError("give --epochs or --steps for local training, not both")
+        if not self.deadline_s > 0 or not self.lr > 0:
+            raise ValueError("--deadline-s and --lr must be positive")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; accepted: {', '.join(STRATEGIES)}")
+        if not self.run_id:
+            import uuid
+
+            self.run_id = f"run-{uuid.uuid4().hex[:12]}"
+        self.codec = parse_codec(self.codec).spec  # raises CodecError (a ValueError) naming the forms
+        self.downlink = parse_codec(self.downlink).spec

@@ -1,0 +1,154 @@
+"""`edgeftl simulate`: a whole federation on one machine, with real processes and a real broker.
+
+Reads top to bottom like the run: bundle, data split (held-out test + Dirichlet across devices),
+broker, device processes (torch-free, one OS process each), coordinator rounds, summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeftl.coordinator.rounds.config import CoordinatorConfig
+from edgeftl.coordinator.simulation.partition import dirichlet_split
+from edgeftl.device.data import load_bbc, read_examples, stratified_split, write_csv
+
+
+@dataclass
+class SimulationConfig:
+    out: Path
+    devices: int = 5
+    data: str = "bbc"  # "bbc" or a CSV/JSONL file
+    alpha: float = 0.5
+    test_fraction: float = 0.2
+    max_per_device: int | None = None  # cap examples per device (fast demos)
+    max_test: int | None = None
+    broker: str | None = None  # None = start the embedded amqtt broker
+    bundle: Path | None = None  # None = build the packaged MiniLM (int8 + LoRA) into out/bundle
+    quant: str = "int8"
+    train_layers: int | None = None  # build with LoRA only in the top K blocks (cached lower stack)
+    device_threads: int = 1
+    seed: int = 0
+
+
+def build_bundle_if_needed(sim: SimulationConfig) -> Path:
+    if sim.bundle is not None:
+        return sim.bundle
+    split = f"-top{sim.train_layers}" if sim.train_layers else ""
+    bundle = sim.out / f"bundle-{sim.quant}{split}"
+    if not (bundle / "manifest.json").is_file():
+        extra = ["--train-layers", str(sim.train_layers)] if sim.train_layers else []
+        subprocess.run([sys.executable, "-m", "edgeftl.device.cli", "build", "--quant", sim.quant,
+                        "--out", str(bundle), "--force", *extra], check=True)
+    return bundle
+
+
+def split_data(sim: SimulationConfig, label_names: list[str]) -> tuple[list[Path], Path]:
+    """Write one CSV per device (Dirichlet(alpha) over labels) and the held-out test CSV."""
+    if sim.data == "bbc":
+        texts, labels, _ = load_bbc()
+    else:
+        examples = read_examples(Path(sim.data), "classify", label_names)
+        texts, labels = [e.text for e in examples], [e.label for e in examples]
+    train_idx, test_idx = stratified_split(labels, sim.test_fraction, sim.seed)
+    rng = np.random.default_rng(sim.seed)
+    if sim.max_test:
+        test_idx = rng.permutation(test_idx)[: sim.max_test]
+    parts = dirichlet_split([labels[i] for i in train_idx], sim.devices, sim.alpha, sim.seed)
+    folder = sim.out / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for device, part in enumerate(parts):
+        rows = train_idx[part]
+        if sim.max_per_device:
+            rows = rng.permutation(rows)[: sim.max_per_device]
+        files.append(write_csv(folder / f"device{device:02d}.csv", [texts[i] for i in rows], [labels[i] for i in rows]))
+    test = write_csv(folder / "test.csv", [texts[i] for i in test_idx], [labels[i] for i in test_idx])
+    return files, test
+
+
+@contextlib.contextmanager
+def broker_for(sim: SimulationConfig):
+    if sim.broker:
+        yield sim.broker
+        return
+    from edgeftl.coordinator.simulation.broker import EmbeddedBroker
+
+    with EmbeddedBroker(log_file=sim.out / "broker.log") as broker:
+        yield broker.url
+
+
+@contextlib.contextmanager
+def device_processes(sim: SimulationConfig, url: str, bundle: Path, files: list[Path], prefix: str):
+    """One `edgeftl device run` process per device; logs under out/devices/."""
+    logs = sim.out / "devices"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(sim.device_threads)}
+    processes = []
+    try:
+        for device, data in enumerate(files):
+            name = f"dev{device:02d}"
+            command = [sys.executable, "-m", "edgeftl.device.cli", "device", "run", "--broker", url,
+                       "--bundle", str(bundle), "--data", str(data), "--id", name, "--prefix", prefix,
+                       "--threads", str(sim.device_threads), "--state", str(logs / name),
+                       "--cache-dir", str(sim.out / "cache")]
+            log = open(logs / f"{name}.log", "w")
+            processes.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        yield [p for p, _ in processes]
+    finally:
+        for process, log in processes:
+            process.terminate()
+        for process, log in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            log.close()
+
+
+def simulate(sim: SimulationConfig, rounds: CoordinatorConfig, on_round: Callable[[dict], None],
+             on_start: Callable[[object], None] | None = None) -> list[dict]:
+    from edgeftl.coordinator.rounds.evaluate import make_evaluator
+    from edgeftl.coordinator.rounds.loop import Coordinator
+    from edgeftl.device.protocol.manifest import verify_bundle
+    from edgeftl.device.runtime import trainable_vector
+    from edgeftl.device.link import MqttTransport
+
+    sim.out.mkdir(parents=True, exist_ok=True)
+    bundle = build_bundle_if_needed(sim)
+    manifest = verify_bundle(bundle)
+    files, test = split_data(sim, manifest.labels)
+    (sim.out / "config.json").write_text(json.dumps(
+        {"simulation": {k: str(v) for k, v in vars(sim).items()},
+         "rounds": {k: str(v) for k, v in vars(rounds).items()},
+         "bundle": {"model_id": manifest.model_id, "quantization": manifest.quantization["scheme"],
+                    "adapter": manifest.adapter, "trainable_params": manifest.trainable_count}},
+        indent=2, sort_keys=True) + "\n")
+    metrics = rounds.out / "metrics.jsonl"
+    if metrics.exists() and not rounds.resume:
+        metrics.unlink()
+    evaluate = make_evaluator(bundle, test, threads=2, cache_dir=sim.out / "cache")
+    initial = trainable_vector(bundle, manifest)
+    with broker_for(sim) as url, device_processes(sim, url, bundle, files, rounds.prefix) as processes:
+        transport = MqttTransport(url, f"edgeftl-coordinator-{rounds.prefix}".replace("/", "-")[:64])
+        coordinator = Coordinator(transport, bundle, manifest, initial, rounds, evaluate, on_round)
+        if on_start is not None:
+            on_start(coordinator)
+        try:
+            coordinator.connect()
+            online = coordinator.wait_for_devices()
+            dead = [p.args[p.args.index("--id") + 1] for p in processes if p.poll() is not None]
+            if online < rounds.wait_devices:
+                raise RuntimeError(f"only {online} of {rounds.wait_devices} devices came online "
+                                   f"(exited: {dead or 'none'}); see {sim.out / 'devices'}")
+            return coordinator.run()
+        finally:
+            transport.close()

@@ -1,0 +1,41 @@
+"""`edgeftl device run`: join a federation as one device (torch-free)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+
+def add_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", required=True, help="mqtt://host:port")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True, help="local training data: CSV (text,label) or JSONL")
+    p.add_argument("--id", required=True, help="device id: letters, digits, _ . - (at most 64)")
+    p.add_argument("--prefix", default="edgeftl", help="MQTT topic prefix")
+    p.add_argument("--state", type=Path, default=None, help="local state folder (error-feedback residual)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="lower-stack output cache for split bundles")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--micro-batch", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=None, help="exit after sending this many updates")
+
+
+def run_device(args: argparse.Namespace) -> dict:
+    from edgeftl.device.agent import AgentConfig, DeviceAgent
+    from edgeftl.device.link import MqttTransport, Topics
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.id} %(levelname)s %(message)s")
+    topics = Topics(args.prefix)
+    status = topics.status(args.id)
+    transport = MqttTransport(args.broker, f"edgeftl-{args.id}", will=(status, b"offline"), birth=(status, b"online"))
+    agent = DeviceAgent(transport, AgentConfig(args.id, args.bundle, args.data, args.prefix, args.state,
+                                               args.cache_dir, args.threads, args.micro_batch))
+    agent.start()
+    logging.info("connected to %s as %s; waiting for tasks", args.broker, args.id)
+    try:
+        sent = agent.run(max_rounds=args.rounds)
+    except KeyboardInterrupt:
+        sent = -1
+    finally:
+        agent.close()
+    return {"device_id": args.id, "updates_sent": sent}

@@ -1,0 +1,234 @@
+"""The real transport: paho-mqtt 2 against any MQTT 3.1.1 or 5 broker.
+
+QoS 1, a persistent session (MQTT 3.1.1 clean_session=0; MQTT 5 clean_start=0 plus a session
+expiry) so messages published while a device is away are delivered when it returns, keepalive,
+reconnect with exponential backoff (1 s doubling to 30 s), and a retained last will.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgeftl.device.link.base import RejectCallback, Transport, TransportError, deadline
+
+log = logging.getLogger("edgeftl.transport")
+
+SCHEMES = {"mqtt": (1883, False, "3.1.1"), "mqtts": (8883, True, "3.1.1"),
+           "mqtt5": (1883, False, "5"), "mqtts5": (8883, True, "5")}
+DEFAULT_SESSION_EXPIRY_S = 7 * 24 * 3600
+
+
+def parse_url(url: str) -> tuple[str, int, bool, str, str | None, str | None]:
+    """(host, port, tls, version, username, password) of mqtt[s][5]://[user[:pass]@]host[:port].
+
+    Raises:
+        ValueError: naming the URL and the accepted forms.
+    """
+    parts = urlsplit(url)
+    accepted = "mqtt://host[:port] (MQTT 3.1.1), mqtt5://host[:port] (MQTT 5), mqtts:// and mqtts5:// (TLS)"
+    if parts.scheme not in SCHEMES or not parts.hostname or parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"bad broker URL {url!r}; accepted: {accepted}")
+    default_port, tls, version = SCHEMES[parts.scheme]
+    try:
+        port = parts.port or default_port
+    except ValueError:
+        raise ValueError(f"bad port in broker URL {url!r}; accepted: {accepted}") from None
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    return parts.hostname, port, tls, version, user, password
+
+
+class MqttTransport(Transport):
+    """`Transport` over a real MQTT broker (paho-mqtt 2, network thread via loop_start).
+
+    Args:
+        url: mqtt://host[:port] (3.1.1, default port 1883) or mqtt5://host[:port].
+        client_id: the MQTT client id; the persistent session is keyed by it.
+        will: (topic, payload) the broker publishes, retained, QoS 1, if we vanish.
+        max_chunk: the largest MQTT payload we publish; larger payloads are chunked.
+        max_message_bytes: the largest (reassembled) payload we accept.
+        keepalive: seconds between PINGREQs when idle; the broker drops us after 1.5x.
+        clean_start: True discards the broker-side session at connect.
+        birth: (topic, payload) published retained, QoS 1, on every (re)connect ("online").
+        version: "3.1.1" or "5"; overrides the URL scheme.
+        session_expiry_s: MQTT 5 session expiry after a disconnect (3.1.1: the broker's setting).
+        on_reject: called (topic, reason) for chunked messages that fail verification.
+    """
+
+    def __init__(self, url: str, client_id: str, will: tuple[str, bytes] | None = None,
+                 max_chunk: int = 256 * 1024, max_message_bytes: int = 64 * 1024 * 1024,
+                 keepalive: int = 30, clean_start: bool = False, *, birth: tuple[str, bytes] | None = None,
+                 version: str | None = None, session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
+                 on_reject: RejectCallback | None = None) -> None:
+        super().__init__(client_id, max_chunk=max_chunk, max_message_bytes=max_message_bytes,
+                         will=will, birth=birth, on_reject=on_reject)
+        host, port, tls, url_version, user, password = parse_url(url)
+        self.version = version or url_version
+        if self.version not in ("3.1.1", "5"):
+            raise ValueError(f"MQTT version must be '3.1.1' or '5', got {version!r}")
+        if not 5 <= keepalive <= 65535:
+            raise ValueError(f"keepalive must be 5..65535 s, got {keepalive}")
+        self.url, self.host, self.port, self.keepalive = url, host, port, keepalive
+        self.clean_start, self.session_expiry_s = clean_start, session_expiry_s
+        v5 = self.version == "5"
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                   clean_session=None if v5 else clean_start,
+                                   protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
+        if tls:
+            self._client.tls_set()
+        if user is not None:
+            self._client.username_pw_set(user, password)
+        if will is not None:
+            self._client.will_set(will[0], will[1], qos=1, retain=True)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+        self._online = threading.Event()  # CONNACK received, not yet disconnected
+        self._ready = threading.Event()  # online and the (re)subscriptions acknowledged
+        self._acks: dict[int, list[str]] = {}  # subscribe mid -> failure reasons ([] = fine)
+        self._ack_cond = threading.Condition()
+        self._pending: list[mqtt.MQTTMessageInfo] = []
+        self._last_error = ""
+        self._started = self._closed = False
+
+    @property
+    def connected(self) -> bool:
+        return self._online.is_set() and not self._closed
+
+    def connect(self, timeout_s: float = 10.0) -> None:
+        if self._closed or self._started:
+            raise TransportError(f"transport {self.client_id!r} was already connected once; make a new one")
+        properties = None
+        if self.version == "5":
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = 0 if self.clean_start else self.session_expiry_s
+        self._client.connect_async(self.host, self.port, self.keepalive, clean_start=self.clean_start,
+                                   properties=properties)
+        self._started = True
+        self._client.loop_start()  # retries the first connection too, with the backoff above
+        if not self._ready.wait(timeout_s):
+            self.close(abrupt=True)
+            raise TransportError(f"could not connect to MQTT broker {self.url} as {self.client_id!r} within "
+                                 f"{timeout_s:g} s ({self._last_error or 'no CONNACK/SUBACK'})")
+
+    def close(self, abrupt: bool = False) -> None:
+        if self._closed:
+            return
+        if not abrupt and self.connected:
+            if self.will is not None:
+                self.publish(self.will[0], self.will[1], qos=1, retain=True)
+            if not self.flush(10.0):
+                log.warning("%s: closing with unacknowledged messages", self.client_id)
+        self._closed = True
+        if not abrupt and self._online.is_set():
+            self._client.disconnect()
+        if self._started:
+            self._client.loop_stop()
+        sock = self._client.socket()
+        if sock is not None:  # abrupt: a TCP close without DISCONNECT, as a crash looks to the broker
+            sock.close()
+        self._online.clear()
+        self._stop_dispatcher()
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        left = deadline(timeout_s)
+        while True:
+            with self._lock:
+                self._pending = [info for info in self._pending if not info.is_published()]
+                if not self._pending:
+                    return True
+            if left() <= 0:
+                return False
+            time.sleep(min(0.02, left()))
+
+    # ---- frames -----------------------------------------------------------------------------
+
+    def _send(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc == mqtt.MQTT_ERR_NO_CONN and qos > 0:
+            info.rc = mqtt.MQTT_ERR_SUCCESS  # queued by paho; sent when the connection is back
+        elif info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise TransportError(f"publish to {topic!r} failed: {mqtt.error_string(info.rc)}")
+        if qos > 0:
+            with self._lock:
+                self._pending.append(info)
+
+    def _send_subscribe(self, filters: list[str], timeout_s: float = 10.0) -> None:
+        rc, mid = self._client.subscribe([(f, 1) for f in filters])
+        if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            raise TransportError(f"subscribe {filters} failed: {mqtt.error_string(rc)}")
+        with self._ack_cond:
+            if not self._ack_cond.wait_for(lambda: mid in self._acks, timeout_s):
+                raise TransportError(f"no SUBACK from {self.url} for {filters} within {timeout_s:g} s")
+            failures = self._acks.pop(mid)
+        if failures:
+            raise TransportError(f"broker {self.url} refused subscription {filters}: {failures}")
+
+    def _send_unsubscribe(self, filters: list[str]) -> None:
+        self._client.unsubscribe(filters)
+
+    # ---- paho callbacks (network thread): never raise into paho -----------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags,
+                    reason: mqtt.ReasonCode, properties: Properties | None) -> None:
+        try:
+            if reason.is_failure:
+                self._last_error = f"broker refused the connection: {reason}"
+                log.warning("%s: %s", self.client_id, self._last_error)
+                return
+            self._online.set()
+            log.info("%s: connected to %s (session present: %s)", self.client_id, self.url, flags.session_present)
+            filters = self._all_raw_filters()
+            if filters:
+                rc, mid = client.subscribe([(f, 1) for f in filters])
+                with self._ack_cond:
+                    self._acks.setdefault(mid, []).append("ready")  # marks the resubscription
+            else:
+                self._ready.set()
+            if self.birth is not None:
+                self.publish(self.birth[0], self.birth[1], qos=1, retain=True)
+        except Exception as exc:
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            log.exception("%s: on_connect failed", self.client_id)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: mqtt.DisconnectFlags,
+                       reason: mqtt.ReasonCode, properties: Properties | None) -> None:
+        self._online.clear()
+        self._ready.clear()
+        if not self._closed:
+            self._last_error = f"disconnected: {reason}"
+            log.warning("%s: disconnected from %s (%s); reconnecting with backoff", self.client_id, self.url, reason)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,
+                      reasons: list[mqtt.ReasonCode], properties: Properties | None) -> None:
+        try:
+            failures = [str(r) for r in reasons if r.is_failure]
+            with self._ack_cond:
+                if self._acks.get(mid) == ["ready"]:
+                    del self._acks[mid]
+                    if failures:
+                        self._last_error = f"subscription refused: {failures}"
+                        log.error("%s: broker refused resubscription: %s", self.client_id, failures)
+                    self._ready.set()
+                else:
+                    self._acks[mid] = failures
+                self._ack_cond.notify_all()
+        except Exception:
+            log.exception("%s: on_subscribe failed", self.client_id)
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            log.warning("%s: dropped a message whose topic is not UTF-8", self.client_id)
+            return
+        self._receive(topic, message.payload)
