@@ -1,68 +1,97 @@
-"""Protocol messages (format 1): the headers of task, global, update and status messages.
+"""The protocol's messages as typed objects (format 1), and their bytes.
 
-Both sides build and check headers here, so the schema lives in one torch-free place. The byte
-layout (header JSON + raw arrays, chunking) is in wire.py; docs/PROTOCOL.md is the spec.
+`encode(message)` gives the bytes of one message (wire.py's layout); `decode(payload, ...)`
+checks untrusted bytes and returns the typed message or raises MessageError with a one-line
+reason. Each field's rule is written once, in FIELDS below, and both sides use it. The spec is
+docs/PROTOCOL.md section 6; the conformance vectors in docs/conformance/ exercise every rule.
+
+Extension rule (PROTOCOL.md section 10): a reader ignores header fields it does not know, so an
+optional field can be added without a new format; a kind it does not know is refused.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import dataclass, field
+from typing import Any, Union
 
 import numpy as np
 
+from edgeftl.device.protocol import wire
 from edgeftl.device.protocol.codecs import Codec, CodecError, Encoded, parse_codec
+from edgeftl.device.protocol.topics import DEVICE_ID
 
-PROTOCOL_VERSION = 1
-KINDS = ("task", "global", "update", "error", "status")
+FORMAT = wire.FORMAT_VERSION
+MAX_TEXT = 256  # run ids, codec specs, reasons, metric strings
+MAX_METRICS = 64
+ERROR_CODES = {
+    "out_of_memory": "training ran out of memory",
+    "train_failed": "local training raised an error",
+    "no_global": "the global parameters the task starts from never arrived",
+}
+STATUS_STATES = ("online", "offline")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_METRIC_KEY = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
 class MessageError(ValueError):
-    """A message that does not follow the protocol; the reason is one line for the log."""
+    """Bytes or fields that do not follow the protocol; the reason is one line for the log."""
 
 
-@dataclass
+# ---- the messages ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
 class Task:
-    """What the coordinator asks of the devices selected for one round."""
+    """What the coordinator asks of the devices sampled for one round (retained, no arrays)."""
 
     run_id: str
     round: int
     bundle_sha256: str
-    devices: list[str]
+    devices: tuple[str, ...]
     deadline_s: float
     lr: float
     codec: str
     epochs: int | None = None
     steps: int | None = None
     batch: int = 16
-    kind: str = "task"
-    format: int = PROTOCOL_VERSION
 
 
-@dataclass
-class UpdateHeader:
-    """A device's update for one round: delta = local - global, encoded with `codec`."""
+@dataclass(frozen=True)
+class Global:
+    """Global parameters after `round` (-1: the initial ones): the full vector when `base_round`
+    is None, else the delta params(round) - params(base_round), base_round = round - 1."""
+
+    run_id: str
+    round: int
+    bundle_sha256: str
+    vector: Encoded
+    base_round: int | None = None
+
+    @property
+    def is_delta(self) -> bool:
+        return self.base_round is not None
+
+
+@dataclass(frozen=True)
+class Update:
+    """A device's update for one round: the delta local - global(round - 1), encoded."""
 
     run_id: str
     round: int
     bundle_sha256: str
     device_id: str
-    codec: str
-    size: int
     samples: int
-    seq: int = 0
-    metrics: dict = field(default_factory=dict)
-    kind: str = "update"
-    format: int = PROTOCOL_VERSION
+    seq: int
+    vector: Encoded
+    metrics: dict[str, float | int | str] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ErrorReply:
-    """A sampled device could not send its update for `round`: a short code and a one-line reason.
-
-    Sent on the device's update topic so the coordinator stops waiting for it, logs it and counts
-    it in the round record. Codes the Python device sends: see ERROR_CODES.
-    """
+    """A sampled device that cannot send its update for `round` says why (code + one line)."""
 
     run_id: str
     round: int
@@ -70,84 +99,227 @@ class ErrorReply:
     device_id: str
     code: str
     reason: str
-    kind: str = "error"
-    format: int = PROTOCOL_VERSION
 
 
-ERROR_CODES = {
-    "out_of_memory": "training ran out of memory",
-    "train_failed": "local training raised an error",
-    "no_global": "the global parameters the task starts from never arrived",
+@dataclass(frozen=True)
+class Status:
+    """A device's presence: its birth (online) and its will (offline), retained."""
+
+    device_id: str
+    online: bool
+
+
+Message = Union[Task, Global, Update, ErrorReply, Status]
+KINDS: dict[str, type] = {"task": Task, "global": Global, "update": Update, "error": ErrorReply, "status": Status}
+_KIND_OF = {cls: kind for kind, cls in KINDS.items()}
+
+
+def kind_of(message: Message) -> str:
+    return _KIND_OF[type(message)]
+
+
+# ---- field rules: one home for every header field's type and range -------------------------
+
+
+def _int(low: int | None = None) -> Any:
+    def check(value: object) -> bool:
+        return type(value) is int and (low is None or value >= low)
+    check.__doc__ = "an integer" + (f" >= {low}" if low is not None else "")
+    return check
+
+
+def _positive(value: object) -> bool:
+    """a finite number > 0"""
+    return type(value) in (int, float) and math.isfinite(value) and value > 0  # type: ignore[arg-type]
+
+
+def _text(pattern: re.Pattern[str] | None = None, low: int = 1) -> Any:
+    def check(value: object) -> bool:
+        return (isinstance(value, str) and low <= len(value) <= MAX_TEXT and value.isprintable()
+                and (pattern is None or pattern.fullmatch(value) is not None))
+    check.__doc__ = f"a string of {low}-{MAX_TEXT} printable characters" + (
+        f" matching {pattern.pattern}" if pattern else "")
+    return check
+
+
+def _devices(value: object) -> bool:
+    """a list of distinct device ids"""
+    return (isinstance(value, list) and len(set(map(str, value))) == len(value)
+            and all(isinstance(d, str) and DEVICE_ID.fullmatch(d) for d in value))
+
+
+def _metrics(value: object) -> bool:
+    """an object of at most 64 entries: keys [a-z][a-z0-9_]{0,63}, values finite numbers or strings
+    of at most 256 characters"""
+    return isinstance(value, dict) and len(value) <= MAX_METRICS and all(
+        isinstance(k, str) and _METRIC_KEY.fullmatch(k) and _metric_value(v) for k, v in value.items())
+
+
+def _metric_value(value: object) -> bool:
+    if type(value) in (int, float):
+        return math.isfinite(value)  # type: ignore[arg-type]
+    return isinstance(value, str) and len(value) <= MAX_TEXT
+
+
+_ROUND, _SHA = _int(0), _text(_HEX64, 64)
+_DEVICE = _text(DEVICE_ID)
+_DEVICE.__doc__ = "a device id: 1-64 characters of [A-Za-z0-9_.-], starting with a letter or digit"
+# kind -> field -> (required, rule). Codec specs and vector sizes are checked with the arrays.
+FIELDS: dict[str, dict[str, tuple[bool, Any]]] = {
+    "task": {"run_id": (True, _text()), "round": (True, _ROUND), "bundle_sha256": (True, _SHA),
+             "devices": (True, _devices), "deadline_s": (True, _positive), "lr": (True, _positive),
+             "codec": (True, _text()), "epochs": (False, _int(1)), "steps": (False, _int(1)),
+             "batch": (True, _int(1))},
+    "global": {"run_id": (True, _text()), "round": (True, _int(-1)), "bundle_sha256": (True, _SHA),
+               "codec": (True, _text()), "size": (True, _int(0)), "base_round": (False, _int(-1))},
+    "update": {"run_id": (True, _text()), "round": (True, _ROUND), "bundle_sha256": (True, _SHA),
+               "device_id": (True, _DEVICE), "codec": (True, _text()), "size": (True, _int(0)),
+               "samples": (True, _int(1)), "seq": (True, _int(0)), "metrics": (True, _metrics)},
+    "error": {"run_id": (True, _text()), "round": (True, _ROUND), "bundle_sha256": (True, _SHA),
+              "device_id": (True, _DEVICE), "code": (True, _text(_CODE)), "reason": (True, _text(low=0))},
+    "status": {"device_id": (True, _DEVICE), "state": (True, lambda v: v in STATUS_STATES)},
 }
-MAX_REASON_CHARS = 256
+FIELDS["status"]["state"][1].__doc__ = "'online' or 'offline'"
+_WITH_ARRAYS = ("global", "update")
 
 
-@dataclass
-class GlobalHeader:
-    """Global parameters after `round` (round -1: the initial ones). Full vector when
-    `base_round` is None, else a delta against the global of `base_round`."""
-
-    run_id: str
-    round: int
-    bundle_sha256: str
-    codec: str
-    size: int
-    base_round: int | None = None
-    kind: str = "global"
-    format: int = PROTOCOL_VERSION
+# ---- bytes ----------------------------------------------------------------------------------
 
 
-def header_of(message) -> dict:
-    return asdict(message)
+def encode(message: Message) -> bytes:
+    """The bytes of one message (docs/PROTOCOL.md section 4), header keys sorted.
+
+    Raises:
+        MessageError: a field that breaks its rule (the same check a reader makes).
+    """
+    kind = kind_of(message)
+    header: dict[str, Any] = {"kind": kind, "format": FORMAT}
+    arrays: dict[str, np.ndarray] = {}
+    if isinstance(message, Status):
+        header.update(device_id=message.device_id, state=STATUS_STATES[0] if message.online else STATUS_STATES[1])
+    else:
+        carried = ("codec", "size") if isinstance(message, (Global, Update)) else ()
+        header.update({name: getattr(message, name) for name in FIELDS[kind] if name not in carried})
+        if isinstance(message, Task):
+            header["devices"] = list(message.devices)
+        if isinstance(message, (Global, Update)):
+            header.update(codec=message.vector.codec, size=message.vector.size)
+            arrays = message.vector.arrays
+    _check_fields(kind, header)
+    return wire.encode_message(header, arrays)
 
 
-def parse_header(header: dict, cls: type):
-    """Check an untrusted header dict against a message dataclass; return the instance."""
-    if not isinstance(header, dict):
-        raise MessageError("header is not a JSON object")
-    if header.get("format") != PROTOCOL_VERSION:
-        raise MessageError(f"protocol format {header.get('format')!r} not supported (expected {PROTOCOL_VERSION})")
-    expected = cls.__dataclass_fields__
-    unknown = set(header) - set(expected)
-    if unknown:
-        raise MessageError(f"unknown header fields {sorted(unknown)}")
+def decode(payload: bytes, max_bytes: int) -> Message:
+    """Check untrusted bytes (sizes first, then layout, hash, kind, every field) and type them.
+
+    Raises:
+        MessageError: one line, "<reason>: <details>".
+    """
     try:
-        message = cls(**header)
-    except TypeError as exc:
-        raise MessageError(f"incomplete {cls.__name__} header: {exc}") from None
-    _check_types(message)
+        header, arrays = wire.decode_message(payload, max_bytes)
+    except wire.WireError as exc:
+        raise MessageError(str(exc)) from None
+    kind = header.get("kind")
+    if kind not in KINDS:
+        raise MessageError(f"bad header: unknown message kind {str(kind)[:40]!r}; known: {', '.join(KINDS)}")
+    if header.get("format") != FORMAT:
+        raise MessageError(f"unsupported version: header format {header.get('format')!r}, this reader knows {FORMAT}")
+    _check_fields(kind, header)
+    if arrays and kind not in _WITH_ARRAYS:
+        raise MessageError(f"bad array: a {kind} message carries no arrays, this one has {len(arrays)}")
+    return _build(kind, header, arrays)
+
+
+def status_from_payload(payload: bytes, device_id: str, max_bytes: int) -> Status:
+    """A status in either form the spec allows: the text online/offline, or a status message."""
+    if payload in (b"online", b"offline"):
+        return Status(device_id, payload == b"online")
+    message = decode(payload, max_bytes)
+    if not isinstance(message, Status):
+        raise MessageError(f"bad header: a {kind_of(message)} message on a status topic")
     return message
 
 
-def _check_types(message) -> None:
-    for name in ("round", "size", "samples", "seq", "batch"):
-        value = getattr(message, name, 0)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise MessageError(f"header field {name!r} must be an integer, got {value!r}")
-    for name in ("run_id", "bundle_sha256", "codec", "device_id", "code", "reason"):
-        value = getattr(message, name, "")
-        if not isinstance(value, str) or len(value) > MAX_REASON_CHARS:
-            raise MessageError(f"header field {name!r} must be a string of at most {MAX_REASON_CHARS} characters")
-    if getattr(message, "size", 0) < 0 or getattr(message, "samples", 1) <= 0:
-        raise MessageError("header sizes must be non-negative and sample counts positive")
-    for name in ("lr", "deadline_s"):
-        value = getattr(message, name, 1.0)
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise MessageError(f"header field {name!r} must be a positive number, got {value!r}")
-    metrics = getattr(message, "metrics", {})
-    if not isinstance(metrics, dict) or len(metrics) > 64:
-        raise MessageError("metrics must be a JSON object with at most 64 entries")
+def status_payload(status: Status) -> bytes:
+    """The text form a device sends as its birth and will (the form every broker can show)."""
+    return STATUS_STATES[0].encode() if status.online else STATUS_STATES[1].encode()
 
 
-def decode_vector(codec_spec: str, size: int, arrays: dict[str, np.ndarray], expected: int) -> np.ndarray:
-    """Decode a vector payload, checking codec, length and finiteness."""
-    if size != expected:
-        raise MessageError(f"vector has {size} values, the bundle has {expected}")
+def _check_fields(kind: str, header: dict[str, Any]) -> None:
+    for name, (required, rule) in FIELDS[kind].items():
+        value = header.get(name)
+        if value is None and not required:
+            continue
+        if name not in header:
+            raise MessageError(f"bad header: {kind} lacks required field {name!r}")
+        if not rule(value):
+            raise MessageError(f"bad header: {kind} field {name!r} is {_show(value)}, expected {rule.__doc__}")
+    if kind == "task" and header.get("epochs") is not None and header.get("steps") is not None:
+        raise MessageError("bad header: task sets both epochs and steps; at most one is allowed")
+    if kind == "global" and header.get("base_round") is not None and header["base_round"] != header["round"] - 1:
+        raise MessageError(f"bad header: global base_round {header['base_round']} is not round - 1 "
+                           f"({header['round'] - 1})")
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+
+
+def _build(kind: str, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Message:
+    h = header
+    if kind == "task":
+        return Task(h["run_id"], h["round"], h["bundle_sha256"], tuple(h["devices"]), float(h["deadline_s"]),
+                    float(h["lr"]), h["codec"], h.get("epochs"), h.get("steps"), h["batch"])
+    if kind == "error":
+        return ErrorReply(h["run_id"], h["round"], h["bundle_sha256"], h["device_id"], h["code"], h["reason"])
+    if kind == "status":
+        return Status(h["device_id"], h["state"] == "online")
+    vector = _encoded(h["codec"], h["size"], arrays)
+    if kind == "global":
+        return Global(h["run_id"], h["round"], h["bundle_sha256"], vector, h.get("base_round"))
+    return Update(h["run_id"], h["round"], h["bundle_sha256"], h["device_id"], h["samples"], h["seq"], vector,
+                  h["metrics"])
+
+
+def _encoded(spec: str, size: int, arrays: dict[str, np.ndarray]) -> Encoded:
+    """The arrays as the codec's payload; their names, dtypes and lengths are checked on decoding
+    (`vector_of`), where the bundle's length is known."""
     try:
-        codec: Codec = parse_codec(codec_spec)
-        vector = codec.decode(Encoded(codec.spec, size, arrays))
+        codec = parse_codec(spec)
     except CodecError as exc:
-        raise MessageError(str(exc)) from None
+        raise MessageError(f"bad codec: {exc}") from None
+    return Encoded(codec.spec, size, arrays)
+
+
+# ---- vectors --------------------------------------------------------------------------------
+
+
+def vector_of(message: Global | Update, expected: int) -> np.ndarray:
+    """The float32 vector a global or update carries, checked against the bundle's length.
+
+    Raises:
+        MessageError: a length other than `expected`, arrays the codec refuses, NaN or Inf.
+    """
+    encoded = message.vector
+    if encoded.size != expected:
+        raise MessageError(f"wrong size: vector has {encoded.size} values, the bundle has {expected}")
+    codec: Codec = parse_codec(encoded.codec)
+    try:
+        vector = codec.decode(encoded)
+    except CodecError as exc:
+        raise MessageError(f"bad codec: {exc}") from None
     if not np.isfinite(vector).all():
-        raise MessageError("vector holds NaN or Inf")
+        raise MessageError("not finite: vector holds NaN or Inf")
     return vector
+
+
+def apply_delta(reference: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """params(round) = params(base_round) + delta, element by element in IEEE float32 (PROTOCOL.md
+    section 6.2): every implementation that follows this gets bit-identical parameters."""
+    return np.add(reference.astype(np.float32, copy=False), delta.astype(np.float32, copy=False), dtype=np.float32)
+
+
+def one_line(reason: str) -> str:
+    """An error reply's reason: whitespace collapsed, at most MAX_TEXT characters."""
+    return " ".join(reason.split())[:MAX_TEXT]

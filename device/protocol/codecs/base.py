@@ -54,7 +54,11 @@ def as_vector(vector: np.ndarray) -> np.ndarray:
 
 
 def require(encoded: Encoded, names: dict[str, tuple[type, int | None]]) -> None:
-    """Check an (untrusted) encoded payload has the named arrays with the right dtype and length."""
+    """Check an (untrusted) encoded payload has exactly the named arrays, with the right dtype and
+    length: a missing or an extra array is refused."""
+    extra = sorted(set(encoded.arrays) - set(names))
+    if extra:
+        raise CodecError(f"{encoded.codec} payload has unexpected arrays {extra[:4]}; expected {sorted(names)}")
     for name, (dtype, length) in names.items():
         array = encoded.arrays.get(name)
         if array is None:

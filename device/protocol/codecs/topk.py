@@ -38,13 +38,14 @@ class TopKCodec(Codec):
 
     def decode(self, encoded: Encoded) -> np.ndarray:
         k = min(encoded.size, self.count(encoded.size))
+        outer = Encoded(encoded.codec, encoded.size, {n: a for n, a in encoded.arrays.items() if not n.startswith("v.")})
         if "gaps" in encoded.arrays:
-            require(encoded, {"gaps": (np.uint16, k)})
+            require(outer, {"gaps": (np.uint16, k)})
             index = np.cumsum(encoded.arrays["gaps"].astype(np.int64))
             if k > 1 and not (encoded.arrays["gaps"][1:] > 0).all():
                 raise CodecError(f"{self.spec} payload repeats a position (zero gap)")
         else:
-            require(encoded, {"index": (np.uint32, k)})
+            require(outer, {"index": (np.uint32, k)})
             index = encoded.arrays["index"].astype(np.int64)
             if k > 1 and not (np.diff(index) > 0).all():
                 raise CodecError(f"{self.spec} payload has unsorted or repeated indices")
