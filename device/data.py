@@ -11,13 +11,14 @@ import csv
 import io
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
+
+from edgeftl.device.files import atomic_path
 
 TASKS = ("classify", "causal-lm")
 SUFFIXES = (".csv", ".jsonl", ".json")
@@ -334,18 +335,12 @@ def write_csv(path: Path, texts: Sequence[str], labels: Sequence[str] | None = N
     if labels is not None and len(labels) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["text"] if labels is None else ["text", "label"])
-            for i, text in enumerate(texts):
-                writer.writerow([text] if labels is None else [text, labels[i]])
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; this is an ordinary data file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # 0644: an ordinary data file, not a private one
+    with atomic_path(path, mode=0o644) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text"] if labels is None else ["text", "label"])
+        for i, text in enumerate(texts):
+            writer.writerow([text] if labels is None else [text, labels[i]])
+        f.flush()
+        os.fsync(f.fileno())
     return path

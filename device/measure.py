@@ -3,12 +3,11 @@
 Memory is the resident set size of this process, as the kernel counts it. ONNX Runtime's native
 allocations are invisible to `tracemalloc`, so Python-level tracing would undercount them.
 Every function returns plain numbers; `run_metrics` gathers them into one flat dict with the
-unit in each key name, and `append_jsonl` is the one writer of metric records.
+unit in each key name (`device/files.py` `append_jsonl` appends them to a file).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
@@ -119,11 +118,3 @@ def run_metrics(step_times_s: list[float], samples: int, rss_after_load: float |
     record.update(platform_info())
     return record
 
-
-def append_jsonl(path: Path, record: dict) -> None:
-    """Append one record as a sorted JSON line; one `write` so concurrent appenders do not interleave."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=True) + "\n"
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(line)

@@ -12,13 +12,13 @@ devices; the tests check that package reads what this writes.
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+
+from edgeftl.device.files import atomic_path
 
 # safetensors dtype codes <-> numpy dtypes (the ones bundles use).
 DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "U8": np.uint8,
@@ -50,18 +50,11 @@ def write_params(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mappin
         offset += array.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % 8)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(struct.pack("<Q", len(raw)) + raw)
-            for name in order:
-                handle.write(np.ascontiguousarray(tensors[name]).astype(tensors[name].dtype.newbyteorder("<"),
-                                                                        copy=False).tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)) + raw)
+        for name in order:
+            handle.write(np.ascontiguousarray(tensors[name]).astype(tensors[name].dtype.newbyteorder("<"),
+                                                                    copy=False).tobytes())
 
 
 def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeftl.device.protocol.manifest import MANIFEST, sha256_file, write_atomic
+from edgeftl.device.files import atomic_write
+from edgeftl.device.protocol.manifest import MANIFEST, sha256_file
 
 STATE_FORMAT = 2
 CURRENT, PARAMS, OPTIMIZER, STATE_JSON = "CURRENT", "params.npy", "optimizer.npz", "state.json"
@@ -95,7 +96,7 @@ def save_state(folder: Path, runtime, progress: Progress, settings: dict) -> Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_atomic(folder / CURRENT, version.name + "\n")
+    atomic_write(folder / CURRENT, version.name + "\n")
     _prune(folder, keep=version.name)
     return version
 

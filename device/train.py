@@ -12,7 +12,8 @@ import numpy as np
 
 from edgeftl.device.data import DataError, Example, read_examples, split_indices
 from edgeftl.device.protocol.manifest import Manifest, sha256_file, verify_bundle
-from edgeftl.device.measure import append_jsonl, files_bytes, peak_rss_mib, rss_mib, run_metrics  # noqa: F401
+from edgeftl.device.files import append_jsonl
+from edgeftl.device.measure import files_bytes, peak_rss_mib, rss_mib, run_metrics  # noqa: F401
 from edgeftl.device.runtime import IGNORE_INDEX, BundleRuntime
 from edgeftl.device.state import Progress, StateError, check_settings, load_state, save_state
 

@@ -21,7 +21,8 @@ from edgeftl.device.cli import main
 from edgeftl.device.cache import CACHE_ENV, FEATURES, META, default_cache_dir, entry_folder, open_or_build
 from edgeftl.device.data import read_examples, write_csv
 from edgeftl.device.protocol.manifest import MANIFEST
-from edgeftl.device.measure import append_jsonl, platform_info, proc_status_mib, run_metrics
+from edgeftl.device.files import append_jsonl
+from edgeftl.device.measure import platform_info, proc_status_mib, run_metrics
 from edgeftl.device.plan import MemoryLimitError, MemoryPlan, Probe, fit_micro_batch, measure_plan
 from edgeftl.device.runtime import BundleRuntime
 from edgeftl.device.state import Progress, StateError, load_state, save_state

@@ -28,8 +28,8 @@ from edgeftl.device.protocol.manifest import (
     TOKENIZER,
     Manifest,
     file_table,
-    write_atomic,
 )
+from edgeftl.device.files import atomic_write
 from edgeftl.models.adapters.lora import LoraConfig, attach_lora
 from edgeftl.models.loading import Pretrained, default_model_dir, load_pretrained, read_config
 from edgeftl.models.task import LowerModel, UpperModel, make_head
@@ -130,7 +130,7 @@ def _build_into(staging: Path, reference: Path, model_dir: Path, config: BuildCo
         files=file_table(staging),
         built_with=_versions(),
     )
-    write_atomic(staging / MANIFEST, manifest.to_json())
+    atomic_write(staging / MANIFEST, manifest.to_json())
     bar.update()
 
     step(STEPS[5])

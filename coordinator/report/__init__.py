@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeftl.coordinator.report.load import ReportError, Run, load_run
+from edgeftl.device.files import atomic_write
 
 __all__ = ["Report", "ReportError", "Run", "load_run", "write_report"]
 
@@ -51,7 +52,5 @@ def write_report(run_dirs: list[Path], out: Path | None = None, budget_mib: floa
     warnings = [w for run in runs for w in run.warnings]
     figures = all_figures(runs, out.parent / out.stem, budget_mib)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(render(runs, figures, warnings), encoding="utf-8")
-    tmp.replace(out)
+    atomic_write(out, render(runs, figures, warnings), mode=0o644)  # a page to open and share
     return Report(out, [f.path for f in figures], warnings)

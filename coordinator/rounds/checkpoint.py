@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from edgeftl.device.files import atomic_path
 
 CHECKPOINT = "checkpoint.npz"
 
@@ -17,14 +17,8 @@ def save(folder: Path, round_index: int, params: np.ndarray, reference: np.ndarr
     """Write folder/checkpoint.npz via a temp file + rename: a crash leaves the previous one."""
     arrays = {"params": params, "reference": reference, **{f"strategy.{k}": v for k, v in strategy_state.items()}}
     arrays["meta"] = np.frombuffer(json.dumps({**meta, "round": round_index}).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint.", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, folder / CHECKPOINT)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(Path(folder) / CHECKPOINT) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)  # a handle: given a path without .npz, savez would add the suffix
 
 
 def load(folder: Path) -> tuple[int, np.ndarray, np.ndarray, dict[str, np.ndarray], dict]:

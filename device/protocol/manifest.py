@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -119,18 +117,6 @@ def file_table(folder: Path) -> dict[str, dict]:
         rel = path.relative_to(folder).as_posix()
         table[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     return table
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to a temp file beside path, then rename: readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_manifest(folder: Path) -> Manifest:
