@@ -1,14 +1,14 @@
-"""The device agent: wait for tasks over MQTT, train locally, send a compressed update.
+"""The device agent: wait for tasks, train locally, send a compressed update.
 
-Transport callbacks only enqueue what arrived; the main thread applies globals and runs tasks
-in arrival order, so ORT is only ever touched from one thread.
+It reads typed messages from its link, one at a time on its own thread (ORT is only ever
+touched from there): globals update the parameters it holds, a task for this device runs once
+the global it starts from is held, or gets an error reply when that global does not arrive.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import tempfile
 import time
 import zlib
@@ -17,28 +17,27 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeftl.device.protocol import wire
-from edgeftl.device.protocol.codecs import ErrorFeedback, parse_codec
 from edgeftl.device.data import read_examples
-from edgeftl.device.protocol.manifest import sha256_file
+from edgeftl.device.link import Incoming, Link, Refused
 from edgeftl.device.measure import peak_rss_mib, platform_info, rss_mib
+from edgeftl.device.protocol.codecs import ErrorFeedback, parse_codec
+from edgeftl.device.protocol.manifest import sha256_file
 from edgeftl.device.protocol.messages import (
-    MAX_REASON_CHARS,
     ErrorReply,
-    GlobalHeader,
+    Global,
     MessageError,
     Task,
-    UpdateHeader,
-    decode_vector,
-    header_of,
-    parse_header,
+    Update,
+    apply_delta,
+    one_line,
+    vector_of,
 )
 from edgeftl.device.runtime import BundleRuntime
 from edgeftl.device.train import TrainConfig, data_inputs, train
-from edgeftl.device.link import Topics, Transport
 
 log = logging.getLogger("edgeftl.device")
 AGENT_STATE = "agent_state.npz"
+GLOBAL_WAIT_S = 10.0  # how long a task waits for the global it starts from before an error reply
 
 
 @dataclass
@@ -46,20 +45,17 @@ class AgentConfig:
     device_id: str
     bundle: Path
     data: Path
-    prefix: str = "edgeftl"
     state_dir: Path | None = None
     cache_dir: Path | None = None
     threads: int | None = None
     micro_batch: int | None = None
-    max_message_bytes: int = 64 * 1024 * 1024
 
 
 class DeviceAgent:
     """One device of a federation."""
 
-    def __init__(self, transport: Transport, config: AgentConfig) -> None:
-        self.transport, self.config = transport, config
-        self.topics = Topics(config.prefix)
+    def __init__(self, link: Link, config: AgentConfig) -> None:
+        self.link, self.config = link, config
         self.bundle_sha256 = sha256_file(Path(config.bundle) / "manifest.json")
         self.runtime = BundleRuntime(config.bundle, threads=config.threads)
         self.examples = read_examples(config.data, self.runtime.manifest.task, self.runtime.manifest.labels or None)
@@ -69,138 +65,119 @@ class DeviceAgent:
         self.global_round: int | None = None
         self.run_id: str | None = None
         self.feedback: ErrorFeedback | None = None
-        self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.waiting: tuple[Task, float] | None = None  # a task whose global has not arrived, and until when
         self._received_mark = 0
         self._seq = 0
         self._syncing = False
         self._platform_sent = False
         self._saved = self._read_state()  # applied once the run it belongs to shows up
 
-    # ---- wiring ---------------------------------------------------------------------------
+    # ---- the loop ---------------------------------------------------------------------------
     def start(self, timeout_s: float = 30.0) -> None:
-        for topic in (self.topics.task, self.topics.global_delta):
-            self.transport.subscribe(topic, self._enqueue)
         self._resync()
-        self.transport.connect(timeout_s)
-
-    def _enqueue(self, topic: str, payload: bytes) -> None:
-        self.events.put((topic, payload))
-
-    def _resync(self) -> None:
-        """Subscribe to the retained full global until it arrives; deltas alone after that."""
-        self._syncing = True
-        self.transport.subscribe(self.topics.global_params, self._enqueue)
+        self.link.connect(timeout_s)
 
     def run(self, stop_after_s: float | None = None, max_rounds: int | None = None) -> int:
-        """Process events until stopped; returns the number of updates sent."""
+        """Handle messages until stopped; returns the number of updates sent."""
         sent, end = 0, (time.monotonic() + stop_after_s) if stop_after_s else None
         while (end is None or time.monotonic() < end) and (max_rounds is None or sent < max_rounds):
-            try:
-                topic, payload = self.events.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            try:
-                sent += self.handle(topic, payload)
-            except (wire.WireError, MessageError, ValueError) as exc:
-                log.warning("%s: ignored message on %s: %s", self.config.device_id, topic, exc)
+            item = self.link.receive(timeout_s=0.2)
+            if isinstance(item, Incoming):
+                sent += self.handle(item.message)
+            elif isinstance(item, Refused):
+                log.warning("%s: ignored a message on %s: %s", self.config.device_id, item.topic, item.reason)
+            sent += self._run_waiting()
         return sent
 
-    def handle(self, topic: str, payload: bytes) -> int:
-        header, arrays = wire.decode_message(payload, self.config.max_message_bytes)
-        kind = header.get("kind") if isinstance(header, dict) else None
-        if kind == "global":
-            self._apply_global(topic, header, arrays)
-            return 0
-        if kind == "task":
-            return self._on_task(parse_header(header, Task))
-        raise MessageError(f"unexpected message kind {kind!r}")
+    def handle(self, message: object) -> int:
+        """Act on one message; returns the number of updates sent (0 or 1)."""
+        try:
+            if isinstance(message, Global):
+                self._on_global(message)
+                return self._run_waiting()
+            if isinstance(message, Task):
+                return self._on_task(message)
+        except MessageError as exc:
+            log.warning("%s: ignored %s: %s", self.config.device_id, type(message).__name__, exc)
+        return 0
 
     # ---- globals ----------------------------------------------------------------------------
-    def _apply_global(self, topic: str, header: dict, arrays: dict) -> None:
-        self._on_global(parse_header(header, GlobalHeader), arrays, full=topic == self.topics.global_params)
-
-    def _on_global(self, header: GlobalHeader, arrays: dict, full: bool) -> None:
-        if header.bundle_sha256 != self.bundle_sha256:
+    def _on_global(self, message: Global) -> None:
+        if message.bundle_sha256 != self.bundle_sha256:
             return  # another bundle's federation
-        if header.run_id != self.run_id:
-            self.run_id, self.global_round, self.feedback = header.run_id, None, None
+        if message.run_id != self.run_id:
+            self.run_id, self.global_round, self.feedback = message.run_id, None, None
             self._restore_state()
-        if full:
-            if self.global_round is not None and header.round <= self.global_round:
-                self._stop_sync()  # already up to date
-                return
-            vector = decode_vector(header.codec, header.size, arrays, self.reference.size)
-        elif header.base_round == self.global_round and self.global_round is not None:
-            vector = self.reference + decode_vector(header.codec, header.size, arrays, self.reference.size)
-        else:
-            if not self._syncing:
-                self._resync()  # missed a round: fetch the retained full global once
-            return
-        self.reference = vector.astype(np.float32)
-        self.global_round = header.round
-        self.runtime.set_flat(self.reference)
-        if full:
+        if not message.is_delta:
+            if self.global_round is None or message.round > self.global_round:
+                self.reference = vector_of(message, self.reference.size)
+                self.global_round = message.round
             self._stop_sync()
+        elif message.base_round == self.global_round is not None:
+            self.reference = apply_delta(self.reference, vector_of(message, self.reference.size))
+            self.global_round = message.round
+        elif not self._syncing:
+            self._resync()  # missed a round: fetch the retained full global once
+
+    def _resync(self) -> None:
+        """Read the retained full global until it arrives; deltas alone after that."""
+        self._syncing = True
+        self.link.follow_full_global(True)
 
     def _stop_sync(self) -> None:
         if self._syncing:
             self._syncing = False
-            self.transport.unsubscribe(self.topics.global_params)
+            self.link.follow_full_global(False)
 
     # ---- tasks ------------------------------------------------------------------------------
     def _on_task(self, task: Task) -> int:
-        me = self.config.device_id
-        if task.bundle_sha256 != self.bundle_sha256 or me not in task.devices:
+        if task.bundle_sha256 != self.bundle_sha256 or self.config.device_id not in task.devices:
             return 0
-        if task.run_id != self.run_id or self.global_round != task.round - 1:
+        if not self._holds_start_of(task):
             if not self._syncing:
                 self._resync()
-            self._wait_for_global(task)
-        if task.run_id != self.run_id or self.global_round != task.round - 1:
-            log.warning("%s: no global for round %d, skipping it", me, task.round - 1)
-            self._reply_error(task, "no_global", f"the global parameters of round {task.round - 1} did not arrive")
+            self.waiting = (task, time.monotonic() + GLOBAL_WAIT_S)  # a newer task replaces an older one
             return 0
+        return self._run(task)
+
+    def _holds_start_of(self, task: Task) -> bool:
+        return task.run_id == self.run_id and self.global_round == task.round - 1
+
+    def _run_waiting(self) -> int:
+        """Run the waiting task once its global is held; reply no_global when the wait runs out."""
+        if self.waiting is None:
+            return 0
+        task, until = self.waiting
+        if self._holds_start_of(task):
+            self.waiting = None
+            return self._run(task)
+        if time.monotonic() >= until:
+            self.waiting = None
+            log.warning("%s: no global for round %d, skipping it", self.config.device_id, task.round - 1)
+            self._reply_error(task, "no_global", f"the global parameters of round {task.round - 1} did not arrive")
+        return 0
+
+    def _run(self, task: Task) -> int:
         try:
             return self._train_and_send(task)
         except Exception as exc:  # one failed round must not end the device's part in the run
-            log.exception("%s: round %d failed", me, task.round)
+            log.exception("%s: round %d failed", self.config.device_id, task.round)
             self._reply_error(task, error_code(exc), f"{type(exc).__name__}: {exc}")
             return 0
 
     def _reply_error(self, task: Task, code: str, reason: str) -> None:
         """Tell the coordinator this round will bring no update, so it stops waiting for this device."""
-        reply = ErrorReply(task.run_id, task.round, self.bundle_sha256, self.config.device_id, code,
-                           " ".join(reason.split())[:MAX_REASON_CHARS])
+        reply = ErrorReply(task.run_id, task.round, self.bundle_sha256, self.config.device_id, code, one_line(reason))
         try:
-            self.transport.publish(self.topics.update(self.config.device_id),
-                                   wire.encode_message(header_of(reply), {}), qos=1)
+            self.link.send(reply)
         except Exception:  # the link may be what failed; the deadline covers it then
             log.exception("%s: could not send the error reply for round %d", self.config.device_id, task.round)
-
-    def _wait_for_global(self, task: Task, timeout_s: float = 10.0) -> None:
-        end, later = time.monotonic() + timeout_s, []
-        while time.monotonic() < end and not (task.run_id == self.run_id and self.global_round == task.round - 1):
-            try:
-                topic, payload = self.events.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            try:
-                header, arrays = wire.decode_message(payload, self.config.max_message_bytes)
-                if header.get("kind") != "global":
-                    later.append((topic, payload))  # tasks keep their order, after this one
-                    continue
-                self._apply_global(topic, header, arrays)
-            except (wire.WireError, MessageError, ValueError) as exc:
-                # A bad message must not drop the tasks already set aside in `later`.
-                log.warning("%s: ignored message on %s: %s", self.config.device_id, topic, exc)
-        for item in later:
-            self.events.put(item)
 
     def _train_and_send(self, task: Task) -> int:
         self.runtime.set_flat(self.reference)
         config = TrainConfig(epochs=task.epochs, steps=task.steps, batch=task.batch, lr=task.lr,
-                             seed=zlib.crc32(f"{self.config.device_id}:{task.round}".encode()), threads=self.config.threads,
-                             micro_batch=self.config.micro_batch)
+                             seed=zlib.crc32(f"{self.config.device_id}:{task.round}".encode()),
+                             threads=self.config.threads, micro_batch=self.config.micro_batch)
         began = time.perf_counter()
         summary = train(self.runtime, self.examples, config, progress=False, inputs=self.inputs)
         train_time = time.perf_counter() - began
@@ -208,7 +185,7 @@ class DeviceAgent:
         if self.feedback is None or self.feedback.codec.spec != parse_codec(task.codec).spec:
             self.feedback = ErrorFeedback(parse_codec(task.codec), delta.size)
         encoded, _ = self.feedback.encode(delta)
-        received = self.transport.bytes_received
+        received = self.link.bytes_received
         metrics = {
             "samples": summary["samples"], "first_loss": summary["first_loss"], "last_loss": summary["last_loss"],
             "train_time_s": round(train_time, 3), "peak_rss_mib": peak_rss_mib(), "rss_mib": rss_mib(),
@@ -219,10 +196,8 @@ class DeviceAgent:
             self._platform_sent = True
         self._received_mark = received
         self._seq += 1
-        header = UpdateHeader(task.run_id, task.round, self.bundle_sha256, self.config.device_id, encoded.codec,
-                              encoded.size, max(1, len(self.examples)), seq=self._seq, metrics=metrics)
-        self.transport.publish(self.topics.update(self.config.device_id),
-                               wire.encode_message(header_of(header), encoded.arrays), qos=1)
+        self.link.send(Update(task.run_id, task.round, self.bundle_sha256, self.config.device_id,
+                              max(1, len(self.examples)), self._seq, encoded, metrics))
         self._save_state()
         return 1
 
@@ -264,7 +239,7 @@ class DeviceAgent:
     def close(self) -> None:
         for close in self._closers:
             close()
-        self.transport.close()
+        self.link.close()
 
 
 def error_code(exc: BaseException) -> str:

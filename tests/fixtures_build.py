@@ -95,16 +95,27 @@ def in_process_devices(broker, folder: Path, files: list[Path], rounds: int, sto
     import threading
 
     from edgeftl.device.agent import AgentConfig, DeviceAgent
-    from edgeftl.device.link import InProcessTransport, Topics
 
-    topics, agents = Topics("edgeftl"), []
+    agents = []
     for i, path in enumerate(files):
         name = f"dev{i}"
-        transport = InProcessTransport(broker, name, will=(topics.status(name), b"offline"),
-                                       birth=(topics.status(name), b"online"))
-        agent = DeviceAgent(transport, AgentConfig(name, folder, path, threads=1))
+        agent = DeviceAgent(device_link(broker, name), AgentConfig(name, folder, path, threads=1))
         agent.start()
         agents.append(agent)
     threads = [threading.Thread(target=a.run, kwargs={"max_rounds": rounds, "stop_after_s": stop_after_s},
                                 daemon=True) for a in agents]
     return agents, threads
+
+
+def device_link(broker, name: str, prefix: str = "edgeftl"):
+    """A device's link through an in-process broker (status online on connect, offline as will)."""
+    from edgeftl.device.link import InProcessConnection, Link
+
+    return Link.device(InProcessConnection(broker, name), prefix, name)
+
+
+def coordinator_link(broker, name: str = "coordinator", prefix: str = "edgeftl", **limits: int):
+    """The coordinator's link through an in-process broker."""
+    from edgeftl.device.link import InProcessConnection, Link
+
+    return Link.coordinator(InProcessConnection(broker, name), prefix, **limits)

@@ -35,7 +35,7 @@ from edgeftl.coordinator.rounds.loop import Coordinator
 from edgeftl.device.data import write_csv
 from edgeftl.device.protocol.manifest import read_manifest
 from edgeftl.device.runtime import BundleRuntime, trainable_vector
-from edgeftl.device.link import MqttTransport
+from edgeftl.device.link import Link, MqttConnection
 from fixtures_build import bundle, keyword_dataset, reference
 from test_equivalence import TOLERANCE
 
@@ -175,7 +175,7 @@ def test_arm64_boards_federate_beside_x86_devices(mosquitto_broker, environments
     rounds = 2
     config = CoordinatorConfig(out=tmp_path / "run", rounds=rounds, steps=3, batch=16, lr=3e-2, deadline_s=900,
                                wait_devices=len(devices), wait_devices_s=600, prefix=prefix, codec="topk:0.25+int8")
-    coordinator = Coordinator(MqttTransport(url, f"coord-{prefix}"), folder, manifest, trainable_vector(folder, manifest),
+    coordinator = Coordinator(Link.coordinator(MqttConnection(url, f"coord-{prefix}"), prefix), folder, manifest, trainable_vector(folder, manifest),
                               config, evaluate=make_evaluator(folder, test_csv))
     processes = []
     for name, (env, data) in devices.items():
@@ -194,7 +194,7 @@ def test_arm64_boards_federate_beside_x86_devices(mosquitto_broker, environments
         online = coordinator.wait_for_devices()
         records = coordinator.run() if online == len(devices) else []
     finally:
-        coordinator.transport.close()
+        coordinator.link.close()
         for process in processes:
             try:
                 process.wait(timeout=120)

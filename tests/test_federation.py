@@ -14,8 +14,8 @@ from edgeftl.coordinator.rounds.loop import Coordinator
 from edgeftl.device.agent import AgentConfig, DeviceAgent
 from edgeftl.device.data import write_csv
 from edgeftl.device.protocol.manifest import read_manifest
-from edgeftl.device.link import InProcessBroker, InProcessTransport, Topics
-from fixtures_build import bundle, in_process_devices, keyword_dataset
+from edgeftl.device.link import InProcessBroker
+from fixtures_build import bundle, coordinator_link, device_link, in_process_devices, keyword_dataset
 
 
 def _device_files(tmp: Path, devices: int, per_device: int) -> list[Path]:
@@ -37,7 +37,7 @@ def test_in_process_federation_learns_and_logs_every_round(tmp_path, tmp_path_fa
     agents, threads = in_process_devices(broker, folder, files, rounds=4)
     config = CoordinatorConfig(out=tmp_path / "run", rounds=4, steps=6, batch=16, lr=2e-2, deadline_s=60,
                                codec="topk:0.25+int8", wait_devices=3, wait_devices_s=10)
-    coordinator = Coordinator(InProcessTransport(broker, "coordinator"), folder, manifest,
+    coordinator = Coordinator(coordinator_link(broker, "coordinator"), folder, manifest,
                               agents[0].runtime.get_flat(), config, evaluate=make_evaluator(folder, test_csv))
     for t in threads:
         t.start()
@@ -63,23 +63,21 @@ def test_resume_continues_after_the_last_checkpoint(tmp_path, tmp_path_factory):
     folder = bundle(tmp_path_factory, "bert-int8")
     manifest = read_manifest(folder)
     (path,) = _device_files(tmp_path, 1, 32)
-    broker, topics = InProcessBroker(), Topics("edgeftl")
-    agent = DeviceAgent(InProcessTransport(broker, "dev0", will=(topics.status("dev0"), b"offline"),
-                                           birth=(topics.status("dev0"), b"online")),
-                        AgentConfig("dev0", folder, path, threads=1))
+    broker = InProcessBroker()
+    agent = DeviceAgent(device_link(broker, "dev0"), AgentConfig("dev0", folder, path, threads=1))
     agent.start()
     worker = threading.Thread(target=agent.run, kwargs={"max_rounds": 3, "stop_after_s": 120}, daemon=True)
     worker.start()
     initial = agent.runtime.get_flat()
-    first = Coordinator(InProcessTransport(broker, "coord-a"), folder, manifest, initial,
+    first = Coordinator(coordinator_link(broker, "coord-a"), folder, manifest, initial,
                         CoordinatorConfig(out=tmp_path / "run", rounds=2, steps=2, deadline_s=60))
     first.connect()
     first.wait_for_devices()
     first.run()
     after_two = first.params.copy()
-    first.transport.close()
+    first.link.close()
     # Execute
-    second = Coordinator(InProcessTransport(broker, "coord-b"), folder, manifest, initial,
+    second = Coordinator(coordinator_link(broker, "coord-b"), folder, manifest, initial,
                          CoordinatorConfig(out=tmp_path / "run", rounds=3, steps=2, deadline_s=60, resume=True))
     second.connect()
     # Assert: it starts at round 2 from the checkpointed parameters, and round 2 completes
@@ -112,14 +110,14 @@ from edgeftl.coordinator.rounds.config import CoordinatorConfig
 from edgeftl.coordinator.rounds.evaluate import make_evaluator
 from edgeftl.coordinator.rounds.loop import Coordinator
 from edgeftl.device.protocol.manifest import read_manifest
-from edgeftl.device.link import InProcessBroker, InProcessTransport
-from fixtures_build import in_process_devices
+from edgeftl.device.link import InProcessBroker
+from fixtures_build import coordinator_link, in_process_devices
 
 folder, data, out = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
 broker = InProcessBroker()
 agents, threads = in_process_devices(broker, folder, [data], rounds=1, stop_after_s=60)
 config = CoordinatorConfig(out=out, rounds=1, steps=2, deadline_s=60, strategy="fedyogi")
-coordinator = Coordinator(InProcessTransport(broker, "coordinator"), folder, read_manifest(folder),
+coordinator = Coordinator(coordinator_link(broker, "coordinator"), folder, read_manifest(folder),
                           agents[0].runtime.get_flat(), config, evaluate=make_evaluator(folder, data))
 for t in threads:
     t.start()
@@ -149,39 +147,65 @@ def test_coordinator_round_loop_runs_without_torch(tmp_path, tmp_path_factory):
     assert summary["received"] == 1 and summary["loaded"] == [] and 0 <= summary["accuracy"] <= 1
 
 
-def test_agent_waiting_for_a_global_skips_a_bad_message_and_keeps_later_tasks(tmp_path, tmp_path_factory):
-    # Prepare: a connected agent that gets round 1's task before the global of round 0 it needs;
-    # meanwhile a task for round 2, a malformed message and finally that global arrive.
-    from edgeftl.device.protocol import wire
+def test_agent_waiting_for_a_global_skips_a_bad_message_and_runs_the_task_once_it_arrives(tmp_path, tmp_path_factory):
+    # Prepare: a connected agent gets round 1's task before the global of round 0 it needs; then a
+    # malformed message and finally that global arrive.
+    from edgeftl.device.link import InProcessConnection, Link
+    from edgeftl.device.protocol.codecs import Encoded
     from edgeftl.device.protocol.manifest import sha256_file
-    from edgeftl.device.protocol.messages import GlobalHeader, Task, header_of
+    from edgeftl.device.protocol.messages import Global, Task, Update
 
     folder = bundle(tmp_path_factory, "bert-int8")
     (path,) = _device_files(tmp_path, 1, 16)
-    broker, topics = InProcessBroker(synchronous=True), Topics("edgeftl")
-    agent = DeviceAgent(InProcessTransport(broker, "dev0"), AgentConfig("dev0", folder, path, threads=1))
+    broker = InProcessBroker()
+    agent = DeviceAgent(device_link(broker, "dev0"), AgentConfig("dev0", folder, path, threads=1))
     agent.start()
     sha = sha256_file(folder / "manifest.json")
-    updates: list[bytes] = []
-    listener = InProcessTransport(broker, "listener")
-    listener.subscribe(topics.update("dev0"), lambda topic, payload: updates.append(payload))
+    listener = coordinator_link(broker, "listener")
     listener.connect()
-
-    def task(round_index: int) -> bytes:
-        return wire.encode_message(header_of(Task("run", round_index, sha, ["dev0"], 60.0, 1e-2, "none", steps=1)), {})
-
+    sender = Link(InProcessConnection(broker, "sender"), "edgeftl", [])
+    sender.connect()
     reference = agent.runtime.get_flat()
-    full = wire.encode_message(header_of(GlobalHeader("run", 0, sha, "none", reference.size)), {"values": reference})
-    for item in ((topics.task, task(2)), (topics.global_params, b"\x00 not a message"), (topics.global_params, full)):
-        agent.events.put(item)
+    sender.send(Task("run", 1, sha, ("dev0",), 60.0, 1e-2, "none", steps=1))
+    assert agent.run(stop_after_s=0.5) == 0 and agent.waiting is not None
+    sender.connection.send(sender.topics.global_params, b"\x00 not a message", 1, True)
+    sender.send(Global("run", 0, sha, Encoded("none", reference.size, {"values": reference})))
     # Execute
-    sent = agent.handle(topics.task, task(1))
-    # Assert: round 1 trained on the global that came after the bad message; round 2's task is queued again
-    assert sent == 1 and agent.global_round == 0 and len(updates) == 1
-    requeued = [agent.events.get_nowait() for _ in range(agent.events.qsize())]
-    assert (topics.task, task(2)) in requeued
+    sent = agent.run(max_rounds=1, stop_after_s=60)
+    # Assert: round 1 trained on the global that came after the bad message, and replied once
+    assert sent == 1 and agent.global_round == 0 and agent.waiting is None
+    replies = [listener.receive(0.0) for _ in range(3)]
+    updates = [r.message for r in replies if r is not None and isinstance(r.message, Update)]
+    assert len(updates) == 1 and updates[0].round == 1 and updates[0].device_id == "dev0"
     agent.close()
     listener.close()
+
+
+def test_a_task_whose_global_never_arrives_gets_a_no_global_reply(tmp_path, tmp_path_factory, monkeypatch):
+    # Prepare: an agent that holds no global of the run its task belongs to, and a short wait
+    from edgeftl.device import agent as agent_module
+    from edgeftl.device.link import InProcessConnection, Link
+    from edgeftl.device.protocol.manifest import sha256_file
+    from edgeftl.device.protocol.messages import ErrorReply, Task
+
+    monkeypatch.setattr(agent_module, "GLOBAL_WAIT_S", 0.3)
+    folder = bundle(tmp_path_factory, "bert-int8")
+    (path,) = _device_files(tmp_path, 1, 16)
+    broker = InProcessBroker()
+    agent = DeviceAgent(device_link(broker, "dev0"), AgentConfig("dev0", folder, path, threads=1))
+    agent.start()
+    listener = coordinator_link(broker, "listener")
+    listener.connect()
+    sender = Link(InProcessConnection(broker, "sender"), "edgeftl", [])
+    sender.connect()
+    # Execute
+    sender.send(Task("run", 4, sha256_file(folder / "manifest.json"), ("dev0",), 60.0, 1e-2, "none", steps=1))
+    sent = agent.run(stop_after_s=1.5)
+    # Assert
+    replies = [listener.receive(0.0) for _ in range(3)]
+    errors = [r.message for r in replies if r is not None and isinstance(r.message, ErrorReply)]
+    assert sent == 0 and len(errors) == 1 and errors[0].code == "no_global" and errors[0].round == 4
+    agent.close()
 
 
 def test_a_device_whose_training_fails_replies_with_an_error_and_the_round_goes_on(tmp_path, tmp_path_factory):
@@ -198,7 +222,7 @@ def test_a_device_whose_training_fails_replies_with_an_error_and_the_round_goes_
     agents[1].runtime.accumulate = out_of_memory
     config = CoordinatorConfig(out=tmp_path / "run", rounds=1, steps=2, batch=8, deadline_s=120, wait_devices=3,
                                wait_devices_s=10)
-    coordinator = Coordinator(InProcessTransport(broker, "coordinator"), folder, manifest,
+    coordinator = Coordinator(coordinator_link(broker, "coordinator"), folder, manifest,
                               agents[0].runtime.get_flat(), config)
     for t in threads:
         t.start()
@@ -217,32 +241,24 @@ def test_a_device_whose_training_fails_replies_with_an_error_and_the_round_goes_
 def test_error_replies_are_checked_like_updates(tmp_path):
     # Prepare: an inbox whose round 3 sampled dev0 and dev1
     from edgeftl.coordinator.rounds.inbox import DeviceFailure, Inbox
-    from edgeftl.device.protocol import wire
-    from edgeftl.device.protocol.messages import ErrorReply, header_of
+    from edgeftl.device.protocol.messages import ErrorReply
 
-    inbox = Inbox("run", "b" * 64, 10, 1 << 20)
+    inbox = Inbox("run", "b" * 64, 10)
     inbox.open_round(3, ["dev0", "dev1"])
 
-    def reply(device: str, topic_device: str | None = None, round_index: int = 3, run: str = "run", **extra) -> None:
-        header = header_of(ErrorReply(run, round_index, "b" * 64, device, "train_failed", "ValueError: bad data"))
-        inbox.on_message(f"edgeftl/update/{topic_device or device}", wire.encode_message({**header, **extra}, {}))
+    def reply(device: str, round_index: int = 3, run: str = "run"):
+        return inbox.take(ErrorReply(run, round_index, "b" * 64, device, "train_failed", "ValueError: bad data"), 200)
 
     # Execute
-    reply("dev0")
-    reply("dev0")  # QoS 1 redelivery: dropped quietly
-    reply("intruder")  # not sampled
-    reply("dev1", topic_device="dev0")  # id does not match the topic
-    reply("dev1", run="other")  # another federation
-    reply("dev1", round_index=2)  # an old round
-    reply("dev1", code2="x")  # unknown header field
-    # Assert
-    first = inbox.get(0.0)
-    assert first == DeviceFailure("dev0", "train_failed", "ValueError: bad data") and inbox.get(0.0) is None
+    first = reply("dev0")
+    again = reply("dev0")  # QoS 1 redelivery: dropped quietly
+    others = [reply("intruder"), reply("dev1", run="other"), reply("dev1", round_index=2)]
+    # Assert: not sampled, another federation, an old round
+    assert first == DeviceFailure("dev0", "train_failed", "ValueError: bad data")
+    assert again is None and others == [None, None, None] and inbox.redelivered == 1
     assert inbox.failures == {"dev0": {"code": "train_failed", "reason": "ValueError: bad data"}}
     late, rejected = inbox.close_round()
-    assert late == 1
-    assert {reason.split(" [")[0] for reason in rejected} == {"unknown device", "device id mismatch",
-                                                              "wrong run or bundle", "unknown header fields"}
+    assert late == 1 and rejected == {"unknown device": 1, "wrong run or bundle": 1}
 
 
 def test_lossy_downlink_devices_hold_exactly_the_coordinators_reference(tmp_path, tmp_path_factory):
@@ -253,7 +269,7 @@ def test_lossy_downlink_devices_hold_exactly_the_coordinators_reference(tmp_path
     agents, threads = in_process_devices(broker, folder, _device_files(tmp_path, 2, 32), rounds=3)
     config = CoordinatorConfig(out=tmp_path / "run", rounds=3, steps=4, batch=16, lr=2e-2, deadline_s=60,
                                downlink="int8", wait_devices=2, wait_devices_s=10)
-    coordinator = Coordinator(InProcessTransport(broker, "coordinator"), folder, manifest,
+    coordinator = Coordinator(coordinator_link(broker, "coordinator"), folder, manifest,
                               agents[0].runtime.get_flat(), config)
     published: dict[int, np.ndarray] = {}
     publish = coordinator._publish_global

@@ -14,8 +14,8 @@ from edgeftl.coordinator.cli.live import LiveView, Progress, status_text
 from edgeftl.coordinator.rounds.loop import Coordinator
 from edgeftl.device.data import write_csv
 from edgeftl.device.protocol.manifest import read_manifest
-from edgeftl.device.link import InProcessBroker, InProcessTransport
-from fixtures_build import bundle, in_process_devices, keyword_dataset
+from edgeftl.device.link import InProcessBroker
+from fixtures_build import bundle, coordinator_link, in_process_devices, keyword_dataset
 
 
 def _record(round_index: int, accuracy: float) -> dict:
@@ -113,7 +113,7 @@ def test_live_view_polls_a_real_coordinator_during_rounds(tmp_path, tmp_path_fac
                                wait_devices=2, wait_devices_s=10)
     stream = _Terminal()
     view = LiveView(config.rounds, config.deadline_s, round_line, stream=stream, refresh_s=0.02)
-    coordinator = Coordinator(InProcessTransport(broker, "coordinator"), folder, read_manifest(folder),
+    coordinator = Coordinator(coordinator_link(broker), folder, read_manifest(folder),
                               agents[0].runtime.get_flat(), config, on_round=view.on_round)
     view.attach(coordinator)
     for t in threads:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 
+from edgeftl.coordinator.rounds.config import DEFAULT_STEPS, CoordinatorConfig
+from edgeftl.coordinator.rounds.strategy import STRATEGIES
 from edgeftl.device.cli.common import fail
 
 
@@ -19,36 +22,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue after the checkpoint in --out")
 
 
+# CoordinatorConfig field -> help. Flag names, types and defaults come from the dataclass itself,
+# so the CLI and the library can never disagree.
+ROUND_FLAGS = {
+    "rounds": "federated rounds to run",
+    "devices_per_round": "devices sampled per round; 0 = every online device",
+    "min_updates": "updates a round needs to aggregate",
+    "deadline_s": "seconds a round waits for updates",
+    "wait_devices": "online devices needed before round 0",
+    "wait_devices_s": "seconds to wait for them",
+    "epochs": "local epochs per round",
+    "steps": f"local steps per round ({DEFAULT_STEPS} when neither --steps nor --epochs is given)",
+    "batch": "local batch size",
+    "lr": "local learning rate",
+    "codec": "uplink codec, e.g. none | fp16 | int8 | topk:0.01+int8",
+    "downlink": "codec of the per-round global delta",
+    "strategy": f"aggregation: {' | '.join(STRATEGIES)}",
+    "server_lr": "server learning rate (strategy default when not given)",
+    "seed": "seed of the device sampling",
+    "run_id": "federation run id; default: a fresh one (--resume keeps the checkpoint's)",
+    "prefix": "MQTT topic prefix",
+}
+_TYPES = {"int": int, "float": float, "str": str}
+
+
 def add_round_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--devices-per-round", type=int, default=0, help="0 = every online device")
-    p.add_argument("--min-updates", type=int, default=1)
-    p.add_argument("--deadline-s", type=float, default=300.0)
-    p.add_argument("--wait-devices", type=int, default=1, help="online devices needed before round 0")
-    p.add_argument("--wait-devices-s", type=float, default=120.0)
-    p.add_argument("--epochs", type=int, default=None, help="local epochs per round")
-    p.add_argument("--steps", type=int, default=None, help="local steps per round (default 10 if no --epochs)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--codec", default="none", help="uplink codec, e.g. none | fp16 | int8 | topk:0.01+int8")
-    p.add_argument("--downlink", default="none", help="codec of the per-round global delta")
-    p.add_argument("--strategy", default="fedavg", help="fedavg | fedadam | fedyogi | lora-svd")
-    p.add_argument("--server-lr", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--run-id", default="", help="default: a fresh id per run (--resume keeps the checkpoint's)")
-    p.add_argument("--prefix", default="edgeftl", help="MQTT topic prefix")
+    fields = {f.name: f for f in dataclasses.fields(CoordinatorConfig)}
+    for name, help_text in ROUND_FLAGS.items():
+        field = fields[name]
+        kind = _TYPES[str(field.type).replace(" | None", "")]
+        shown = "" if field.default in (None, "") else f" (default: {field.default})"
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=field.default, help=help_text + shown)
 
 
-def config_from(args: argparse.Namespace, out: Path):
-    from edgeftl.coordinator.rounds.config import CoordinatorConfig
-
-    steps = args.steps if args.steps is not None or args.epochs is not None else 10
-    return CoordinatorConfig(
-        out=out, rounds=args.rounds, devices_per_round=args.devices_per_round, min_updates=args.min_updates,
-        deadline_s=args.deadline_s, wait_devices=args.wait_devices, wait_devices_s=args.wait_devices_s,
-        epochs=args.epochs, steps=steps, batch=args.batch, lr=args.lr, codec=args.codec, downlink=args.downlink,
-        strategy=args.strategy, server_lr=args.server_lr, seed=args.seed, run_id=args.run_id, prefix=args.prefix,
-        resume=getattr(args, "resume", False))
+def config_from(args: argparse.Namespace, out: Path) -> CoordinatorConfig:
+    return CoordinatorConfig(out=out, resume=getattr(args, "resume", False),
+                             **{name: getattr(args, name) for name in ROUND_FLAGS})
 
 
 def round_line(record: dict) -> str:
@@ -68,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     from edgeftl.coordinator.rounds.loop import Coordinator
     from edgeftl.device.protocol.manifest import BundleError, verify_bundle
     from edgeftl.device.runtime import trainable_vector
-    from edgeftl.device.link import MqttTransport, TransportError
+    from edgeftl.device.link import Link, LinkError, MqttConnection
+    from edgeftl.device.protocol.topics import coordinator_client_id
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -76,12 +86,12 @@ def run(args: argparse.Namespace) -> int:
         manifest = verify_bundle(args.bundle)
         initial = trainable_vector(args.bundle, manifest)
         evaluate = make_evaluator(args.bundle, args.eval) if args.eval else None
-        transport = MqttTransport(args.broker, f"edgeftl-coordinator-{args.prefix}".replace("/", "-")[:64])
+        link = Link.coordinator(MqttConnection(args.broker, coordinator_client_id(args.prefix)), args.prefix)
         view = LiveView(config.rounds, config.deadline_s, round_line)  # plain lines when not a terminal
-        coordinator = Coordinator(transport, args.bundle, manifest, initial, config, evaluate, on_round=view.on_round)
+        coordinator = Coordinator(link, args.bundle, manifest, initial, config, evaluate, on_round=view.on_round)
         view.attach(coordinator)
         coordinator.connect()
-    except (ValueError, BundleError, TransportError) as exc:
+    except (ValueError, BundleError, LinkError) as exc:
         return fail(str(exc))
     online = coordinator.wait_for_devices()
     print(f"{online} device(s) online; running rounds {coordinator.start_round}..{config.rounds - 1}", file=sys.stderr)
@@ -89,5 +99,5 @@ def run(args: argparse.Namespace) -> int:
         with view:
             coordinator.run()
     finally:
-        transport.close()
+        link.close()
     return 0

@@ -52,7 +52,7 @@ def snapshot(coordinator) -> dict:
     except RuntimeError:  # the status callback resized the dict mid-copy; next poll will do
         online = -1
     return {**coordinator.inbox.progress(), "online": online,
-            "bytes_up": int(coordinator.transport.bytes_received), "bytes_down": int(coordinator.transport.bytes_sent)}
+            "bytes_up": int(coordinator.link.bytes_received), "bytes_down": int(coordinator.link.bytes_sent)}
 
 
 def status_text(p: Progress, rounds: int) -> str:

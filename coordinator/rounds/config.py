@@ -9,6 +9,9 @@ from edgeftl.coordinator.rounds.strategy import STRATEGIES
 from edgeftl.device.protocol.codecs import parse_codec
 
 
+DEFAULT_STEPS = 10
+
+
 @dataclass
 class CoordinatorConfig:
     """How the federation runs; one field per CLI flag."""
@@ -21,7 +24,7 @@ class CoordinatorConfig:
     wait_devices: int = 1  # online devices needed before round 0 starts
     wait_devices_s: float = 60.0
     epochs: int | None = None
-    steps: int | None = 10
+    steps: int | None = None  # None with no epochs: DEFAULT_STEPS
     batch: int = 16
     lr: float = 1e-3
     codec: str = "none"  # uplink
@@ -32,7 +35,6 @@ class CoordinatorConfig:
     run_id: str = ""  # "" = a fresh id per run (resume keeps the checkpoint's)
     prefix: str = "edgeftl"
     resume: bool = False
-    max_message_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -43,6 +45,8 @@ class CoordinatorConfig:
             raise ValueError(f"--devices-per-round must be >= 0, got {self.devices_per_round}")
         if self.epochs is not None and self.steps is not None:
             raise ValueError("give --epochs or --steps for local training, not both")
+        if self.epochs is None and self.steps is None:
+            self.steps = DEFAULT_STEPS
         if not self.deadline_s > 0 or not self.lr > 0:
             raise ValueError("--deadline-s and --lr must be positive")
         if self.strategy not in STRATEGIES:

@@ -1,5 +1,8 @@
 """The coordinator's round loop: sample, publish the task, collect until the deadline,
 aggregate, publish the next global, checkpoint, log. Torch-free: numpy, onnxruntime, paho-mqtt.
+
+It reads typed messages from its link (statuses, updates, error replies, refusals) on one
+thread, in arrival order; nothing here sees bytes or topics.
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ import numpy as np
 
 from edgeftl.coordinator.rounds import checkpoint
 from edgeftl.coordinator.rounds.config import CoordinatorConfig
-from edgeftl.coordinator.rounds.inbox import DeviceFailure, Inbox
-from edgeftl.coordinator.rounds.strategy import Update, make_strategy
-from edgeftl.device.protocol import wire
-from edgeftl.device.protocol.codecs import ErrorFeedback, parse_codec
+from edgeftl.coordinator.rounds.inbox import DeviceFailure, Inbox, ReceivedUpdate
+from edgeftl.coordinator.rounds.strategy import Update as StrategyUpdate
+from edgeftl.coordinator.rounds.strategy import make_strategy
+from edgeftl.device.link import Incoming, Link, Refused
+from edgeftl.device.protocol.codecs import Encoded, ErrorFeedback, parse_codec
 from edgeftl.device.protocol.manifest import Manifest, sha256_file
-from edgeftl.device.protocol.messages import GlobalHeader, Task, header_of
-from edgeftl.device.link import Topics, Transport
+from edgeftl.device.protocol.messages import ErrorReply, Global, Status, Task, Update, apply_delta
 
 log = logging.getLogger("edgeftl.coordinator")
 METRICS = "metrics.jsonl"
@@ -28,32 +31,27 @@ METRICS_FORMAT = 1
 
 
 class Coordinator:
-    """Runs `config.rounds` federated rounds over `transport` for one bundle."""
+    """Runs `config.rounds` federated rounds over `link` for one bundle."""
 
-    def __init__(self, transport: Transport, bundle: Path, manifest: Manifest, initial: np.ndarray,
+    def __init__(self, link: Link, bundle: Path, manifest: Manifest, initial: np.ndarray,
                  config: CoordinatorConfig, evaluate: Callable[[np.ndarray], dict] | None = None,
                  on_round: Callable[[dict], None] | None = None) -> None:
-        self.transport, self.config, self.evaluate, self.on_round = transport, config, evaluate, on_round
-        self.topics = Topics(config.prefix)
+        self.link, self.config, self.evaluate, self.on_round = link, config, evaluate, on_round
         self.bundle_sha256 = sha256_file(Path(bundle) / "manifest.json")
         self.layout = [{"name": p.name, "shape": p.shape, "offset": p.offset} for p in manifest.trainable]
         self.strategy = make_strategy(config.strategy, self.layout, config.server_lr)
         self.params = initial.astype(np.float32).copy()  # the server's global parameters
         self.reference = self.params.copy()  # what devices hold (differs when the downlink is lossy)
         self.downlink = ErrorFeedback(parse_codec(config.downlink), self.params.size)
-        self.inbox = Inbox(config.run_id, self.bundle_sha256, self.params.size, config.max_message_bytes)
+        self.inbox = Inbox(config.run_id, self.bundle_sha256, self.params.size)
         self.online: dict[str, bool] = {}
         self.platforms: dict[str, dict] = {}  # device -> its platform_* metrics
         self.rng = np.random.default_rng(config.seed)
         self.start_round = 0
         config.out.mkdir(parents=True, exist_ok=True)
 
-    # ---- wiring -------------------------------------------------------------------------
     def connect(self) -> None:
-        self.transport.on_reject = self.inbox.on_transport_reject
-        self.transport.subscribe(self.topics.updates_filter, self.inbox.on_message)
-        self.transport.subscribe(self.topics.status_filter, self._on_status)
-        self.transport.connect()
+        self.link.connect()
         if self.config.resume and (self.config.out / checkpoint.CHECKPOINT).is_file():
             last, self.params, self.reference, state, meta = checkpoint.load(self.config.out)
             if meta.get("bundle_sha256") != self.bundle_sha256:
@@ -65,17 +63,11 @@ class Coordinator:
             log.info("resuming after round %d", last)
         self._publish_full(self.start_round - 1)
 
-    def _on_status(self, topic: str, payload: bytes) -> None:
-        device = topic.rsplit("/", 1)[-1]
-        text = payload[:256].decode("utf-8", "replace")
-        online = text.startswith("online") or '"online"' in text
-        self.online[device] = online
-
     def wait_for_devices(self) -> int:
-        """Block until `wait_devices` devices are online or the wait runs out."""
+        """Read statuses until `wait_devices` devices are online or the wait runs out."""
         end = time.monotonic() + self.config.wait_devices_s
         while time.monotonic() < end and self._online_count() < self.config.wait_devices:
-            time.sleep(0.1)
+            self._take(self.link.receive(timeout_s=min(0.1, max(0.0, end - time.monotonic()))))
         return self._online_count()
 
     def _online_count(self) -> int:
@@ -83,28 +75,25 @@ class Coordinator:
 
     # ---- the rounds ---------------------------------------------------------------------
     def run(self) -> list[dict]:
-        records = []
-        for round_index in range(self.start_round, self.config.rounds):
-            records.append(self.run_round(round_index))
-        return records
+        return [self.run_round(round_index) for round_index in range(self.start_round, self.config.rounds)]
 
     def run_round(self, round_index: int) -> dict:
         started = time.monotonic()
         selected = self._sample()
-        sent_before = self.transport.bytes_sent
+        sent_before = self.link.bytes_sent
         self.inbox.open_round(round_index, selected)
         self._publish_task(round_index, selected)
         received, failed = self._collect(selected, started + self.config.deadline_s)
         late, rejected = self.inbox.close_round()
         aggregated = len(received) >= self.config.min_updates
         if aggregated:
-            updates = [Update(r.delta, float(r.header.samples)) for r in received]
+            updates = [StrategyUpdate(r.delta, float(r.update.samples)) for r in received]
             self.params = self.strategy.aggregate(self.reference, updates)
         self._publish_global(round_index)
         checkpoint.save(self.config.out, round_index, self.params, self.reference, self.strategy.state(),
                         {"run_id": self.config.run_id, "bundle_sha256": self.bundle_sha256})
         record = self._record(round_index, selected, received, failed, late, rejected, aggregated,
-                              self.transport.bytes_sent - sent_before, time.monotonic() - started)
+                              self.link.bytes_sent - sent_before, time.monotonic() - started)
         self._log(record)
         return record
 
@@ -115,47 +104,59 @@ class Coordinator:
             return online
         return sorted(self.rng.choice(online, size=count, replace=False).tolist())
 
-    def _collect(self, selected: list[str], deadline: float) -> tuple[list, list[DeviceFailure]]:
+    def _collect(self, selected: list[str], deadline: float) -> tuple[list[ReceivedUpdate], list[DeviceFailure]]:
         """Updates and error replies until every sampled device has replied or the deadline passes."""
-        received, failed = [], []
+        received: list[ReceivedUpdate] = []
+        failed: list[DeviceFailure] = []
         while len(received) + len(failed) < len(selected) and time.monotonic() < deadline:
-            item = self.inbox.get(timeout_s=min(0.5, deadline - time.monotonic()))
-            if isinstance(item, DeviceFailure):
-                failed.append(item)
-            elif item is not None:
-                received.append(item)
+            reply = self._take(self.link.receive(timeout_s=min(0.5, deadline - time.monotonic())))
+            if isinstance(reply, DeviceFailure):
+                failed.append(reply)
+            elif reply is not None:
+                received.append(reply)
         return received, failed
+
+    def _take(self, item: Incoming | Refused | None) -> ReceivedUpdate | DeviceFailure | None:
+        """One item from the link: a status updates who is online, a reply goes to the inbox."""
+        if isinstance(item, Refused):
+            if item.device_id is not None and "/status/" not in item.topic:
+                self.inbox.refuse(item.topic, item.reason)
+            return None
+        if item is None:
+            return None
+        message = item.message
+        if isinstance(message, Status):
+            self.online[message.device_id] = message.online
+        elif isinstance(message, (Update, ErrorReply)):
+            return self.inbox.take(message, item.nbytes)
+        return None
 
     # ---- publishing -----------------------------------------------------------------------
     def _publish_task(self, round_index: int, selected: list[str]) -> None:
         c = self.config
-        task = Task(run_id=c.run_id, round=round_index, bundle_sha256=self.bundle_sha256, devices=selected,
-                    deadline_s=c.deadline_s, lr=c.lr, codec=c.codec, epochs=c.epochs, steps=c.steps, batch=c.batch)
-        self.transport.publish(self.topics.task, wire.encode_message(header_of(task), {}), qos=1, retain=True)
+        self.link.send(Task(c.run_id, round_index, self.bundle_sha256, tuple(selected), c.deadline_s, c.lr, c.codec,
+                            c.epochs, c.steps, c.batch))
 
     def _publish_full(self, round_index: int) -> None:
         """Retained full parameters (fp32): how late joiners and reconnecting devices sync."""
-        header = GlobalHeader(self.config.run_id, round_index, self.bundle_sha256, "none", self.reference.size)
-        payload = wire.encode_message(header_of(header), {"values": self.reference})
-        self.transport.publish(self.topics.global_params, payload, qos=1, retain=True)
+        vector = Encoded("none", self.reference.size, {"values": self.reference})
+        self.link.send(Global(self.config.run_id, round_index, self.bundle_sha256, vector))
 
     def _publish_global(self, round_index: int) -> None:
         """Delta against the previous global, compressed with server-side error feedback."""
         encoded, decoded = self.downlink.encode(self.params - self.reference)
-        self.reference = (self.reference + decoded).astype(np.float32)
-        header = GlobalHeader(self.config.run_id, round_index, self.bundle_sha256, encoded.codec, encoded.size,
-                              base_round=round_index - 1)
-        self.transport.publish(self.topics.global_delta, wire.encode_message(header_of(header), encoded.arrays), qos=1)
+        self.reference = apply_delta(self.reference, decoded)  # exactly what devices compute
+        self.link.send(Global(self.config.run_id, round_index, self.bundle_sha256, encoded, base_round=round_index - 1))
         self._publish_full(round_index)
 
     # ---- records ----------------------------------------------------------------------------
-    def _record(self, round_index: int, selected: list[str], received: list, failed: list[DeviceFailure],
+    def _record(self, round_index: int, selected: list[str], received: list[ReceivedUpdate], failed: list[DeviceFailure],
                 late: int, rejected: dict[str, int], aggregated: bool, sent: int, wall_s: float) -> dict:
+        metrics: dict[str, dict] = {}
         for r in received:  # devices describe their platform once; every record carries it
-            known = self.platforms.setdefault(r.header.device_id, {})
-            known.update({k: v for k, v in r.header.metrics.items() if k.startswith("platform_")})
-            r.header.metrics = {**known, **r.header.metrics}
-        metrics = [r.header.metrics for r in received]
+            known = self.platforms.setdefault(r.update.device_id, {})
+            known.update({k: v for k, v in r.update.metrics.items() if k.startswith("platform_")})
+            metrics[r.update.device_id] = {**known, **r.update.metrics}
         record = {
             "format": METRICS_FORMAT,
             "round": round_index,
@@ -169,10 +170,10 @@ class Coordinator:
             "failures": {f.device_id: {"code": f.code, "reason": f.reason} for f in failed},
             "aggregated": aggregated,
             "bytes_up": sum(r.payload_bytes for r in received),
-            "bytes_down": int(sum(m.get("bytes_down", 0) for m in metrics)),
+            "bytes_down": int(sum(m.get("bytes_down", 0) for m in metrics.values())),
             "bytes_published": sent,
-            "device_peak_rss_mib": max((m.get("peak_rss_mib", 0.0) for m in metrics), default=0.0),
-            "devices": {r.header.device_id: r.header.metrics for r in received},
+            "device_peak_rss_mib": max((m.get("peak_rss_mib", 0.0) for m in metrics.values()), default=0.0),
+            "devices": metrics,
             "wall_s": round(wall_s, 3),
         }
         if getattr(self.strategy, "last_report", None):

@@ -120,7 +120,8 @@ def simulate(sim: SimulationConfig, rounds: CoordinatorConfig, on_round: Callabl
     from edgeftl.coordinator.rounds.loop import Coordinator
     from edgeftl.device.protocol.manifest import verify_bundle
     from edgeftl.device.runtime import trainable_vector
-    from edgeftl.device.link import MqttTransport
+    from edgeftl.device.link import Link, MqttConnection
+    from edgeftl.device.protocol.topics import coordinator_client_id
 
     sim.out.mkdir(parents=True, exist_ok=True)
     bundle = build_bundle_if_needed(sim)
@@ -138,8 +139,8 @@ def simulate(sim: SimulationConfig, rounds: CoordinatorConfig, on_round: Callabl
     evaluate = make_evaluator(bundle, test, threads=2, cache_dir=sim.out / "cache")
     initial = trainable_vector(bundle, manifest)
     with broker_for(sim) as url, device_processes(sim, url, bundle, files, rounds.prefix) as processes:
-        transport = MqttTransport(url, f"edgeftl-coordinator-{rounds.prefix}".replace("/", "-")[:64])
-        coordinator = Coordinator(transport, bundle, manifest, initial, rounds, evaluate, on_round)
+        link = Link.coordinator(MqttConnection(url, coordinator_client_id(rounds.prefix)), rounds.prefix)
+        coordinator = Coordinator(link, bundle, manifest, initial, rounds, evaluate, on_round)
         if on_start is not None:
             on_start(coordinator)
         try:
@@ -151,4 +152,4 @@ def simulate(sim: SimulationConfig, rounds: CoordinatorConfig, on_round: Callabl
                                    f"(exited: {dead or 'none'}); see {sim.out / 'devices'}")
             return coordinator.run()
         finally:
-            transport.close()
+            link.close()

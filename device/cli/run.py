@@ -22,14 +22,13 @@ def add_run(p: argparse.ArgumentParser) -> None:
 
 def run_device(args: argparse.Namespace) -> dict:
     from edgeftl.device.agent import AgentConfig, DeviceAgent
-    from edgeftl.device.link import MqttTransport, Topics
+    from edgeftl.device.link import Link, MqttConnection
+    from edgeftl.device.protocol.topics import device_client_id
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.id} %(levelname)s %(message)s")
-    topics = Topics(args.prefix)
-    status = topics.status(args.id)
-    transport = MqttTransport(args.broker, f"edgeftl-{args.id}", will=(status, b"offline"), birth=(status, b"online"))
-    agent = DeviceAgent(transport, AgentConfig(args.id, args.bundle, args.data, args.prefix, args.state,
-                                               args.cache_dir, args.threads, args.micro_batch))
+    link = Link.device(MqttConnection(args.broker, device_client_id(args.id)), args.prefix, args.id)
+    agent = DeviceAgent(link, AgentConfig(args.id, args.bundle, args.data, args.state, args.cache_dir, args.threads,
+                                          args.micro_batch))
     agent.start()
     logging.info("connected to %s as %s; waiting for tasks", args.broker, args.id)
     try:

@@ -1,16 +1,15 @@
-"""Transports: how devices and the coordinator exchange byte payloads through a broker.
+"""The link: devices and the coordinator exchange typed messages through an MQTT broker.
 
-`MqttTransport` talks to any MQTT 3.1.1/5 broker; `InProcessTransport` + `InProcessBroker`
-give the same interface in one process for unit tests. Both chunk payloads above `max_chunk`
-and reassemble them transparently (docs/PROTOCOL.md). `Topics` names the protocol's topics.
+`Link` sends and receives `edgeftl.device.protocol.messages` objects; it composes a connection
+that moves frames (`MqttConnection` through any MQTT 3.1.1/5 broker, `InProcessConnection` +
+`InProcessBroker` inside one process for unit tests) with a `Framer` that chunks large messages
+and reassembles them (docs/PROTOCOL.md).
 """
 
-from edgeftl.device.link.base import Callback, Transport, TransportError
-from edgeftl.device.link.inprocess import InProcessBroker, InProcessTransport
-from edgeftl.device.link.mqtt import MqttTransport, parse_url
-from edgeftl.device.protocol.topics import Topics, topic_matches, validate_device_id
+from edgeftl.device.link.framing import Framer
+from edgeftl.device.link.inprocess import InProcessBroker, InProcessConnection
+from edgeftl.device.link.link import Connection, Incoming, Link, LinkError, Refused
+from edgeftl.device.link.mqtt import MqttConnection, parse_url
 
-__all__ = [
-    "Callback", "InProcessBroker", "InProcessTransport", "MqttTransport", "Topics", "Transport",
-    "TransportError", "parse_url", "topic_matches", "validate_device_id",
-]
+__all__ = ["Connection", "Framer", "InProcessBroker", "InProcessConnection", "Incoming", "Link", "LinkError",
+           "MqttConnection", "Refused", "parse_url"]

@@ -1,4 +1,4 @@
-"""The real transport: paho-mqtt 2 against any MQTT 3.1.1 or 5 broker.
+"""The real connection: paho-mqtt 2 against any MQTT 3.1.1 or 5 broker.
 
 QoS 1, a persistent session (MQTT 3.1.1 clean_session=0; MQTT 5 clean_start=0 plus a session
 expiry) so messages published while a device is away are delivered when it returns, keepalive,
@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgeftl.device.link.base import RejectCallback, Transport, TransportError, deadline
+from edgeftl.device.link.link import LinkError
+from edgeftl.device.protocol.topics import validate_filter
 
 log = logging.getLogger("edgeftl.transport")
 
@@ -45,30 +47,34 @@ def parse_url(url: str) -> tuple[str, int, bool, str, str | None, str | None]:
     return parts.hostname, port, tls, version, user, password
 
 
-class MqttTransport(Transport):
-    """`Transport` over a real MQTT broker (paho-mqtt 2, network thread via loop_start).
+def check_client_id(client_id: str) -> str:
+    if not isinstance(client_id, str) or not 1 <= len(client_id) <= 64 or not client_id.isprintable():
+        raise ValueError(f"client id must be 1-64 printable characters, got {client_id!r}")
+    return client_id
+
+
+def deadline(timeout_s: float) -> Callable[[], float]:
+    """Seconds left until now + timeout_s (never negative)."""
+    end = time.monotonic() + timeout_s
+    return lambda: max(0.0, end - time.monotonic())
+
+
+class MqttConnection:
+    """Moves frames through a real MQTT broker (paho-mqtt 2, network thread via loop_start).
 
     Args:
         url: mqtt://host[:port] (3.1.1, default port 1883) or mqtt5://host[:port].
         client_id: the MQTT client id; the persistent session is keyed by it.
-        will: (topic, payload) the broker publishes, retained, QoS 1, if we vanish.
-        max_chunk: the largest MQTT payload we publish; larger payloads are chunked.
-        max_message_bytes: the largest (reassembled) payload we accept.
         keepalive: seconds between PINGREQs when idle; the broker drops us after 1.5x.
         clean_start: True discards the broker-side session at connect.
-        birth: (topic, payload) published retained, QoS 1, on every (re)connect ("online").
         version: "3.1.1" or "5"; overrides the URL scheme.
         session_expiry_s: MQTT 5 session expiry after a disconnect (3.1.1: the broker's setting).
-        on_reject: called (topic, reason) for chunked messages that fail verification.
     """
 
-    def __init__(self, url: str, client_id: str, will: tuple[str, bytes] | None = None,
-                 max_chunk: int = 256 * 1024, max_message_bytes: int = 64 * 1024 * 1024,
-                 keepalive: int = 30, clean_start: bool = False, *, birth: tuple[str, bytes] | None = None,
-                 version: str | None = None, session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
-                 on_reject: RejectCallback | None = None) -> None:
-        super().__init__(client_id, max_chunk=max_chunk, max_message_bytes=max_message_bytes,
-                         will=will, birth=birth, on_reject=on_reject)
+    def __init__(self, url: str, client_id: str, keepalive: int = 30, clean_start: bool = False, *,
+                 version: str | None = None, session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S) -> None:
+        self.client_id = check_client_id(client_id)
+        self.on_frame: Callable[[str, bytes], None] = lambda topic, frame: None
         host, port, tls, url_version, user, password = parse_url(url)
         self.version = version or url_version
         if self.version not in ("3.1.1", "5"):
@@ -85,13 +91,15 @@ class MqttTransport(Transport):
             self._client.tls_set()
         if user is not None:
             self._client.username_pw_set(user, password)
-        if will is not None:
-            self._client.will_set(will[0], will[1], qos=1, retain=True)
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
+        self._lock = threading.Lock()
+        self._filters: list[str] = []  # subscribed (again after every reconnect)
+        self._birth: tuple[str, bytes] | None = None
+        self._will: tuple[str, bytes] | None = None
         self._online = threading.Event()  # CONNACK received, not yet disconnected
         self._ready = threading.Event()  # online and the (re)subscriptions acknowledged
         self._acks: dict[int, list[str]] = {}  # subscribe mid -> failure reasons ([] = fine)
@@ -100,13 +108,21 @@ class MqttTransport(Transport):
         self._last_error = ""
         self._started = self._closed = False
 
+    def presence(self, topic: str, online: bytes, offline: bytes) -> None:
+        """Publish `online` (retained) after every connect; the broker publishes `offline` as our
+        will if the connection dies; close() publishes it itself (a clean DISCONNECT drops the will)."""
+        if self._started:
+            raise LinkError("presence must be set before connect()")
+        self._birth, self._will = (topic, online), (topic, offline)
+        self._client.will_set(topic, offline, qos=1, retain=True)
+
     @property
     def connected(self) -> bool:
         return self._online.is_set() and not self._closed
 
     def connect(self, timeout_s: float = 10.0) -> None:
         if self._closed or self._started:
-            raise TransportError(f"transport {self.client_id!r} was already connected once; make a new one")
+            raise LinkError(f"connection {self.client_id!r} was already connected once; make a new one")
         properties = None
         if self.version == "5":
             properties = Properties(PacketTypes.CONNECT)
@@ -117,15 +133,15 @@ class MqttTransport(Transport):
         self._client.loop_start()  # retries the first connection too, with the backoff above
         if not self._ready.wait(timeout_s):
             self.close(abrupt=True)
-            raise TransportError(f"could not connect to MQTT broker {self.url} as {self.client_id!r} within "
-                                 f"{timeout_s:g} s ({self._last_error or 'no CONNACK/SUBACK'})")
+            raise LinkError(f"could not connect to MQTT broker {self.url} as {self.client_id!r} within "
+                          f"{timeout_s:g} s ({self._last_error or 'no CONNACK/SUBACK'})")
 
     def close(self, abrupt: bool = False) -> None:
         if self._closed:
             return
         if not abrupt and self.connected:
-            if self.will is not None:
-                self.publish(self.will[0], self.will[1], qos=1, retain=True)
+            if self._will is not None:
+                self.send(self._will[0], self._will[1], 1, True)
             if not self.flush(10.0):
                 log.warning("%s: closing with unacknowledged messages", self.client_id)
         self._closed = True
@@ -137,7 +153,6 @@ class MqttTransport(Transport):
         if sock is not None:  # abrupt: a TCP close without DISCONNECT, as a crash looks to the broker
             sock.close()
         self._online.clear()
-        self._stop_dispatcher()
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         left = deadline(timeout_s)
@@ -152,29 +167,42 @@ class MqttTransport(Transport):
 
     # ---- frames -----------------------------------------------------------------------------
 
-    def _send(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+    def send(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        """Publish one frame; while disconnected, QoS 1 frames are queued by paho for the reconnect."""
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc == mqtt.MQTT_ERR_NO_CONN and qos > 0:
             info.rc = mqtt.MQTT_ERR_SUCCESS  # queued by paho; sent when the connection is back
         elif info.rc != mqtt.MQTT_ERR_SUCCESS:
-            raise TransportError(f"publish to {topic!r} failed: {mqtt.error_string(info.rc)}")
+            raise LinkError(f"publish to {topic!r} failed: {mqtt.error_string(info.rc)}")
         if qos > 0:
             with self._lock:
                 self._pending.append(info)
 
-    def _send_subscribe(self, filters: list[str], timeout_s: float = 10.0) -> None:
+    def subscribe(self, filters: list[str]) -> None:
+        """Add filters; once connected, returns after the broker acknowledged them."""
+        for topic_filter in filters:
+            validate_filter(topic_filter)
+        with self._lock:
+            self._filters += [f for f in filters if f not in self._filters]
+        if self.connected:
+            self._subscribe_now(filters)
+
+    def unsubscribe(self, filters: list[str]) -> None:
+        with self._lock:
+            self._filters = [f for f in self._filters if f not in filters]
+        if self.connected:
+            self._client.unsubscribe(filters)
+
+    def _subscribe_now(self, filters: list[str], timeout_s: float = 10.0) -> None:
         rc, mid = self._client.subscribe([(f, 1) for f in filters])
         if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
-            raise TransportError(f"subscribe {filters} failed: {mqtt.error_string(rc)}")
+            raise LinkError(f"subscribe {filters} failed: {mqtt.error_string(rc)}")
         with self._ack_cond:
             if not self._ack_cond.wait_for(lambda: mid in self._acks, timeout_s):
-                raise TransportError(f"no SUBACK from {self.url} for {filters} within {timeout_s:g} s")
+                raise LinkError(f"no SUBACK from {self.url} for {filters} within {timeout_s:g} s")
             failures = self._acks.pop(mid)
         if failures:
-            raise TransportError(f"broker {self.url} refused subscription {filters}: {failures}")
-
-    def _send_unsubscribe(self, filters: list[str]) -> None:
-        self._client.unsubscribe(filters)
+            raise LinkError(f"broker {self.url} refused subscription {filters}: {failures}")
 
     # ---- paho callbacks (network thread): never raise into paho -----------------------------
 
@@ -187,15 +215,16 @@ class MqttTransport(Transport):
                 return
             self._online.set()
             log.info("%s: connected to %s (session present: %s)", self.client_id, self.url, flags.session_present)
-            filters = self._all_raw_filters()
+            with self._lock:
+                filters = list(self._filters)
             if filters:
                 rc, mid = client.subscribe([(f, 1) for f in filters])
                 with self._ack_cond:
                     self._acks.setdefault(mid, []).append("ready")  # marks the resubscription
             else:
                 self._ready.set()
-            if self.birth is not None:
-                self.publish(self.birth[0], self.birth[1], qos=1, retain=True)
+            if self._birth is not None:
+                self.send(self._birth[0], self._birth[1], 1, True)
         except Exception as exc:
             self._last_error = f"{type(exc).__name__}: {exc}"
             log.exception("%s: on_connect failed", self.client_id)
@@ -231,4 +260,4 @@ class MqttTransport(Transport):
         except UnicodeDecodeError:
             log.warning("%s: dropped a message whose topic is not UTF-8", self.client_id)
             return
-        self._receive(topic, message.payload)
+        self.on_frame(topic, message.payload)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 CHUNK_LEVEL = "_c"  # chunk i of a message on topic T travels on T/_c/i
@@ -124,10 +125,25 @@ class Topics:
     def status_filter(self) -> str:
         return f"{self.prefix}/status/+"
 
-    def device_of(self, topic: str) -> str | None:
-        """The device id in an update or status topic of this prefix, else None."""
-        for kind in ("update", "status"):
-            head = f"{self.prefix}/{kind}/"
+    def parse(self, topic: str) -> tuple[str, str | None] | None:
+        """What arrives on `topic` under this prefix: (place, device id or None), place being
+        task, global, delta, update or status; None for any other topic."""
+        fixed = {self.task: "task", self.global_params: "global", self.global_delta: "delta"}
+        if topic in fixed:
+            return fixed[topic], None
+        for place in ("update", "status"):
+            head = f"{self.prefix}/{place}/"
             if topic.startswith(head) and DEVICE_ID.fullmatch(topic[len(head):]):
-                return topic[len(head):]
+                return place, topic[len(head):]
         return None
+
+
+def device_client_id(device_id: str) -> str:
+    """A device's MQTT client id (its persistent session is keyed by it)."""
+    return f"edgeftl-{validate_device_id(device_id)}"
+
+
+def coordinator_client_id(prefix: str) -> str:
+    """The coordinator's MQTT client id: 23 characters, the most a strict MQTT 3.1.1 broker must
+    accept, and stable per prefix so a restarted coordinator resumes its session."""
+    return "eftl-c-" + hashlib.sha256(Topics(prefix).prefix.encode()).hexdigest()[:16]

@@ -1,0 +1,290 @@
+"""The message-level link between devices and the coordinator: typed messages in and out.
+
+Above this module nothing sees bytes, topics or chunks (Flower's `Grid` in MQTT terms). A `Link`
+composes a `Connection` (moves MQTT frames: `MqttConnection` through a broker,
+`InProcessConnection` inside one process) with a `Framer` (chunking and reassembly) and holds the
+side's one queue. Frames arrive on the connection's thread and are only reassembled and queued
+there; `receive()` decodes, checks and types them on the caller's thread, so the agent and the
+round loop each read one queue in order.
+
+    link = Link.device(MqttConnection(url, "edgeftl-dev-3"), "edgeftl/run1", "dev-3")
+    link.connect()
+    link.send(update)
+    item = link.receive(timeout_s=0.5)   # Incoming(message, device_id, nbytes) | Refused | None
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from edgeftl.device.link.framing import Framer
+from edgeftl.device.protocol import wire
+from edgeftl.device.protocol.messages import (
+    ErrorReply,
+    Global,
+    Message,
+    MessageError,
+    Status,
+    Task,
+    Update,
+    decode,
+    encode,
+    kind_of,
+    status_from_payload,
+    status_payload,
+)
+from edgeftl.device.protocol.topics import Topics, split_chunk_topic, validate_device_id
+
+log = logging.getLogger("edgeftl.link")
+MAX_QUEUE = 10_000  # received messages waiting for the reader; beyond that they are dropped and counted
+DEFAULT_MAX_CHUNK = 256 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# What may arrive where (docs/PROTOCOL.md section 3): the place a topic names -> accepted kinds.
+_ACCEPTED: dict[str, tuple[type, ...]] = {"task": (Task,), "global": (Global,), "delta": (Global,),
+                                          "update": (Update, ErrorReply), "status": (Status,)}
+
+
+class LinkError(RuntimeError):
+    """The broker cannot be reached, refused us, or did not acknowledge in time."""
+
+
+class Connection(Protocol):
+    """Moves MQTT frames (QoS 1): what `MqttConnection` and `InProcessConnection` provide."""
+
+    client_id: str
+    on_frame: Callable[[str, bytes], None]  # set by the link; called from any thread
+
+    @property
+    def connected(self) -> bool: ...
+
+    def presence(self, topic: str, online: bytes, offline: bytes) -> None:
+        """Birth published (retained) on every connect; will if we vanish; offline on close()."""
+
+    def connect(self, timeout_s: float) -> None: ...
+
+    def close(self, abrupt: bool = False) -> None: ...
+
+    def send(self, topic: str, payload: bytes, qos: int, retain: bool) -> None: ...
+
+    def subscribe(self, filters: list[str]) -> None: ...
+
+    def unsubscribe(self, filters: list[str]) -> None: ...
+
+    def flush(self, timeout_s: float) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A message that passed every check: its sender (from the topic, for device messages) and
+    its size as received (chunk headers excluded)."""
+
+    message: Message
+    device_id: str | None
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Something that arrived and failed a check; `reason` is "<reason>: <details>"."""
+
+    topic: str
+    device_id: str | None
+    reason: str
+
+    @property
+    def kind(self) -> str:
+        return self.reason.split(":")[0].split("(")[0].strip()[:60]
+
+
+class Link:
+    """One side's end of the federation: send and receive typed messages.
+
+    Use `Link.device(...)` or `Link.coordinator(...)`; they subscribe to what that role reads.
+    """
+
+    def __init__(self, connection: Connection, prefix: str, subscriptions: list[str], *,
+                 max_chunk: int = DEFAULT_MAX_CHUNK, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 max_queue: int = MAX_QUEUE) -> None:
+        self.connection, self.topics = connection, Topics(prefix)
+        self.max_message_bytes = max_message_bytes
+        self.framer = Framer(max_chunk, max_message_bytes)
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[tuple[str, bytes] | Refused] = queue.Queue(max_queue)
+        self._refused_recently: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._counts = dict.fromkeys(("bytes_sent", "bytes_received", "frames_sent", "frames_received",
+                                      "messages_sent", "delivered", "refused", "dropped", "unmatched"), 0)
+        connection.on_frame = self._on_frame
+        for topic_filter in subscriptions:
+            connection.subscribe(self.framer.filters(topic_filter))
+
+    @classmethod
+    def device(cls, connection: Connection, prefix: str, device_id: str, **limits: int) -> Link:
+        """A device's link: reads tasks and global deltas; its presence is its status topic."""
+        topics = Topics(prefix)
+        status = topics.status(validate_device_id(device_id))
+        connection.presence(status, status_payload(Status(device_id, True)), status_payload(Status(device_id, False)))
+        return cls(connection, prefix, [topics.task, topics.global_delta], **limits)
+
+    @classmethod
+    def coordinator(cls, connection: Connection, prefix: str, **limits: int) -> Link:
+        """The coordinator's link: reads updates, error replies and statuses of every device."""
+        topics = Topics(prefix)
+        return cls(connection, prefix, [topics.updates_filter, topics.status_filter], **limits)
+
+    # ---- the interface ----------------------------------------------------------------------
+
+    def connect(self, timeout_s: float = 10.0) -> None:
+        """Connect and subscribe within `timeout_s`. Raises LinkError naming the broker."""
+        self.connection.connect(timeout_s)
+
+    def close(self, abrupt: bool = False) -> None:
+        """Leave: graceful (offline status published, acknowledgements awaited) or, with
+        abrupt=True, a dropped connection as a crash would leave it (the broker sends the will)."""
+        self.connection.close(abrupt)
+
+    @property
+    def connected(self) -> bool:
+        return self.connection.connected
+
+    def send(self, message: Message) -> int:
+        """Publish one message on its topic (QoS 1; tasks, full globals and statuses retained).
+
+        Returns:
+            Bytes handed to the network: the MQTT payloads, chunk headers included.
+        """
+        topic, retain = self._route(message)
+        frames = self.framer.frames(topic, encode(message), retain)
+        for frame_topic, frame in frames:
+            self.connection.send(frame_topic, frame, 1, retain)
+        sent = sum(len(frame) for _, frame in frames)
+        with self._lock:
+            self._counts["bytes_sent"] += sent
+            self._counts["frames_sent"] += len(frames)
+            self._counts["messages_sent"] += 1
+        return sent
+
+    def receive(self, timeout_s: float) -> Incoming | Refused | None:
+        """The next message, checked and typed, or what was refused; None after `timeout_s`."""
+        try:
+            item = self._queue.get(timeout=max(0.0, timeout_s))
+        except queue.Empty:
+            return None
+        if isinstance(item, Refused):
+            return item
+        return self._open(*item)
+
+    def follow_full_global(self, follow: bool) -> None:
+        """Also read the retained full global (a device catching up), or stop reading it."""
+        filters = self.framer.filters(self.topics.global_params)
+        if follow:
+            self.connection.subscribe(filters)
+        else:
+            self.connection.unsubscribe(filters)
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until everything sent so far is acknowledged; False on timeout."""
+        return self.connection.flush(timeout_s)
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._counts["bytes_sent"]
+
+    @property
+    def bytes_received(self) -> int:
+        return self._counts["bytes_received"]
+
+    def stats(self) -> dict[str, int]:
+        """Counters: bytes and frames each way, delivered, refused, dropped, unmatched, chunks_*."""
+        with self._lock:
+            return {**self._counts, **self.framer.stats(), "queued": self._queue.qsize()}
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _route(self, message: Message) -> tuple[str, bool]:
+        topics = self.topics
+        if isinstance(message, Task):
+            return topics.task, True
+        if isinstance(message, Global):
+            return (topics.global_delta, False) if message.is_delta else (topics.global_params, True)
+        if isinstance(message, (Update, ErrorReply)):
+            return topics.update(message.device_id), False
+        return topics.status(message.device_id), True
+
+    def _on_frame(self, topic: str, frame: bytes) -> None:
+        """From the connection's thread: reassemble and queue; never raises."""
+        try:
+            with self._lock:
+                self._counts["bytes_received"] += len(frame)
+                self._counts["frames_received"] += 1
+                done = self.framer.receive(topic, frame)
+        except wire.WireError as exc:
+            self._queue_refusal(topic, str(exc))
+            return
+        except Exception:  # a bug here must not take the network thread down
+            log.exception("%s: failed to handle a frame on %r", self.connection.client_id, topic)
+            return
+        if done is not None:
+            self._put(done)
+
+    def _open(self, topic: str, payload: bytes) -> Incoming | Refused | None:
+        place = self.topics.parse(topic)
+        if place is None:
+            self._bump("unmatched")
+            return None
+        where, device = place
+        try:
+            if where == "status":
+                message: Message = status_from_payload(payload, str(device), self.max_message_bytes)
+            else:
+                message = decode(payload, self.max_message_bytes)
+            self._check_place(where, device, message)
+        except MessageError as exc:
+            return self._refused(topic, device, str(exc))
+        self._bump("delivered")
+        return Incoming(message, device, len(payload))
+
+    @staticmethod
+    def _check_place(where: str, device: str | None, message: Message) -> None:
+        if not isinstance(message, _ACCEPTED[where]):
+            raise MessageError(f"bad header: a {kind_of(message)} message on the {where} topic")
+        if isinstance(message, Global) and message.is_delta != (where == "delta"):
+            raise MessageError(f"bad header: a {'delta' if message.is_delta else 'full'} global on the {where} topic")
+        sender = getattr(message, "device_id", device)
+        if sender != device:
+            raise MessageError(f"device id mismatch: header says {sender!r}, topic says {device!r}")
+
+    def _queue_refusal(self, topic: str, reason: str) -> None:
+        """A chunk-level refusal, queued once per message: every later chunk of a refused message
+        would otherwise report it again (the reason names the message id)."""
+        message_topic = (split_chunk_topic(topic) or (topic, 0))[0]
+        with self._lock:
+            if (message_topic, reason) in self._refused_recently:
+                return
+            self._refused_recently[(message_topic, reason)] = None
+            while len(self._refused_recently) > 1024:
+                self._refused_recently.popitem(last=False)
+        place = self.topics.parse(message_topic)
+        self._put(self._refused(message_topic, place[1] if place else None, reason))
+
+    def _refused(self, topic: str, device: str | None, reason: str) -> Refused:
+        self._bump("refused")
+        log.debug("%s: refused a message on %r: %s", self.connection.client_id, topic, reason)
+        return Refused(topic, device, reason)
+
+    def _put(self, item: tuple[str, bytes] | Refused) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self._bump("dropped")
+            log.warning("%s: dropped a message (the reader is %d messages behind)",
+                        self.connection.client_id, self._queue.maxsize)
+
+    def _bump(self, key: str) -> None:
+        with self._lock:
+            self._counts[key] += 1
