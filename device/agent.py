@@ -56,8 +56,8 @@ class DeviceAgent:
 
     def __init__(self, link: Link, config: AgentConfig) -> None:
         self.link, self.config = link, config
+        self.runtime = BundleRuntime(config.bundle, threads=config.threads)  # checks the bundle first
         self.bundle_sha256 = sha256_file(Path(config.bundle) / "manifest.json")
-        self.runtime = BundleRuntime(config.bundle, threads=config.threads)
         self.examples = read_examples(config.data, self.runtime.manifest.task, self.runtime.manifest.labels or None)
         self.inputs, self._closers = data_inputs(self.runtime, self.examples, config.data, config.cache_dir,
                                                  progress=False)

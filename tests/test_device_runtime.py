@@ -30,7 +30,9 @@ from fixtures_build import bundle, keyword_dataset
 TORCH_FREE_CHILD = r"""
 import contextlib, importlib.abc, io, json, sys
 
-BLOCKED = {"torch", "transformers", "optimum", "peft", "onnx", "onnxruntime.training"}
+# A device install never imports the coordinator's room either (the console script loads only
+# the chosen subcommand's module).
+BLOCKED = {"torch", "transformers", "optimum", "peft", "onnx", "onnxruntime.training", "edgeftl.coordinator"}
 def blocked(name):  # a blocked package or any module inside it
     return any(name == b or name.startswith(b + ".") for b in BLOCKED)
 
@@ -95,6 +97,20 @@ def test_device_training_never_imports_torch_or_transformers(torch_free_run: dic
     assert torch_free_run["rc"] == 0
     assert torch_free_run["loaded"] == []
     assert torch_free_run["summary"]["steps"] == TRAIN_STEPS
+
+
+def test_device_run_loads_without_the_coordinator_or_torch(tmp_path: Path) -> None:
+    # Prepare: `edgeftl device run` with a bundle that is not there: it fails after loading the agent
+    argv = ["device", "run", "--broker", "mqtt://127.0.0.1:1", "--bundle", str(tmp_path / "missing"),
+            "--data", str(tmp_path / "missing.csv"), "--id", "dev-0"]
+    # Execute
+    proc = subprocess.run([sys.executable, "-c", TORCH_FREE_CHILD, *argv], capture_output=True, text=True,
+                          cwd=tmp_path)
+    # Assert: the one-line bundle error, and nothing blocked was imported
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["rc"] == 2 and result["loaded"] == []
+    assert "manifest.json is missing" in proc.stderr
 
 
 def test_training_on_a_separable_task_lowers_the_loss(torch_free_run: dict) -> None:
