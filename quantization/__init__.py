@@ -1,7 +1,8 @@
 """Weight-only quantization of the frozen backbone (host side: numpy, torch, onnx).
 
 - `schemes`: `QuantScheme` ("none" | "int8" | "int4"), the stage's config.
-- `int8`, `int4`: the numpy codecs; their docstrings define the stored layouts.
+- `int8`, `int4`: the numpy codecs; their docstrings define the stored layouts (codes, scales and
+  nibble packing are `edgeftl.device.protocol.blockquant`'s, shared with the update codecs).
 - `modules`: `QuantLinear` / `QuantEmbedding`, torch modules that dequantize in forward so
   the exported training graph keeps int8 / packed uint8 initializers.
 - `report`: bytes and errors per tensor and in total.
@@ -9,8 +10,10 @@
 - `bnb`: bitsandbytes NF4 / int8 torch models (evaluation, CUDA boards); imports lazily.
 """
 
+from edgeftl.device.protocol.blockquant import pack_nibbles, unpack_nibbles
+
 from .bnb import BNB_SCHEMES, bnb_config, bnb_unavailable_reason, load_bnb_model
-from .int4 import dequantize_int4, pack_nibbles, quantize_int4, unpack_nibbles
+from .int4 import dequantize_int4, quantize_int4
 from .int8 import dequantize_int8, quantize_int8
 from .modules import QuantEmbedding, QuantLinear, quantize_module_
 from .ort_int import quantize_onnx_inference

@@ -1,9 +1,11 @@
 """Symmetric per-row int8 weight quantization (numpy only, so either side can read it).
 
-Layout, relied on by `modules.py`, the build step and any device-side reader:
+Codes and scales are `device/protocol/blockquant.py`'s with one block per row (the update
+codecs share them). Layout, relied on by `modules.py`, the build step and any device-side reader:
 
 - `q`: int8, same shape as the weight (rows, cols), values in [-127, 127]. -128 is never
-  written, so negation stays representable and the range is symmetric around zero.
+  written (the scale is max|row| / 127), so negation stays representable and the range is
+  symmetric around zero.
 - `scale`: float32, shape (rows,). `w[r, c] ~= q[r, c] * scale[r]`.
 
 A row is an output channel of a linear weight (out_features, in_features) or one token's
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-QMAX_INT8 = 127
+from edgeftl.device.protocol import blockquant
+
+BITS = 8
 
 
 def _check_matrix(w: np.ndarray) -> np.ndarray:
@@ -49,12 +53,9 @@ def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ValueError: If `w` is not 2-D, empty, not floating point, or not finite.
     """
     w64 = _check_matrix(w)
-    amax = np.abs(w64).max(axis=1)
-    scale = np.where(amax > 0, amax / QMAX_INT8, 1.0).astype(np.float32)
+    scale = blockquant.block_scales(w64, BITS).astype(np.float32)  # one block per row
     # Divide by the stored float32 scale, so q is the best code for the scale readers get.
-    q = np.rint(w64 / scale.astype(np.float64)[:, None])
-    q = np.clip(q, -QMAX_INT8, QMAX_INT8).astype(np.int8)
-    return q, scale
+    return blockquant.block_codes(w64, scale.astype(np.float64), BITS), scale
 
 
 def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -77,4 +78,4 @@ def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected int8 codes of shape (rows, cols), got {q.dtype} {q.shape}")
     if scale.shape != (q.shape[0],):
         raise ValueError(f"expected scale of shape ({q.shape[0]},), got {scale.shape}")
-    return q.astype(np.float32) * scale.astype(np.float32)[:, None]
+    return blockquant.dequantize(q, scale)

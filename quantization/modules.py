@@ -6,7 +6,8 @@ dequantization becomes graph nodes (Cast, Mul, and for int4 Div, Floor, Sub, Res
 no bitwise ops (opset 17 has no BitwiseAnd). The build step lists these initializers as
 frozen params, so an ONNX Runtime Training checkpoint stores 1 or 0.5 byte per weight.
 
-Layouts are those of `int8.py` and `int4.py`; quantization itself runs once, in numpy.
+Layouts are those of `int8.py` and `int4.py` (nibble order: `edgeftl.device.protocol.blockquant`);
+quantization itself runs once, in numpy.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from edgeftl.device.protocol.blockquant import NIBBLE_OFFSET
 
 from .int4 import padded_cols, quantize_int4
 from .int8 import quantize_int8
@@ -53,7 +56,7 @@ def _dequantize_rows(q: torch.Tensor, scale: torch.Tensor, scheme: QuantScheme, 
     high = torch.floor(packed / 16.0)
     low = packed - high * 16.0
     nibbles = torch.stack((low, high), dim=-1)  # (rows, bytes, 2): low nibble = even column
-    codes = (nibbles - 8.0).reshape(-1, n_blocks, block_size)
+    codes = (nibbles - float(NIBBLE_OFFSET)).reshape(-1, n_blocks, block_size)
     w = (codes * scale.unsqueeze(-1)).reshape(-1, n_blocks * block_size)  # (rows, padded_cols)
     return w if n_blocks * block_size == cols else w[:, :cols]
 
