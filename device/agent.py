@@ -30,6 +30,7 @@ from edgeftl.device.protocol.messages import (
     Update,
     apply_delta,
     one_line,
+    params_sha256,
     vector_of,
 )
 from edgeftl.device.runtime import BundleRuntime
@@ -114,8 +115,15 @@ class DeviceAgent:
                 self.global_round = message.round
             self._stop_sync()
         elif message.base_round == self.global_round is not None:
-            self.reference = apply_delta(self.reference, vector_of(message, self.reference.size))
-            self.global_round = message.round
+            applied = apply_delta(self.reference, vector_of(message, self.reference.size))
+            if message.params_sha256 not in (None, params_sha256(applied)):
+                log.warning("%s: parameters after round %d's delta differ from the coordinator's; fetching the "
+                            "full vector", self.config.device_id, message.round)
+                self.global_round = None  # what it holds is no longer a known round
+                if not self._syncing:
+                    self._resync()
+                return
+            self.reference, self.global_round = applied, message.round
         elif not self._syncing:
             self._resync()  # missed a round: fetch the retained full global once
 

@@ -208,6 +208,35 @@ def test_a_task_whose_global_never_arrives_gets_a_no_global_reply(tmp_path, tmp_
     agent.close()
 
 
+def test_a_device_whose_parameters_drift_from_the_coordinators_fetches_the_full_global(tmp_path, tmp_path_factory):
+    # Prepare: an agent holding round 0, whose copy then drifts (as a float64 implementation's would)
+    from edgeftl.device.link import InProcessConnection, Link
+    from edgeftl.device.protocol.codecs import Encoded
+    from edgeftl.device.protocol.manifest import sha256_file
+    from edgeftl.device.protocol.messages import Global, params_sha256
+
+    folder = bundle(tmp_path_factory, "bert-int8")
+    (path,) = _device_files(tmp_path, 1, 16)
+    broker = InProcessBroker()
+    agent = DeviceAgent(device_link(broker, "dev0"), AgentConfig("dev0", folder, path, threads=1))
+    agent.start()
+    sha, truth = sha256_file(folder / "manifest.json"), agent.runtime.get_flat()
+    sender = Link(InProcessConnection(broker, "sender"), "edgeftl", [])
+    sender.connect()
+    sender.send(Global("run", 0, sha, Encoded("none", truth.size, {"values": truth})))
+    agent.run(stop_after_s=0.3)
+    assert agent.global_round == 0
+    agent.reference = agent.reference + np.float32(1e-7)
+    # Execute: round 1's delta (zero) with the hash of the coordinator's parameters, and its full vector
+    zero = np.zeros_like(truth)
+    sender.send(Global("run", 1, sha, Encoded("none", truth.size, {"values": truth}), None))
+    sender.send(Global("run", 1, sha, Encoded("none", truth.size, {"values": zero}), 0, params_sha256(truth)))
+    agent.run(stop_after_s=0.5)
+    # Assert: the delta was refused by its hash and the retained full vector taken instead
+    assert agent.global_round == 1 and np.array_equal(agent.reference, truth)
+    agent.close()
+
+
 def test_a_device_whose_training_fails_replies_with_an_error_and_the_round_goes_on(tmp_path, tmp_path_factory):
     # Prepare: 3 devices; dev1 runs out of memory in every training pass (as ORT reports it)
     folder = bundle(tmp_path_factory, "bert-int8")

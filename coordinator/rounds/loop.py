@@ -23,7 +23,7 @@ from edgeftl.coordinator.rounds.strategy import make_strategy
 from edgeftl.device.link import Incoming, Link, Refused
 from edgeftl.device.protocol.codecs import Encoded, ErrorFeedback, parse_codec
 from edgeftl.device.protocol.manifest import Manifest, sha256_file
-from edgeftl.device.protocol.messages import ErrorReply, Global, Status, Task, Update, apply_delta
+from edgeftl.device.protocol.messages import ErrorReply, Global, Status, Task, Update, apply_delta, params_sha256
 
 log = logging.getLogger("edgeftl.coordinator")
 METRICS = "metrics.jsonl"
@@ -146,7 +146,8 @@ class Coordinator:
         """Delta against the previous global, compressed with server-side error feedback."""
         encoded, decoded = self.downlink.encode(self.params - self.reference)
         self.reference = apply_delta(self.reference, decoded)  # exactly what devices compute
-        self.link.send(Global(self.config.run_id, round_index, self.bundle_sha256, encoded, base_round=round_index - 1))
+        self.link.send(Global(self.config.run_id, round_index, self.bundle_sha256, encoded, round_index - 1,
+                              params_sha256(self.reference)))
         self._publish_full(round_index)
 
     # ---- records ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ optional field can be added without a new format; a kind it does not know is ref
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -62,13 +63,16 @@ class Task:
 @dataclass(frozen=True)
 class Global:
     """Global parameters after `round` (-1: the initial ones): the full vector when `base_round`
-    is None, else the delta params(round) - params(base_round), base_round = round - 1."""
+    is None, else the delta params(round) - params(base_round), base_round = round - 1.
+    `params_sha256` (optional) is the hash of params(round) as float32 little-endian bytes: a
+    device whose sum after a delta hashes otherwise fetches the retained full vector."""
 
     run_id: str
     round: int
     bundle_sha256: str
     vector: Encoded
     base_round: int | None = None
+    params_sha256: str | None = None
 
     @property
     def is_delta(self) -> bool:
@@ -171,7 +175,8 @@ FIELDS: dict[str, dict[str, tuple[bool, Any]]] = {
              "codec": (True, _text()), "epochs": (False, _int(1)), "steps": (False, _int(1)),
              "batch": (True, _int(1))},
     "global": {"run_id": (True, _text()), "round": (True, _int(-1)), "bundle_sha256": (True, _SHA),
-               "codec": (True, _text()), "size": (True, _int(0)), "base_round": (False, _int(-1))},
+               "codec": (True, _text()), "size": (True, _int(0)), "base_round": (False, _int(-1)),
+               "params_sha256": (False, _SHA)},
     "update": {"run_id": (True, _text()), "round": (True, _ROUND), "bundle_sha256": (True, _SHA),
                "device_id": (True, _DEVICE), "codec": (True, _text()), "size": (True, _int(0)),
                "samples": (True, _int(1)), "seq": (True, _int(0)), "metrics": (True, _metrics)},
@@ -277,7 +282,7 @@ def _build(kind: str, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> 
         return Status(h["device_id"], h["state"] == "online")
     vector = _encoded(h["codec"], h["size"], arrays)
     if kind == "global":
-        return Global(h["run_id"], h["round"], h["bundle_sha256"], vector, h.get("base_round"))
+        return Global(h["run_id"], h["round"], h["bundle_sha256"], vector, h.get("base_round"), h.get("params_sha256"))
     return Update(h["run_id"], h["round"], h["bundle_sha256"], h["device_id"], h["samples"], h["seq"], vector,
                   h["metrics"])
 
@@ -318,6 +323,11 @@ def apply_delta(reference: np.ndarray, delta: np.ndarray) -> np.ndarray:
     """params(round) = params(base_round) + delta, element by element in IEEE float32 (PROTOCOL.md
     section 6.2): every implementation that follows this gets bit-identical parameters."""
     return np.add(reference.astype(np.float32, copy=False), delta.astype(np.float32, copy=False), dtype=np.float32)
+
+
+def params_sha256(params: np.ndarray) -> str:
+    """The hash a global carries of the parameters it leads to: SHA-256 of float32 little-endian bytes."""
+    return hashlib.sha256(np.ascontiguousarray(params, dtype="<f4").tobytes()).hexdigest()
 
 
 def one_line(reason: str) -> str:
