@@ -62,7 +62,7 @@ def bundle_key(manifest: Manifest) -> str:
     """
     import onnxruntime
 
-    parts = {name: manifest.files[name]["sha256"] for name in (LOWER_MODEL, TOKENIZER)}
+    parts = {name: manifest.files[name].sha256 for name in (LOWER_MODEL, TOKENIZER)}
     parts["max_seq_len"] = manifest.max_seq_len
     parts["onnxruntime"] = onnxruntime.__version__
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -107,7 +107,7 @@ class FeatureCache:
 
     def inputs(self, runtime, examples: list[Example]) -> Callable[[list[int]], Batch]:
         """A function from example indices to one padded (features, mask, targets) micro-batch."""
-        pad = runtime.manifest.inputs["pad_token_id"]
+        pad = runtime.manifest.inputs.pad_token_id
 
         def batch(indices: list[int]) -> Batch:
             rows = [self.example(i) for i in indices]
@@ -148,7 +148,7 @@ def _build(runtime, examples: list[Example], folder: Path, keys: dict, progress:
     from tqdm import tqdm
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    pad = runtime.manifest.inputs["pad_token_id"]
+    pad = runtime.manifest.inputs.pad_token_id
     # An empty encoding still gets one row, so every example has features.
     token_ids = [np.asarray(ids or [pad], dtype=np.int32) for ids in runtime.token_ids([e.text for e in examples])]
     offsets = np.concatenate([[0], np.cumsum([len(ids) for ids in token_ids])]).astype(np.int64)

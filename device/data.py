@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from edgeftl.device.files import atomic_path
+from edgeftl.device.protocol.manifest import CLASSIFY, TASKS
 
-TASKS = ("classify", "causal-lm")
 SUFFIXES = (".csv", ".jsonl", ".json")
 _ACCEPTED = (
     "accepted: UTF-8 .csv with a header row containing 'text' and (for classify) 'label', "
@@ -199,7 +199,7 @@ def read_examples(path: Path, task: str, label_names: list[str] | None = None) -
     text = _read_utf8(path)
     if not text.strip():
         raise DataError(f"{path}: file is empty; {_ACCEPTED}")
-    required = ("text", "label") if task == "classify" else ("text",)
+    required = ("text", "label") if task == CLASSIFY else ("text",)
     rows = _csv_rows(path, text, required) if suffix == ".csv" else _jsonl_rows(path, text)
     examples = [_to_example(path, line, row, task, label_names) for line, row in rows]
     if not examples:
@@ -299,7 +299,7 @@ def _to_example(
     text = _field(path, line, row, "text")
     if not text.strip():
         raise DataError(f"{path}: line {line}: empty text")
-    if task != "classify":
+    if task != CLASSIFY:
         return Example(text=text, label=None, line=line)
     label = _field(path, line, row, "label").strip()
     if label_names is None:

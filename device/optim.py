@@ -3,8 +3,8 @@
 Bundles built with ONNX Runtime Training's `AdamWOptimizer` node (com.microsoft, CPU kernel
 `orttraining/training_ops/cpu/optimizer/adamw/adamw.cc`) are trained here with the same
 arithmetic, in float32, in the same order, so the two agree to float rounding (7.5e-9 on
-MiniLM's LoRA parameters after 5 steps, FACTS). The manifest's `optimizer` entry carries the
-settings the build read off that node. With t the 1-based step:
+MiniLM's LoRA parameters after 5 steps, FACTS). The manifest's `optimizer` entry (`AdamWConfig`)
+carries the settings the build read off that node. With t the 1-based step:
 
     m = beta1 * m + (1 - beta1) * g
     v = beta2 * v + (1 - beta2) * g * g
@@ -18,41 +18,13 @@ settings the build read off that node. With t the 1-based step:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
+# The settings' schema is the manifest's, where the build writes them; imported here for callers.
+from edgeftl.device.protocol.manifest import AdamWConfig
 
-@dataclass(frozen=True)
-class AdamWConfig:
-    """AdamW settings, as the manifest stores them."""
-
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-6
-    weight_decay: float = 0.0
-    bias_correction: bool = True
-    mode: int = 1  # 1: Hugging Face (bias correction folded into lr, decay after); 0: PyTorch
-
-    def __post_init__(self) -> None:
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"AdamW betas must be in [0, 1), got {self.beta1}, {self.beta2}")
-        if not self.eps > 0 or self.weight_decay < 0:
-            raise ValueError(f"AdamW needs eps > 0 and weight_decay >= 0, got {self.eps}, {self.weight_decay}")
-        if self.mode not in (0, 1) or (self.mode == 0 and not self.bias_correction):
-            raise ValueError(f"AdamW mode {self.mode} with bias_correction={self.bias_correction} is not supported; "
-                             "accepted: mode 1, or mode 0 with bias correction")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> AdamWConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known - {"kind"})
-        if data.get("kind", "adamw") != "adamw" or unknown:
-            raise ValueError(f"optimizer {data!r} is not AdamW with fields {sorted(known)}")
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def to_dict(self) -> dict:
-        return {"kind": "adamw", **asdict(self)}
+__all__ = ["AdamW", "AdamWConfig"]
 
 
 class AdamW:

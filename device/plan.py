@@ -168,6 +168,7 @@ def _probe_main(argv: list[str]) -> int:
     import numpy as np
 
     from edgeftl.device.measure import peak_rss_mib, rss_mib
+    from edgeftl.device.protocol.manifest import CLASSIFY
     from edgeftl.device.runtime import BundleRuntime
 
     bundle, micro_batch, seq, threads = Path(argv[0]), int(argv[1]), int(argv[2]), int(argv[3])
@@ -178,7 +179,7 @@ def _probe_main(argv: list[str]) -> int:
     mask = np.ones_like(ids)
     # Like training: a split bundle's lower stack runs one example at a time (device/cache.py).
     features = np.concatenate([runtime.features(ids[i:i + 1], mask[i:i + 1]) for i in range(micro_batch)])
-    labels = [runtime.manifest.labels[0]] * micro_batch if runtime.manifest.task == "classify" else None
+    labels = [runtime.manifest.labels[0]] * micro_batch if runtime.manifest.task == CLASSIFY else None
     runtime.accumulate(features, mask, runtime.targets(ids, mask, labels))
     runtime.apply_step()
     print(json.dumps(asdict(Probe(micro_batch, seq, after_load, max(after_load, peak_rss_mib())))))

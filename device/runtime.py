@@ -23,11 +23,12 @@ from edgeftl.device.protocol.manifest import (
     PARAMS,
     TOKENIZER,
     TRAINING_MODEL,
+    CAUSAL_LM,
     BundleError,
     Manifest,
     verify_bundle,
 )
-from edgeftl.device.optim import AdamW, AdamWConfig
+from edgeftl.device.optim import AdamW
 from edgeftl.device.ort import session_options
 from edgeftl.device.params import ParamsError, read_params
 
@@ -58,10 +59,7 @@ class BundleRuntime:
         self.manifest: Manifest = verify_bundle(self.folder) if verify else _read(self.folder)
         self._ort, self._threads, self._shared_arena = ort, threads, shared_arena
         self.flat, self._values = self._load_params()
-        try:
-            self.optimizer = AdamW(self.flat.size, AdamWConfig.from_dict(self.manifest.optimizer))
-        except ValueError as exc:
-            raise BundleError(f"manifest optimizer: {exc}") from exc
+        self.optimizer = AdamW(self.flat.size, self.manifest.optimizer)
         self.grad = np.zeros_like(self.flat)  # accumulated gradient of the step in progress
         self.lr = 1e-3
         # Every model file this runtime opened, for the "bytes of model files loaded" metric.
@@ -122,7 +120,7 @@ class BundleRuntime:
         """Token ids and attention mask, (batch, seq) int64, padded to the longest text."""
         encodings = self.tokenizer.encode_batch(texts)
         seq = max(1, max(len(e.ids) for e in encodings))
-        ids = np.full((len(texts), seq), self.manifest.inputs["pad_token_id"], dtype=np.int64)
+        ids = np.full((len(texts), seq), self.manifest.inputs.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(texts), seq), dtype=np.int64)
         for row, enc in enumerate(encodings):
             ids[row, : len(enc.ids)] = enc.ids
@@ -163,7 +161,7 @@ class BundleRuntime:
         return out
 
     def targets(self, ids: np.ndarray, mask: np.ndarray, labels: list[str] | None) -> np.ndarray:
-        if self.manifest.task == "causal-lm":
+        if self.manifest.task == CAUSAL_LM:
             return np.where(mask == 1, ids, IGNORE_INDEX).astype(np.int64)
         return np.array([self.label_index[label] for label in labels], dtype=np.int64)
 
@@ -176,14 +174,14 @@ class BundleRuntime:
         data = (features, mask, targets, np.array(weight, dtype=np.float32))
         # np.require, not np.ascontiguousarray: that one turns the 0-d weight into shape (1,).
         feeds = {name: self._ort.OrtValue.ortvalue_from_numpy(np.require(array, requirements="C"))
-                 for name, array in zip(self.manifest.inputs["training"], data)}
+                 for name, array in zip(self.manifest.inputs.training, data)}
         feeds.update((name, self._values[name]) for name in self._param_inputs(session))
         return feeds
 
     def _param_inputs(self, session) -> list[str]:
         names = self._input_names.get(id(session))
         if names is None:
-            roles = set(self.manifest.inputs["training"])
+            roles = set(self.manifest.inputs.training)
             names = self._input_names[id(session)] = [i.name for i in session.get_inputs() if i.name not in roles]
             unfed = [name for name in names if name not in self._values]
             if unfed:

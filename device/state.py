@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeftl.device.files import atomic_write
-from edgeftl.device.protocol.manifest import MANIFEST, sha256_file
+from edgeftl.device.protocol.manifest import bundle_sha256, sha256_file
 
 STATE_FORMAT = 2
 CURRENT, PARAMS, OPTIMIZER, STATE_JSON = "CURRENT", "params.npy", "optimizer.npz", "state.json"
@@ -52,11 +52,6 @@ class SavedState:
     optimizer: dict[str, np.ndarray]
     progress: Progress
     settings: dict
-
-
-def bundle_sha256(bundle: Path) -> str:
-    """Identity of a bundle: the sha256 of its manifest (which lists every file's sha256)."""
-    return sha256_file(Path(bundle) / MANIFEST)
 
 
 def save_state(folder: Path, runtime, progress: Progress, settings: dict) -> Path:

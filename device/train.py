@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeftl.device.data import DataError, Example, read_examples, split_indices
-from edgeftl.device.protocol.manifest import Manifest, sha256_file, verify_bundle
+from edgeftl.device.protocol.manifest import CLASSIFY, Manifest, sha256_file, verify_bundle
 from edgeftl.device.files import append_jsonl
 from edgeftl.device.measure import files_bytes, peak_rss_mib, rss_mib, run_metrics  # noqa: F401
 from edgeftl.device.runtime import IGNORE_INDEX, BundleRuntime
@@ -89,7 +89,7 @@ def subset_inputs(inputs: Inputs, positions: Sequence[int]) -> Inputs:
 
 def loss_units(runtime: BundleRuntime, targets: np.ndarray) -> int:
     # What the graph's loss averages over: samples (classify) or predicted tokens (causal-LM).
-    if runtime.manifest.task == "classify":
+    if runtime.manifest.task == CLASSIFY:
         return len(targets)
     return int((targets[:, 1:] != IGNORE_INDEX).sum())
 
@@ -124,10 +124,10 @@ def evaluate(runtime: BundleRuntime, examples: Sequence[Example], batch: int, in
         loss, logits = runtime.eval_step(feats, mask, targets)
         units = loss_units(runtime, targets)
         total_loss, total_units = total_loss + loss * units, total_units + units
-        if runtime.manifest.task == "classify":
+        if runtime.manifest.task == CLASSIFY:
             correct += int((logits.argmax(axis=-1) == targets).sum())
     result = {"eval_loss": round(total_loss / max(1, total_units), 5), "eval_samples": len(examples)}
-    if runtime.manifest.task == "classify":
+    if runtime.manifest.task == CLASSIFY:
         result["eval_accuracy"] = round(correct / len(examples), 5)
     return result
 

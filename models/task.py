@@ -10,9 +10,8 @@ from edgeftl.models.adapters.head import (
     causal_lm_loss,
     classification_loss,
 )
+from edgeftl.device.protocol.manifest import CLASSIFY, TASKS
 from edgeftl.models.families import Backbone
-
-TASKS = ("classify", "causal-lm")
 
 
 class UpperModel(nn.Module):
@@ -41,7 +40,7 @@ class UpperModel(nn.Module):
         for index in range(self.first_block, len(self.backbone.blocks())):
             hidden = self.backbone.run_block(index, hidden, ctx)
         hidden = self.backbone.finish(hidden)
-        if self.task == "classify":
+        if self.task == CLASSIFY:
             logits = self.head(hidden, attention_mask)
             return classification_loss(logits, labels) * loss_weight, logits
         logits = self.head(hidden)
@@ -65,7 +64,7 @@ class LowerModel(nn.Module):
 
 
 def make_head(task: str, hidden_size: int, num_labels: int, lm_head: nn.Module | None) -> nn.Module:
-    if task == "classify":
+    if task == CLASSIFY:
         return MeanPoolClassifier(hidden_size, num_labels)
     if lm_head is None:
         raise ValueError("task causal-lm needs a decoder model with an LM head")

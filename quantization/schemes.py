@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edgeftl.device.protocol.manifest import QUANT_SCHEMES
+
 # "none": fp32 weights (4 bytes each); "int8": 1 byte per weight plus one fp32 scale per row;
-# "int4": half a byte per weight plus one fp32 scale per `block_size` weights of a row.
-SCHEMES: tuple[str, ...] = ("none", "int8", "int4")
+# "int4": half a byte per weight plus one fp32 scale per `block_size` weights of a row. The
+# names are the manifest's (a bundle records its scheme).
+SCHEMES: tuple[str, ...] = QUANT_SCHEMES
 
 # Smallest block: 8 nibbles pack into 4 whole bytes, and a block this small already spends
 # 4 bytes of scale per 4 bytes of weights, so smaller blocks would gain nothing.

@@ -21,7 +21,7 @@ import pytest
 
 from edgeftl.device.cli import main
 from edgeftl.device.data import write_csv
-from edgeftl.device.protocol.manifest import FORMAT_VERSION, MANIFEST, Manifest, verify_bundle
+from edgeftl.device.protocol.manifest import FORMAT_VERSION, MANIFEST, Adapter, FileEntry, Manifest, verify_bundle
 from edgeftl.device.params import read_params
 from fixtures_build import LABELS, bundle, tiny_model
 
@@ -191,7 +191,7 @@ def test_force_replaces_an_existing_folder(
     assert rc == 0
     assert "66 trainable parameters" in stdout  # head only: 2*32 + 2
     assert not (out / "stale.txt").exists()
-    assert verify_bundle(out).adapter["kind"] == "head"
+    assert verify_bundle(out).adapter.kind == "head"
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no staging or replaced-folder leftovers
 
 
@@ -227,7 +227,7 @@ def test_manifest_lists_every_file_with_its_size_and_sha256(
     assert not {"optimizer_model.onnx", "checkpoint"} & on_disk  # ONNX Runtime Training's files stay on the host
     for rel, entry in manifest.files.items():
         data = (folder / rel).read_bytes()
-        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        assert entry == FileEntry(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
 @pytest.mark.parametrize("name", list(BERT_BUNDLES))
@@ -262,7 +262,7 @@ def test_full_depth_bundle_trains_from_token_ids(tmp_path_factory: pytest.TempPa
     assert manifest.first_trainable_block == 0 and not manifest.split
     assert not (folder / "lower_model.onnx").exists()
     assert graph.graph.input[0].name == "input_ids"
-    assert manifest.inputs["training"] == ["input_ids", "attention_mask", "labels", "loss_weight"]
+    assert manifest.inputs.training == ["input_ids", "attention_mask", "labels", "loss_weight"]
 
 
 def test_train_layers_1_splits_off_a_frozen_lower_model(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -276,7 +276,7 @@ def test_train_layers_1_splits_off_a_frozen_lower_model(tmp_path_factory: pytest
     params = checkpoint_params(folder)
 
     # Assert
-    assert manifest.first_trainable_block == 1 and manifest.adapter["train_layers"] == 1
+    assert manifest.first_trainable_block == 1 and manifest.adapter.train_layers == 1
     assert "lower_model.onnx" in manifest.files
     assert training.input[0].name == "hidden_states"
     assert [i.name for i in lower.input] == ["input_ids", "attention_mask"]
@@ -338,7 +338,7 @@ def test_head_only_bundle_trains_only_the_head(tmp_path_factory: pytest.TempPath
     # Assert
     assert {n for n, (_, _, grad) in params.items() if grad} == set(HEAD)
     assert not [n for n in params if "lora_" in n]
-    assert manifest.adapter == {"kind": "head", "rank": 0, "alpha": 0, "targets": [], "train_layers": BLOCKS}
+    assert manifest.adapter == Adapter(kind="head", rank=0, alpha=0, targets=[], train_layers=BLOCKS)
 
 
 # ---- inspect ------------------------------------------------------------------------------
@@ -454,7 +454,7 @@ def minilm_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.slow
 def test_minilm_int8_bundle_is_at_most_35_percent_of_fp32(minilm_bundles: dict[str, Path]) -> None:
     # Execute
-    sizes = {quant: sum(entry["bytes"] for entry in verify_bundle(folder).files.values())
+    sizes = {quant: sum(entry.bytes for entry in verify_bundle(folder).files.values())
              for quant, folder in minilm_bundles.items()}
 
     # Assert: int8 stores 1 byte per frozen weight (+ a scale per row) instead of 4.

@@ -247,9 +247,9 @@ def _reference_model(manifest, params: dict[str, np.ndarray], threads: int):
     from edgeftl.models.task import LowerModel
 
     torch.set_num_threads(threads)
-    train_layers = manifest.adapter["train_layers"] if manifest.split else None
+    train_layers = manifest.adapter.train_layers if manifest.split else None
     config = BuildConfig(out=Path(tempfile.gettempdir()) / "bench_build-never-written", labels=manifest.labels,
-                         rank=manifest.adapter["rank"], alpha=manifest.adapter["alpha"], quant="none",
+                         rank=manifest.adapter.rank, alpha=manifest.adapter.alpha, quant="none",
                          train_layers=train_layers, max_seq_len=manifest.max_seq_len, seed=SEED)
     pre, model, first = prepare_model(default_model_dir(), config)
     own = {name: p for name, p in model.named_parameters() if p.requires_grad}

@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ADAPTERS = ("lora", "head")
-QUANT_SCHEMES = ("none", "int8", "int4")
-TASKS = ("classify", "causal-lm")
+from edgeftl.device.protocol.manifest import ADAPTERS, CAUSAL_LM, CLASSIFY, HEAD, LORA, QUANT_SCHEMES, TASKS
 
 
 class BuildError(ValueError):
@@ -20,10 +18,10 @@ class BuildConfig:
 
     out: Path
     model: Path | None = None  # None = packaged all-MiniLM-L6-v2
-    task: str = "classify"
+    task: str = CLASSIFY
     labels: tuple[str, ...] = ()
     num_labels: int | None = None
-    adapter: str = "lora"
+    adapter: str = LORA
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = ()
@@ -66,13 +64,13 @@ class BuildConfig:
         if self.train_layers is not None and self.train_layers <= 0:
             raise BuildError(f"--train-layers must be a positive integer, got {self.train_layers}")
         self._check_labels()
-        if self.task == "causal-lm" and self.adapter == "head":
+        if self.task == CAUSAL_LM and self.adapter == HEAD:
             raise BuildError("--adapter head needs --task classify; causal-lm trains LoRA adapters (--adapter lora)")
         if self.out.exists() and not self.force:
             raise BuildError(f"output folder {str(self.out)!r} already exists; pass --force to replace it")
 
     def _check_labels(self) -> None:
-        if self.task != "classify":
+        if self.task != CLASSIFY:
             return
         if self.labels and self.num_labels is not None and self.num_labels != len(self.labels):
             raise BuildError(f"--num-labels {self.num_labels} disagrees with {len(self.labels)} --labels")

@@ -22,14 +22,20 @@ from edgeftl.coordinator.bundler import artifacts
 from edgeftl.coordinator.bundler.config import BuildConfig, BuildError
 from edgeftl.coordinator.bundler.export import export_onnx
 from edgeftl.coordinator.bundler.probe import check_bundle
+from edgeftl.device.files import atomic_write
 from edgeftl.device.protocol.manifest import (
+    CAUSAL_LM,
+    CLASSIFY,
+    LORA,
     LOWER_MODEL,
     MANIFEST,
     TOKENIZER,
+    Adapter,
+    GraphInputs,
     Manifest,
+    Quantization,
     file_table,
 )
-from edgeftl.device.files import atomic_write
 from edgeftl.models.adapters.lora import LoraConfig, attach_lora
 from edgeftl.models.loading import Pretrained, default_model_dir, load_pretrained, read_config
 from edgeftl.models.task import LowerModel, UpperModel, make_head
@@ -107,26 +113,19 @@ def _build_into(staging: Path, reference: Path, model_dir: Path, config: BuildCo
         task=config.task,
         labels=list(config.labels),
         max_seq_len=config.max_seq_len,
-        adapter={
-            "kind": config.adapter,
-            "rank": config.rank if config.adapter == "lora" else 0,
-            "alpha": config.alpha if config.adapter == "lora" else 0,
-            "targets": list(config.targets or pre.family.attention_targets) if config.adapter == "lora" else [],
-            "train_layers": pre.num_blocks - first,
-        },
-        quantization={"scheme": config.quant, "block_size": config.block_size,
-                      "int8_top_blocks": config.int8_top_blocks if config.quant == "int4" else 0,
-                      "report": report},
+        adapter=_adapter(config, pre, first),
+        quantization=Quantization(config.quant, config.block_size,
+                                  config.int8_top_blocks if config.quant == "int4" else 0, report),
         num_blocks=pre.num_blocks,
         first_trainable_block=first,
         hidden_size=pre.hidden_size,
         trainable=generated.trainable,
-        optimizer=generated.optimizer.to_dict(),
-        inputs={
-            "training": ["hidden_states" if first else "input_ids", "attention_mask", "labels", "loss_weight"],
-            "lower": ["input_ids", "attention_mask"] if first else [],
-            "pad_token_id": pad_id,
-        },
+        optimizer=generated.optimizer,
+        inputs=GraphInputs(
+            training=["hidden_states" if first else "input_ids", "attention_mask", "labels", "loss_weight"],
+            lower=["input_ids", "attention_mask"] if first else [],
+            pad_token_id=pad_id,
+        ),
         files=file_table(staging),
         built_with=_versions(),
     )
@@ -139,6 +138,14 @@ def _build_into(staging: Path, reference: Path, model_dir: Path, config: BuildCo
     return manifest
 
 
+def _adapter(config: BuildConfig, pre: Pretrained, first: int) -> Adapter:
+    """The manifest's adapter section: LoRA's shape (zeros for a head-only bundle) and the trained depth."""
+    lora = config.adapter == LORA
+    return Adapter(kind=config.adapter, rank=config.rank if lora else 0, alpha=config.alpha if lora else 0,
+                   targets=list(config.targets or pre.family.attention_targets) if lora else [],
+                   train_layers=pre.num_blocks - first)
+
+
 def prepare_model(model_dir: Path, config: BuildConfig) -> tuple[Pretrained, UpperModel, int]:
     """The fp32 PyTorch task model the bundle is built from (also the fidelity reference).
 
@@ -146,7 +153,7 @@ def prepare_model(model_dir: Path, config: BuildConfig) -> tuple[Pretrained, Upp
     index of the first trainable block.
     """
     torch.manual_seed(config.seed)
-    pre = load_pretrained(model_dir, causal_lm=config.task == "causal-lm")
+    pre = load_pretrained(model_dir, causal_lm=config.task == CAUSAL_LM)
     first = _first_trainable_block(pre, config.train_layers)
     return pre, _attach_trainable(pre, config, first), first
 
@@ -165,14 +172,14 @@ def _first_trainable_block(pre: Pretrained, train_layers: int | None) -> int:
 def _attach_trainable(pre: Pretrained, config: BuildConfig, first: int) -> UpperModel:
     for param in pre.backbone.parameters():
         param.requires_grad_(False)
-    if config.adapter == "lora":
+    if config.adapter == LORA:
         targets = config.targets or pre.family.attention_targets
         try:
             attach_lora(pre.backbone.blocks(), first, LoraConfig(config.rank, config.alpha, targets))
         except ValueError as exc:
             raise BuildError(str(exc)) from exc
     head = make_head(config.task, pre.hidden_size, len(config.labels), pre.lm_head)
-    if config.task == "causal-lm":
+    if config.task == CAUSAL_LM:
         head.requires_grad_(False)  # the LM head is backbone: frozen (and quantized)
     return UpperModel(pre.backbone, head, config.task, first)
 
@@ -229,12 +236,12 @@ def _upper_signature(pre: Pretrained, config: BuildConfig, first: int):
     batch, seq = DUMMY_BATCH, DUMMY_SEQ
     ids = torch.ones(batch, seq, dtype=torch.int64)
     main = torch.zeros(batch, seq, pre.hidden_size) if first else ids
-    labels = torch.zeros(batch, dtype=torch.int64) if config.task == "classify" else ids.clone()
+    labels = torch.zeros(batch, dtype=torch.int64) if config.task == CLASSIFY else ids.clone()
     inputs = {"hidden_states" if first else "input_ids": main, "attention_mask": torch.ones_like(ids),
               "labels": labels, "loss_weight": torch.tensor(1.0)}
     axes = {name: {0: "batch", 1: "seq"} for name in inputs if name != "loss_weight"}
-    axes["labels"] = {0: "batch"} if config.task == "classify" else {0: "batch", 1: "seq"}
-    axes["logits"] = {0: "batch"} if config.task == "classify" else {0: "batch", 1: "seq"}
+    axes["labels"] = {0: "batch"} if config.task == CLASSIFY else {0: "batch", 1: "seq"}
+    axes["logits"] = {0: "batch"} if config.task == CLASSIFY else {0: "batch", 1: "seq"}
     return inputs, ["loss", "logits"], axes
 
 

@@ -6,17 +6,18 @@ import argparse
 from pathlib import Path
 
 from edgeftl.device.cli.common import csv_list, fail
+from edgeftl.device.protocol.manifest import CLASSIFY, HEAD, LORA, QUANT_SCHEMES, TASKS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="local Hugging Face model folder (default: the packaged all-MiniLM-L6-v2)")
-    p.add_argument("--task", default="classify", help="classify | causal-lm (default: classify)")
+    p.add_argument("--task", default=CLASSIFY, help=f"{' | '.join(TASKS)} (default: {CLASSIFY})")
     p.add_argument("--labels", type=csv_list, default=None,
                    help="comma-separated label names (classify); default: the 5 BBC News topics "
                         "when neither --labels nor --num-labels is given")
     p.add_argument("--num-labels", type=int, default=None, help="number of labels, named label_0.. (classify)")
-    p.add_argument("--adapter", default="lora", help="lora (LoRA + head) | head (head only); default lora")
+    p.add_argument("--adapter", default=LORA, help=f"{LORA} (LoRA + head) | {HEAD} (head only); default {LORA}")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
     p.add_argument("--targets", type=csv_list, default=(),
@@ -24,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-layers", type=int, default=None,
                    help="only the top K blocks carry adapters; the rest is a frozen inference-only "
                         "lower model (default: all blocks)")
-    p.add_argument("--quant", default="int8", help="none | int8 | int4 (frozen backbone weights; default int8)")
+    p.add_argument("--quant", default="int8", help=f"{' | '.join(QUANT_SCHEMES)} (frozen backbone weights; default int8)")
     p.add_argument("--block-size", type=int, default=32, help="int4 block size (default 32)")
     p.add_argument("--int4-int8-top", type=int, default=2, dest="int8_top_blocks",
                    help="int4 only: keep the linear weights of the top N blocks int8 (default 2; 0 = all int4)")
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from edgeftl.models.loading import ModelError
 
     labels = args.labels
-    if labels is None and args.num_labels is None and args.task == "classify" and args.model is None:
+    if labels is None and args.num_labels is None and args.task == CLASSIFY and args.model is None:
         from edgeftl.device.data import bbc_root
 
         labels = tuple(sorted(p.name for p in bbc_root().iterdir() if p.is_dir()))
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         manifest = build(config, progress=not args.quiet)
     except (BuildError, ModelError) as exc:
         return fail(str(exc))
-    total = sum(entry["bytes"] for entry in manifest.files.values())
-    print(f"built {args.out}: {manifest.quantization['scheme']} backbone, "
+    total = sum(entry.bytes for entry in manifest.files.values())
+    print(f"built {args.out}: {manifest.quantization.scheme} backbone, "
           f"{manifest.trainable_count:,} trainable parameters, {total / 2**20:.1f} MiB on disk")
     return 0

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from edgeftl.device.cli.common import fail
-from edgeftl.device.protocol.manifest import BundleError, Manifest, read_manifest
+from edgeftl.device.protocol.manifest import LORA, BundleError, Manifest, read_manifest
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,19 +40,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"model       {manifest.model_id} ({manifest.model_type}, {manifest.num_blocks} blocks, "
           f"hidden {manifest.hidden_size})")
     print(f"task        {manifest.task}" + (f"  labels: {', '.join(manifest.labels)}" if manifest.labels else ""))
-    print(f"adapter     {adapter['kind']}" + (f" r={adapter['rank']} alpha={adapter['alpha']} on "
-          f"{','.join(adapter['targets'])}" if adapter["kind"] == "lora" else "")
-          + f", top {adapter['train_layers']} of {manifest.num_blocks} blocks trainable")
+    print(f"adapter     {adapter.kind}" + (f" r={adapter.rank} alpha={adapter.alpha} on "
+          f"{','.join(adapter.targets)}" if adapter.kind == LORA else "")
+          + f", top {adapter.train_layers} of {manifest.num_blocks} blocks trainable")
     quant = manifest.quantization
-    print(f"backbone    {quant['scheme']}" + (f" (block {quant['block_size']})" if quant["scheme"] == "int4" else "")
+    print(f"backbone    {quant.scheme}" + (f" (block {quant.block_size})" if quant.scheme == "int4" else "")
           + (f", frozen lower blocks 0..{manifest.first_trainable_block - 1} in lower_model.onnx"
              if manifest.split else ""))
     print(f"max seq len {manifest.max_seq_len}")
     print(f"trainable   {totals['trainable_params']:,} params, {totals['trainable_bytes'] / 2**10:.1f} KiB fp32, "
           f"{len(manifest.trainable)} tensors")
     opt = manifest.optimizer
-    print(f"optimizer   {opt.get('kind', '?')} mode {opt.get('mode', '?')}, betas {opt.get('beta1', '?')}/"
-          f"{opt.get('beta2', '?')}, eps {opt.get('eps', '?')}, weight decay {opt.get('weight_decay', '?')} "
+    print(f"optimizer   {opt.kind} mode {opt.mode}, betas {opt.beta1}/{opt.beta2}, eps {opt.eps}, "
+          f"weight decay {opt.weight_decay} "
           "(numpy, on the device)")
     built = manifest.built_with
     print(f"built with  onnxruntime {built.get('onnxruntime', '?')}, gradients by "

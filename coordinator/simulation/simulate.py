@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ import numpy as np
 from edgeftl.coordinator.rounds.config import CoordinatorConfig
 from edgeftl.coordinator.simulation.partition import dirichlet_split
 from edgeftl.device.data import load_bbc, read_examples, stratified_split, write_csv
+from edgeftl.device.protocol.manifest import CLASSIFY
 
 
 @dataclass
@@ -56,7 +57,7 @@ def split_data(sim: SimulationConfig, label_names: list[str]) -> tuple[list[Path
     if sim.data == "bbc":
         texts, labels, _ = load_bbc()
     else:
-        examples = read_examples(Path(sim.data), "classify", label_names)
+        examples = read_examples(Path(sim.data), CLASSIFY, label_names)
         texts, labels = [e.text for e in examples], [e.label for e in examples]
     train_idx, test_idx = stratified_split(labels, sim.test_fraction, sim.seed)
     rng = np.random.default_rng(sim.seed)
@@ -130,8 +131,8 @@ def simulate(sim: SimulationConfig, rounds: CoordinatorConfig, on_round: Callabl
     (sim.out / "config.json").write_text(json.dumps(
         {"simulation": {k: str(v) for k, v in vars(sim).items()},
          "rounds": {k: str(v) for k, v in vars(rounds).items()},
-         "bundle": {"model_id": manifest.model_id, "quantization": manifest.quantization["scheme"],
-                    "adapter": manifest.adapter, "trainable_params": manifest.trainable_count}},
+         "bundle": {"model_id": manifest.model_id, "quantization": manifest.quantization.scheme,
+                    "adapter": asdict(manifest.adapter), "trainable_params": manifest.trainable_count}},
         indent=2, sort_keys=True) + "\n")
     metrics = rounds.out / "metrics.jsonl"
     if metrics.exists() and not rounds.resume:

@@ -1,6 +1,10 @@
 """The bundle manifest: what a device needs to know about a bundle, and how it checks one.
 
-Written by the build step (host), read by devices and the coordinator; numpy/stdlib only.
+Written by the build step (host), read by devices and the coordinator; standard library only.
+Every section is a small typed dataclass, checked field by field when it is made or read
+(`typed.py`), and serialised with `asdict` as sorted JSON. docs/BUNDLE.md §2 documents the fields.
+This module is also the home of the names a bundle carries: its tasks, adapters and
+quantization schemes, which the build, the models and the devices import from here.
 """
 
 from __future__ import annotations
@@ -10,21 +14,37 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edgeftl.device.protocol.typed import conform, from_json
+
 # 2: graphs for stock ONNX Runtime, parameters in params.safetensors, AdamW settings in the
 # manifest. 1 was ONNX Runtime Training's format (checkpoint + optimizer graph).
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 # File roles inside a bundle folder.
-TRAINING_MODEL = "training_model.onnx"  # inputs: the roles of `inputs["training"]`, then every parameter
+TRAINING_MODEL = "training_model.onnx"  # inputs: the roles of `inputs.training`, then every parameter
 EVAL_MODEL = "eval_model.onnx"
 PARAMS = "params.safetensors"  # every parameter, frozen (at its own dtype) and trainable (fp32)
 LOWER_MODEL = "lower_model.onnx"  # present only when the frozen lower backbone is split off
 TOKENIZER = "tokenizer.json"
 GRAD_SUFFIX = "_grad"  # the training graph outputs "loss" and, per trainable parameter P, "P_grad"
 
+# What a bundle is trained for: a label per text (mean-pooled head), or the next token.
+CLASSIFY, CAUSAL_LM = "classify", "causal-lm"
+TASKS = (CLASSIFY, CAUSAL_LM)
+# What is trained: LoRA factors (plus a classify head), or the head alone.
+LORA, HEAD = "lora", "head"
+ADAPTERS = (LORA, HEAD)
+# How the frozen backbone's weights are stored: fp32, int8 per row, int4 per block of a row.
+QUANT_SCHEMES = ("none", "int8", "int4")
+
 
 class BundleError(ValueError):
     """A bundle that cannot be used; the message names the file and what is wrong."""
+
+
+def _one_of(value: str, accepted: tuple[str, ...], where: str) -> None:
+    if value not in accepted:
+        raise BundleError(f"{where} {value!r} is not one of {', '.join(accepted)}")
 
 
 @dataclass
@@ -36,6 +56,9 @@ class TrainableParam:
     dtype: str
     offset: int
 
+    def __post_init__(self) -> None:
+        conform(self, "manifest.trainable entry", BundleError)
+
     @property
     def size(self) -> int:
         count = 1
@@ -45,32 +68,114 @@ class TrainableParam:
 
 
 @dataclass
+class Adapter:
+    """What is trained, and where: `train_layers` top blocks; LoRA's rank, alpha and targets."""
+
+    kind: str  # one of ADAPTERS
+    rank: int  # 0 for head
+    alpha: float  # 0 for head; a LoRA layer adds (alpha / rank) * B @ A
+    targets: list[str]  # module-name suffixes of the adapted linears; [] for head
+    train_layers: int
+
+    def __post_init__(self) -> None:
+        conform(self, "manifest.adapter", BundleError)
+        _one_of(self.kind, ADAPTERS, "manifest.adapter.kind")
+
+
+@dataclass
+class Quantization:
+    """How the frozen backbone is stored, and what that cost (`quantization/report.py`)."""
+
+    scheme: str  # one of QUANT_SCHEMES
+    block_size: int  # values per int4 scale along a row
+    int8_top_blocks: int  # int4 only: the top blocks whose linears stay int8
+    report: dict  # model_report(): bytes and errors per tensor and in total
+
+    def __post_init__(self) -> None:
+        conform(self, "manifest.quantization", BundleError)
+        _one_of(self.scheme, QUANT_SCHEMES, "manifest.quantization.scheme")
+
+
+@dataclass
+class GraphInputs:
+    """The graphs' data input names, in feeding order, and the token that pads."""
+
+    training: list[str]  # features, attention mask, labels, loss weight (training and eval graphs)
+    lower: list[str]  # the lower graph's inputs; [] when there is no lower graph
+    pad_token_id: int
+
+    def __post_init__(self) -> None:
+        conform(self, "manifest.inputs", BundleError)
+
+
+@dataclass
+class FileEntry:
+    """A bundle file's size and digest, checked before the file is used."""
+
+    bytes: int
+    sha256: str
+
+    def __post_init__(self) -> None:
+        conform(self, "manifest.files entry", BundleError)
+
+
+@dataclass(frozen=True)
+class AdamWConfig:
+    """AdamW settings the device optimizer runs with (`device/optim.py`), as the manifest stores them."""
+
+    kind: str = "adamw"
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-6
+    weight_decay: float = 0.0
+    bias_correction: bool = True
+    mode: int = 1  # 1: Hugging Face (bias correction folded into lr, decay after); 0: PyTorch
+
+    def __post_init__(self) -> None:
+        conform(self, "manifest.optimizer", BundleError)
+        _one_of(self.kind, ("adamw",), "manifest.optimizer.kind")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise BundleError(f"AdamW betas must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if not self.eps > 0 or self.weight_decay < 0:
+            raise BundleError(f"AdamW needs eps > 0 and weight_decay >= 0, got {self.eps}, {self.weight_decay}")
+        if self.mode not in (0, 1) or (self.mode == 0 and not self.bias_correction):
+            raise BundleError(f"AdamW mode {self.mode} with bias_correction={self.bias_correction} is not "
+                              "supported; accepted: mode 1, or mode 0 with bias correction")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AdamWConfig:
+        """Settings from the manifest's `optimizer` object; keys left out take the defaults above."""
+        return from_json(cls, data, "manifest.optimizer", BundleError)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class Manifest:
     """Everything about a bundle except the bytes; serialised as sorted JSON."""
 
     model_id: str
     model_type: str
-    task: str  # "classify" | "causal-lm"
+    task: str  # one of TASKS
     labels: list[str]
     max_seq_len: int
-    adapter: dict  # {"kind": "lora"|"head", "rank", "alpha", "targets", "train_layers"}
-    quantization: dict  # {"scheme": "none"|"int8"|"int4", "block_size", "report": {...}}
+    adapter: Adapter
+    quantization: Quantization
     num_blocks: int
     first_trainable_block: int  # 0 = no split; else lower_model.onnx runs blocks [0, first)
     hidden_size: int
     trainable: list[TrainableParam]
-    inputs: dict  # role -> graph input name, for the training/eval graph and the lower graph
-    # AdamW settings the device optimizer runs with (device/optim.py AdamWConfig.to_dict()).
-    optimizer: dict = field(default_factory=lambda: {"kind": "adamw"})
-    files: dict[str, dict] = field(default_factory=dict)  # relative path -> {"bytes", "sha256"}
+    inputs: GraphInputs
+    optimizer: AdamWConfig = field(default_factory=AdamWConfig)
+    files: dict[str, FileEntry] = field(default_factory=dict)  # relative path -> size and sha256
     built_with: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        self.trainable = [p if isinstance(p, TrainableParam) else TrainableParam(**p) for p in self.trainable]
-        if self.task not in ("classify", "causal-lm"):
-            raise BundleError(f"manifest task {self.task!r} is not one of classify, causal-lm")
-        if self.task == "classify" and len(self.labels) < 2:
+        conform(self, "manifest", BundleError)
+        _one_of(self.task, TASKS, "manifest task")
+        if self.task == CLASSIFY and len(self.labels) < 2:
             raise BundleError(f"a classify bundle needs at least 2 labels, manifest has {self.labels!r}")
 
     @property
@@ -92,14 +197,7 @@ class Manifest:
                 f"manifest format_version {version!r} is not supported (this edgeftl reads {FORMAT_VERSION}); "
                 "rebuild the bundle or update edgeftl"
             )
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise BundleError(f"manifest has unknown keys {unknown}; accepted: {sorted(known)}")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise BundleError(f"manifest is incomplete: {exc}") from exc
+        return from_json(cls, data, "manifest", BundleError)
 
 
 def sha256_file(path: Path) -> str:
@@ -110,12 +208,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def file_table(folder: Path) -> dict[str, dict]:
-    """{relative path: {"bytes", "sha256"}} for every file under folder except the manifest."""
+def bundle_sha256(folder: Path) -> str:
+    """A bundle's identity: the sha256 of its manifest.json bytes (which list every file's sha256).
+
+    Devices and the coordinator put it in every message, so both must compute it the same way.
+    """
+    return sha256_file(Path(folder) / MANIFEST)
+
+
+def file_table(folder: Path) -> dict[str, FileEntry]:
+    """Size and sha256 of every file under folder except the manifest, by relative path."""
     table = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
-        rel = path.relative_to(folder).as_posix()
-        table[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        table[path.relative_to(folder).as_posix()] = FileEntry(path.stat().st_size, sha256_file(path))
     return table
 
 
@@ -145,6 +250,6 @@ def verify_bundle(folder: Path) -> Manifest:
         path = folder / rel
         if not path.is_file():
             raise BundleError(f"bundle file {rel!r} is missing from {str(folder)!r}; re-copy the bundle")
-        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+        if path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
             raise BundleError(f"bundle file {rel!r} fails its sha256 check (corrupt or changed); re-copy the bundle")
     return manifest
