@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from edgeftl.coordinator.rounds.strategy import FedAdam, FedAvg, FedYogi, LoraAware, Update, make_strategy
+from edgeftl.device.protocol.manifest import LoraFactor, TrainableParam
 
 
 def test_fedavg_is_the_sample_weighted_mean():
@@ -47,10 +48,11 @@ def test_fedyogi_second_moment_differs_from_adam_and_state_round_trips():
     np.testing.assert_allclose(restored.aggregate(g, d), yogi.aggregate(g, d))
 
 
-def _layout(out: int, rank: int, inp: int) -> list[dict]:
-    return [{"name": "l.lora_A", "shape": [rank, inp], "offset": 0},
-            {"name": "l.lora_B", "shape": [out, rank], "offset": rank * inp},
-            {"name": "head.bias", "shape": [2], "offset": rank * inp + out * rank}]
+def _trainable(out: int, rank: int, inp: int) -> list[TrainableParam]:
+    # Named unlike LoRA on purpose: the manifest's roles pair the factors, not their names.
+    return [TrainableParam("l.down", [rank, inp], "float32", 0, LoraFactor("l", "A")),
+            TrainableParam("l.up", [out, rank], "float32", rank * inp, LoraFactor("l", "B")),
+            TrainableParam("head.bias", [2], "float32", rank * inp + out * rank)]
 
 
 def test_lora_svd_matches_the_exact_mean_product_where_factor_averaging_does_not():
@@ -59,7 +61,7 @@ def test_lora_svd_matches_the_exact_mean_product_where_factor_averaging_does_not
     size = rank * inp + out * rank + 2
     g = np.zeros(size, np.float32)
     updates = [Update(rng.normal(size=size).astype(np.float32), w) for w in (1, 2, 3)]
-    strategy = LoraAware(_layout(out, rank, inp))
+    strategy = LoraAware(_trainable(out, rank, inp))
     new = strategy.aggregate(g, updates)
     exact = sum(u.weight * (u.delta[10:22].reshape(out, rank) @ u.delta[:10].reshape(rank, inp))
                 for u in updates) / 6
@@ -73,5 +75,13 @@ def test_lora_svd_matches_the_exact_mean_product_where_factor_averaging_does_not
 
 def test_make_strategy_names():
     assert make_strategy("fedyogi").name == "fedyogi"
+    assert make_strategy("lora-svd", _trainable(4, 2, 3)).name == "lora-svd"
     with pytest.raises(ValueError, match="accepted"):
         make_strategy("krum")
+
+
+def test_lora_svd_refuses_trainable_entries_without_lora_factors():
+    # A head-only bundle, or one built before the manifest recorded LoRA factors
+    head_only = [TrainableParam("head.bias", [2], "float32", 0)]
+    with pytest.raises(ValueError, match="no LoRA factors|lists none"):
+        make_strategy("lora-svd", head_only)

@@ -35,6 +35,7 @@ import benchdoc
 from edgeftl.coordinator.rounds.inbox import Inbox
 from edgeftl.coordinator.rounds.strategy import Update, make_strategy
 from edgeftl.device.protocol.codecs import parse_codec
+from edgeftl.device.protocol.manifest import LoraFactor, TrainableParam
 from edgeftl.device.protocol.messages import Update as UpdateMessage
 from edgeftl.device.protocol.messages import decode, encode
 
@@ -43,15 +44,17 @@ SIZE = 75_653  # MiniLM, LoRA r=8 on query/value in 6 blocks + 5-label head
 CODECS = ("none", "fp16", "int8", "topk:0.01+int8")
 
 
-def layout_for(size: int) -> list[dict]:
+def layout_for(size: int) -> list[TrainableParam]:
     """A MiniLM-shaped LoRA layout: 6 blocks x (query, value) x (A 8x384, B 384x8), then the head."""
     entries, offset = [], 0
     for block in range(6):
         for target in ("query", "value"):
-            for name, shape in (("lora_A", [8, 384]), ("lora_B", [384, 8])):
-                entries.append({"name": f"b{block}.{target}.{name}", "shape": shape, "offset": offset})
+            layer = f"b{block}.{target}"
+            for factor, shape in (("A", [8, 384]), ("B", [384, 8])):
+                entries.append(TrainableParam(f"{layer}.lora_{factor}", shape, "float32", offset,
+                                              LoraFactor(layer, factor)))
                 offset += shape[0] * shape[1]
-    entries.append({"name": "head", "shape": [size - offset], "offset": offset})
+    entries.append(TrainableParam("head", [size - offset], "float32", offset))
     return entries
 
 

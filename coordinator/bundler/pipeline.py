@@ -11,6 +11,7 @@ from __future__ import annotations
 import platform
 import shutil
 import tempfile
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from edgeftl.device.protocol.manifest import (
     Quantization,
     file_table,
 )
-from edgeftl.models.adapters.lora import LoraConfig, attach_lora
+from edgeftl.models.adapters.lora import LoraConfig, attach_lora, lora_factors
 from edgeftl.models.loading import Pretrained, default_model_dir, load_pretrained, read_config
 from edgeftl.models.task import LowerModel, UpperModel, make_head
 
@@ -107,6 +108,7 @@ def _build_into(staging: Path, reference: Path, model_dir: Path, config: BuildCo
 
     step(STEPS[4])
     pad_id = _copy_tokenizer(model_dir, staging)
+    roles = lora_factors(model)
     manifest = Manifest(
         model_id=config.model_id or (PACKAGED_MODEL_ID if config.model is None else model_dir.name),
         model_type=pre.model_type,
@@ -119,7 +121,7 @@ def _build_into(staging: Path, reference: Path, model_dir: Path, config: BuildCo
         num_blocks=pre.num_blocks,
         first_trainable_block=first,
         hidden_size=pre.hidden_size,
-        trainable=generated.trainable,
+        trainable=[replace(p, lora=roles.get(p.name)) for p in generated.trainable],
         optimizer=generated.optimizer,
         inputs=GraphInputs(
             training=["hidden_states" if first else "input_ids", "attention_mask", "labels", "loss_weight"],

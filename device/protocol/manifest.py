@@ -34,6 +34,7 @@ TASKS = (CLASSIFY, CAUSAL_LM)
 # What is trained: LoRA factors (plus a classify head), or the head alone.
 LORA, HEAD = "lora", "head"
 ADAPTERS = (LORA, HEAD)
+LORA_FACTORS = ("A", "B")  # a LoRA layer's two trainable factors (`LoraFactor`)
 # How the frozen backbone's weights are stored: fp32, int8 per row, int4 per block of a row.
 QUANT_SCHEMES = ("none", "int8", "int4")
 
@@ -48,6 +49,22 @@ def _one_of(value: str, accepted: tuple[str, ...], where: str) -> None:
 
 
 @dataclass
+class LoraFactor:
+    """Which LoRA factor a trainable tensor is: the layer adds (alpha / rank) * B @ A to its output.
+
+    The build records it (`models/adapters/lora.py` `lora_factors`), so that nothing downstream
+    has to recognise LoRA tensors by their names.
+    """
+
+    layer: str  # the adapted linear layer; its A and B name the same layer
+    factor: str  # "A": (rank, in_features); "B": (out_features, rank)
+
+    def __post_init__(self) -> None:
+        conform(self, "manifest.trainable[].lora", BundleError)
+        _one_of(self.factor, LORA_FACTORS, "manifest.trainable[].lora.factor")
+
+
+@dataclass
 class TrainableParam:
     """One trainable tensor, at `offset` (in elements) in the bundle's flat trainable vector."""
 
@@ -55,6 +72,8 @@ class TrainableParam:
     shape: list[int]
     dtype: str
     offset: int
+    # None: not a LoRA factor (a head), or a bundle built before the build recorded factors.
+    lora: LoraFactor | None = None
 
     def __post_init__(self) -> None:
         conform(self, "manifest.trainable entry", BundleError)
@@ -177,6 +196,9 @@ class Manifest:
         _one_of(self.task, TASKS, "manifest task")
         if self.task == CLASSIFY and len(self.labels) < 2:
             raise BundleError(f"a classify bundle needs at least 2 labels, manifest has {self.labels!r}")
+        for a, _ in lora_pairs(self.trainable):  # checks every pair is complete and fits
+            if a.shape[0] != self.adapter.rank:
+                raise BundleError(f"LoRA factor {a.name!r} has rank {a.shape[0]}, the adapter's is {self.adapter.rank}")
 
     @property
     def split(self) -> bool:
@@ -198,6 +220,29 @@ class Manifest:
                 "rebuild the bundle or update edgeftl"
             )
         return from_json(cls, data, "manifest", BundleError)
+
+
+def lora_pairs(trainable: list[TrainableParam]) -> list[tuple[TrainableParam, TrainableParam]]:
+    """(A, B) of every LoRA layer among `trainable`, in the order of the A factors.
+
+    Raises:
+        BundleError: a layer lacks a factor or has one twice, or A (r, in) and B (out, r)
+            do not share a rank.
+    """
+    layers: dict[str, dict[str, TrainableParam]] = {}
+    for param in trainable:
+        if param.lora is not None:
+            factors = layers.setdefault(param.lora.layer, {})
+            if param.lora.factor in factors:
+                raise BundleError(f"LoRA layer {param.lora.layer!r} has two {param.lora.factor} factors")
+            factors[param.lora.factor] = param
+    for layer, factors in layers.items():
+        if set(factors) != set(LORA_FACTORS):
+            raise BundleError(f"LoRA layer {layer!r} has factors {sorted(factors)}; it needs {list(LORA_FACTORS)}")
+        a, b = factors["A"], factors["B"]
+        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
+            raise BundleError(f"LoRA layer {layer!r}: A {a.shape} and B {b.shape} are not (r, in) and (out, r)")
+    return [(p, layers[p.lora.layer]["B"]) for p in trainable if p.lora is not None and p.lora.factor == "A"]
 
 
 def sha256_file(path: Path) -> str:

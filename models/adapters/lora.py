@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from edgeftl.device.protocol.manifest import LoraFactor
+
 
 @dataclass
 class LoraConfig:
@@ -35,7 +37,8 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.base = base
         self.scaling = config.alpha / config.rank
-        # Parameter names end in lora_A / lora_B; the manifest and aggregation rely on that.
+        # The manifest records which trainable tensor is which factor (`lora_factors`), so
+        # nothing downstream parses these names.
         self.lora_A = nn.Parameter(torch.empty(config.rank, in_features))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.rank))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as in the LoRA paper / PEFT
@@ -72,3 +75,17 @@ def attach_lora(blocks: nn.ModuleList, first_block: int, config: LoraConfig) -> 
             f"available: {','.join(sorted(seen))}"
         )
     return wrapped
+
+
+def lora_factors(model: nn.Module) -> dict[str, LoraFactor]:
+    """The manifest's LoRA roles: {parameter name in `model`: its layer and factor}, for every LoraLinear.
+
+    Parameters are matched by identity, not by name, so the names `named_parameters` gives
+    (which the exported graph and the manifest use) are whatever the model nests them under.
+    """
+    roles: dict[int, LoraFactor] = {}
+    for layer, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            roles[id(module.lora_A)] = LoraFactor(layer, "A")
+            roles[id(module.lora_B)] = LoraFactor(layer, "B")
+    return {name: roles[id(param)] for name, param in model.named_parameters() if id(param) in roles}

@@ -6,6 +6,7 @@ from edgeftl.coordinator.rounds.strategy.base import Strategy, Update, weighted_
 from edgeftl.coordinator.rounds.strategy.fedavg import FedAvg
 from edgeftl.coordinator.rounds.strategy.fedopt import FedAdam, FedYogi
 from edgeftl.coordinator.rounds.strategy.lora import LoraAware
+from edgeftl.device.protocol.manifest import TrainableParam
 
 STRATEGIES = ("fedavg", "fedadam", "fedyogi", "lora-svd")
 
@@ -13,8 +14,17 @@ __all__ = ["STRATEGIES", "FedAdam", "FedAvg", "FedYogi", "LoraAware", "Strategy"
            "make_strategy", "weighted_mean"]
 
 
-def make_strategy(name: str, layout: list[dict] | None = None, server_lr: float | None = None) -> Strategy:
-    """Build a strategy by name; `layout` (manifest trainable entries) is needed by lora-svd."""
+def make_strategy(name: str, trainable: list[TrainableParam] | None = None, server_lr: float | None = None) -> Strategy:
+    """Build a strategy by name.
+
+    Args:
+        name: one of STRATEGIES.
+        trainable: the bundle manifest's trainable entries; lora-svd pairs LoRA factors by them.
+        server_lr: the server learning rate; None takes the strategy's default.
+
+    Raises:
+        ValueError: an unknown name, or lora-svd for trainable entries without LoRA factors.
+    """
     if name == "fedavg":
         return FedAvg(server_lr or 1.0)
     if name == "fedadam":
@@ -22,5 +32,5 @@ def make_strategy(name: str, layout: list[dict] | None = None, server_lr: float 
     if name == "fedyogi":
         return FedYogi(server_lr or 1e-2)
     if name == "lora-svd":
-        return LoraAware(layout or [])
+        return LoraAware(trainable or [])
     raise ValueError(f"unknown strategy {name!r}; accepted: {', '.join(STRATEGIES)}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgeftl.coordinator.rounds.strategy.base import Strategy, Update, weighted_mean
+from edgeftl.device.protocol.manifest import TrainableParam, lora_pairs
 
 
 class LoraAware(Strategy):
@@ -24,39 +25,46 @@ class LoraAware(Strategy):
 
     name = "lora-svd"
 
-    def __init__(self, layout: list[dict]) -> None:
-        """layout: manifest trainable entries: {"name", "shape", "offset"} in buffer order."""
-        self.slices = {p["name"]: (p["offset"], list(p["shape"])) for p in layout}
-        self.pairs = [(name, name[: -len("lora_A")] + "lora_B") for name in self.slices
-                      if name.endswith("lora_A") and name[: -len("lora_A")] + "lora_B" in self.slices]
+    def __init__(self, trainable: list[TrainableParam]) -> None:
+        """trainable: the manifest's trainable entries, whose `lora` roles pair the factors.
+
+        Raises:
+            ValueError: no entry is a LoRA factor: a head-only bundle, or one built before
+                the build recorded factors in the manifest (rebuild it).
+        """
+        self.pairs = lora_pairs(trainable)
+        if not self.pairs:
+            raise ValueError("lora-svd needs LoRA factors in the bundle manifest and this bundle lists none "
+                             "(a head-only bundle, or one built before edgeftl recorded them: rebuild it); "
+                             "use --strategy fedavg")
         self.last_report: dict[str, float] = {}
 
-    def _view(self, vector: np.ndarray, name: str) -> np.ndarray:
-        offset, shape = self.slices[name]
-        return vector[offset: offset + int(np.prod(shape))].reshape(shape)
+    @staticmethod
+    def _view(vector: np.ndarray, param: TrainableParam) -> np.ndarray:
+        return vector[param.offset: param.offset + param.size].reshape(param.shape)
 
     def aggregate(self, global_params: np.ndarray, updates: list[Update]) -> np.ndarray:
         new = global_params + weighted_mean(updates)  # FedAvg everywhere; LoRA pairs overwritten below
         weights = np.array([u.weight for u in updates], dtype=np.float64)
         weights /= weights.sum()
         naive_err, svd_err, norm = 0.0, 0.0, 0.0
-        for name_a, name_b in self.pairs:
-            a_g, b_g = self._view(global_params, name_a), self._view(global_params, name_b)
+        for a, b in self.pairs:  # each adapted layer's A (r, in) and B (out, r)
+            a_g, b_g = self._view(global_params, a), self._view(global_params, b)
             # sum_i w_i B_i A_i as one product: [w_1 B_1 ... w_n B_n] (out, n r) @ [A_1; ...; A_n] (n r, in)
-            b_stack = np.concatenate([w * (b_g + self._view(u.delta, name_b)).astype(np.float64)
+            b_stack = np.concatenate([w * (b_g + self._view(u.delta, b)).astype(np.float64)
                                       for w, u in zip(weights, updates)], axis=1)
-            a_stack = np.concatenate([(a_g + self._view(u.delta, name_a)).astype(np.float64) for u in updates], axis=0)
+            a_stack = np.concatenate([(a_g + self._view(u.delta, a)).astype(np.float64) for u in updates], axis=0)
             exact = b_stack @ a_stack  # (out, in)
             rank = a_g.shape[0]
             u_, s, vt = np.linalg.svd(exact, full_matrices=False)
             root = np.sqrt(s[:rank])
             b_new, a_new = u_[:, :rank] * root, root[:, None] * vt[:rank]
-            naive = self._view(new, name_b).astype(np.float64) @ self._view(new, name_a).astype(np.float64)
+            naive = self._view(new, b).astype(np.float64) @ self._view(new, a).astype(np.float64)
             naive_err += float(np.linalg.norm(naive - exact) ** 2)
             svd_err += float(np.linalg.norm(b_new @ a_new - exact) ** 2)
             norm += float(np.linalg.norm(exact) ** 2)
-            self._view(new, name_a)[:] = a_new
-            self._view(new, name_b)[:] = b_new
+            self._view(new, a)[:] = a_new
+            self._view(new, b)[:] = b_new
         if norm > 0:
             self.last_report = {"naive_rel_error": (naive_err / norm) ** 0.5, "svd_rel_error": (svd_err / norm) ** 0.5}
         return new.astype(np.float32)
