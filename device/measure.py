@@ -67,7 +67,11 @@ def total_memory_mib() -> float | None:
 
 
 def platform_info() -> dict[str, object]:
-    """Where the numbers were measured: CPU architecture, OS, core count, memory."""
+    """Where the numbers were measured: CPU architecture, OS, core count, memory.
+
+    The one description of a machine: devices send it with their metrics, and the benchmark
+    scripts (tools/benchdoc.py) derive their `Machine:` lines from it.
+    """
     return {
         "platform_machine": platform.machine(),
         "platform_system": platform.system(),
@@ -76,6 +80,25 @@ def platform_info() -> dict[str, object]:
         "platform_cpu_count": os.cpu_count(),
         "platform_total_memory_mib": total_memory_mib(),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name, for reports (not in `platform_info`: devices do not send it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (`nproc`): fewer than `platform_cpu_count` in a container or under taskset."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
 
 
 def files_bytes(paths: Iterable[Path]) -> int:

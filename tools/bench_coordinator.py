@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ import benchdoc
 
 from edgeftl.coordinator.rounds.inbox import Inbox
 from edgeftl.coordinator.rounds.strategy import Update, make_strategy
+from edgeftl.device.measure import platform_info
 from edgeftl.device.protocol.codecs import parse_codec
 from edgeftl.device.protocol.manifest import LoraFactor, TrainableParam
 from edgeftl.device.protocol.messages import Update as UpdateMessage
@@ -124,13 +124,14 @@ def main() -> int:
         lines.append(f"| {r['codec']} | {r['updates']} | {r['payload_mib']:.1f} | {r['decode_s']:.2f} | "
                      f"{r['fedavg_s']:.2f} | {r['fedadam_s']:.2f} | {r['lora-svd_s']:.2f} | "
                      f"{r['decode_s'] + r['fedavg_s']:.2f} |")
+    info = platform_info()
     section = "\n".join([
         "<!-- bench_coordinator:start -->",
         "## Coordinator scale (`tools/bench_coordinator.py`)",
         "",
         f"{args.updates} MiniLM-LoRA-sized updates ({SIZE:,} values each) per codec, through the coordinator's "
         f"inbox (all validation included) and the aggregation strategies; median of {args.repeats}, one process, "
-        f"{platform.machine()} with {os.cpu_count()} CPUs, Python {platform.python_version()}.",
+        f"{info['platform_machine']} with {info['platform_cpu_count']} CPUs, Python {info['platform_python']}.",
         "",
         *lines,
         "<!-- bench_coordinator:end -->",

@@ -56,7 +56,7 @@ import numpy as np
 
 import benchdoc
 
-from edgeftl.device.measure import proc_status_mib  # VmRSS / VmHWM in MiB, as devices report them
+from edgeftl.device.measure import proc_status_mib, usable_cpus  # VmRSS / VmHWM in MiB, as devices report them
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "BENCHMARKS.md"
@@ -268,7 +268,7 @@ def _others_share(before: tuple[float, float], after: tuple[float, float], wall_
     The machine may be shared: runs with a large share have inflated step times.
     """
     others = (after[0] - before[0]) - (after[1] - before[1])
-    return round(max(0.0, others) / (wall_s * len(os.sched_getaffinity(0))), 3)
+    return round(max(0.0, others) / (wall_s * usable_cpus()), 3)
 
 
 def _wait_for_quiet(limit_s: float) -> float:

@@ -191,10 +191,12 @@ def main() -> int:
         started = time.monotonic()
         central = centralized(args.work, case_folder(args.work, cases[0]), args)
         walls["centralized"] = time.monotonic() - started
-    import platform
+    from edgeftl.device.measure import platform_info
+
+    info = platform_info()
     results = {"settings": {"devices": args.devices, "alpha": args.alpha, "rounds": args.rounds, "steps": args.steps,
                             "lr": args.lr, "wall_s": time.monotonic() - began,
-                            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs"},
+                            "machine": f"{info['platform_machine']}, {info['platform_cpu_count']} CPUs"},
                "federated": federated, "centralized": central, "wall_s": walls}
     write_doc(results)
     return 0

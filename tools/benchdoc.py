@@ -3,30 +3,36 @@ its own marked section of docs/BENCHMARKS.md (so the scripts never clobber each 
 
 from __future__ import annotations
 
-import os
-import platform
 import re
 import subprocess
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from edgeftl.device.measure import cpu_model, platform_info, usable_cpus
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 
 
 def machine() -> dict:
-    cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-    mem = re.search(r"^MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
-    versions = {}
-    for name in ("onnxruntime", "torch"):
+    """The machine the numbers came from: device/measure.py's description, plus versions and the date."""
+    info = platform_info()
+    memory = info["platform_total_memory_mib"]
+    return {"nproc": usable_cpus(), "ram_gib": round(memory / 1024, 1) if memory else None, "cpu": cpu_model(),
+            "python": info["platform_python"], **versions("onnxruntime", "torch"),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def versions(*distributions: str) -> dict[str, str]:
+    """Installed versions of the named distributions; those not installed are left out."""
+    found = {}
+    for name in distributions:
         try:
-            versions[name] = metadata.version(name)
+            found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-    return {"nproc": len(os.sched_getaffinity(0)), "ram_gib": round(int(mem.group(1)) / 2**20, 1) if mem else None,
-            "cpu": cpu.group(1).strip() if cpu else platform.processor(), "python": platform.python_version(),
-            **versions, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return found
 
 
 def git_state() -> dict:

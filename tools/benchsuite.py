@@ -9,17 +9,17 @@ between `<!-- bench_summary:start -->` and `<!-- bench_summary:end -->`.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import re
 import shlex
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
+
+import benchdoc  # tools/ is on sys.path: this module is imported by tools/bench.py and the tests
+
+from edgeftl.device.measure import platform_info
 
 START, END = "<!-- bench_summary:start -->", "<!-- bench_summary:end -->"
 
@@ -83,11 +83,12 @@ def run_all(root: Path, names: list[str], quick: bool) -> list[Outcome]:
 
 
 def machine() -> dict[str, object]:
-    """The machine the numbers came from: CPU model, cores, memory, Python and library versions."""
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "ram_gib": _ram_gib(), "python": platform.python_version(),
-            "os": f"{platform.system()} {platform.release()}", "machine": platform.machine(),
-            "onnxruntime": _version("onnxruntime"),
-            "torch": _version("torch"), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    """The machine the numbers came from: benchdoc's description (device/measure.py's), with the
+    core count, OS and architecture the summary line shows."""
+    info = platform_info()
+    return {"onnxruntime": "not installed", "torch": "not installed", **benchdoc.machine(),
+            "cores": info["platform_cpu_count"], "os": f"{info['platform_system']} {info['platform_release']}",
+            "machine": info["platform_machine"]}
 
 
 def machine_line(m: dict[str, object]) -> str:
@@ -150,36 +151,6 @@ def write_docs(root: Path, summary: dict, table: str) -> Path:
         text = f"{title}\n\n{line}\n\n{section}\n\n{rest.lstrip()}"
     doc.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
     return doc
-
-
-# ---- machine description ------------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _ram_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
-
-
-def _version(*distributions: str) -> str:
-    for name in distributions:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return "not installed"
 
 
 def _per_update(records: list[dict]) -> float:
