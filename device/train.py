@@ -94,18 +94,27 @@ def loss_units(runtime: BundleRuntime, targets: np.ndarray) -> int:
     return int((targets[:, 1:] != IGNORE_INDEX).sum())
 
 
-def accumulate_parts(runtime: BundleRuntime, parts: list[Batch], share: float) -> float:
+def loss_shares(units: list[int]) -> list[float]:
+    """Each micro-batch's share of its batch's loss units: the `loss_weight` that makes the
+    micro-batch gradients add up to the gradient of the whole batch's mean loss (docs/BUNDLE.md §3)."""
+    total = max(1, sum(units))
+    return [count / total for count in units]
+
+
+def accumulate_parts(runtime, parts: list[Batch], share: float) -> float:
     """Forward/backward over one batch given as micro-batches, adding `share` x its mean-loss gradient.
 
-    Each micro-batch's loss is weighted by its fraction of the batch's loss units, so the sum of
-    the micro-batch gradients is the gradient of the batch's mean loss. Returns that mean loss.
+    The one home of micro-batch accumulation (benchmarks and the build's probe plan use it too).
+    Each micro-batch's loss is weighted by its `loss_shares`, so the sum of the micro-batch
+    gradients is the gradient of the batch's mean loss. `runtime` is a `BundleRuntime` or anything
+    with its `manifest`, `accumulate` (ONNX Runtime Training's reference runtime). Returns the
+    batch's mean loss.
     """
-    units = [loss_units(runtime, targets) for _, _, targets in parts]
-    total = max(1, sum(units))
+    shares = loss_shares([loss_units(runtime, targets) for _, _, targets in parts])
     loss = 0.0
-    for (feats, mask, targets), count in zip(parts, units):
-        if count:
-            loss += runtime.accumulate(feats, mask, targets, share * count / total) * count / total
+    for (feats, mask, targets), part in zip(parts, shares):
+        if part:
+            loss += runtime.accumulate(feats, mask, targets, share * part) * part
     return loss
 
 

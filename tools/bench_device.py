@@ -25,7 +25,7 @@ Memory is read from /proc/self/status: VmRSS once the model and optimizer exist 
 first step) and VmHWM (peak RSS) at the end. Each figure is the median over repeats.
 
 The edgeftl cases run twice: micro-batch 16 (one pass per step) and micro-batch 4 (four
-passes, gradients weighted and accumulated exactly as device/train.py `accumulate_batch`,
+passes, gradients weighted and accumulated exactly as device/train.py `accumulate_parts`,
 one optimizer step per batch of 16). PyTorch runs the same way for reference.
 
     .venv/bin/python tools/bench_device.py              # 3 repeats, writes docs/
@@ -400,16 +400,12 @@ def _timed_steps(step, steps: int) -> tuple[list[tuple[float, float]], list[floa
 
 
 def _bundle_step(runtime, feats: np.ndarray, mask: np.ndarray, labels: np.ndarray, micro: int) -> float:
-    """One optimizer step over a batch run as micro-batches whose gradients add up exactly.
+    """One optimizer step over a batch run as micro-batches whose gradients add up exactly
+    (device/train.py `accumulate_parts`, as devices train)."""
+    from edgeftl.device.train import accumulate_parts  # after _open_bundle: the training build loads first
 
-    Classification loss averages over samples, so micro-batch i is weighted by its share of
-    the batch's samples (device/train.py `accumulate_batch`).
-    """
-    loss = 0.0
-    for start in range(0, len(labels), micro):
-        part = slice(start, start + micro)
-        weight = len(labels[part]) / len(labels)
-        loss += runtime.accumulate(feats[part], mask[part], labels[part], weight) * weight
+    parts = [(feats[i:i + micro], mask[i:i + micro], labels[i:i + micro]) for i in range(0, len(labels), micro)]
+    loss = accumulate_parts(runtime, parts, 1.0)
     runtime.apply_step()
     return loss
 
@@ -686,7 +682,7 @@ def _markdown(results: dict) -> str:
              "the training build's Module/Optimizer, with the bundle's tokenizer and lower stack, as devices ran "
              "them before moving to stock onnxruntime; (b)-(e) run on stock onnxruntime with AdamW in numpy. "
              "*micro-batch 4*: each batch of 16 runs as 4 forward/backward passes whose weighted gradients "
-             "add up exactly to the batch's, then one optimizer step (device/train.py `accumulate_batch`; "
+             "add up exactly to the batch's, then one optimizer step (device/train.py `accumulate_parts`; "
              "PyTorch the same way with loss scaling). All ratios are to (a) at micro-batch 16.", "",
              "| case | micro-batch | RSS after load MiB | x (a) | peak RSS MiB | x (a) | median step s | x (a) "
              "| step CPU s | x (a) | epoch s | torch imported |",

@@ -36,7 +36,7 @@ PROBE_ROWS, PROBE_SEQ, PROBE_LR = 4, 16, 1e-2
 
 def probe_plan(runtime, seed: int = 0, steps: int = 2, rows: int = PROBE_ROWS, lr: float = PROBE_LR) -> dict:
     """A plan (`training_job` format) of random batches this bundle accepts; step 0 has two micro-batches."""
-    from edgeftl.device.train import loss_units
+    from edgeftl.device.train import loss_shares, loss_units
 
     rng = np.random.default_rng(seed)
     manifest = runtime.manifest
@@ -51,12 +51,12 @@ def probe_plan(runtime, seed: int = 0, steps: int = 2, rows: int = PROBE_ROWS, l
         targets = runtime.targets(ids, mask, labels)
         features = ids if not manifest.split else rng.normal(size=(rows, seq, manifest.hidden_size)).astype(np.float32)
         parts = [slice(0, rows // 2), slice(rows // 2, rows)] if step == 0 else [slice(0, rows)]
-        units = [loss_units(runtime, targets[part]) for part in parts]
-        for micro, (part, count) in enumerate(zip(parts, units)):
+        shares = loss_shares([loss_units(runtime, targets[part]) for part in parts])
+        for micro, (part, share) in enumerate(zip(parts, shares)):
             prefix = f"s{step}.m{micro}."
             plan[prefix + "features"], plan[prefix + "mask"], plan[prefix + "targets"] = (
                 features[part], mask[part], targets[part])
-            plan[prefix + "weight"] = np.array(count / max(1, sum(units)), dtype=np.float32)
+            plan[prefix + "weight"] = np.array(share, dtype=np.float32)
     return plan
 
 
