@@ -289,3 +289,19 @@ def test_a_coordinator_run_without_config_or_evaluation_still_reports(tmp_path):
     html = report.html.read_text()
     assert html.count("data:image/png;base64,") == FIGURES
     assert "- (no config.json)" in html and "gateway (?)" in html
+
+
+def test_what_the_record_writer_appends_is_what_reports_read(tmp_path):
+    from edgeftl.coordinator.rounds import records
+
+    # Prepare / Execute: two rounds through the one writer of run records
+    folder = tmp_path / "run"
+    for round_index in range(2):
+        records.append(folder, _record(round_index, 0.5 + 0.1 * round_index))
+    run = load_run(folder)
+    # Assert: sorted JSON lines, read back whole; a fresh run drops them
+    lines = (folder / records.METRICS).read_text().splitlines()
+    assert lines[0] == json.dumps(_record(0, 0.5), sort_keys=True)
+    assert [r["round"] for r in run.records] == [0, 1] and not run.warnings
+    records.start_fresh(folder)
+    assert not (folder / records.METRICS).exists()

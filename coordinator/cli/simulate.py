@@ -10,6 +10,7 @@ from pathlib import Path
 
 from edgeftl.device.cli.common import fail
 from edgeftl.coordinator.cli.coordinator import add_round_flags, config_from, round_line
+from edgeftl.coordinator.rounds.records import METRICS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         "bytes_down_total": sum(r["bytes_down"] for r in records),
         "device_peak_rss_mib": max((r["device_peak_rss_mib"] for r in records), default=0),
         "wall_s": round(time.monotonic() - began, 1),
-        "metrics": str(args.out / "metrics.jsonl"),
+        "metrics": str(args.out / METRICS),
     }
     print(json.dumps(summary, indent=2))
     return 0

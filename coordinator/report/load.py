@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-METRICS = "metrics.jsonl"
+from edgeftl.coordinator.rounds.records import METRICS, METRICS_FORMAT
+
 CONFIG = "config.json"
-METRICS_FORMAT = 1  # the `format` field the coordinator writes in every record
 
 
 class ReportError(ValueError):
