@@ -149,17 +149,17 @@ def _label(quant: str) -> str:
 # ---- per-bundle facts (stdlib + numpy) -----------------------------------------------------
 
 def _bundle_facts(bundle: Path) -> dict:
-    manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+    from edgeftl.device.protocol.manifest import read_manifest
+
+    manifest = read_manifest(bundle)
     sizes = {p.relative_to(bundle).as_posix(): p.stat().st_size for p in bundle.rglob("*") if p.is_file()}
-    trainable = manifest["trainable"]
-    count = sum(int(np.prod(t["shape"])) for t in trainable)
     return {
         "bundle_bytes": sum(sizes.values()),
         "file_bytes": sizes,
-        "trainable_params": count,
-        "trainable_bytes": sum(int(np.prod(t["shape"])) * np.dtype(t["dtype"]).itemsize for t in trainable),
-        "first_trainable_block": manifest["first_trainable_block"],
-        "quant_report_mean_rel_error": (manifest["quantization"].get("report") or {}).get("mean_rel_error"),
+        "trainable_params": manifest.trainable_count,
+        "trainable_bytes": sum(t.size * np.dtype(t.dtype).itemsize for t in manifest.trainable),
+        "first_trainable_block": manifest.first_trainable_block,
+        "quant_report_mean_rel_error": manifest.quantization.report.get("mean_rel_error"),
     }
 
 

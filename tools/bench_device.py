@@ -57,6 +57,7 @@ import numpy as np
 import benchdoc
 
 from edgeftl.device.measure import proc_status_mib, usable_cpus  # VmRSS / VmHWM in MiB, as devices report them
+from edgeftl.device.protocol.manifest import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "BENCHMARKS.md"
@@ -147,7 +148,7 @@ def _label_names() -> list[str]:
 
 def _build(out: Path, labels: list[str], flags: list[str], args) -> float | None:
     """Wall-clock seconds of one `edgeftl build` in a fresh process (None: reused)."""
-    if args.reuse and (out / "manifest.json").is_file():
+    if args.reuse and (out / MANIFEST).is_file():
         return None
     cmd = [sys.executable, "-m", "edgeftl.device.cli", "build", "--quiet", "--force",
            "--labels", ",".join(labels), "--out", str(out), "--reference-dir", str(_reference(out)), *flags,

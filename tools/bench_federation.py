@@ -23,6 +23,8 @@ from pathlib import Path
 
 import benchdoc
 
+from edgeftl.device.protocol.manifest import MANIFEST
+
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "edgeftl.device.cli"]
 
@@ -172,7 +174,7 @@ def main() -> int:
     began = time.monotonic()
     args.work.mkdir(parents=True, exist_ok=True)
     args.bundle = args.work / "bundle-int8-top2"
-    if not (args.bundle / "manifest.json").is_file():
+    if not (args.bundle / MANIFEST).is_file():
         subprocess.run([*CLI, "build", "--quant", "int8", "--train-layers", "2", "--out", str(args.bundle),
                         "--force", "--quiet"], check=True)
     cases = [c.strip() for c in args.codecs.split(",") if c.strip()]

@@ -21,7 +21,7 @@ from edgeftl.coordinator.rounds import records
 from edgeftl.coordinator.rounds.config import CoordinatorConfig
 from edgeftl.coordinator.simulation.partition import dirichlet_split
 from edgeftl.device.data import load_bbc, read_examples, stratified_split, write_csv
-from edgeftl.device.protocol.manifest import CLASSIFY
+from edgeftl.device.protocol.manifest import CLASSIFY, MANIFEST
 
 
 @dataclass
@@ -46,7 +46,7 @@ def build_bundle_if_needed(sim: SimulationConfig) -> Path:
         return sim.bundle
     split = f"-top{sim.train_layers}" if sim.train_layers else ""
     bundle = sim.out / f"bundle-{sim.quant}{split}"
-    if not (bundle / "manifest.json").is_file():
+    if not (bundle / MANIFEST).is_file():
         extra = ["--train-layers", str(sim.train_layers)] if sim.train_layers else []
         subprocess.run([sys.executable, "-m", "edgeftl.device.cli", "build", "--quant", sim.quant,
                         "--out", str(bundle), "--force", *extra], check=True)
