@@ -21,7 +21,7 @@ from edgeftl.device.data import read_examples
 from edgeftl.device.link import Incoming, Link, Refused
 from edgeftl.device.measure import peak_rss_mib, platform_info, rss_mib
 from edgeftl.device.protocol.codecs import ErrorFeedback, parse_codec
-from edgeftl.device.protocol.manifest import sha256_file
+from edgeftl.device.protocol.manifest import bundle_sha256
 from edgeftl.device.protocol.messages import (
     ErrorReply,
     Global,
@@ -58,7 +58,7 @@ class DeviceAgent:
     def __init__(self, link: Link, config: AgentConfig) -> None:
         self.link, self.config = link, config
         self.runtime = BundleRuntime(config.bundle, threads=config.threads)  # checks the bundle first
-        self.bundle_sha256 = sha256_file(Path(config.bundle) / "manifest.json")
+        self.bundle_sha256 = bundle_sha256(config.bundle)
         self.examples = read_examples(config.data, self.runtime.manifest.task, self.runtime.manifest.labels or None)
         self.inputs, self._closers = data_inputs(self.runtime, self.examples, config.data, config.cache_dir,
                                                  progress=False)

@@ -152,7 +152,7 @@ def test_agent_waiting_for_a_global_skips_a_bad_message_and_runs_the_task_once_i
     # malformed message and finally that global arrive.
     from edgeftl.device.link import InProcessConnection, Link
     from edgeftl.device.protocol.codecs import Encoded
-    from edgeftl.device.protocol.manifest import sha256_file
+    from edgeftl.device.protocol.manifest import bundle_sha256
     from edgeftl.device.protocol.messages import Global, Task, Update
 
     folder = bundle(tmp_path_factory, "bert-int8")
@@ -160,7 +160,7 @@ def test_agent_waiting_for_a_global_skips_a_bad_message_and_runs_the_task_once_i
     broker = InProcessBroker()
     agent = DeviceAgent(device_link(broker, "dev0"), AgentConfig("dev0", folder, path, threads=1))
     agent.start()
-    sha = sha256_file(folder / "manifest.json")
+    sha = bundle_sha256(folder)
     listener = coordinator_link(broker, "listener")
     listener.connect()
     sender = Link(InProcessConnection(broker, "sender"), "edgeftl", [])
@@ -185,7 +185,7 @@ def test_a_task_whose_global_never_arrives_gets_a_no_global_reply(tmp_path, tmp_
     # Prepare: an agent that holds no global of the run its task belongs to, and a short wait
     from edgeftl.device import agent as agent_module
     from edgeftl.device.link import InProcessConnection, Link
-    from edgeftl.device.protocol.manifest import sha256_file
+    from edgeftl.device.protocol.manifest import bundle_sha256
     from edgeftl.device.protocol.messages import ErrorReply, Task
 
     monkeypatch.setattr(agent_module, "GLOBAL_WAIT_S", 0.3)
@@ -199,7 +199,7 @@ def test_a_task_whose_global_never_arrives_gets_a_no_global_reply(tmp_path, tmp_
     sender = Link(InProcessConnection(broker, "sender"), "edgeftl", [])
     sender.connect()
     # Execute
-    sender.send(Task("run", 4, sha256_file(folder / "manifest.json"), ("dev0",), 60.0, 1e-2, "none", steps=1))
+    sender.send(Task("run", 4, bundle_sha256(folder), ("dev0",), 60.0, 1e-2, "none", steps=1))
     sent = agent.run(stop_after_s=1.5)
     # Assert
     replies = [listener.receive(0.0) for _ in range(3)]
@@ -212,7 +212,7 @@ def test_a_device_whose_parameters_drift_from_the_coordinators_fetches_the_full_
     # Prepare: an agent holding round 0, whose copy then drifts (as a float64 implementation's would)
     from edgeftl.device.link import InProcessConnection, Link
     from edgeftl.device.protocol.codecs import Encoded
-    from edgeftl.device.protocol.manifest import sha256_file
+    from edgeftl.device.protocol.manifest import bundle_sha256
     from edgeftl.device.protocol.messages import Global, params_sha256
 
     folder = bundle(tmp_path_factory, "bert-int8")
@@ -220,7 +220,7 @@ def test_a_device_whose_parameters_drift_from_the_coordinators_fetches_the_full_
     broker = InProcessBroker()
     agent = DeviceAgent(device_link(broker, "dev0"), AgentConfig("dev0", folder, path, threads=1))
     agent.start()
-    sha, truth = sha256_file(folder / "manifest.json"), agent.runtime.get_flat()
+    sha, truth = bundle_sha256(folder), agent.runtime.get_flat()
     sender = Link(InProcessConnection(broker, "sender"), "edgeftl", [])
     sender.connect()
     sender.send(Global("run", 0, sha, Encoded("none", truth.size, {"values": truth})))

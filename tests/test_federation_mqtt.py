@@ -12,7 +12,7 @@ from edgeftl.coordinator.rounds.config import CoordinatorConfig
 from edgeftl.coordinator.rounds.loop import Coordinator
 from edgeftl.device.link import Framer, Link, MqttConnection
 from edgeftl.device.protocol.codecs import Encoded
-from edgeftl.device.protocol.manifest import read_manifest, sha256_file
+from edgeftl.device.protocol.manifest import bundle_sha256, read_manifest
 from edgeftl.device.protocol.messages import Update, encode
 from edgeftl.device.protocol.topics import Topics
 from edgeftl.device.runtime import BundleRuntime
@@ -30,7 +30,7 @@ def test_every_kind_of_bad_update_is_rejected_and_counted(mosquitto_broker, tmp_
     host, port = mosquitto_broker
     url = f"mqtt://{host}:{port}"
     folder = bundle(tmp_path_factory, "bert-int8")
-    manifest, sha = read_manifest(folder), sha256_file(folder / "manifest.json")
+    manifest, sha = read_manifest(folder), bundle_sha256(folder)
     n = manifest.trainable_count
     topics = Topics("edgeftl")
     config = CoordinatorConfig(out=tmp_path / "run", rounds=1, deadline_s=15, wait_devices=2, wait_devices_s=10,

@@ -7,7 +7,6 @@ thread, in arrival order; nothing here sees bytes or topics.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -15,19 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeftl.coordinator.rounds import checkpoint
+from edgeftl.coordinator.rounds import checkpoint, records
 from edgeftl.coordinator.rounds.config import CoordinatorConfig
 from edgeftl.coordinator.rounds.inbox import DeviceFailure, Inbox, ReceivedUpdate
 from edgeftl.coordinator.rounds.strategy import Update as StrategyUpdate
 from edgeftl.coordinator.rounds.strategy import make_strategy
 from edgeftl.device.link import Incoming, Link, Refused
 from edgeftl.device.protocol.codecs import Encoded, ErrorFeedback, parse_codec
-from edgeftl.device.protocol.manifest import Manifest, sha256_file
+from edgeftl.device.protocol.manifest import Manifest, bundle_sha256
 from edgeftl.device.protocol.messages import ErrorReply, Global, Status, Task, Update, apply_delta, params_sha256
 
 log = logging.getLogger("edgeftl.coordinator")
-METRICS = "metrics.jsonl"
-METRICS_FORMAT = 1
 
 
 class Coordinator:
@@ -37,9 +34,8 @@ class Coordinator:
                  config: CoordinatorConfig, evaluate: Callable[[np.ndarray], dict] | None = None,
                  on_round: Callable[[dict], None] | None = None) -> None:
         self.link, self.config, self.evaluate, self.on_round = link, config, evaluate, on_round
-        self.bundle_sha256 = sha256_file(Path(bundle) / "manifest.json")
-        self.layout = [{"name": p.name, "shape": p.shape, "offset": p.offset} for p in manifest.trainable]
-        self.strategy = make_strategy(config.strategy, self.layout, config.server_lr)
+        self.bundle_sha256 = bundle_sha256(bundle)
+        self.strategy = make_strategy(config.strategy, manifest.trainable, config.server_lr)
         self.params = initial.astype(np.float32).copy()  # the server's global parameters
         self.reference = self.params.copy()  # what devices hold (differs when the downlink is lossy)
         self.downlink = ErrorFeedback(parse_codec(config.downlink), self.params.size)
@@ -159,7 +155,7 @@ class Coordinator:
             known.update({k: v for k, v in r.update.metrics.items() if k.startswith("platform_")})
             metrics[r.update.device_id] = {**known, **r.update.metrics}
         record = {
-            "format": METRICS_FORMAT,
+            "format": records.METRICS_FORMAT,
             "round": round_index,
             "devices_online": self._online_count(),
             "devices_selected": len(selected),
@@ -184,7 +180,6 @@ class Coordinator:
         return record
 
     def _log(self, record: dict) -> None:
-        with open(self.config.out / METRICS, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
+        records.append(self.config.out, record)
         if self.on_round is not None:
             self.on_round(record)

@@ -95,6 +95,7 @@ class MqttConnection:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_unsubscribe = self._on_unsubscribe
         self._client.on_message = self._on_message
         self._lock = threading.Lock()
         self._filters: list[str] = []  # subscribed (again after every reconnect)
@@ -102,7 +103,7 @@ class MqttConnection:
         self._will: tuple[str, bytes] | None = None
         self._online = threading.Event()  # CONNACK received, not yet disconnected
         self._ready = threading.Event()  # online and the (re)subscriptions acknowledged
-        self._acks: dict[int, list[str]] = {}  # subscribe mid -> failure reasons ([] = fine)
+        self._acks: dict[int, list[str]] = {}  # (un)subscribe mid -> failure reasons ([] = fine)
         self._ack_cond = threading.Condition()
         self._pending: list[mqtt.MQTTMessageInfo] = []
         self._last_error = ""
@@ -188,21 +189,26 @@ class MqttConnection:
             self._subscribe_now(filters)
 
     def unsubscribe(self, filters: list[str]) -> None:
+        """Drop filters; once connected, returns after the broker acknowledged it, so nothing
+        published after this call arrives through them (paho sends from its own thread)."""
         with self._lock:
             self._filters = [f for f in self._filters if f not in filters]
         if self.connected:
-            self._client.unsubscribe(filters)
+            self._acknowledged(*self._client.unsubscribe(filters), f"unsubscribe {filters}", "UNSUBACK")
 
-    def _subscribe_now(self, filters: list[str], timeout_s: float = 10.0) -> None:
-        rc, mid = self._client.subscribe([(f, 1) for f in filters])
+    def _subscribe_now(self, filters: list[str]) -> None:
+        self._acknowledged(*self._client.subscribe([(f, 1) for f in filters]), f"subscribe {filters}", "SUBACK")
+
+    def _acknowledged(self, rc: int, mid: int | None, what: str, ack: str, timeout_s: float = 10.0) -> None:
+        """Wait for the SUBACK/UNSUBACK of request `mid`. Raises LinkError if it fails or never comes."""
         if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
-            raise LinkError(f"subscribe {filters} failed: {mqtt.error_string(rc)}")
+            raise LinkError(f"{what} failed: {mqtt.error_string(rc)}")
         with self._ack_cond:
             if not self._ack_cond.wait_for(lambda: mid in self._acks, timeout_s):
-                raise LinkError(f"no SUBACK from {self.url} for {filters} within {timeout_s:g} s")
+                raise LinkError(f"no {ack} from {self.url} for {what} within {timeout_s:g} s")
             failures = self._acks.pop(mid)
         if failures:
-            raise LinkError(f"broker {self.url} refused subscription {filters}: {failures}")
+            raise LinkError(f"broker {self.url} refused {what}: {failures}")
 
     # ---- paho callbacks (network thread): never raise into paho -----------------------------
 
@@ -219,6 +225,9 @@ class MqttConnection:
                 filters = list(self._filters)
             if filters:
                 rc, mid = client.subscribe([(f, 1) for f in filters])
+                if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
+                    self._last_error = f"resubscribe failed: {mqtt.error_string(rc)}"
+                    return
                 with self._ack_cond:
                     self._acks.setdefault(mid, []).append("ready")  # marks the resubscription
             else:
@@ -254,10 +263,16 @@ class MqttConnection:
         except Exception:
             log.exception("%s: on_subscribe failed", self.client_id)
 
+    def _on_unsubscribe(self, client: mqtt.Client, userdata: object, mid: int,
+                        reasons: list[mqtt.ReasonCode], properties: Properties | None) -> None:
+        with self._ack_cond:
+            self._acks[mid] = [str(r) for r in reasons if r.is_failure]
+            self._ack_cond.notify_all()
+
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         try:
             topic = message.topic
         except UnicodeDecodeError:
             log.warning("%s: dropped a message whose topic is not UTF-8", self.client_id)
             return
-        self.on_frame(topic, message.payload)
+        self.on_frame(topic, bytes(message.payload))
