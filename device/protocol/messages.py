@@ -225,9 +225,9 @@ def decode(payload: bytes, max_bytes: int) -> Message:
     except wire.WireError as exc:
         raise MessageError(str(exc)) from None
     kind = header.get("kind")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:  # a list or object kind must not raise TypeError
         raise MessageError(f"bad header: unknown message kind {str(kind)[:40]!r}; known: {', '.join(KINDS)}")
-    if header.get("format") != FORMAT:
+    if type(header.get("format")) is not int or header["format"] != FORMAT:  # true == 1 in Python
         raise MessageError(f"unsupported version: header format {header.get('format')!r}, this reader knows {FORMAT}")
     _check_fields(kind, header)
     if arrays and kind not in _WITH_ARRAYS:
@@ -309,6 +309,8 @@ def vector_of(message: Global | Update, expected: int) -> np.ndarray:
     encoded = message.vector
     if encoded.size != expected:
         raise MessageError(f"wrong size: vector has {encoded.size} values, the bundle has {expected}")
+    if any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in encoded.arrays.values()):
+        raise MessageError("not finite: a value or scale array holds NaN or Inf")
     codec: Codec = parse_codec(encoded.codec)
     try:
         vector = codec.decode(encoded)
