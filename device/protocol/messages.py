@@ -258,7 +258,8 @@ def _check_fields(kind: str, header: dict[str, Any]) -> None:
         if name not in header:
             raise MessageError(f"bad header: {kind} lacks required field {name!r}")
         if not rule(value):
-            raise MessageError(f"bad header: {kind} field {name!r} is {_show(value)}, expected {rule.__doc__}")
+            accepted = " ".join(str(rule.__doc__).split())  # one line, though a rule's docstring wraps
+            raise MessageError(f"bad header: {kind} field {name!r} is {_show(value)}, expected {accepted}")
     if kind == "task" and header.get("epochs") is not None and header.get("steps") is not None:
         raise MessageError("bad header: task sets both epochs and steps; at most one is allowed")
     if kind == "global" and header.get("base_round") is not None and header["base_round"] != header["round"] - 1:
