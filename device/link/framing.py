@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 
-from edgeftl.device.protocol import wire
+from edgeftl.device.protocol import chunks
 from edgeftl.device.protocol.topics import chunk_filter, chunk_topic, split_chunk_topic, validate_topic
 
 Frame = tuple[str, bytes]  # (MQTT topic, MQTT payload)
@@ -26,11 +26,11 @@ class Framer:
     """
 
     def __init__(self, max_chunk: int, max_message_bytes: int) -> None:
-        if max_chunk < wire.MIN_CHUNK or max_message_bytes < max_chunk:
-            raise ValueError(f"need {wire.MIN_CHUNK} <= max_chunk ({max_chunk}) <= max_message_bytes "
+        if max_chunk < chunks.MIN_CHUNK or max_message_bytes < max_chunk:
+            raise ValueError(f"need {chunks.MIN_CHUNK} <= max_chunk ({max_chunk}) <= max_message_bytes "
                              f"({max_message_bytes})")
         self.max_chunk, self.max_message_bytes = max_chunk, max_message_bytes
-        self.reassembler = wire.Reassembler(max_message_bytes)
+        self.reassembler = chunks.Reassembler(max_message_bytes)
         self._retained_chunks: dict[str, int] = {}  # topic -> chunks of our last retained publish
 
     def frames(self, topic: str, payload: bytes, retain: bool) -> list[Frame]:
@@ -49,8 +49,8 @@ class Framer:
         if len(payload) <= self.max_chunk:
             frames, count = [(topic, payload)], 0
         else:
-            chunks = wire.split(payload, self.max_chunk, uuid.uuid4().hex)
-            frames, count = [(chunk_topic(topic, i), c) for i, c in enumerate(chunks)], len(chunks)
+            parts = chunks.split(payload, self.max_chunk, uuid.uuid4().hex)
+            frames, count = [(chunk_topic(topic, i), c) for i, c in enumerate(parts)], len(parts)
         if retain:
             previous = self._retained_chunks.get(topic, 0)
             self._retained_chunks[topic] = count
@@ -63,7 +63,7 @@ class Framer:
         not complete one yet, or for an empty frame (a retained-message deletion).
 
         Raises:
-            wire.WireError: a bad or oversized chunk, or a reassembled payload failing its hash.
+            chunks.WireError: a bad or oversized chunk, or a reassembled payload failing its hash.
         """
         if not frame:
             return None

@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import struct
-from typing import Any
 
 import numpy as np
 
@@ -181,15 +180,3 @@ def _check_layout(specs: list, body_len: int) -> list[tuple[str, np.dtype, tuple
 def _count(value: object) -> bool:
     return type(value) is int and value >= 0
 
-
-# The chunk layer moved to chunks.py; these names stay readable here until device/link imports
-# them from there (a module __getattr__, so that chunks.py can import WireError without a cycle).
-_MOVED = ("split", "parse_chunk", "Chunk", "Reassembler", "MIN_CHUNK", "CHUNK_FIXED_BYTES", "CHUNK_MAGIC")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        from edgeftl.device.protocol import chunks
-
-        return getattr(chunks, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
