@@ -33,9 +33,9 @@ from edgeftl.device.protocol.messages import (
     Status,
     Task,
     Update,
+    check_place,
     decode,
     encode,
-    kind_of,
     status_from_payload,
     status_payload,
 )
@@ -45,9 +45,6 @@ log = logging.getLogger("edgeftl.link")
 MAX_QUEUE = 10_000  # received messages waiting for the reader; beyond that they are dropped and counted
 DEFAULT_MAX_CHUNK = 256 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-# What may arrive where (docs/PROTOCOL.md section 3): the place a topic names -> accepted kinds.
-_ACCEPTED: dict[str, tuple[type, ...]] = {"task": (Task,), "global": (Global,), "delta": (Global,),
-                                          "update": (Update, ErrorReply), "status": (Status,)}
 
 
 class LinkError(RuntimeError):
@@ -170,7 +167,8 @@ class Link:
         return sent
 
     def receive(self, timeout_s: float) -> Incoming | Refused | None:
-        """The next message, checked and typed, or what was refused; None after `timeout_s`."""
+        """The next message, checked and typed, or what was refused; None after `timeout_s` (or
+        sooner, for a frame on a topic the protocol does not use, which is counted as unmatched)."""
         try:
             item = self._queue.get(timeout=max(0.0, timeout_s))
         except queue.Empty:
@@ -243,25 +241,17 @@ class Link:
                 message: Message = status_from_payload(payload, str(device), self.max_message_bytes)
             else:
                 message = decode(payload, self.max_message_bytes)
-            self._check_place(where, device, message)
+            check_place(where, device, message)
         except MessageError as exc:
             return self._refused(topic, device, str(exc))
         self._bump("delivered")
         return Incoming(message, device, len(payload))
 
-    @staticmethod
-    def _check_place(where: str, device: str | None, message: Message) -> None:
-        if not isinstance(message, _ACCEPTED[where]):
-            raise MessageError(f"bad header: a {kind_of(message)} message on the {where} topic")
-        if isinstance(message, Global) and message.is_delta != (where == "delta"):
-            raise MessageError(f"bad header: a {'delta' if message.is_delta else 'full'} global on the {where} topic")
-        sender = getattr(message, "device_id", device)
-        if sender != device:
-            raise MessageError(f"device id mismatch: header says {sender!r}, topic says {device!r}")
-
     def _queue_refusal(self, topic: str, reason: str) -> None:
-        """A chunk-level refusal, queued once per message: every later chunk of a refused message
-        would otherwise report it again (the reason names the message id)."""
+        """A chunk-level refusal, queued once per (message topic, reason) among the last 1024: every
+        later chunk of a refused message would otherwise report it again. Reasons that name the
+        message id count once per message; those that cannot (a chunk too broken to name one)
+        count once per topic and reason, which also keeps a flood from filling the queue."""
         message_topic = (split_chunk_topic(topic) or (topic, 0))[0]
         with self._lock:
             if (message_topic, reason) in self._refused_recently:

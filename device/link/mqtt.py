@@ -99,6 +99,7 @@ class MqttConnection:
         self._client.on_message = self._on_message
         self._lock = threading.Lock()
         self._filters: list[str] = []  # subscribed (again after every reconnect)
+        self._stale: set[str] = set()  # unsubscribed while disconnected: sent at the next connect
         self._birth: tuple[str, bytes] | None = None
         self._will: tuple[str, bytes] | None = None
         self._online = threading.Event()  # CONNACK received, not yet disconnected
@@ -193,8 +194,13 @@ class MqttConnection:
         published after this call arrives through them (paho sends from its own thread)."""
         with self._lock:
             self._filters = [f for f in self._filters if f not in filters]
-        if self.connected:
+            if not self.connected:  # a persistent session keeps them: drop them at the next connect
+                self._stale.update(filters)
+                return
+        try:
             self._acknowledged(*self._client.unsubscribe(filters), f"unsubscribe {filters}", "UNSUBACK")
+        except LinkError as exc:  # harmless: what still arrives through them is ignored by the reader
+            log.warning("%s: %s", self.client_id, exc)
 
     def _subscribe_now(self, filters: list[str]) -> None:
         self._acknowledged(*self._client.subscribe([(f, 1) for f in filters]), f"subscribe {filters}", "SUBACK")
@@ -222,7 +228,10 @@ class MqttConnection:
             self._online.set()
             log.info("%s: connected to %s (session present: %s)", self.client_id, self.url, flags.session_present)
             with self._lock:
-                filters = list(self._filters)
+                filters, stale = list(self._filters), sorted(self._stale - set(self._filters))
+                self._stale.clear()
+            if stale:
+                client.unsubscribe(stale)
             if filters:
                 rc, mid = client.subscribe([(f, 1) for f in filters])
                 if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:

@@ -15,7 +15,7 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -113,7 +113,7 @@ class Status:
     online: bool
 
 
-Message = Union[Task, Global, Update, ErrorReply, Status]
+Message = Task | Global | Update | ErrorReply | Status
 KINDS: dict[str, type] = {"task": Task, "global": Global, "update": Update, "error": ErrorReply, "status": Status}
 _KIND_OF = {cls: kind for kind, cls in KINDS.items()}
 
@@ -275,6 +275,7 @@ def _show(value: object) -> str:
 def _build(kind: str, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Message:
     h = header
     if kind == "task":
+        _codec(h["codec"])  # refused here, not after the device trained a round
         return Task(h["run_id"], h["round"], h["bundle_sha256"], tuple(h["devices"]), float(h["deadline_s"]),
                     float(h["lr"]), h["codec"], h.get("epochs"), h.get("steps"), h["batch"])
     if kind == "error":
@@ -291,11 +292,34 @@ def _build(kind: str, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> 
 def _encoded(spec: str, size: int, arrays: dict[str, np.ndarray]) -> Encoded:
     """The arrays as the codec's payload; their names, dtypes and lengths are checked on decoding
     (`vector_of`), where the bundle's length is known."""
+    return Encoded(_codec(spec).spec, size, arrays)
+
+
+def _codec(spec: str) -> Codec:
     try:
-        codec = parse_codec(spec)
+        return parse_codec(spec)
     except CodecError as exc:
         raise MessageError(f"bad codec: {exc}") from None
-    return Encoded(codec.spec, size, arrays)
+
+
+# ---- where each kind may arrive -------------------------------------------------------------
+
+# The place a topic names (topics.Topics.parse) -> the kinds accepted there (docs/PROTOCOL.md
+# section 3). A global on the full topic has no base_round; one on the delta topic has one.
+ACCEPTED_AT: dict[str, tuple[str, ...]] = {"task": ("task",), "global": ("global",), "delta": ("global",),
+                                           "update": ("update", "error"), "status": ("status",)}
+
+
+def check_place(place: str, device_id: str | None, message: Message) -> None:
+    """Refuse a message that arrived where its kind does not go, or from another device's topic."""
+    kind = kind_of(message)
+    if kind not in ACCEPTED_AT[place]:
+        raise MessageError(f"bad header: a {kind} message on the {place} topic")
+    if isinstance(message, Global) and message.is_delta != (place == "delta"):
+        raise MessageError(f"bad header: a {'delta' if message.is_delta else 'full'} global on the {place} topic")
+    sender = getattr(message, "device_id", device_id)
+    if sender != device_id:
+        raise MessageError(f"device id mismatch: header says {sender!r}, topic says {device_id!r}")
 
 
 # ---- vectors --------------------------------------------------------------------------------
