@@ -144,6 +144,6 @@ def device_client_id(device_id: str) -> str:
 
 
 def coordinator_client_id(prefix: str) -> str:
-    """The coordinator's MQTT client id: 23 characters, the most a strict MQTT 3.1.1 broker must
+    """The coordinator's MQTT client id: 23 characters of [0-9a-z], what every MQTT 3.1.1 broker must
     accept, and stable per prefix so a restarted coordinator resumes its session."""
-    return "eftl-c-" + hashlib.sha256(Topics(prefix).prefix.encode()).hexdigest()[:16]
+    return "eftlc" + hashlib.sha256(Topics(prefix).prefix.encode()).hexdigest()[:18]

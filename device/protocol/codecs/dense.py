@@ -7,6 +7,10 @@ import numpy as np
 from edgeftl.device.protocol import blockquant
 from edgeftl.device.protocol.codecs.base import Codec, CodecError, Encoded, as_vector, require
 
+# Decoding pads the last block, so the block bounds what a tiny hostile payload can make a reader
+# allocate (int8:100000000 with one value used to cost ~800 MB).
+MIN_BLOCK, MAX_BLOCK = 8, 65536
+
 
 class NoneCodec(Codec):
     """Uncompressed float32: the reference every other codec is measured against."""
@@ -47,8 +51,8 @@ class BlockQuantCodec(Codec):
     def __init__(self, bits: int, block: int = 256) -> None:
         if bits not in blockquant.LEVELS:
             raise CodecError(f"block quantization supports 4 or 8 bits, got {bits}")
-        if block < 8 or block % 2:
-            raise CodecError(f"quantization block must be an even number >= 8, got {block}")
+        if not MIN_BLOCK <= block <= MAX_BLOCK or block % 2:
+            raise CodecError(f"quantization block must be an even number in {MIN_BLOCK}..{MAX_BLOCK}, got {block}")
         self.bits, self.block = bits, block
         self.spec = f"int{bits}:{block}"
 

@@ -20,8 +20,10 @@ class TopKCodec(Codec):
     def __init__(self, fraction: float, inner: Codec) -> None:
         if not 0.0 < fraction <= 1.0:
             raise CodecError(f"top-k fraction must be in (0, 1], got {fraction}")
-        self.fraction, self.inner = fraction, inner
+        # k comes from the fraction as the spec writes it (%g), on both sides: from the unrounded
+        # one, topk:0.12345678 at n = 1e7 sent 1,234,568 positions where readers expect 1,234,570.
         self.spec = f"topk:{fraction:g}+{inner.spec}"
+        self.fraction, self.inner = float(f"{fraction:g}"), inner
 
     def count(self, size: int) -> int:
         return max(1, int(round(size * self.fraction)))
