@@ -8,8 +8,6 @@ the global it starts from is held, or gets an error reply when that global does 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeftl.device.data import read_examples
+from edgeftl.device.files import atomic_path
 from edgeftl.device.link import Incoming, Link, Refused
 from edgeftl.device.measure import peak_rss_mib, platform_info, rss_mib
 from edgeftl.device.protocol.codecs import ErrorFeedback, parse_codec
@@ -67,6 +66,8 @@ class DeviceAgent:
         self.run_id: str | None = None
         self.feedback: ErrorFeedback | None = None
         self.waiting: tuple[Task, float] | None = None  # a task whose global has not arrived, and until when
+        self.acted: tuple[str, int] | None = None  # (run, round) of the last task answered: the retained
+        # task comes again after every reconnect, and a device acts on each round at most once
         self._received_mark = 0
         self._seq = 0
         self._syncing = False
@@ -116,7 +117,7 @@ class DeviceAgent:
             self._stop_sync()
         elif message.base_round == self.global_round is not None:
             applied = apply_delta(self.reference, vector_of(message, self.reference.size))
-            if message.params_sha256 not in (None, params_sha256(applied)):
+            if not np.isfinite(applied).all() or message.params_sha256 not in (None, params_sha256(applied)):
                 log.warning("%s: parameters after round %d's delta differ from the coordinator's; fetching the "
                             "full vector", self.config.device_id, message.round)
                 self.global_round = None  # what it holds is no longer a known round
@@ -141,6 +142,8 @@ class DeviceAgent:
     def _on_task(self, task: Task) -> int:
         if task.bundle_sha256 != self.bundle_sha256 or self.config.device_id not in task.devices:
             return 0
+        if self.acted is not None and self.acted[0] == task.run_id and task.round <= self.acted[1]:
+            return 0  # answered already (a redelivery, or the retained task after a reconnect)
         if not self._holds_start_of(task):
             if not self._syncing:
                 self._resync()
@@ -160,12 +163,13 @@ class DeviceAgent:
             self.waiting = None
             return self._run(task)
         if time.monotonic() >= until:
-            self.waiting = None
+            self.waiting, self.acted = None, (task.run_id, task.round)
             log.warning("%s: no global for round %d, skipping it", self.config.device_id, task.round - 1)
             self._reply_error(task, "no_global", f"the global parameters of round {task.round - 1} did not arrive")
         return 0
 
     def _run(self, task: Task) -> int:
+        self.acted = (task.run_id, task.round)
         try:
             return self._train_and_send(task)
         except Exception as exc:  # one failed round must not end the device's part in the run
@@ -194,11 +198,12 @@ class DeviceAgent:
             self.feedback = ErrorFeedback(parse_codec(task.codec), delta.size)
         encoded, _ = self.feedback.encode(delta)
         received = self.link.bytes_received
-        metrics = {
+        measured = {
             "samples": summary["samples"], "first_loss": summary["first_loss"], "last_loss": summary["last_loss"],
             "train_time_s": round(train_time, 3), "peak_rss_mib": peak_rss_mib(), "rss_mib": rss_mib(),
             "bytes_down": received - self._received_mark, "update_bytes": encoded.nbytes,
         }
+        metrics = {k: v for k, v in measured.items() if v is not None}  # no loss without a step
         if not self._platform_sent:  # the coordinator remembers it; later updates stay lean
             metrics.update({k: v for k, v in platform_info().items() if isinstance(v, (int, float, str))})
             self._platform_sent = True
@@ -215,11 +220,10 @@ class DeviceAgent:
             return
         folder = Path(self.config.state_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".agent.", suffix=".npz")
-        with os.fdopen(fd, "wb") as handle:
+        with atomic_path(folder / AGENT_STATE) as tmp, open(tmp, "wb") as handle:
             np.savez(handle, residual=self.feedback.state(), codec=np.array(self.feedback.codec.spec),
-                     seq=np.array(self._seq), bundle=np.array(self.bundle_sha256), run=np.array(self.run_id or ""))
-        os.replace(tmp, folder / AGENT_STATE)
+                     seq=np.array(self._seq), bundle=np.array(self.bundle_sha256), run=np.array(self.run_id or ""),
+                     acted=np.array(self.acted[1] if self.acted else -1))
 
     def _read_state(self) -> dict | None:
         """The saved error-feedback residual and sequence number, if they are for this bundle."""
@@ -229,6 +233,7 @@ class DeviceAgent:
         try:
             with np.load(path, allow_pickle=False) as data:
                 saved = {key: data[key] for key in ("residual", "codec", "seq", "bundle", "run")}
+                saved["acted"] = data["acted"] if "acted" in data else np.array(-1)  # states saved before it
         except (OSError, ValueError, KeyError) as exc:
             log.warning("%s: local state %s unusable (%s); starting fresh", self.config.device_id, path, exc)
             return None
@@ -242,6 +247,8 @@ class DeviceAgent:
         self.feedback = ErrorFeedback(parse_codec(str(saved["codec"])), self.reference.size)
         self.feedback.load(saved["residual"])
         self._seq = int(saved["seq"])
+        if int(saved["acted"]) >= 0:
+            self.acted = (str(saved["run"]), int(saved["acted"]))
 
 
     def close(self) -> None:

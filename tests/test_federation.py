@@ -177,6 +177,9 @@ def test_agent_waiting_for_a_global_skips_a_bad_message_and_runs_the_task_once_i
     replies = [listener.receive(0.0) for _ in range(3)]
     updates = [r.message for r in replies if r is not None and isinstance(r.message, Update)]
     assert len(updates) == 1 and updates[0].round == 1 and updates[0].device_id == "dev0"
+    # ... and the same task again (the retained task after a reconnect) is not trained twice
+    sender.send(Task("run", 1, sha, ("dev0",), 60.0, 1e-2, "none", steps=1))
+    assert agent.run(stop_after_s=0.5) == 0 and listener.receive(0.0) is None
     agent.close()
     listener.close()
 
