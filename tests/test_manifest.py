@@ -136,3 +136,15 @@ def test_bundle_sha256_is_the_hash_of_the_manifest_bytes(tmp_path: Path):
     (tmp_path / MANIFEST).write_text(text)
     assert bundle_sha256(tmp_path) == hashlib.sha256(text.encode()).hexdigest()
     assert read_manifest(tmp_path) == Manifest.from_dict(_data())
+
+
+def test_trainable_entries_must_be_float32_and_back_to_back():
+    # The flat vector's layout (docs/PROTOCOL.md 6.6): offsets in elements, contiguous, in order.
+    gap = _data()
+    gap["trainable"][-1]["offset"] += 1
+    with pytest.raises(BundleError, match="expected .*: entries must be contiguous and in order"):
+        Manifest.from_dict(gap)
+    half = _data()
+    half["trainable"][0]["dtype"] = "float16"
+    with pytest.raises(BundleError, match="must be float32"):
+        Manifest.from_dict(half)

@@ -77,6 +77,9 @@ class TrainableParam:
 
     def __post_init__(self) -> None:
         conform(self, "manifest.trainable entry", BundleError)
+        if self.dtype != "float32" or self.offset < 0 or any(d < 0 for d in self.shape):
+            raise BundleError(f"manifest.trainable entry {self.name!r} must be float32 with a non-negative offset "
+                              f"and shape, got {self.dtype} at {self.offset} {self.shape}")
 
     @property
     def size(self) -> int:
@@ -199,6 +202,12 @@ class Manifest:
         for a, _ in lora_pairs(self.trainable):  # checks every pair is complete and fits
             if a.shape[0] != self.adapter.rank:
                 raise BundleError(f"LoRA factor {a.name!r} has rank {a.shape[0]}, the adapter's is {self.adapter.rank}")
+        end = 0
+        for param in self.trainable:  # the flat vector: entries back to back, in order (PROTOCOL.md 6.6)
+            if param.offset != end:
+                raise BundleError(f"manifest.trainable entry {param.name!r} is at offset {param.offset}, "
+                                  f"expected {end}: entries must be contiguous and in order")
+            end += param.size
 
     @property
     def split(self) -> bool:
