@@ -43,12 +43,13 @@ define apt_install
 	apt_get update && apt_get install -y --no-install-recommends $(1)
 endef
 
-.PHONY: help install mosquitto chromium boards test test-fast demo bench clean distclean check-python
+.PHONY: help install mosquitto chromium boards lint test test-fast demo bench clean distclean check-python
 
 help:
 	@echo "make demo       set up .venv and run the end-to-end demo (tools/demo.py)"
 	@echo "make test       set up .venv and mosquitto, run all tests (slow ones included)"
 	@echo "make test-fast  same, without tests marked slow"
+	@echo "make lint       ruff on everything, mypy on device/ and the round loop (part of make test)"
 	@echo "make install    create/refresh .venv (no-op when pyproject.toml is unchanged)"
 	@echo "make mosquitto  install the Mosquitto MQTT broker with apt (as root)"
 	@echo "make chromium   install headless Chromium with apt (as root; the report test renders HTML)"
@@ -148,10 +149,20 @@ boards:
 			"(sudo apt-get install -y qemu-user-static debootstrap); they are skipped without them" >&2; \
 	fi
 
-test: install mosquitto chromium boards
+# mypy starts from an edgeftl/ folder; the sources map onto edgeftl.* through package-dir, so a
+# tree of symlinks stands in for it.
+TYPECHECK := build/typecheck
+lint: install
+	$(VENV)/bin/ruff check .
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/edgeftl
+	for d in device coordinator models quantization; do ln -s "$(CURDIR)/$$d" $(TYPECHECK)/edgeftl/$$d; done
+	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml \
+		-p edgeftl.device -p edgeftl.coordinator.rounds
+
+test: install mosquitto chromium boards lint
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
-test-fast: install mosquitto chromium
+test-fast: install mosquitto chromium lint
 	$(VPY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: install mosquitto

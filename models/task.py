@@ -5,12 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgeftl.models.adapters.head import (
-    MeanPoolClassifier,
-    causal_lm_loss,
-    classification_loss,
-)
 from edgeftl.device.protocol.manifest import CLASSIFY, TASKS
+from edgeftl.models.adapters.head import MeanPoolClassifier, causal_lm_loss, classification_loss
 from edgeftl.models.families import Backbone
 
 

@@ -72,7 +72,7 @@ def bnb_unavailable_reason() -> str | None:
         x = torch.linspace(-1.0, 1.0, 128, device=device)
         q, state = bnbf.quantize_4bit(x, quant_type="nf4")
         bnbf.dequantize_4bit(q, state)
-    except Exception as exc:  # noqa: BLE001 - any backend failure means "cannot run here"
+    except Exception as exc:
         return (f"bitsandbytes NF4 kernels fail on {device} ({type(exc).__name__}: {exc}); "
                 "a CUDA GPU or a bitsandbytes build with a CPU backend is needed")
     return None

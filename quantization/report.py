@@ -88,7 +88,8 @@ def _mib(n_bytes: int) -> str:
 
 def format_report(report: dict) -> str:
     """A plain-text table of a `model_report`, largest tensors first, then a totals line."""
-    header = f"{'tensor':<48} {'shape':>14} {'scheme':>6} {'fp32 MiB':>9} {'quant MiB':>9} {'rel err':>9} {'max abs':>9}"
+    header = (f"{'tensor':<48} {'shape':>14} {'scheme':>6} {'fp32 MiB':>9} {'quant MiB':>9} "
+              f"{'rel err':>9} {'max abs':>9}")
     lines = [header, "-" * len(header)]
     for r in sorted(report["rows"], key=lambda r: (-r["fp32_bytes"], r["name"])):
         shape = "x".join(str(d) for d in r["shape"])

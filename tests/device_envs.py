@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-import emulated_root  # noqa: E402  (tools/ is not a package)
+import emulated_root
 
 device_requirements = emulated_root.device_requirements
 

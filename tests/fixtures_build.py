@@ -17,7 +17,8 @@ LABELS = ("neg", "pos")
 # (model, extra CLI flags) per bundle name; every BERT bundle classifies into LABELS.
 BUNDLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "bert-int8": ("bert", ("--quant", "int8")),
-    "bert-int4": ("bert", ("--quant", "int4", "--block-size", "16", "--int4-int8-top", "0")),  # hidden 32: two blocks per row; all int4
+    # hidden 32: two blocks per row; all int4
+    "bert-int4": ("bert", ("--quant", "int4", "--block-size", "16", "--int4-int8-top", "0")),
     "bert-none": ("bert", ("--quant", "none")),
     "bert-int8-top1": ("bert", ("--quant", "int8", "--train-layers", "1")),
     "bert-int8-keep-attention": ("bert", ("--quant", "int8", "--keep-attention")),

@@ -12,6 +12,7 @@ import onnx
 import pytest
 
 from edgeftl.device.runtime import BundleRuntime
+
 from fixtures_build import bundle, keyword_dataset
 
 BLOCKS = 2  # tests/tiny_models.py

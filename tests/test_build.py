@@ -21,8 +21,9 @@ import pytest
 
 from edgeftl.device.cli import main
 from edgeftl.device.data import write_csv
-from edgeftl.device.protocol.manifest import FORMAT_VERSION, MANIFEST, Adapter, FileEntry, Manifest, verify_bundle
 from edgeftl.device.params import read_params
+from edgeftl.device.protocol.manifest import FORMAT_VERSION, MANIFEST, Adapter, FileEntry, Manifest, verify_bundle
+
 from fixtures_build import LABELS, bundle, tiny_model
 
 # Hand-computed sizes of the tiny models (tests/tiny_models.py).
@@ -64,7 +65,8 @@ def bert_lora_params(blocks: tuple[int, ...]) -> dict[str, list[int]]:
 def checkpoint_params(folder: Path) -> dict[str, tuple[np.dtype, tuple[int, ...], bool]]:
     """{name: (dtype, shape, requires_grad)} of the bundle's params.safetensors (trainable: in the manifest)."""
     trainable = {p.name for p in verify_bundle(folder).trainable}
-    return {name: (a.dtype, a.shape, name in trainable) for name, a in read_params(folder / "params.safetensors").items()}
+    params = read_params(folder / "params.safetensors")
+    return {name: (a.dtype, a.shape, name in trainable) for name, a in params.items()}
 
 
 # ---- fixtures ---------------------------------------------------------------------------

@@ -9,15 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeftl.device.data import (
-    DataError,
-    Example,
-    load_bbc,
-    read_examples,
-    split_indices,
-    stratified_split,
-    write_csv,
-)
+from edgeftl.device.data import DataError, Example, load_bbc, read_examples, split_indices, stratified_split, write_csv
 
 LABELS = ["negative", "neutral", "positive"]
 Bbc = tuple[list[str], list[str], list[str]]

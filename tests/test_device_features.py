@@ -17,16 +17,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeftl.device.cli import main
 from edgeftl.device.cache import CACHE_ENV, FEATURES, META, default_cache_dir, entry_folder, open_or_build
+from edgeftl.device.cli import main
 from edgeftl.device.data import read_examples, write_csv
-from edgeftl.device.protocol.manifest import MANIFEST
 from edgeftl.device.files import append_jsonl
 from edgeftl.device.measure import platform_info, proc_status_mib, run_metrics
 from edgeftl.device.plan import MemoryLimitError, MemoryPlan, Probe, fit_micro_batch, measure_plan
+from edgeftl.device.protocol.manifest import MANIFEST
 from edgeftl.device.runtime import BundleRuntime
 from edgeftl.device.state import Progress, StateError, load_state, save_state
 from edgeftl.device.train import TrainConfig, accumulate_batch, train
+
 from fixtures_build import LABELS, bundle, keyword_dataset
 from tiny_models import WORDS
 
@@ -386,7 +387,7 @@ def test_memory_plan_extrapolates_linearly_and_finds_the_largest_fitting_micro_b
     assert fit_micro_batch(plan, 16, 4, 135.0) == (4, None)
     micro, note = fit_micro_batch(plan, 16, None, 135.0)
     assert micro == 4 and "micro-batch 4" in note and "instead of 16" in note
-    with pytest.raises(MemoryLimitError, match="100.0 MiB at micro-batch 1 .* exceeds --max-memory-mib 99"):
+    with pytest.raises(MemoryLimitError, match=r"100.0 MiB at micro-batch 1 .* exceeds --max-memory-mib 99"):
         fit_micro_batch(plan, 16, None, 99.0)
     # The training process holds 5 or 6 MiB more than a probe: 100 + 5 + 3 * 10 = 135 fits, 136 does not.
     assert fit_micro_batch(plan, 16, None, 135.0, extra_mib=5.0)[0] == 4
@@ -476,7 +477,8 @@ def test_max_memory_picks_a_smaller_micro_batch_when_the_batch_does_not_fit(
 
     # Assert: micro-batch 4 (estimated 130 MiB) instead of 8 (170 MiB), said in one info line;
     # probes at 1, 2 and the batch asked for, at the data's longest sequence
-    longest = max(len(e.text.split()) for e in read_examples(data["train"], "classify", list(LABELS))) + 2  # [CLS] [SEP]
+    examples = read_examples(data["train"], "classify", list(LABELS))
+    longest = max(len(e.text.split()) for e in examples) + 2  # [CLS] [SEP]
     assert rc == 0 and summary["micro_batch"] == 4
     assert seen == [(1, longest), (2, longest), (8, longest)]
     assert [line for line in err if "micro-batch 4" in line and "instead of 8" in line]

@@ -22,6 +22,7 @@ from edgeftl.device.cli import main
 from edgeftl.device.data import write_csv
 from edgeftl.device.protocol.manifest import MANIFEST, BundleError, verify_bundle
 from edgeftl.device.runtime import BundleRuntime
+
 from fixtures_build import bundle, keyword_dataset
 
 # Runs `edgeftl <argv>` in a fresh interpreter in which torch & co. cannot be imported, then

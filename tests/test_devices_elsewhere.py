@@ -25,19 +25,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_equivalence import TOLERANCE
 
-from conftest import in_ci
-from device_envs import DeviceEnv, board_env, edgeftl_wheel, emulated_root, machine_of, native_env
 from edgeftl.coordinator.bundler.probe import compare, probe_plan, train_reference
 from edgeftl.coordinator.rounds.config import CoordinatorConfig
 from edgeftl.coordinator.rounds.evaluate import make_evaluator
 from edgeftl.coordinator.rounds.loop import Coordinator
 from edgeftl.device.data import write_csv
+from edgeftl.device.link import Link, MqttConnection
 from edgeftl.device.protocol.manifest import read_manifest
 from edgeftl.device.runtime import BundleRuntime, trainable_vector
-from edgeftl.device.link import Link, MqttConnection
+
+from conftest import in_ci
+from device_envs import DeviceEnv, board_env, edgeftl_wheel, emulated_root, machine_of, native_env
 from fixtures_build import bundle, keyword_dataset, reference
-from test_equivalence import TOLERANCE
 
 pytestmark = pytest.mark.slow
 
@@ -138,8 +139,8 @@ def test_portable_runtime_matches_the_training_build(name: str, kind: str, envir
 
 
 @pytest.mark.parametrize("name", list(ENVIRONMENTS))
-def test_device_train_there_lowers_the_loss(name: str, environments: Environments,
-                                                        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_device_train_there_lowers_the_loss(name: str, environments: Environments, tmp_path: Path,
+                                            tmp_path_factory: pytest.TempPathFactory) -> None:
     # Prepare: the run tests/test_device_runtime.py makes on the host (60 steps of 16, lr 2e-2)
     env = environments[name]
     train = write_csv(tmp_path / "train.csv", *keyword_dataset(64, seed=0))
@@ -175,8 +176,9 @@ def test_arm64_boards_federate_beside_x86_devices(mosquitto_broker, environments
     rounds = 2
     config = CoordinatorConfig(out=tmp_path / "run", rounds=rounds, steps=3, batch=16, lr=3e-2, deadline_s=900,
                                wait_devices=len(devices), wait_devices_s=600, prefix=prefix, codec="topk:0.25+int8")
-    coordinator = Coordinator(Link.coordinator(MqttConnection(url, f"coord-{prefix}"), prefix), folder, manifest, trainable_vector(folder, manifest),
-                              config, evaluate=make_evaluator(folder, test_csv))
+    link = Link.coordinator(MqttConnection(url, f"coord-{prefix}"), prefix)
+    coordinator = Coordinator(link, folder, manifest, trainable_vector(folder, manifest), config,
+                              evaluate=make_evaluator(folder, test_csv))
     processes = []
     for name, (env, data) in devices.items():
         args = ["device", "run", "--broker", url, "--id", name, "--prefix", prefix, "--threads", "1",

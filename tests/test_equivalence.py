@@ -20,6 +20,7 @@ import pytest
 from edgeftl.coordinator.bundler.probe import compare, probe_plan, train_reference
 from edgeftl.coordinator.bundler.training_job import run_plan
 from edgeftl.device.runtime import BundleRuntime
+
 from fixtures_build import BUNDLES, bundle, reference
 
 TOLERANCE = {"loss": 1e-5, "gradients": 1e-5, "eval logits": 1e-5, "parameters": 1e-4}

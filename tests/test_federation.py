@@ -13,8 +13,9 @@ from edgeftl.coordinator.rounds.evaluate import make_evaluator
 from edgeftl.coordinator.rounds.loop import Coordinator
 from edgeftl.device.agent import AgentConfig, DeviceAgent
 from edgeftl.device.data import write_csv
-from edgeftl.device.protocol.manifest import read_manifest
 from edgeftl.device.link import InProcessBroker
+from edgeftl.device.protocol.manifest import read_manifest
+
 from fixtures_build import bundle, coordinator_link, device_link, in_process_devices, keyword_dataset
 
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
-import pytest
 
 from edgeftl.coordinator.rounds.config import CoordinatorConfig
 from edgeftl.coordinator.rounds.loop import Coordinator
@@ -16,6 +14,7 @@ from edgeftl.device.protocol.manifest import bundle_sha256, read_manifest
 from edgeftl.device.protocol.messages import Update, encode
 from edgeftl.device.protocol.topics import Topics
 from edgeftl.device.runtime import BundleRuntime
+
 from fixtures_build import bundle
 
 

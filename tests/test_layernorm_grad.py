@@ -16,6 +16,7 @@ from edgeftl.coordinator.bundler.layernorm_grad import decompose_layernorm_grads
 from edgeftl.coordinator.bundler.training_build import infer
 from edgeftl.device.ort import session_options
 from edgeftl.device.runtime import BundleRuntime
+
 from fixtures_build import bundle
 
 SHAPE = (3, 7, 16)  # (batch, seq, hidden)
@@ -23,7 +24,7 @@ SHAPE = (3, 7, 16)  # (batch, seq, hidden)
 
 def _grad_graph(opset: int, rms: bool = False, scale_grad_output: bool = False) -> onnx.ModelProto:
     """LayerNorm (or RMSNorm) forward + ORT's fused gradient; outputs dx (and dscale if asked)."""
-    floats = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
+    floats = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
     if rms:  # ORT's RMSNorm ops: forward in the ONNX domain, gradient in com.microsoft
         nodes = [helper.make_node("SimplifiedLayerNormalization", ["x", "scale"], ["y", "inv_std"],
                                   axis=-1, epsilon=1e-6, stash_type=1),

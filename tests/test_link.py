@@ -20,7 +20,6 @@ from typing import TypeVar
 
 import numpy as np
 import pytest
-from conftest import in_ci
 
 from edgeftl.device.link import (
     Framer,
@@ -48,6 +47,8 @@ from edgeftl.device.protocol.messages import (
     vector_of,
 )
 from edgeftl.device.protocol.topics import Topics, topic_matches
+
+from conftest import in_ci
 
 WAIT_S = 10.0  # the most any one wait below may take; a passing test waits far less
 NETS = ["in-process", "mqtt-3.1.1", "mqtt-5"]

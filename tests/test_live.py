@@ -9,12 +9,13 @@ import select
 import time
 
 from edgeftl.coordinator.cli.coordinator import round_line
-from edgeftl.coordinator.rounds.config import CoordinatorConfig
 from edgeftl.coordinator.cli.live import LiveView, Progress, status_text
+from edgeftl.coordinator.rounds.config import CoordinatorConfig
 from edgeftl.coordinator.rounds.loop import Coordinator
 from edgeftl.device.data import write_csv
-from edgeftl.device.protocol.manifest import read_manifest
 from edgeftl.device.link import InProcessBroker
+from edgeftl.device.protocol.manifest import read_manifest
+
 from fixtures_build import bundle, coordinator_link, in_process_devices, keyword_dataset
 
 

@@ -142,7 +142,7 @@ def test_trainable_entries_must_be_float32_and_back_to_back():
     # The flat vector's layout (docs/PROTOCOL.md 6.6): offsets in elements, contiguous, in order.
     gap = _data()
     gap["trainable"][-1]["offset"] += 1
-    with pytest.raises(BundleError, match="expected .*: entries must be contiguous and in order"):
+    with pytest.raises(BundleError, match=r"expected .*: entries must be contiguous and in order"):
         Manifest.from_dict(gap)
     half = _data()
     half["trainable"][0]["dtype"] = "float16"

@@ -428,7 +428,8 @@ def fp32_lower(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Modul
     (QuantScheme("int4", 32), "MatMulNBits", 0.25),
 ], ids=["int8", "int4"])
 def test_quantize_onnx_inference_runs_shrinks_and_stays_close(
-        fp32_lower: tuple[Path, nn.Module], tmp_path: Path, scheme: QuantScheme, matmul_op: str, max_rel: float) -> None:
+        fp32_lower: tuple[Path, nn.Module], tmp_path: Path, scheme: QuantScheme, matmul_op: str,
+        max_rel: float) -> None:
     # Prepare
     src, module = fp32_lower
     dst = tmp_path / f"lower_{scheme.name}.onnx"
@@ -458,8 +459,9 @@ def test_quantize_onnx_inference_none_copies(fp32_lower: tuple[Path, nn.Module],
     assert dst.read_bytes() == src.read_bytes()
 
 
-def test_quantize_onnx_inference_int4_rejects_blocks_below_16(fp32_lower: tuple[Path, nn.Module], tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="block_size 8 .*MatMulNBits"):
+def test_quantize_onnx_inference_int4_rejects_blocks_below_16(fp32_lower: tuple[Path, nn.Module],
+                                                              tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"block_size 8 .*MatMulNBits"):
         quantize_onnx_inference(fp32_lower[0], tmp_path / "x.onnx", QuantScheme("int4", 8))
 
 
@@ -467,7 +469,7 @@ def test_quantize_onnx_inference_int4_rejects_blocks_below_16(fp32_lower: tuple[
 
 
 def test_bnb_config_rejects_unknown_scheme() -> None:
-    with pytest.raises(ValueError, match="'fp8'.*nf4, int8"):
+    with pytest.raises(ValueError, match=r"'fp8'.*nf4, int8"):
         bnb_config("fp8")
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import in_ci
-from edgeftl.device.cli import main
 from edgeftl.coordinator.report import ReportError, load_run, write_report
 from edgeftl.coordinator.report.summary import fmt_bytes, platform_label, totals
+from edgeftl.device.cli import main
+
+from conftest import in_ci
 
 TRAINABLE = 1000  # fp32 update = 4,000 bytes
 FIGURES = 5
@@ -219,8 +220,8 @@ def test_headless_chromium_shows_every_plot(tmp_path):
 
 # ---- tools/bench.py ----------------------------------------------------------------------------------
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import bench as bench_cli  # noqa: E402  (tools/ is not a package)
-import benchsuite as bench  # noqa: E402
+import bench as bench_cli
+import benchsuite as bench
 
 
 def test_bench_dry_run_prints_the_commands_and_writes_nothing(tmp_path, capsys):

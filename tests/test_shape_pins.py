@@ -12,6 +12,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeftl.coordinator.bundler.shape_pins import SUFFIX, pin_shape_reads
+
 from fixtures_build import bundle
 
 

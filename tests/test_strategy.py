@@ -41,7 +41,7 @@ def test_fedyogi_second_moment_differs_from_adam_and_state_round_trips():
     adam, yogi = FedAdam(), FedYogi()
     g = np.zeros(2, np.float32)
     for _ in range(3):
-        a, y = adam.aggregate(g, d), yogi.aggregate(g, d)
+        adam.aggregate(g, d), yogi.aggregate(g, d)
     assert not np.allclose(adam.state()["v"], yogi.state()["v"])
     restored = FedYogi()
     restored.load_state(yogi.state())
@@ -83,5 +83,5 @@ def test_make_strategy_names():
 def test_lora_svd_refuses_trainable_entries_without_lora_factors():
     # A head-only bundle, or one built before the manifest recorded LoRA factors
     head_only = [TrainableParam("head.bias", [2], "float32", 0)]
-    with pytest.raises(ValueError, match="no LoRA factors|lists none"):
+    with pytest.raises(ValueError, match=r"no LoRA factors|lists none"):
         make_strategy("lora-svd", head_only)

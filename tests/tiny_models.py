@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WORDS = ("the a of to and in on for with is was are market team film vote phone game music "
-         "bank shares election player album software court season chip minister").split()
+WORDS = ["the", "a", "of", "to", "and", "in", "on", "for", "with", "is", "was", "are", "market", "team", "film",
+         "vote", "phone", "game", "music", "bank", "shares", "election", "player", "album", "software", "court",
+         "season", "chip", "minister"]
 
 
 def _tokenizer(kind: str):

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchsuite  # noqa: E402  (tools/ is not a package)
+import benchsuite
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 

@@ -193,15 +193,15 @@ def _encode_all(runtime, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]
 
 
 def _trainable_values(bundle: Path) -> dict[str, np.ndarray]:
-    from edgeftl.device.protocol.manifest import PARAMS, read_manifest
     from edgeftl.device.params import read_params
+    from edgeftl.device.protocol.manifest import PARAMS, read_manifest
 
     return read_params(bundle / PARAMS, {p.name for p in read_manifest(bundle).trainable})
 
 
 def _save(path: Path, batches, logits: list[np.ndarray], params: dict[str, np.ndarray], **extra) -> None:
     seq = max(ids.shape[1] for ids, _ in batches)  # batches may pad to different lengths
-    pad = lambda a: np.pad(a, ((0, 0), (0, seq - a.shape[1])), constant_values=-1)  # noqa: E731
+    pad = lambda a: np.pad(a, ((0, 0), (0, seq - a.shape[1])), constant_values=-1)
     np.savez(path, logits=np.concatenate(logits), ids=np.concatenate([pad(i) for i, _ in batches]),
              mask=np.concatenate([pad(m) for _, m in batches]),
              **{f"param:{k}": v for k, v in params.items()}, **extra)

@@ -29,8 +29,6 @@ for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np
 
-import benchdoc
-
 from edgeftl.coordinator.rounds.inbox import Inbox
 from edgeftl.coordinator.rounds.strategy import Update, make_strategy
 from edgeftl.device.measure import platform_info
@@ -38,6 +36,8 @@ from edgeftl.device.protocol.codecs import parse_codec
 from edgeftl.device.protocol.manifest import LoraFactor, TrainableParam
 from edgeftl.device.protocol.messages import Update as UpdateMessage
 from edgeftl.device.protocol.messages import decode, encode
+
+import benchdoc
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 75_653  # MiniLM, LoRA r=8 on query/value in 6 blocks + 5-label head

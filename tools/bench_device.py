@@ -1,4 +1,5 @@
-"""Benchmark training on a device: memory and step time of edgeftl bundles vs PyTorch + PEFT and vs ONNX Runtime Training.
+"""Benchmark training on a device: memory and step time of edgeftl bundles vs PyTorch + PEFT and vs
+ONNX Runtime Training.
 
 Same model, data, batch and thread count for every case: the packaged all-MiniLM-L6-v2,
 5 BBC labels, LoRA r=8 alpha=16 on query/value + a mean-pool linear head, batch 16 x 128
@@ -54,10 +55,10 @@ from pathlib import Path
 
 import numpy as np
 
-import benchdoc
-
 from edgeftl.device.measure import proc_status_mib, usable_cpus  # VmRSS / VmHWM in MiB, as devices report them
 from edgeftl.device.protocol.manifest import MANIFEST
+
+import benchdoc
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "BENCHMARKS.md"
@@ -437,8 +438,8 @@ class _TrainingBuild:
         import onnxruntime as ort
 
         from edgeftl.device import ort as device_ort
-        from edgeftl.device.protocol.manifest import LOWER_MODEL, read_manifest
         from edgeftl.device.ort import session_options
+        from edgeftl.device.protocol.manifest import LOWER_MODEL, read_manifest
         from edgeftl.device.runtime import open_tokenizer
 
         device_ort.ARENA = {}  # ORT's default arena settings, as devices ran the training build
@@ -646,7 +647,8 @@ def _portable_targets(rows: dict, runs: list[dict], micro: int) -> list[dict]:
         mine, theirs = rows[f"{case}{micro}"], rows[f"{twin}{micro}"]
         pairs = {(r["repeat"], r["case"]): r for r in runs if r["micro_batch"] == micro and r["case"] in (case, twin)}
         for key, unit, what in (("peak_rss_mib", "MiB", "peak RSS"), ("median_step_time_s", "s", "median step")):
-            ratios = [pairs[(k, case)][key] / pairs[(k, twin)][key] for k, c in pairs if c == case and (k, twin) in pairs]
+            ratios = [pairs[(k, case)][key] / pairs[(k, twin)][key]
+                      for k, c in pairs if c == case and (k, twin) in pairs]
             r = statistics.median(ratios)
             digits = 2 if unit == "s" else 0
             out.append({"target": f"({case}) {what} <= 1.05 x ({twin})", "ratio": r, "limit": 1.05, "passed": r <= 1.05,
@@ -667,7 +669,8 @@ def _markdown(results: dict) -> str:
              "ORT intra_op_num_threads, OMP/MKL). Each run is a fresh process, started once other processes "
              f"use under {100 * QUIET_SHARE:.0f}% of the CPUs (waiting at most {QUIET_WAIT_S:.0f} s per run, "
              f"{QUIET_BUDGET_S / 60:.0f} min in all; the share they used during each run is recorded); the "
-             f"{len(CASES) * len(MICRO_BATCHES)} cases alternate round-robin, {s['repeats']} repeats; a run does {s['warmup_steps']} warmup + "
+             f"{len(CASES) * len(MICRO_BATCHES)} cases alternate round-robin, {s['repeats']} repeats; "
+             f"a run does {s['warmup_steps']} warmup + "
              f"{s['timed_steps']} timed optimizer steps. Figures are medians over repeats of: VmRSS once model + "
              "optimizer exist (before the first step), VmHWM (peak RSS) at the end, and the run's median step "
              "time, wall clock and process CPU time (all threads; less disturbed by other work on a shared "
@@ -705,9 +708,9 @@ def _markdown(results: dict) -> str:
         lines += ["", f"Targets, edgeftl cases at {config} ({passed}/{len(targets)} pass; (a) at micro-batch "
                       f"{BATCH}):", ""]
         lines += [f"- {'PASS' if t['passed'] else 'MISS'} {t['target']}: {t['margin']}" for t in targets]
-    lines += ["", _arm64_line(results), "", _runtime_line(results), "", _work_line(results), "", _checks_line(results), "",
-              _quiet_line(results), "", _ranges_line(results), "", _machine_line(results)]
-    return "\n".join(lines + [END])
+    lines += ["", _arm64_line(results), "", _runtime_line(results), "", _work_line(results), "",
+              _checks_line(results), "", _quiet_line(results), "", _ranges_line(results), "", _machine_line(results)]
+    return "\n".join([*lines, END])
 
 
 def _arm64_line(results: dict) -> str:
@@ -720,7 +723,8 @@ def _arm64_line(results: dict) -> str:
              f"peak RSS {r['peak_rss_mib']:.0f} MiB" for r in runs]
     return (f"ARM64 under emulation (not a target): qemu-user, Debian 12 {first['machine']}, Python {first['python']}, "
             f"onnxruntime {first['onnxruntime']} from its aarch64 wheel, batch {first['batch']} x {first['seq']}: "
-            + "; ".join(parts) + ". Emulated, these steps run ~110-210x slower than natively here (0.08 and 0.06 s); they say the "
+            + "; ".join(parts) + ". Emulated, these steps run ~110-210x slower than natively here "
+            "(0.08 and 0.06 s); they say the "
             "bundles train there, not how fast a board is.")
 
 

@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-import benchdoc
-
 from edgeftl.device.protocol.manifest import MANIFEST
+
+import benchdoc
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "edgeftl.device.cli"]
@@ -106,8 +106,8 @@ def codec_rows(results: dict) -> tuple[str, list[str]]:
             lines.append(f"| {case} | {per_device:,.0f} | {ratio:.1f}x fewer | {acc:.1%} | {delta:+.1f} pt |")
             if codec != "none" and strategy == "fedavg":  # the bandwidth targets are about codecs
                 ok = ratio >= 50 and delta >= -1
-                verdicts.append(f"- {'PASS' if ok else 'MISS'} {codec}: {ratio:.1f}x fewer upload bytes (target >= 50x), "
-                                f"final accuracy {delta:+.1f} pt vs fp32 (target within 1 pt)")
+                verdicts.append(f"- {'PASS' if ok else 'MISS'} {codec}: {ratio:.1f}x fewer upload bytes "
+                                f"(target >= 50x), final accuracy {delta:+.1f} pt vs fp32 (target within 1 pt)")
     return "\n".join(lines), verdicts
 
 
@@ -128,8 +128,8 @@ def write_doc(results: dict) -> None:
         best = next((i for i, a in enumerate(accs) if a >= 0.97), None)
         gap = (central[-1]["accuracy"] - accs[-1]) * 100 if central else float("nan")
         verdicts.append(f"- {'PASS' if best is not None else 'MISS'} federated fp32 reaches >= 97% within "
-                        f"{results['settings']['rounds']} rounds: " + (f"round {best} ({accs[best]:.1%})" if best is not None
-                                                                         else f"best {max(accs):.1%}"))
+                        f"{results['settings']['rounds']} rounds: "
+                        + (f"round {best} ({accs[best]:.1%})" if best is not None else f"best {max(accs):.1%}"))
         verdicts.append(f"- {'PASS' if abs(gap) <= 1 else 'MISS'} within 1 point of centralized LoRA: "
                         f"{accs[-1]:.1%} vs {central[-1]['accuracy']:.1%} ({-gap:+.1f} pt)")
     codec_table, codec_verdicts = codec_rows(results)

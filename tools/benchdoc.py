@@ -66,8 +66,8 @@ def write_section(name: str, section: str, machine_info: dict | None = None, doc
     doc.parent.mkdir(parents=True, exist_ok=True)
     text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n\nMachine: ?\n"
     if machine_info is not None:
-        text = re.sub(r"^Machine: .*$", lambda _: machine_line(machine_info), text, count=1, flags=re.M)
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+        text = re.sub(r"^Machine: .*$", lambda _: machine_line(machine_info), text, count=1, flags=re.MULTILINE)
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
     if pattern.search(text):
         text = pattern.sub(lambda _: section.rstrip(), text)
     else:

@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import benchdoc  # tools/ is on sys.path: this module is imported by tools/bench.py and the tests
-
 from edgeftl.device.measure import platform_info
+
+import benchdoc  # tools/ is on sys.path: this module is imported by tools/bench.py and the tests
 
 START, END = "<!-- bench_summary:start -->", "<!-- bench_summary:end -->"
 
@@ -142,10 +142,10 @@ def write_docs(root: Path, summary: dict, table: str) -> Path:
     text = doc.read_text(encoding="utf-8") if doc.is_file() else "# Benchmarks\n"
     kind = "quick run (`edgeftl bench --quick`)" if summary["quick"] else "full run (`edgeftl bench`)"
     section = "\n".join([START, f"Last `edgeftl bench`: {kind}; details in each section below.", "", table, END])
-    text = re.sub(re.escape(START) + r".*?" + re.escape(END) + r"\n*", "", text, flags=re.S)
+    text = re.sub(re.escape(START) + r".*?" + re.escape(END) + r"\n*", "", text, flags=re.DOTALL)
     line = machine_line(summary["machine"])
-    if re.search(r"^Machine: .*$", text, flags=re.M):  # the first one is the header's
-        text = re.sub(r"^Machine: .*$", lambda _: line + "\n\n" + section, text, count=1, flags=re.M)
+    if re.search(r"^Machine: .*$", text, flags=re.MULTILINE):  # the first one is the header's
+        text = re.sub(r"^Machine: .*$", lambda _: line + "\n\n" + section, text, count=1, flags=re.MULTILINE)
     else:
         title, _, rest = text.partition("\n")
         text = f"{title}\n\n{line}\n\n{section}\n\n{rest.lstrip()}"

@@ -14,6 +14,11 @@ import struct
 from typing import Any
 
 import numpy as np
+
+from edgeftl.device.protocol import chunks, messages, wire
+from edgeftl.device.protocol.codecs import Encoded
+from edgeftl.device.protocol.messages import Status, Update
+
 from conformance_cases import (
     BUNDLE,
     DEVICE,
@@ -29,10 +34,6 @@ from conformance_cases import (
     reason_of,
     typed_messages,
 )
-
-from edgeftl.device.protocol import chunks, messages, wire
-from edgeftl.device.protocol.codecs import Encoded
-from edgeftl.device.protocol.messages import Status, Update
 
 DROP = object()  # a header field to leave out
 

@@ -166,7 +166,8 @@ def _ensure_host_tools(log) -> None:
 def _ensure_binfmt(arch: str) -> None:
     """Mount binfmt_misc and register qemu's interpreter for `arch` (what update-binfmts would do)."""
     if not (BINFMT / "register").exists():
-        done = subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)], capture_output=True, text=True)
+        done = subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)],
+                              capture_output=True, text=True)
         if done.returncode:
             raise RootError(f"cannot mount binfmt_misc ({done.stderr.strip()}); this machine cannot run "
                             "foreign binaries (a container without CAP_SYS_ADMIN?)")

@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is not a package
+from edgeftl.device.protocol import wire
+
 import conformance_cases as cases
 from conformance_refusals import refusals
-
-from edgeftl.device.protocol import wire
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "conformance" / "vectors.json"
 

@@ -34,8 +34,8 @@ from edgeftl.coordinator.bundler.reference import OPTIMIZER_MODEL
 from edgeftl.coordinator.bundler.reference import TRAINING_MODEL as REF_TRAINING
 from edgeftl.coordinator.bundler.shape_pins import pin_shape_reads
 from edgeftl.coordinator.bundler.training_build import run_job
-from edgeftl.device.protocol.manifest import EVAL_MODEL, PARAMS, TRAINING_MODEL, AdamWConfig, TrainableParam
 from edgeftl.device.params import write_params
+from edgeftl.device.protocol.manifest import EVAL_MODEL, PARAMS, TRAINING_MODEL, AdamWConfig, TrainableParam
 
 
 @dataclass

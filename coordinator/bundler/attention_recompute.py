@@ -71,7 +71,7 @@ def _chain_to_product(tensor: str, producer: dict, depth: int = 0) -> list[tuple
     for index, name in enumerate(node.input):
         below = _chain_to_product(name, producer, depth + 1) if name else None
         if below is not None:
-            return below + [(node, index)]
+            return [*below, (node, index)]
     return None
 
 

@@ -95,5 +95,5 @@ def _input_gradient(node: onnx.NodeProto, prefix: str, graph: onnx.GraphProto, o
     if mean:  # LayerNorm also removes the gradient's row mean
         nodes += [row_mean(name("g"), name("mean_g")), op("Sub", [name("g"), name("mean_g")], name("g_centered"))]
     g = name("g_centered") if mean else name("g")
-    return nodes + [op("Sub", [g, name("projection")], name("dx_scaled")),
-                    op("Mul", [name("dx_scaled"), inv_std], node.output[0])]
+    return [*nodes, op("Sub", [g, name("projection")], name("dx_scaled")),
+            op("Mul", [name("dx_scaled"), inv_std], node.output[0])]

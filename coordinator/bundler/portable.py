@@ -58,7 +58,7 @@ class _Emitter:
     def __init__(self, graph: onnx.GraphProto, prefix: str, constants: dict) -> None:
         self.graph, self.prefix, self.nodes, self._count, self._constants = graph, prefix, [], 0, constants
 
-    def const(self, value: float | int | list, dtype: type = np.float32) -> str:
+    def const(self, value: float | list, dtype: type = np.float32) -> str:
         array = np.array(value, dtype=dtype)
         key = (array.dtype.str, array.shape, array.tobytes())
         if key not in self._constants:
@@ -266,7 +266,7 @@ def _cross_entropy_grad(node, emit: _Emitter, values, read) -> None:
     dy, log_prob, label = node.input[:3]
     reduction = _attr(node, "reduction", b"mean")
     reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
-    if len(node.input) > 3 and any(node.input[3:]) or reduction not in ("mean", "sum", "none"):
+    if (len(node.input) > 3 and any(node.input[3:])) or reduction not in ("mean", "sum", "none"):
         raise PortabilityError(f"{node.name!r}: SoftmaxCrossEntropyLossGrad with class weights or reduction "
                                f"{reduction!r} is not supported")
     ignore = _attr(node, "ignore_index")

@@ -47,7 +47,8 @@ def probe_plan(runtime, seed: int = 0, steps: int = 2, rows: int = PROBE_ROWS, l
         mask = np.zeros((rows, seq), dtype=np.int64)
         for row, length in enumerate(rng.integers(seq // 2, seq + 1, size=rows)):
             mask[row, :length] = 1
-        labels = [manifest.labels[i] for i in rng.integers(0, len(manifest.labels), size=rows)] if manifest.labels else None
+        labels = ([manifest.labels[i] for i in rng.integers(0, len(manifest.labels), size=rows)]
+                  if manifest.labels else None)
         targets = runtime.targets(ids, mask, labels)
         features = ids if not manifest.split else rng.normal(size=(rows, seq, manifest.hidden_size)).astype(np.float32)
         parts = [slice(0, rows // 2), slice(rows // 2, rows)] if step == 0 else [slice(0, rows)]
@@ -82,7 +83,8 @@ def train_reference(reference: Path, plan: dict, threads: int | None = None) -> 
     """`run_plan`'s result for ORT Training's own artifacts in `reference`, from a training-build process."""
     with tempfile.TemporaryDirectory(prefix="edgeftl-probe-") as work:
         np.savez(Path(work) / "plan.npz", **plan)
-        run_job("reference", reference, Path(work) / "plan.npz", Path(work) / "result.npz", *([threads] if threads else []))
+        run_job("reference", reference, Path(work) / "plan.npz", Path(work) / "result.npz",
+                *([threads] if threads else []))
         with np.load(Path(work) / "result.npz") as data:
             return dict(data)
 

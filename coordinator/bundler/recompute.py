@@ -14,9 +14,9 @@ so the copy runs right before its backward consumer and its output dies right af
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-import numpy as np
 
 SUFFIX = "_recompute"
 

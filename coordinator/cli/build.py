@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-layers", type=int, default=None,
                    help="only the top K blocks carry adapters; the rest is a frozen inference-only "
                         "lower model (default: all blocks)")
-    p.add_argument("--quant", default="int8", help=f"{' | '.join(QUANT_SCHEMES)} (frozen backbone weights; default int8)")
+    p.add_argument("--quant", default="int8",
+                   help=f"{' | '.join(QUANT_SCHEMES)} (frozen backbone weights; default int8)")
     p.add_argument("--block-size", type=int, default=32, help="int4 block size (default 32)")
     p.add_argument("--int4-int8-top", type=int, default=2, dest="int8_top_blocks",
                    help="int4 only: keep the linear weights of the top N blocks int8 (default 2; 0 = all int4)")
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         config = BuildConfig(
             out=args.out, model=args.model, task=args.task, labels=labels or (), num_labels=args.num_labels,
             adapter=args.adapter, rank=args.rank, alpha=args.alpha, targets=args.targets,
-            train_layers=args.train_layers, quant=args.quant, block_size=args.block_size, int8_top_blocks=args.int8_top_blocks,
+            train_layers=args.train_layers, quant=args.quant, block_size=args.block_size,
+            int8_top_blocks=args.int8_top_blocks,
             max_seq_len=args.max_seq_len, seed=args.seed, force=args.force, model_id=args.model_id,
             recompute_attention=args.recompute_attention, reference_dir=args.reference_dir,
         )

@@ -72,13 +72,13 @@ def round_line(record: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgeftl.coordinator.rounds.evaluate import make_evaluator
     from edgeftl.coordinator.cli.live import LiveView
+    from edgeftl.coordinator.rounds.evaluate import make_evaluator
     from edgeftl.coordinator.rounds.loop import Coordinator
-    from edgeftl.device.protocol.manifest import BundleError, verify_bundle
-    from edgeftl.device.runtime import trainable_vector
     from edgeftl.device.link import Link, LinkError, MqttConnection
+    from edgeftl.device.protocol.manifest import BundleError, verify_bundle
     from edgeftl.device.protocol.topics import coordinator_client_id
+    from edgeftl.device.runtime import trainable_vector
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

@@ -8,9 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from edgeftl.device.cli.common import fail
 from edgeftl.coordinator.cli.coordinator import add_round_flags, config_from, round_line
 from edgeftl.coordinator.rounds.records import METRICS
+from edgeftl.device.cli.common import fail
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
             rounds.wait_devices = args.devices
         sim = SimulationConfig(out=args.out, devices=args.devices, data=args.data, alpha=args.alpha,
                                max_per_device=args.max_per_device, max_test=args.max_test, broker=args.broker,
-                               bundle=args.bundle, quant=args.quant, train_layers=args.train_layers, device_threads=args.device_threads,
+                               bundle=args.bundle, quant=args.quant, train_layers=args.train_layers,
+                               device_threads=args.device_threads,
                                seed=args.seed)
     except ValueError as exc:
         return fail(str(exc))

@@ -15,11 +15,11 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display, no GUI toolkit
 
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from edgeftl.coordinator.report.load import Run  # noqa: E402
-from edgeftl.coordinator.report.summary import fp32_update_bytes, platform_label  # noqa: E402
+from edgeftl.coordinator.report.load import Run
+from edgeftl.coordinator.report.summary import fp32_update_bytes, platform_label
 
 DPI = 110
 STYLE = {"font.size": 12, "axes.titlesize": 14, "axes.labelsize": 12, "legend.fontsize": 10,
@@ -76,7 +76,7 @@ def cumulative_bytes(runs: list[Run], path: Path) -> Figure:
         ups.append((rounds, _cumsum(r.get("bytes_up", 0) for r in run.records), run.label, color, style))
         downs.append((rounds, _cumsum(r.get("bytes_down", 0) for r in run.records), run.label, color, style))
     for series, key in ((ups, "updates_received"), (downs, "updates_received")):
-        series.extend(_fp32_series(runs, lambda run, fp32: _cumsum(fp32 * r.get(key, 0) for r in run.records)))
+        series.extend(_fp32_series(runs, lambda run, fp32, key=key: _cumsum(fp32 * r.get(key, 0) for r in run.records)))
     _bytes_axes(up, ups, "Uplink so far (devices → coordinator)", "cumulative")
     _bytes_axes(down, downs, "Downlink so far (to the devices)", "cumulative")
     _legend_below(fig, up)

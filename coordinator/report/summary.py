@@ -56,7 +56,7 @@ def totals(run: Run) -> dict[str, float | int | None]:
 def summary_rows(run: Run) -> list[tuple[str, str]]:
     """(label, formatted value) for the summary table."""
     t = totals(run)
-    pct = lambda v: f"{v:.1%}" if v is not None else "-"  # noqa: E731
+    pct = lambda v: f"{v:.1%}" if v is not None else "-"
     ratio = f"{t['compression_ratio']:.1f}x less than fp32" if t["compression_ratio"] else "- (no config.json)"
     per_update = fmt_bytes(t["bytes_up_per_update"]) if t["bytes_up_per_update"] else "-"
     return [

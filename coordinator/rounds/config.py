@@ -8,7 +8,6 @@ from pathlib import Path
 from edgeftl.coordinator.rounds.strategy import STRATEGIES
 from edgeftl.device.protocol.codecs import parse_codec
 
-
 DEFAULT_STEPS = 10
 
 

@@ -147,8 +147,9 @@ class Coordinator:
         self._publish_full(round_index)
 
     # ---- records ----------------------------------------------------------------------------
-    def _record(self, round_index: int, selected: list[str], received: list[ReceivedUpdate], failed: list[DeviceFailure],
-                late: int, rejected: dict[str, int], aggregated: bool, sent: int, wall_s: float) -> dict:
+    def _record(self, round_index: int, selected: list[str], received: list[ReceivedUpdate],
+                failed: list[DeviceFailure], late: int, rejected: dict[str, int], aggregated: bool, sent: int,
+                wall_s: float) -> dict:
         metrics: dict[str, dict] = {}
         for r in received:  # devices describe their platform once; every record carries it
             known = self.platforms.setdefault(r.update.device_id, {})

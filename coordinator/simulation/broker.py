@@ -44,7 +44,8 @@ class EmbeddedBroker:
         try:
             from amqtt.broker import Broker
         except ImportError as exc:
-            raise RuntimeError("the embedded broker needs amqtt: pip install 'edgeftl[sim]', or pass --broker URL") from exc
+            raise RuntimeError("the embedded broker needs amqtt: pip install 'edgeftl[sim]', "
+                               "or pass --broker URL") from exc
         if self.log_file is not None:
             # amqtt logs its QoS 1 retries ("Timeout waiting for PUBACK") with tracebacks; they go
             # to the run folder instead of the user's terminal.

@@ -106,7 +106,7 @@ def device_processes(sim: SimulationConfig, url: str, bundle: Path, files: list[
             processes.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
         yield [p for p, _ in processes]
     finally:
-        for process, log in processes:
+        for process, _ in processes:
             process.terminate()
         for process, log in processes:
             try:
@@ -120,10 +120,10 @@ def simulate(sim: SimulationConfig, rounds: CoordinatorConfig, on_round: Callabl
              on_start: Callable[[object], None] | None = None) -> list[dict]:
     from edgeftl.coordinator.rounds.evaluate import make_evaluator
     from edgeftl.coordinator.rounds.loop import Coordinator
-    from edgeftl.device.protocol.manifest import verify_bundle
-    from edgeftl.device.runtime import trainable_vector
     from edgeftl.device.link import Link, MqttConnection
+    from edgeftl.device.protocol.manifest import verify_bundle
     from edgeftl.device.protocol.topics import coordinator_client_id
+    from edgeftl.device.runtime import trainable_vector
 
     sim.out.mkdir(parents=True, exist_ok=True)
     bundle = build_bundle_if_needed(sim)

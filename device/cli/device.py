@@ -59,10 +59,9 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgeftl.device.cli.run import run_device
     from edgeftl.device.data import DataError
     from edgeftl.device.protocol.manifest import BundleError
-
-    from edgeftl.device.cli.run import run_device
 
     handler = {"train": _train, "plan": _plan, "run": run_device}[args.device_command]
     try:
@@ -92,8 +91,8 @@ def _train(args: argparse.Namespace) -> dict:
 
 
 def _plan(args: argparse.Namespace) -> dict:
-    from edgeftl.device.protocol.manifest import verify_bundle
     from edgeftl.device.plan import measure_plan
+    from edgeftl.device.protocol.manifest import verify_bundle
 
     manifest = verify_bundle(args.bundle)
     for name in ("batch", "micro_batch", "threads"):

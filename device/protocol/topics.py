@@ -35,8 +35,10 @@ def validate_filter(topic_filter: str) -> str:
                          f"got {topic_filter!r}")
     levels = topic_filter.split("/")
     for i, level in enumerate(levels):
-        if "\0" in level or ("+" in level and level != "+") or ("#" in level and (level != "#" or i != len(levels) - 1)):
-            raise ValueError(f"bad topic filter {topic_filter!r}: '+' must be a whole level and '#' the whole last level")
+        bad_hash = "#" in level and (level != "#" or i != len(levels) - 1)
+        if "\0" in level or ("+" in level and level != "+") or bad_hash:
+            raise ValueError(f"bad topic filter {topic_filter!r}: '+' must be a whole level "
+                             "and '#' the whole last level")
     return topic_filter
 
 

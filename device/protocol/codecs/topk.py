@@ -26,7 +26,7 @@ class TopKCodec(Codec):
         self.fraction, self.inner = float(f"{fraction:g}"), inner
 
     def count(self, size: int) -> int:
-        return max(1, int(round(size * self.fraction)))
+        return max(1, round(size * self.fraction))
 
     def encode(self, vector: np.ndarray) -> Encoded:
         v = as_vector(vector)
@@ -35,12 +35,14 @@ class TopKCodec(Codec):
         index = np.sort(index).astype(np.int64)
         inner = self.inner.encode(v[index])
         gaps = np.diff(index, prepend=0)
-        positions = {"gaps": gaps.astype(np.uint16)} if gaps.max(initial=0) < 65536 else {"index": index.astype(np.uint32)}
+        fits = gaps.max(initial=0) < 65536
+        positions = {"gaps": gaps.astype(np.uint16)} if fits else {"index": index.astype(np.uint32)}
         return Encoded(self.spec, v.size, {**positions, **{f"v.{name}": a for name, a in inner.arrays.items()}})
 
     def decode(self, encoded: Encoded) -> np.ndarray:
         k = min(encoded.size, self.count(encoded.size))
-        outer = Encoded(encoded.codec, encoded.size, {n: a for n, a in encoded.arrays.items() if not n.startswith("v.")})
+        outer = Encoded(encoded.codec, encoded.size,
+                        {n: a for n, a in encoded.arrays.items() if not n.startswith("v.")})
         if "gaps" in encoded.arrays:
             require(outer, {"gaps": (np.uint16, k)})
             index = np.cumsum(encoded.arrays["gaps"].astype(np.int64))
@@ -53,7 +55,8 @@ class TopKCodec(Codec):
                 raise CodecError(f"{self.spec} payload has unsorted or repeated indices")
         if k and int(index.max()) >= encoded.size:
             raise CodecError(f"{self.spec} payload has a position beyond the vector's {encoded.size} values")
-        inner = Encoded(self.inner.spec, k, {name[2:]: a for name, a in encoded.arrays.items() if name.startswith("v.")})
+        inner = Encoded(self.inner.spec, k,
+                        {name[2:]: a for name, a in encoded.arrays.items() if name.startswith("v.")})
         out = np.zeros(encoded.size, dtype=np.float32)
         out[index] = self.inner.decode(inner)
         return out
