@@ -62,7 +62,7 @@ def bundle_key(manifest: Manifest) -> str:
     """
     import onnxruntime
 
-    parts = {name: manifest.files[name].sha256 for name in (LOWER_MODEL, TOKENIZER)}
+    parts: dict[str, object] = {name: manifest.files[name].sha256 for name in (LOWER_MODEL, TOKENIZER)}
     parts["max_seq_len"] = manifest.max_seq_len
     parts["onnxruntime"] = onnxruntime.__version__
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

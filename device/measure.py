@@ -137,7 +137,8 @@ def run_metrics(step_times_s: list[float], samples: int, rss_after_load: float |
     }
     record.update(memory_metrics())
     if rss_after_load is not None:  # counters are approximate (see peak_rss_mib); a peak is never below a reading
-        record["peak_rss_mib"] = max(record["peak_rss_mib"], rss_after_load)
+        peak = record["peak_rss_mib"]
+        record["peak_rss_mib"] = max(peak, rss_after_load) if isinstance(peak, (int, float)) else rss_after_load
     record.update(platform_info())
     return record
 

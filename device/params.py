@@ -118,7 +118,7 @@ def read_params(path: Path, names: set[str] | None = None) -> dict[str, np.ndarr
             begin, end = entry["data_offsets"]
             array = np.empty(entry["shape"], dtype=np.dtype(DTYPES[entry["dtype"]]).newbyteorder("<"))
             handle.seek(start + begin)
-            if handle.readinto(memoryview(array.reshape(-1).view(np.uint8))) != end - begin:
+            if handle.readinto(array.reshape(-1).view(np.uint8).data) != end - begin:
                 raise ParamsError(f"{str(path)!r}: tensor {name!r} is truncated")
             out[name] = array.astype(array.dtype.newbyteorder("="), copy=False)
     return out

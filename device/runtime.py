@@ -11,8 +11,9 @@ run reads without copying anything into ONNX Runtime.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -66,9 +67,9 @@ class BundleRuntime:
         self.loaded_files: list[Path] = [self.folder / PARAMS, self.folder / TRAINING_MODEL, self.folder / TOKENIZER]
         self._input_names: dict[int, list[str]] = {}
         self._grad_outputs = [p.name + GRAD_SUFFIX for p in self.manifest.trainable]
-        self.training = None
+        self._training: Any = None
         if train:
-            self.training = self._session(TRAINING_MODEL, training=True)
+            self._training = self._session(TRAINING_MODEL, training=True)
             self._check_training_graph()
         else:
             self.loaded_files.remove(self.folder / TRAINING_MODEL)
@@ -99,6 +100,13 @@ class BundleRuntime:
         except Exception as exc:  # ORT raises its own exception types (Fail, NotImplemented, InvalidGraph)
             raise BundleError(f"bundle file {role!r} does not load in onnxruntime {self._ort.__version__} "
                               f"({str(exc).splitlines()[0][:300]}); rebuild the bundle with this edgeftl") from exc
+
+    @property
+    def training(self) -> Any:
+        """The training session (an onnxruntime InferenceSession)."""
+        if self._training is None:
+            raise BundleError("this runtime was opened for evaluation only (train=False); it cannot train")
+        return self._training
 
     def _check_training_graph(self) -> None:
         outputs = {o.name for o in self.training.get_outputs()}
@@ -160,10 +168,12 @@ class BundleRuntime:
             out[row, :tokens.shape[1]] = self.lower.run(None, {"input_ids": tokens, "attention_mask": row_mask})[0][0]
         return out
 
-    def targets(self, ids: np.ndarray, mask: np.ndarray, labels: list[str] | None) -> np.ndarray:
+    def targets(self, ids: np.ndarray, mask: np.ndarray, labels: Sequence[str | None] | None) -> np.ndarray:
         if self.manifest.task == CAUSAL_LM:
             return np.where(mask == 1, ids, IGNORE_INDEX).astype(np.int64)
-        return np.array([self.label_index[label] for label in labels], dtype=np.int64)
+        if labels is None or any(label is None for label in labels):
+            raise BundleError("a classify bundle needs a label for every example")
+        return np.array([self.label_index[str(label)] for label in labels], dtype=np.int64)
 
     # ---- steps --------------------------------------------------------------------------
     def set_learning_rate(self, lr: float) -> None:

@@ -79,7 +79,7 @@ def text_inputs(runtime: BundleRuntime, examples: Sequence[Example]) -> Inputs:
     return lambda indices: prepare(runtime, [examples[i] for i in indices])
 
 
-def subset_inputs(inputs: Inputs, positions: Sequence[int]) -> Inputs:
+def subset_inputs(inputs: Inputs, positions: Sequence[int] | np.ndarray) -> Inputs:
     """Inputs over a subset: index i means positions[i] of the underlying inputs."""
     return lambda indices: inputs([int(positions[i]) for i in indices])
 
@@ -155,7 +155,7 @@ def _epoch_order(n: int, rng_state: dict) -> tuple[np.ndarray, dict]:
 def train(runtime: BundleRuntime, examples: Sequence[Example], config: TrainConfig,
           eval_examples: Sequence[Example] | None = None, progress: bool = True, *,
           inputs: Inputs | None = None, eval_inputs: Inputs | None = None, resume: Progress | None = None,
-          on_save: Callable[[Progress], None] | None = None, rss_after_load: float | None = None) -> dict:
+          on_save: Callable[[Progress], object] | None = None, rss_after_load: float | None = None) -> dict:
     """Train on examples; return a flat summary with units in the key names.
 
     Args:
@@ -171,8 +171,8 @@ def train(runtime: BundleRuntime, examples: Sequence[Example], config: TrainConf
     runtime.set_learning_rate(config.lr)
     n, size, micro = len(examples), config.batch, config.micro_batch or config.batch
     per_epoch = -(-n // size)
-    total = config.steps if config.steps is not None else per_epoch * config.epochs
-    pos = resume or Progress(epoch_rng=np.random.default_rng(config.seed).bit_generator.state)
+    total = config.steps if config.steps is not None else per_epoch * (config.epochs or 1)
+    pos = resume or Progress(epoch_rng=dict(np.random.default_rng(config.seed).bit_generator.state))
     if pos.step >= total:
         info(f"the saved state is at step {pos.step}, the target is {total}: nothing to train")
     losses, step_times, samples = [], [], 0
@@ -233,7 +233,7 @@ def train_file(bundle: Path, data: Path, eval_file: Path | None, config: TrainCo
     settings = {"data_sha256": sha256_file(data), "seed": config.seed, "batch": config.batch,
                 "grad_accum": config.grad_accum, "val_fraction": config.val_fraction}
     saved = load_state(state_dir, bundle) if state_dir else None
-    if saved:
+    if saved and state_dir:
         check_settings(saved, settings, state_dir)
     runtime = BundleRuntime(bundle, threads=config.threads, verify=False)
     if saved:
@@ -286,7 +286,7 @@ def _inputs(runtime: BundleRuntime, examples: list[Example], data: Path, eval_ex
     """Inputs for the training file and the --eval file, with the closers of their caches."""
     inputs, closers = data_inputs(runtime, examples, data, cache_dir, progress)
     eval_inputs = None
-    if eval_examples:
+    if eval_examples and eval_file is not None:
         eval_inputs, eval_closers = data_inputs(runtime, eval_examples, eval_file, cache_dir, progress)
         closers += eval_closers
     return inputs, eval_inputs, closers
@@ -315,7 +315,9 @@ def _fit_memory(runtime: BundleRuntime, after_load: float, texts: list[str], con
     seq = max(len(ids) for ids in runtime.token_ids(texts))
     plan = measure_plan(runtime.folder, seq, config.threads, micro_batch=config.micro_batch or config.batch)
     extra = max(0.0, after_load - plan.rss_after_load_mib)
-    micro, note = fit_micro_batch(plan, config.batch, config.micro_batch, config.max_memory_mib, extra)
+    limit = config.max_memory_mib
+    assert limit is not None, "called only with --max-memory-mib"
+    micro, note = fit_micro_batch(plan, config.batch, config.micro_batch, limit, extra)
     if note:
         info(note)
     return replace(config, micro_batch=micro)

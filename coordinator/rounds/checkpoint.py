@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -15,7 +16,8 @@ CHECKPOINT = "checkpoint.npz"
 def save(folder: Path, round_index: int, params: np.ndarray, reference: np.ndarray,
          strategy_state: dict[str, np.ndarray], meta: dict) -> None:
     """Write folder/checkpoint.npz via a temp file + rename: a crash leaves the previous one."""
-    arrays = {"params": params, "reference": reference, **{f"strategy.{k}": v for k, v in strategy_state.items()}}
+    arrays: dict[str, Any] = {"params": params, "reference": reference,
+                              **{f"strategy.{k}": v for k, v in strategy_state.items()}}
     arrays["meta"] = np.frombuffer(json.dumps({**meta, "round": round_index}).encode(), dtype=np.uint8)
     with atomic_path(Path(folder) / CHECKPOINT) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **arrays)  # a handle: given a path without .npz, savez would add the suffix

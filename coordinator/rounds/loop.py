@@ -174,8 +174,8 @@ class Coordinator:
             "devices": metrics,
             "wall_s": round(wall_s, 3),
         }
-        if getattr(self.strategy, "last_report", None):
-            record["strategy_report"] = self.strategy.last_report
+        if self.strategy.report():
+            record["strategy_report"] = self.strategy.report()
         if self.evaluate is not None:
             record.update(self.evaluate(self.reference))
         return record

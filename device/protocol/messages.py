@@ -134,7 +134,7 @@ def _int(low: int | None = None) -> Any:
 
 def _positive(value: object) -> bool:
     """a finite number > 0"""
-    return type(value) in (int, float) and math.isfinite(value) and value > 0  # type: ignore[arg-type]
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _text(pattern: re.Pattern[str] | None = None, low: int = 1) -> Any:
@@ -160,8 +160,8 @@ def _metrics(value: object) -> bool:
 
 
 def _metric_value(value: object) -> bool:
-    if type(value) in (int, float):
-        return math.isfinite(value)  # type: ignore[arg-type]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return math.isfinite(value)
     return isinstance(value, str) and len(value) <= MAX_TEXT
 
 

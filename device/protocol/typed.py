@@ -16,10 +16,9 @@ and dataclasses. bool is never accepted as a number. Standard library only.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import types
 import typing
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
 ErrorType = type[Exception]
@@ -41,7 +40,7 @@ def from_json(cls: type[T], data: object, where: str, error: ErrorType) -> T:
         return data
     if not isinstance(data, dict):
         raise error(f"{where} must be a JSON object, got {_show(data)}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cast(Any, cls))}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise error(f"{where} has unknown keys {unknown}; accepted: {sorted(fields)}")
@@ -63,14 +62,19 @@ def conform(section: object, where: str, error: ErrorType) -> None:
         error: naming the first field whose value does not fit, and the type accepted.
     """
     hints = _hints(type(section))
-    for f in dataclasses.fields(section):
+    for f in dataclasses.fields(cast(Any, section)):
         value = _conform(getattr(section, f.name), hints[f.name], f"{where}.{f.name}", error)
         object.__setattr__(section, f.name, value)
 
 
-@functools.cache
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """The resolved annotations of a dataclass (cached: sections are checked on every read)."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
 
 
 def _conform(value: object, hint: Any, where: str, error: ErrorType) -> object:
@@ -81,14 +85,14 @@ def _conform(value: object, hint: Any, where: str, error: ErrorType) -> object:
         (hint,) = [a for a in args if a is not type(None)]  # X | None is the only union sections use
         return _conform(value, hint, where, error)
     if dataclasses.is_dataclass(hint):
-        return from_json(hint, value, where, error)
+        return from_json(cast(Any, hint), value, where, error)
     if origin is list:
         _expect(isinstance(value, list), value, "a list", where, error)
-        return [_conform(item, args[0], f"{where}[{i}]", error) for i, item in enumerate(value)]
+        return [_conform(item, args[0], f"{where}[{i}]", error) for i, item in enumerate(cast(list, value))]
     if origin is dict:
         _expect(isinstance(value, dict) and all(isinstance(k, str) for k in value), value,
                 "an object", where, error)
-        return {k: _conform(item, args[1], f"{where}[{k!r}]", error) for k, item in value.items()}
+        return {k: _conform(item, args[1], f"{where}[{k!r}]", error) for k, item in cast(dict, value).items()}
     _expect(_is_scalar(value, hint), value, _name(hint), where, error)
     return value
 

@@ -28,6 +28,10 @@ class Strategy:
     def aggregate(self, global_params: np.ndarray, updates: list[Update]) -> np.ndarray:
         raise NotImplementedError
 
+    def report(self) -> dict[str, float]:
+        """What the last aggregation measured about itself, for the round record; empty by default."""
+        return {}
+
     def state(self) -> dict[str, np.ndarray]:
         """Server-side state to checkpoint (optimizer moments); empty for stateless strategies."""
         return {}

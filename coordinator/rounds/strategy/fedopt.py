@@ -28,7 +28,7 @@ class FedAdam(Strategy):
 
     def aggregate(self, global_params: np.ndarray, updates: list[Update]) -> np.ndarray:
         delta = weighted_mean(updates).astype(np.float64)
-        if self.m is None or self.m.shape != delta.shape:
+        if self.m is None or self.v is None or self.m.shape != delta.shape:
             # The paper initialises v to tau^2 so the first step is not divided by ~0.
             self.m, self.v = np.zeros_like(delta), np.full_like(delta, self.tau**2)
         self.m = self.beta1 * self.m + (1 - self.beta1) * delta
@@ -37,7 +37,7 @@ class FedAdam(Strategy):
         return (global_params + step).astype(np.float32)
 
     def state(self) -> dict[str, np.ndarray]:
-        return {} if self.m is None else {"m": self.m.copy(), "v": self.v.copy()}
+        return {} if self.m is None or self.v is None else {"m": self.m.copy(), "v": self.v.copy()}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         if "m" in state and "v" in state:

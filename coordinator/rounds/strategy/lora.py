@@ -43,6 +43,9 @@ class LoraAware(Strategy):
     def _view(vector: np.ndarray, param: TrainableParam) -> np.ndarray:
         return vector[param.offset: param.offset + param.size].reshape(param.shape)
 
+    def report(self) -> dict[str, float]:
+        return self.last_report
+
     def aggregate(self, global_params: np.ndarray, updates: list[Update]) -> np.ndarray:
         new = global_params + weighted_mean(updates)  # FedAvg everywhere; LoRA pairs overwritten below
         weights = np.array([u.weight for u in updates], dtype=np.float64)
