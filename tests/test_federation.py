@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,8 @@ from edgeftl.coordinator.rounds.evaluate import make_evaluator
 from edgeftl.coordinator.rounds.loop import Coordinator
 from edgeftl.device.agent import AgentConfig, DeviceAgent
 from edgeftl.device.data import write_csv
-from edgeftl.device.link import InProcessBroker
-from edgeftl.device.protocol.manifest import read_manifest
+from edgeftl.device.link import InProcessBroker, InProcessConnection, Link
+from edgeftl.device.protocol.manifest import bundle_sha256, read_manifest
 
 from fixtures_build import bundle, coordinator_link, device_link, in_process_devices, keyword_dataset
 
@@ -148,24 +149,41 @@ def test_coordinator_round_loop_runs_without_torch(tmp_path, tmp_path_factory):
     assert summary["received"] == 1 and summary["loaded"] == [] and 0 <= summary["accuracy"] <= 1
 
 
-def test_agent_waiting_for_a_global_skips_a_bad_message_and_runs_the_task_once_it_arrives(tmp_path, tmp_path_factory):
-    # Prepare: a connected agent gets round 1's task before the global of round 0 it needs; then a
-    # malformed message and finally that global arrive.
-    from edgeftl.device.link import InProcessConnection, Link
-    from edgeftl.device.protocol.codecs import Encoded
-    from edgeftl.device.protocol.manifest import bundle_sha256
-    from edgeftl.device.protocol.messages import Global, Task, Update
+@dataclass
+class _OneDevice:
+    """A connected agent on an in-process broker, a coordinator-side listener, and a raw sender."""
 
+    agent: DeviceAgent
+    listener: Link
+    sender: Link
+    sha: str
+
+    def close(self) -> None:
+        self.agent.close()
+        self.listener.close()
+
+
+def _one_device(tmp_path: Path, tmp_path_factory) -> _OneDevice:
     folder = bundle(tmp_path_factory, "bert-int8")
     (path,) = _device_files(tmp_path, 1, 16)
     broker = InProcessBroker()
     agent = DeviceAgent(device_link(broker, "dev0"), AgentConfig("dev0", folder, path, threads=1))
     agent.start()
-    sha = bundle_sha256(folder)
     listener = coordinator_link(broker, "listener")
     listener.connect()
     sender = Link(InProcessConnection(broker, "sender"), "edgeftl", [])
     sender.connect()
+    return _OneDevice(agent, listener, sender, bundle_sha256(folder))
+
+
+def test_agent_waiting_for_a_global_skips_a_bad_message_and_runs_the_task_once_it_arrives(tmp_path, tmp_path_factory):
+    # Prepare: a connected agent gets round 1's task before the global of round 0 it needs; then a
+    # malformed message and finally that global arrive.
+    from edgeftl.device.protocol.codecs import Encoded
+    from edgeftl.device.protocol.messages import Global, Task, Update
+
+    one = _one_device(tmp_path, tmp_path_factory)
+    agent, listener, sender, sha = one.agent, one.listener, one.sender, one.sha
     reference = agent.runtime.get_flat()
     sender.send(Task("run", 1, sha, ("dev0",), 60.0, 1e-2, "none", steps=1))
     assert agent.run(stop_after_s=0.5) == 0 and agent.waiting is not None
@@ -181,52 +199,34 @@ def test_agent_waiting_for_a_global_skips_a_bad_message_and_runs_the_task_once_i
     # ... and the same task again (the retained task after a reconnect) is not trained twice
     sender.send(Task("run", 1, sha, ("dev0",), 60.0, 1e-2, "none", steps=1))
     assert agent.run(stop_after_s=0.5) == 0 and listener.receive(0.0) is None
-    agent.close()
-    listener.close()
+    one.close()
 
 
 def test_a_task_whose_global_never_arrives_gets_a_no_global_reply(tmp_path, tmp_path_factory, monkeypatch):
     # Prepare: an agent that holds no global of the run its task belongs to, and a short wait
     from edgeftl.device import agent as agent_module
-    from edgeftl.device.link import InProcessConnection, Link
-    from edgeftl.device.protocol.manifest import bundle_sha256
     from edgeftl.device.protocol.messages import ErrorReply, Task
 
     monkeypatch.setattr(agent_module, "GLOBAL_WAIT_S", 0.3)
-    folder = bundle(tmp_path_factory, "bert-int8")
-    (path,) = _device_files(tmp_path, 1, 16)
-    broker = InProcessBroker()
-    agent = DeviceAgent(device_link(broker, "dev0"), AgentConfig("dev0", folder, path, threads=1))
-    agent.start()
-    listener = coordinator_link(broker, "listener")
-    listener.connect()
-    sender = Link(InProcessConnection(broker, "sender"), "edgeftl", [])
-    sender.connect()
+    one = _one_device(tmp_path, tmp_path_factory)
+    agent, listener, sender = one.agent, one.listener, one.sender
     # Execute
-    sender.send(Task("run", 4, bundle_sha256(folder), ("dev0",), 60.0, 1e-2, "none", steps=1))
+    sender.send(Task("run", 4, one.sha, ("dev0",), 60.0, 1e-2, "none", steps=1))
     sent = agent.run(stop_after_s=1.5)
     # Assert
     replies = [listener.receive(0.0) for _ in range(3)]
     errors = [r.message for r in replies if r is not None and isinstance(r.message, ErrorReply)]
     assert sent == 0 and len(errors) == 1 and errors[0].code == "no_global" and errors[0].round == 4
-    agent.close()
+    one.close()
 
 
 def test_a_device_whose_parameters_drift_from_the_coordinators_fetches_the_full_global(tmp_path, tmp_path_factory):
     # Prepare: an agent holding round 0, whose copy then drifts (as a float64 implementation's would)
-    from edgeftl.device.link import InProcessConnection, Link
     from edgeftl.device.protocol.codecs import Encoded
-    from edgeftl.device.protocol.manifest import bundle_sha256
     from edgeftl.device.protocol.messages import Global, params_sha256
 
-    folder = bundle(tmp_path_factory, "bert-int8")
-    (path,) = _device_files(tmp_path, 1, 16)
-    broker = InProcessBroker()
-    agent = DeviceAgent(device_link(broker, "dev0"), AgentConfig("dev0", folder, path, threads=1))
-    agent.start()
-    sha, truth = bundle_sha256(folder), agent.runtime.get_flat()
-    sender = Link(InProcessConnection(broker, "sender"), "edgeftl", [])
-    sender.connect()
+    one = _one_device(tmp_path, tmp_path_factory)
+    agent, sender, sha, truth = one.agent, one.sender, one.sha, one.agent.runtime.get_flat()
     sender.send(Global("run", 0, sha, Encoded("none", truth.size, {"values": truth})))
     agent.run(stop_after_s=0.3)
     assert agent.global_round == 0
@@ -238,7 +238,7 @@ def test_a_device_whose_parameters_drift_from_the_coordinators_fetches_the_full_
     agent.run(stop_after_s=0.5)
     # Assert: the delta was refused by its hash and the retained full vector taken instead
     assert agent.global_round == 1 and np.array_equal(agent.reference, truth)
-    agent.close()
+    one.close()
 
 
 def test_a_device_whose_training_fails_replies_with_an_error_and_the_round_goes_on(tmp_path, tmp_path_factory):
