@@ -306,3 +306,13 @@ def test_what_the_record_writer_appends_is_what_reports_read(tmp_path):
     assert [r["round"] for r in run.records] == [0, 1] and not run.warnings
     records.start_fresh(folder)
     assert not (folder / records.METRICS).exists()
+
+
+def test_the_coordinator_benchmark_runs_from_the_checkout():
+    # A small run of tools/bench_coordinator.py: it drives the link's decode and the inbox, which
+    # change with the protocol; the numbers themselves are the benchmark's business, not a test's.
+    script = Path(__file__).resolve().parents[1] / "tools" / "bench_coordinator.py"
+    done = subprocess.run([sys.executable, str(script), "--updates", "20", "--repeats", "1", "--no-write"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| topk:0.01+int8:256 | 20 |" in done.stdout

@@ -105,7 +105,7 @@ def main() -> int:
     rows = []
     for codec in CODECS:
         messages = make_messages(codec, args.updates, rng)
-        nbytes = sum(len(p) for _, p in messages)
+        nbytes = sum(len(p) for p in messages)
         decode_times, updates = [], []
         for _ in range(args.repeats):
             elapsed, updates = time_decode(messages)
