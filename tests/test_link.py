@@ -453,7 +453,8 @@ def test_the_link_refuses_what_does_not_belong_where_it_arrives(net: Net, case: 
     # Assert: refused, named, counted; the sender named by the topic
     (item,) = take(reader, 1)
     assert isinstance(item, Refused) and item.reason.startswith(reason + ":"), item
-    assert item.kind == reason and item.topic == topic and item.device_id == net.topics.parse(topic)[1]
+    assert item.kind == reason and item.topic == topic
+    assert (item.place, item.device_id) == net.topics.parse(topic)
     assert (reader.stats()["refused"], reader.stats()["delivered"]) == (1, 0)
 
 

@@ -115,8 +115,8 @@ class Coordinator:
     def _take(self, item: Incoming | Refused | None) -> ReceivedUpdate | DeviceFailure | None:
         """One item from the link: a status updates who is online, a reply goes to the inbox."""
         if isinstance(item, Refused):
-            if item.device_id is not None and "/status/" not in item.topic:
-                self.inbox.refuse(item.topic, item.reason)
+            if item.place == "update":
+                self.inbox.refuse(f"update/{item.device_id}", item.reason)
             return None
         if item is None:
             return None

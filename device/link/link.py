@@ -88,9 +88,12 @@ class Incoming:
 
 @dataclass(frozen=True)
 class Refused:
-    """Something that arrived and failed a check; `reason` is "<reason>: <details>"."""
+    """Something that arrived and failed a check; `reason` is "<reason>: <details>". `place` is
+    what the topic is for (task, global, delta, update, status; None for no protocol topic) and
+    `device_id` the device whose topic it came on; `topic` is kept for logs."""
 
     topic: str
+    place: str | None
     device_id: str | None
     reason: str
 
@@ -243,7 +246,7 @@ class Link:
                 message = decode(payload, self.max_message_bytes)
             check_place(where, device, message)
         except MessageError as exc:
-            return self._refused(topic, device, str(exc))
+            return self._refused(topic, where, device, str(exc))
         self._bump("delivered")
         return Incoming(message, device, len(payload))
 
@@ -260,12 +263,13 @@ class Link:
             while len(self._refused_recently) > 1024:
                 self._refused_recently.popitem(last=False)
         place = self.topics.parse(message_topic)
-        self._put(self._refused(message_topic, place[1] if place else None, reason))
+        where, device = place if place else (None, None)
+        self._put(self._refused(message_topic, where, device, reason))
 
-    def _refused(self, topic: str, device: str | None, reason: str) -> Refused:
+    def _refused(self, topic: str, place: str | None, device: str | None, reason: str) -> Refused:
         self._bump("refused")
         log.debug("%s: refused a message on %r: %s", self.connection.client_id, topic, reason)
-        return Refused(topic, device, reason)
+        return Refused(topic, place, device, reason)
 
     def _put(self, item: tuple[str, bytes] | Refused) -> None:
         try:
