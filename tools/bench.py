@@ -16,13 +16,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from edgeftl.device.cli.common import csv_list
+
 import benchsuite
 
 CHECKOUT = Path(__file__).resolve().parents[1]
-
-
-def csv_list(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def main(argv: list[str] | None = None) -> int:

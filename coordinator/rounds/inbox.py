@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeftl.device.protocol.messages import ErrorReply, MessageError, Update, vector_of
+from edgeftl.device.protocol.messages import ErrorReply, MessageError, Update, reason_kind, vector_of
 
 log = logging.getLogger("edgeftl.coordinator")
 
@@ -79,9 +79,8 @@ class Inbox:
 
     def refuse(self, where: str, reason: str) -> None:
         """Count a refusal under its reason (the text before the first ':')."""
-        kind = reason.split(":")[0].split("(")[0].strip()[:60]
         with self._lock:
-            self.rejected[kind] += 1
+            self.rejected[reason_kind(reason)] += 1
         log.warning("rejected update on %s: %s", where, reason)
 
     def _update(self, update: Update, nbytes: int) -> ReceivedUpdate | None:

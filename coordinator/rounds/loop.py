@@ -174,8 +174,9 @@ class Coordinator:
             "devices": metrics,
             "wall_s": round(wall_s, 3),
         }
-        if self.strategy.report():
-            record["strategy_report"] = self.strategy.report()
+        report = self.strategy.report()
+        if report:
+            record["strategy_report"] = report
         if self.evaluate is not None:
             record.update(self.evaluate(self.reference))
         return record

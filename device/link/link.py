@@ -36,6 +36,7 @@ from edgeftl.device.protocol.messages import (
     check_place,
     decode,
     encode,
+    reason_kind,
     status_from_payload,
     status_payload,
 )
@@ -99,7 +100,7 @@ class Refused:
 
     @property
     def kind(self) -> str:
-        return self.reason.split(":")[0].split("(")[0].strip()[:60]
+        return reason_kind(self.reason)
 
 
 class Link:

@@ -357,6 +357,12 @@ def params_sha256(params: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(params, dtype="<f4").tobytes()).hexdigest()
 
 
+def reason_kind(reason: str) -> str:
+    """What a refusal is counted under: its text before the first ':' ("bad header: ..." ->
+    "bad header"), the reason prefixes docs/PROTOCOL.md section 8 lists."""
+    return reason.split(":")[0].split("(")[0].strip()[:60]
+
+
 def one_line(reason: str) -> str:
     """An error reply's reason: whitespace collapsed, at most MAX_TEXT characters."""
     return " ".join(reason.split())[:MAX_TEXT]
