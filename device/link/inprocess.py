@@ -36,6 +36,11 @@ class InProcessBroker:
         self._sessions: dict[str, _Session] = {}
         self._retained: dict[str, bytes] = {}
 
+    def retained(self) -> dict[str, bytes]:
+        """A copy of the retained messages, topic -> payload (raw frames, chunks included)."""
+        with self._lock:
+            return dict(self._retained)
+
     # ---- called by InProcessConnection -------------------------------------------------------
 
     def _connect(self, client: InProcessConnection, clean_start: bool) -> list[tuple[str, bytes]]:
