@@ -39,6 +39,7 @@ ROUND_FLAGS = {
     "downlink": "codec of the per-round global delta",
     "strategy": f"aggregation: {' | '.join(STRATEGIES)}",
     "server_lr": "server learning rate (strategy default when not given)",
+    "clip_norm": "clip each update to this L2 norm before aggregating; 0 = no clipping",
     "seed": "seed of the device sampling",
     "run_id": "federation run id; default: a fresh one (--resume keeps the checkpoint's)",
     "prefix": "MQTT topic prefix",

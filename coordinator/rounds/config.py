@@ -30,6 +30,7 @@ class CoordinatorConfig:
     downlink: str = "none"  # codec of the per-round global delta
     strategy: str = "fedavg"
     server_lr: float | None = None
+    clip_norm: float = 0.0  # per-update L2 clip before aggregation; 0 = none
     seed: int = 0
     run_id: str = ""  # "" = a fresh id per run (resume keeps the checkpoint's)
     prefix: str = "edgeftl"
@@ -46,6 +47,8 @@ class CoordinatorConfig:
             raise ValueError("give --epochs or --steps for local training, not both")
         if self.epochs is None and self.steps is None:
             self.steps = DEFAULT_STEPS
+        if not self.clip_norm >= 0:
+            raise ValueError(f"--clip-norm must be >= 0 (0 = no clipping), got {self.clip_norm}")
         if not self.deadline_s > 0 or not self.lr > 0:
             raise ValueError("--deadline-s and --lr must be positive")
         if self.strategy not in STRATEGIES:

@@ -19,6 +19,7 @@ from edgeftl.coordinator.rounds.config import CoordinatorConfig
 from edgeftl.coordinator.rounds.inbox import DeviceFailure, Inbox, ReceivedUpdate
 from edgeftl.coordinator.rounds.strategy import Update as StrategyUpdate
 from edgeftl.coordinator.rounds.strategy import make_strategy
+from edgeftl.coordinator.rounds.strategy.guard import clip_updates
 from edgeftl.device.link import Incoming, Link, Refused
 from edgeftl.device.protocol.codecs import Encoded, ErrorFeedback, parse_codec
 from edgeftl.device.protocol.manifest import Manifest, bundle_sha256
@@ -83,7 +84,8 @@ class Coordinator:
         late, rejected = self.inbox.close_round()
         aggregated = len(received) >= self.config.min_updates
         if aggregated:
-            updates = [StrategyUpdate(r.delta, float(r.update.samples)) for r in received]
+            updates, _norms = clip_updates([StrategyUpdate(r.delta, float(r.update.samples)) for r in received],
+                                           self.config.clip_norm)
             self.params = self.strategy.aggregate(self.reference, updates)
         self._publish_global(round_index)
         checkpoint.save(self.config.out, round_index, self.params, self.reference, self.strategy.state(),
