@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from edgeftl.device.data import read_examples
 from edgeftl.device.files import atomic_path
+from edgeftl.device.limits import TaskLimits
 from edgeftl.device.link import Incoming, Link, Refused
 from edgeftl.device.measure import peak_rss_mib, platform_info, rss_mib
 from edgeftl.device.protocol.codecs import ErrorFeedback, parse_codec
@@ -49,6 +50,7 @@ class AgentConfig:
     cache_dir: Path | None = None
     threads: int | None = None
     micro_batch: int | None = None
+    limits: TaskLimits = field(default_factory=TaskLimits)
 
 
 class DeviceAgent:
@@ -144,6 +146,12 @@ class DeviceAgent:
             return 0
         if self.acted is not None and self.acted[0] == task.run_id and task.round <= self.acted[1]:
             return 0  # answered already (a redelivery, or the retained task after a reconnect)
+        breach = self.config.limits.breach(task)
+        if breach is not None:
+            self.acted = (task.run_id, task.round)
+            log.warning("%s: refused round %d: %s", self.config.device_id, task.round, breach)
+            self._reply_error(task, "task_limits", breach)
+            return 0
         if not self._holds_start_of(task):
             if not self._syncing:
                 self._resync()

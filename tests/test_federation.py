@@ -290,8 +290,8 @@ def test_error_replies_are_checked_like_updates(tmp_path):
     assert first == DeviceFailure("dev0", "train_failed", "ValueError: bad data")
     assert again is None and others == [None, None, None] and inbox.redelivered == 1
     assert inbox.failures == {"dev0": {"code": "train_failed", "reason": "ValueError: bad data"}}
-    late, rejected = inbox.close_round()
-    assert late == 1 and rejected == {"unknown device": 1, "wrong run or bundle": 1}
+    late, rejected, places = inbox.close_round()
+    assert late == 1 and rejected == {"unknown device": 1, "wrong run or bundle": 1} and places == {"update": 2}
 
 
 def test_lossy_downlink_devices_hold_exactly_the_coordinators_reference(tmp_path, tmp_path_factory):

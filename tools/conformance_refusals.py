@@ -147,6 +147,16 @@ def message_refusals() -> list[dict]:
         refusal("metrics_value_list", m, "bad header", reheader(update, metrics={"losses": [1.0]})),
         refusal("metrics_string_too_long", m, "bad header", reheader(update, metrics={"note": "x" * 257})),
         refusal("metrics_too_many", m, "bad header", reheader(update, metrics={f"m{i}": i for i in range(65)})),
+        refusal("metrics_too_large", m, "bad header", reheader(update, metrics={f"m{i}": "x" * 99 for i in range(41)})),
+        refusal("metrics_integer_beyond_2_53", m, "bad header", reheader(update, metrics={"bytes_down": 2**53})),
+        refusal("metrics_integer_huge", m, "bad header", reheader(update, metrics={"samples": 10**400})),
+        refusal("metrics_unit_as_string", m, "bad header", reheader(update, metrics={"peak_rss_mib": "300"})),
+        refusal("samples_beyond_2_53", m, "bad header", reheader(update, samples=10**400)),
+        refusal("seq_beyond_2_53", m, "bad header", reheader(update, seq=2**53)),
+        refusal("round_beyond_2_53", m, "bad header", reheader(update, round=2**60)),
+        refusal("task_steps_above_limit", m, "bad header", reheader(task, steps=messages.MAX_STEPS + 1)),
+        refusal("task_batch_above_limit", m, "bad header", reheader(task, batch=messages.MAX_BATCH + 1)),
+        refusal("task_deadline_above_limit", m, "bad header", reheader(task, deadline_s=1e9)),
         refusal("error_code_bad_form", m, "bad header", reheader(
             messages.encode(typed_messages()[7][2]), code="Out-Of-Memory")),
         refusal("error_reason_too_long", m, "bad header", reheader(

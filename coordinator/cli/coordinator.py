@@ -40,6 +40,7 @@ ROUND_FLAGS = {
     "strategy": f"aggregation: {' | '.join(STRATEGIES)}",
     "server_lr": "server learning rate (strategy default when not given)",
     "clip_norm": "clip each update to this L2 norm before aggregating; 0 = no clipping",
+    "max_step_norm": "refuse a new global that moves further than this L2 norm (kept: the previous); 0 = no bound",
     "seed": "seed of the device sampling",
     "run_id": "federation run id; default: a fresh one (--resume keeps the checkpoint's)",
     "prefix": "MQTT topic prefix",

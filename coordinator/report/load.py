@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeftl.coordinator.rounds.records import METRICS, METRICS_FORMAT
+from edgeftl.coordinator.rounds.records import METRICS, METRICS_FORMAT, clean
 
 CONFIG = "config.json"
 
@@ -155,15 +155,10 @@ def _parse(value: object) -> object:
 
 
 def _normalise(record: dict) -> dict:
-    """Device platform keys as `platform_<name>`, however many times the agent prefixed them."""
-    devices = record.get("devices")
-    if not isinstance(devices, dict):
-        record["devices"] = {}
-        return record
+    """Values the report can use (records.clean), and device platform keys as `platform_<name>`,
+    however many times the agent prefixed them."""
+    devices = clean(record)["devices"]
     for device, metrics in list(devices.items()):
-        if not isinstance(metrics, dict):
-            devices[device] = {}
-            continue
         fixed = {}
         for key, value in metrics.items():
             while key.startswith("platform_platform_"):

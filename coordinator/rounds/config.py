@@ -31,6 +31,7 @@ class CoordinatorConfig:
     strategy: str = "fedavg"
     server_lr: float | None = None
     clip_norm: float = 0.0  # per-update L2 clip before aggregation; 0 = none
+    max_step_norm: float = 0.0  # refuse a new global further than this (L2) from the last; 0 = unbounded
     seed: int = 0
     run_id: str = ""  # "" = a fresh id per run (resume keeps the checkpoint's)
     prefix: str = "edgeftl"
@@ -47,8 +48,9 @@ class CoordinatorConfig:
             raise ValueError("give --epochs or --steps for local training, not both")
         if self.epochs is None and self.steps is None:
             self.steps = DEFAULT_STEPS
-        if not self.clip_norm >= 0:
-            raise ValueError(f"--clip-norm must be >= 0 (0 = no clipping), got {self.clip_norm}")
+        for name in ("clip_norm", "max_step_norm"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0 = off), got {getattr(self, name)}")
         if not self.deadline_s > 0 or not self.lr > 0:
             raise ValueError("--deadline-s and --lr must be positive")
         if self.strategy not in STRATEGIES:

@@ -5,6 +5,10 @@ message is the device whose topic it came on. Here the message is checked agains
 run id and bundle, round, sampled device, one reply per device, then the vector (codec, length,
 finiteness). A refusal is counted under its reason (`reason: details`) and logged; a QoS 1
 redelivery of an update already taken is dropped quietly (docs/PROTOCOL.md sections 7 and 8).
+
+Counters (refused, late, redelivered) run from one `close_round` to the next, so what arrives
+between rounds is reported with the next round instead of being lost; the duplicate check
+remembers the open round's updates only, so it never grows with the run.
 """
 
 from __future__ import annotations
@@ -43,23 +47,26 @@ class Inbox:
         self._lock = threading.Lock()
         self._round = -1
         self._selected: set[str] = set()
-        self._seen: set[tuple[str, int, int]] = set()  # (device, round, seq) of updates taken
+        self._seen: set[tuple[str, int]] = set()  # (device, seq) of updates taken in the open round
         self._accepted: set[str] = set()
         self.failures: dict[str, dict[str, str]] = {}  # device -> {"code", "reason"}, this round
-        self.rejected: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()  # reason -> count, since the last close_round
+        self.rejected_places: Counter[str] = Counter()  # topic place (update, status, ...) -> count
         self.late = self.redelivered = 0
 
     def open_round(self, round_index: int, selected: list[str]) -> None:
         with self._lock:
             self._round, self._selected = round_index, set(selected)
-            self._accepted, self.failures = set(), {}
-            self.rejected, self.late, self.redelivered = Counter(), 0, 0
+            self._accepted, self.failures, self._seen = set(), {}, set()
 
-    def close_round(self) -> tuple[int, dict[str, int]]:
-        """Stop accepting for this round; return (late count, rejected counts by reason)."""
+    def close_round(self) -> tuple[int, dict[str, int], dict[str, int]]:
+        """Stop accepting for this round; return what was counted since the previous close (late
+        replies, refusals by reason, refusals by place) and start counting afresh."""
         with self._lock:
             self._round = -1
-            return self.late, dict(self.rejected)
+            counted = self.late, dict(self.rejected), dict(self.rejected_places)
+            self.late, self.redelivered, self.rejected, self.rejected_places = 0, 0, Counter(), Counter()
+            return counted
 
     def progress(self) -> dict:
         """The round in progress: its index (-1 between rounds) and counters, for live displays."""
@@ -74,24 +81,24 @@ class Inbox:
                 return self._failure(message)
             return self._update(message, nbytes)
         except MessageError as exc:
-            self.refuse(f"update/{message.device_id}", str(exc))
+            self.refuse("update", message.device_id, str(exc))
             return None
 
-    def refuse(self, where: str, reason: str) -> None:
-        """Count a refusal under its reason (the text before the first ':')."""
+    def refuse(self, place: str | None, device: str | None, reason: str) -> None:
+        """Count a refusal under its reason (the text before the first ':') and its topic's place."""
         with self._lock:
             self.rejected[reason_kind(reason)] += 1
-        log.warning("rejected update on %s: %s", where, reason)
+            self.rejected_places[place or "other"] += 1
+        log.warning("rejected a message on %s/%s: %s", place or "other", device or "-", reason)
 
     def _update(self, update: Update, nbytes: int) -> ReceivedUpdate | None:
         device = self._check_federation(update, "update")
-        key = (device, update.round, update.seq)
+        key = (device, update.seq)
         with self._lock:
             if key in self._seen:
                 self.redelivered += 1  # a QoS 1 redelivery: dropped quietly, never aggregated twice
                 return None
             if self._is_late(device, update.round, "update"):
-                self._seen.add(key)
                 return None
             if device in self._accepted or device in self.failures:
                 raise MessageError(f"second update: {device!r} already replied for round {update.round}")

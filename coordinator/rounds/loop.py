@@ -23,7 +23,16 @@ from edgeftl.coordinator.rounds.strategy.guard import clip_updates
 from edgeftl.device.link import Incoming, Link, Refused
 from edgeftl.device.protocol.codecs import Encoded, ErrorFeedback, parse_codec
 from edgeftl.device.protocol.manifest import Manifest, bundle_sha256
-from edgeftl.device.protocol.messages import ErrorReply, Global, Status, Task, Update, apply_delta, params_sha256
+from edgeftl.device.protocol.messages import (
+    ErrorReply,
+    Global,
+    Status,
+    Task,
+    Update,
+    apply_delta,
+    largest_update_bytes,
+    params_sha256,
+)
 
 log = logging.getLogger("edgeftl.coordinator")
 
@@ -45,6 +54,8 @@ class Coordinator:
         self.platforms: dict[str, dict] = {}  # device -> its platform_* metrics
         self.rng = np.random.default_rng(config.seed)
         self.start_round = 0
+        self._losses_seen: dict[str, int] = {}
+        link.limit_message_bytes(largest_update_bytes(self.params.size))
         config.out.mkdir(parents=True, exist_ok=True)
 
     def connect(self) -> None:
@@ -81,19 +92,37 @@ class Coordinator:
         self.inbox.open_round(round_index, selected)
         self._publish_task(round_index, selected)
         received, failed = self._collect(selected, started + self.config.deadline_s)
-        late, rejected = self.inbox.close_round()
+        counted = self.inbox.close_round()
+        refused_globals = None
         aggregated = len(received) >= self.config.min_updates
         if aggregated:
-            updates, _norms = clip_updates([StrategyUpdate(r.delta, float(r.update.samples)) for r in received],
-                                           self.config.clip_norm)
-            self.params = self.strategy.aggregate(self.reference, updates)
+            refused_globals = self._aggregate(received)
+            aggregated = refused_globals is None
         self._publish_global(round_index)
         checkpoint.save(self.config.out, round_index, self.params, self.reference, self.strategy.state(),
                         {"run_id": self.config.run_id, "bundle_sha256": self.bundle_sha256})
-        record = self._record(round_index, selected, received, failed, late, rejected, aggregated,
+        record = self._record(round_index, selected, received, failed, counted, aggregated,
                               self.link.bytes_sent - sent_before, time.monotonic() - started)
+        if refused_globals:
+            record["global_refused"] = refused_globals
         self._log(record)
         return record
+
+    def _aggregate(self, received: list[ReceivedUpdate]) -> str | None:
+        """Aggregate the round's updates into self.params; None, or why the new global was refused
+        (not finite, or a step above --max-step-norm), in which case params and the strategy's
+        state stay as they were and the round counts as not aggregated."""
+        updates, _norms = clip_updates([StrategyUpdate(r.delta, float(r.update.samples)) for r in received],
+                                       self.config.clip_norm)
+        saved = {k: v.copy() for k, v in self.strategy.state().items()}
+        candidate = self.strategy.aggregate(self.reference, updates)
+        problem = global_problem(candidate, self.reference, self.config.max_step_norm)
+        if problem is None:
+            self.params = candidate
+            return None
+        self.strategy.load_state(saved)
+        log.error("round's new global refused: %s; keeping the previous one", problem)
+        return problem
 
     def _sample(self) -> list[str]:
         online = sorted(d for d, up in self.online.items() if up)
@@ -115,10 +144,10 @@ class Coordinator:
         return received, failed
 
     def _take(self, item: Incoming | Refused | None) -> ReceivedUpdate | DeviceFailure | None:
-        """One item from the link: a status updates who is online, a reply goes to the inbox."""
+        """One item from the link: a status updates who is online, a reply goes to the inbox,
+        a refusal is counted (whatever its topic, between rounds too)."""
         if isinstance(item, Refused):
-            if item.place == "update":
-                self.inbox.refuse(f"update/{item.device_id}", item.reason)
+            self.inbox.refuse(item.place, item.device_id, item.reason)
             return None
         if item is None:
             return None
@@ -150,8 +179,9 @@ class Coordinator:
 
     # ---- records ----------------------------------------------------------------------------
     def _record(self, round_index: int, selected: list[str], received: list[ReceivedUpdate],
-                failed: list[DeviceFailure], late: int, rejected: dict[str, int], aggregated: bool, sent: int,
-                wall_s: float) -> dict:
+                failed: list[DeviceFailure], counted: tuple[int, dict[str, int], dict[str, int]], aggregated: bool,
+                sent: int, wall_s: float) -> dict:
+        late, rejected, places = counted
         metrics: dict[str, dict] = {}
         for r in received:  # devices describe their platform once; every record carries it
             known = self.platforms.setdefault(r.update.device_id, {})
@@ -166,13 +196,16 @@ class Coordinator:
             "updates_late": late,
             "updates_rejected": sum(rejected.values()),
             "rejected_reasons": rejected,
+            "rejected_places": places,
+            **self._link_losses(),
             "updates_failed": len(failed),
             "failures": {f.device_id: {"code": f.code, "reason": f.reason} for f in failed},
             "aggregated": aggregated,
             "bytes_up": sum(r.payload_bytes for r in received),
-            "bytes_down": int(sum(m.get("bytes_down", 0) for m in metrics.values())),
+            "bytes_down": int(sum(records.number(m.get("bytes_down")) for m in metrics.values())),
             "bytes_published": sent,
-            "device_peak_rss_mib": max((m.get("peak_rss_mib", 0.0) for m in metrics.values()), default=0.0),
+            "device_peak_rss_mib": max((records.number(m.get("peak_rss_mib")) for m in metrics.values()),
+                                       default=0.0),
             "devices": metrics,
             "wall_s": round(wall_s, 3),
         }
@@ -183,7 +216,28 @@ class Coordinator:
             record.update(self.evaluate(self.reference))
         return record
 
+    def _link_losses(self) -> dict[str, int]:
+        """What the link dropped since the last record: queue overflow, and partial chunked
+        messages evicted (idle, or to keep memory bounded)."""
+        stats = self.link.stats()
+        now = {"link_dropped": stats["dropped"],
+               "chunks_evicted": stats.get("chunks_evicted_stale", 0) + stats.get("chunks_evicted_overflow", 0)}
+        since = {k: v - self._losses_seen.get(k, 0) for k, v in now.items()}
+        self._losses_seen = now
+        return since
+
     def _log(self, record: dict) -> None:
         records.append(self.config.out, record)
         if self.on_round is not None:
             self.on_round(record)
+
+
+def global_problem(candidate: np.ndarray, reference: np.ndarray, max_step_norm: float) -> str | None:
+    """Why a new global must not be published or checkpointed, or None: NaN/Inf anywhere (a
+    float32-max delta overflows the sum), or a step longer than max_step_norm (0 = unbounded)."""
+    if not np.isfinite(candidate).all():
+        return "not finite: the aggregate holds NaN or Inf"
+    step = float(np.linalg.norm(candidate.astype(np.float64) - reference.astype(np.float64)))
+    if max_step_norm > 0 and step > max_step_norm:
+        return f"step too large: the global would move by L2 {step:.4g}, above --max-step-norm {max_step_norm:g}"
+    return None

@@ -11,9 +11,42 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgeftl.device.files import append_jsonl
+from edgeftl.device.protocol.messages import metric_ok
 
 METRICS = "metrics.jsonl"
 METRICS_FORMAT = 1  # the `format` field of every record; readers refuse records of another format
+
+
+# Record fields that readers sum or take maxima of; `clean` turns anything else found there into 0.
+COUNTERS = ("devices_online", "devices_selected", "updates_received", "updates_late", "updates_rejected",
+            "updates_failed", "bytes_up", "bytes_down", "bytes_published", "device_peak_rss_mib", "wall_s")
+MEASURES = ("accuracy", "loss")  # evaluation results: dropped when not numbers
+
+
+def clean(record: dict) -> dict:
+    """A record as readers may use it, whatever was written: counters numbers, measures numbers or
+    absent, and each device's metrics only the entries the protocol allows (messages.metric_ok)."""
+    for key in COUNTERS:
+        if key in record and not is_number(record[key]):
+            record[key] = 0
+    for key in MEASURES:
+        if key in record and not is_number(record[key]):
+            del record[key]
+    devices = record.get("devices")
+    record["devices"] = {str(d): {k: v for k, v in m.items() if metric_ok(k, v)} if isinstance(m, dict) else {}
+                         for d, m in devices.items()} if isinstance(devices, dict) else {}
+    return record
+
+
+def is_number(value: object) -> bool:
+    """A finite int or float (not a bool) that converts to float without overflow."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e300
+
+
+def number(value: object) -> float:
+    """A value from a record or a device's metrics as a number for sums and maxima: 0 for anything
+    that is not a finite number (records are read back from disk, and metrics come from devices)."""
+    return float(value) if is_number(value) else 0.0
 
 
 def append(folder: Path, record: dict) -> None:

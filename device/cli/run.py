@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from edgeftl.device.limits import TaskLimits
+
 
 def add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", required=True, help="mqtt://host:port")
@@ -18,6 +20,10 @@ def add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--rounds", type=int, default=None, help="exit after sending this many updates")
+    limits = TaskLimits()
+    for name in ("steps", "epochs", "batch"):
+        p.add_argument(f"--max-{name}", type=int, default=getattr(limits, f"max_{name}"),
+                       help=f"refuse tasks asking for more local {name} (default %(default)s)")
 
 
 def run_device(args: argparse.Namespace) -> dict:
@@ -27,8 +33,9 @@ def run_device(args: argparse.Namespace) -> dict:
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.id} %(levelname)s %(message)s")
     link = Link.device(MqttConnection(args.broker, device_client_id(args.id)), args.prefix, args.id)
+    limits = TaskLimits(args.max_steps, args.max_epochs, args.max_batch)
     agent = DeviceAgent(link, AgentConfig(args.id, args.bundle, args.data, args.state, args.cache_dir, args.threads,
-                                          args.micro_batch))
+                                          args.micro_batch, limits))
     agent.start()
     logging.info("connected to %s as %s; waiting for tasks", args.broker, args.id)
     try:

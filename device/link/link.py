@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections import OrderedDict
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,6 +27,7 @@ from typing import Protocol
 from edgeftl.device.link.framing import Framer
 from edgeftl.device.protocol import wire
 from edgeftl.device.protocol.messages import (
+    MAX_DEVICE_HEADER_BYTES,
     ErrorReply,
     Global,
     Message,
@@ -44,8 +46,12 @@ from edgeftl.device.protocol.topics import Topics, split_chunk_topic, validate_d
 
 log = logging.getLogger("edgeftl.link")
 MAX_QUEUE = 10_000  # received messages waiting for the reader; beyond that they are dropped and counted
+MAX_QUEUE_BYTES = 128 * 1024 * 1024  # ... and their bytes: the queue is bounded by both
+MAX_QUEUED_PER_SENDER = 16  # one sender (a device's topic) cannot crowd the others out of the queue
+EXPIRE_EVERY_S = 1.0  # partial chunked messages are expired this often, not only when a chunk arrives
 DEFAULT_MAX_CHUNK = 256 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_DEVICE_PLACES = ("update", "status")  # where small headers are required (messages.MAX_DEVICE_HEADER_BYTES)
 
 
 class LinkError(RuntimeError):
@@ -117,6 +123,9 @@ class Link:
         self.framer = Framer(max_chunk, max_message_bytes)
         self._lock = threading.Lock()
         self._queue: queue.Queue[tuple[str, bytes] | Refused] = queue.Queue(max_queue)
+        self._queued_bytes = 0
+        self._queued_per_sender: Counter[str] = Counter()
+        self._next_expiry = 0.0
         self._refused_recently: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._counts = dict.fromkeys(("bytes_sent", "bytes_received", "frames_sent", "frames_received",
                                       "messages_sent", "delivered", "refused", "dropped", "unmatched"), 0)
@@ -173,13 +182,22 @@ class Link:
     def receive(self, timeout_s: float) -> Incoming | Refused | None:
         """The next message, checked and typed, or what was refused; None after `timeout_s` (or
         sooner, for a frame on a topic the protocol does not use, which is counted as unmatched)."""
+        self._expire()
         try:
             item = self._queue.get(timeout=max(0.0, timeout_s))
         except queue.Empty:
             return None
         if isinstance(item, Refused):
             return item
+        self._dequeued(*item)
         return self._open(*item)
+
+    def limit_message_bytes(self, max_bytes: int) -> None:
+        """Refuse received messages above `max_bytes` (a coordinator knows how large an honest update
+        can be), before they are buffered; what this side sends is not limited by it."""
+        self.max_message_bytes = max_bytes
+        with self._lock:
+            self.framer.reassembler.limit(max_bytes)
 
     def follow_full_global(self, follow: bool) -> None:
         """Also read the retained full global (a device catching up), or stop reading it."""
@@ -244,7 +262,8 @@ class Link:
             if where == "status":
                 message: Message = status_from_payload(payload, str(device), self.max_message_bytes)
             else:
-                message = decode(payload, self.max_message_bytes)
+                max_header = MAX_DEVICE_HEADER_BYTES if where in _DEVICE_PLACES else wire.MAX_HEADER_BYTES
+                message = decode(payload, self.max_message_bytes, max_header)
             check_place(where, device, message)
         except MessageError as exc:
             return self._refused(topic, where, device, str(exc))
@@ -273,12 +292,41 @@ class Link:
         return Refused(topic, place, device, reason)
 
     def _put(self, item: tuple[str, bytes] | Refused) -> None:
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            self._bump("dropped")
-            log.warning("%s: dropped a message (the reader is %d messages behind)",
-                        self.connection.client_id, self._queue.maxsize)
+        """Queue for the reader, within the queue's count, its bytes and the sender's share;
+        what does not fit is dropped and counted (`dropped` in stats, in the round record)."""
+        topic, size = (item.topic, 0) if isinstance(item, Refused) else (item[0], len(item[1]))
+        with self._lock:
+            full = (self._queued_bytes + size > MAX_QUEUE_BYTES
+                    or self._queued_per_sender[topic] >= MAX_QUEUED_PER_SENDER)
+            if not full:
+                try:
+                    self._queue.put_nowait(item)
+                except queue.Full:
+                    full = True
+            if full:
+                self._counts["dropped"] += 1
+            elif size:
+                self._queued_bytes += size
+                self._queued_per_sender[topic] += 1
+        if full:
+            log.warning("%s: dropped a message on %r (the reader is %d messages, %d bytes behind)",
+                        self.connection.client_id, topic, self._queue.qsize(), self._queued_bytes)
+
+    def _dequeued(self, topic: str, payload: bytes) -> None:
+        with self._lock:
+            self._queued_bytes -= len(payload)
+            self._queued_per_sender[topic] -= 1
+            if not self._queued_per_sender[topic]:
+                del self._queued_per_sender[topic]
+
+    def _expire(self) -> None:
+        """Drop partial chunked messages idle past their time, on the reader's schedule."""
+        now = time.monotonic()
+        if now < self._next_expiry:
+            return
+        self._next_expiry = now + EXPIRE_EVERY_S
+        with self._lock:
+            self.framer.reassembler.expire()
 
     def _bump(self, key: str) -> None:
         with self._lock:

@@ -137,6 +137,17 @@ class Reassembler:
     def buffered_bytes(self) -> int:
         return self._buffered
 
+    def limit(self, max_message_bytes: int) -> None:
+        """Lower the largest message accepted (and the bytes buffered with it) from now on."""
+        if max_message_bytes <= 0:
+            raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
+        self.max_message_bytes, self.max_buffered = max_message_bytes, 4 * max_message_bytes
+
+    def expire(self) -> None:
+        """Drop partial messages idle past ttl_s now (the reader calls this on a timer, so a
+        flood that stops arriving does not hold its memory until the next chunk)."""
+        self._expire(self.clock())
+
     def add(self, sender: str, chunk: bytes) -> bytes | None:
         """Take one chunk; return the whole payload when this chunk completes it.
 
@@ -217,10 +228,13 @@ class Reassembler:
             self._done.popitem(last=False)
 
     def _make_room(self, sender: str) -> None:
-        """Evict the least recently active partial messages until every limit holds."""
+        """Evict partial messages until every limit holds: a sender's own oldest beyond its share;
+        then, over the global limits, the oldest of the sender holding the most partial messages
+        (a flooding sender loses its own before an honest sender's one partial update goes)."""
         while self._per_sender[sender] > self.max_per_sender:
             self._drop(next(k for k in self._pending if k[0] == sender))
             self.stats["evicted_overflow"] += 1
         while len(self._pending) > self.max_pending or self._buffered > self.max_buffered:
-            self._drop(next(iter(self._pending)))
+            heaviest = max(self._per_sender, key=lambda s: self._per_sender[s])
+            self._drop(next(k for k in self._pending if k[0] == heaviest))
             self.stats["evicted_overflow"] += 1

@@ -12,6 +12,7 @@ optional field can be added without a new format; a kind it does not know is ref
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -26,10 +27,20 @@ from edgeftl.device.protocol.topics import DEVICE_ID
 FORMAT = wire.FORMAT_VERSION
 MAX_TEXT = 256  # run ids, codec specs, reasons, metric strings
 MAX_METRICS = 64
+MAX_METRICS_BYTES = 4096  # an update's metrics object as compact JSON
+MAX_INT = 2**53 - 1  # the largest integer every JSON implementation holds exactly; no field goes above
+# Task limits every reader enforces (a device enforces its own, lower ones too: AgentConfig).
+MAX_EPOCHS, MAX_STEPS, MAX_BATCH = 1000, 1_000_000, 65536
+MAX_DEADLINE_S, MAX_LR = 7 * 86400.0, 100.0
+_UNIT_SUFFIXES = ("_s", "_mib", "_bytes")  # metrics with a unit hold numbers
+# Headers of what devices send (updates, error replies, statuses) are small: metrics are at most
+# 4 KiB, the rest a few hundred bytes. Readers refuse longer ones before parsing them.
+MAX_DEVICE_HEADER_BYTES = 16 * 1024
 ERROR_CODES = {
     "out_of_memory": "training ran out of memory",
     "train_failed": "local training raised an error",
     "no_global": "the global parameters the task starts from never arrived",
+    "task_limits": "the task asks for more local work than the device's limits allow",
 }
 STATUS_STATES = ("online", "offline")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -125,16 +136,25 @@ def kind_of(message: Message) -> str:
 # ---- field rules: one home for every header field's type and range -------------------------
 
 
-def _int(low: int | None = None) -> Any:
+def _int(low: int, high: int = MAX_INT) -> Any:
     def check(value: object) -> bool:
-        return type(value) is int and (low is None or value >= low)
-    check.__doc__ = "an integer" + (f" >= {low}" if low is not None else "")
+        return type(value) is int and low <= value <= high
+    check.__doc__ = f"an integer in {low}..{high}"
     return check
 
 
-def _positive(value: object) -> bool:
-    """a finite number > 0"""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+def _number(value: object) -> bool:
+    """A JSON number that every reader holds as a finite float (an int of 10**400 is not one)."""
+    if type(value) is int:
+        return -MAX_INT <= value <= MAX_INT
+    return type(value) is float and math.isfinite(value)
+
+
+def _positive(high: float) -> Any:
+    def check(value: object) -> bool:
+        return _number(value) and 0 < value <= high  # type: ignore[operator]
+    check.__doc__ = f"a number > 0 and <= {high:g}"
+    return check
 
 
 def _text(pattern: re.Pattern[str] | None = None, low: int = 1) -> Any:
@@ -153,16 +173,22 @@ def _devices(value: object) -> bool:
 
 
 def _metrics(value: object) -> bool:
-    """an object of at most 64 entries: keys [a-z][a-z0-9_]{0,63}, values finite numbers or strings
-    of at most 256 characters"""
-    return isinstance(value, dict) and len(value) <= MAX_METRICS and all(
-        isinstance(k, str) and _METRIC_KEY.fullmatch(k) and _metric_value(v) for k, v in value.items())
+    """an object of at most 64 entries and 4096 bytes as JSON: keys [a-z][a-z0-9_]{0,63}, values
+    numbers (finite, integers within +-(2**53 - 1)) or strings of at most 256 printable characters;
+    keys with a unit (ending _s, _mib, _bytes, or starting bytes_) hold numbers"""
+    return (isinstance(value, dict) and len(value) <= MAX_METRICS
+            and all(isinstance(k, str) and metric_ok(k, v) for k, v in value.items())
+            and len(json.dumps(value, separators=(",", ":"))) <= MAX_METRICS_BYTES)
 
 
-def _metric_value(value: object) -> bool:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return math.isfinite(value)
-    return isinstance(value, str) and len(value) <= MAX_TEXT
+def metric_ok(key: object, value: object) -> bool:
+    """One metric entry as the spec allows it (section 6.3): readers of records use it too."""
+    if not isinstance(key, str) or not _METRIC_KEY.fullmatch(key):
+        return False
+    if _number(value):
+        return True
+    has_unit = key.endswith(_UNIT_SUFFIXES) or key.startswith("bytes_")
+    return not has_unit and isinstance(value, str) and len(value) <= MAX_TEXT and value.isprintable()
 
 
 _ROUND, _SHA = _int(0), _text(_HEX64, 64)
@@ -171,9 +197,9 @@ _DEVICE.__doc__ = "a device id: 1-64 characters of [A-Za-z0-9_.-], starting with
 # kind -> field -> (required, rule). Codec specs and vector sizes are checked with the arrays.
 FIELDS: dict[str, dict[str, tuple[bool, Any]]] = {
     "task": {"run_id": (True, _text()), "round": (True, _ROUND), "bundle_sha256": (True, _SHA),
-             "devices": (True, _devices), "deadline_s": (True, _positive), "lr": (True, _positive),
-             "codec": (True, _text()), "epochs": (False, _int(1)), "steps": (False, _int(1)),
-             "batch": (True, _int(1))},
+             "devices": (True, _devices), "deadline_s": (True, _positive(MAX_DEADLINE_S)),
+             "lr": (True, _positive(MAX_LR)), "codec": (True, _text()), "epochs": (False, _int(1, MAX_EPOCHS)),
+             "steps": (False, _int(1, MAX_STEPS)), "batch": (True, _int(1, MAX_BATCH))},
     "global": {"run_id": (True, _text()), "round": (True, _int(-1)), "bundle_sha256": (True, _SHA),
                "codec": (True, _text()), "size": (True, _int(0)), "base_round": (False, _int(-1)),
                "params_sha256": (False, _SHA)},
@@ -214,14 +240,14 @@ def encode(message: Message) -> bytes:
     return wire.encode_message(header, arrays)
 
 
-def decode(payload: bytes, max_bytes: int) -> Message:
+def decode(payload: bytes, max_bytes: int, max_header_bytes: int = wire.MAX_HEADER_BYTES) -> Message:
     """Check untrusted bytes (sizes first, then layout, hash, kind, every field) and type them.
 
     Raises:
         MessageError: one line, "<reason>: <details>".
     """
     try:
-        header, arrays = wire.decode_message(payload, max_bytes)
+        header, arrays = wire.decode_message(payload, max_bytes, max_header_bytes)
     except wire.WireError as exc:
         raise MessageError(str(exc)) from None
     kind = header.get("kind")
@@ -239,7 +265,7 @@ def status_from_payload(payload: bytes, device_id: str, max_bytes: int) -> Statu
     """A status in either form the spec allows: the text online/offline, or a status message."""
     if payload in (b"online", b"offline"):
         return Status(device_id, payload == b"online")
-    message = decode(payload, max_bytes)
+    message = decode(payload, max_bytes, MAX_DEVICE_HEADER_BYTES)
     if not isinstance(message, Status):
         raise MessageError(f"bad header: a {kind_of(message)} message on a status topic")
     return message
@@ -344,6 +370,13 @@ def vector_of(message: Global | Update, expected: int) -> np.ndarray:
     if not np.isfinite(vector).all():
         raise MessageError("not finite: vector holds NaN or Inf")
     return vector
+
+
+def largest_update_bytes(size: int) -> int:
+    """An upper bound on an honest update's bytes for a vector of `size` values: the largest
+    codec payload (top-k at fraction 1 sends 4-byte indices and 4-byte values), a device header,
+    and the array table. A reader may refuse anything longer before buffering it."""
+    return wire.PREFIX.size + MAX_DEVICE_HEADER_BYTES + 8 * size + 4096
 
 
 def apply_delta(reference: np.ndarray, delta: np.ndarray) -> np.ndarray:

@@ -70,12 +70,15 @@ def encode_message(header: dict, arrays: dict[str, np.ndarray]) -> bytes:
     return PREFIX.pack(MAGIC, FORMAT_VERSION, len(text)) + text + body
 
 
-def decode_message(data: bytes, max_bytes: int) -> tuple[dict, dict[str, np.ndarray]]:
+def decode_message(data: bytes, max_bytes: int,
+                   max_header_bytes: int = MAX_HEADER_BYTES) -> tuple[dict, dict[str, np.ndarray]]:
     """Parse and verify one message; nothing is allocated before the sizes are checked.
 
     Args:
         data: the message bytes (bytearray / memoryview are copied to bytes first).
         max_bytes: the largest message accepted; checked before anything else is read.
+        max_header_bytes: the largest header accepted (at most MAX_HEADER_BYTES); readers of
+            device messages pass a small one, so a slow-to-parse header cannot stall them.
 
     Returns:
         (header without "arrays" and "body_sha256", name -> array). The arrays are read-only
@@ -96,8 +99,9 @@ def decode_message(data: bytes, max_bytes: int) -> tuple[dict, dict[str, np.ndar
         raise WireError(f"bad magic: {magic!r}, expected {MAGIC!r}")
     if version != FORMAT_VERSION:
         raise WireError(f"unsupported version: format version {version}, this reader knows {FORMAT_VERSION}")
-    if header_len > MAX_HEADER_BYTES:
-        raise WireError(f"bad header: header length {header_len} above the {MAX_HEADER_BYTES}-byte limit")
+    if header_len > min(max_header_bytes, MAX_HEADER_BYTES):
+        raise WireError(f"bad header: header length {header_len} above the "
+                        f"{min(max_header_bytes, MAX_HEADER_BYTES)}-byte limit")
     if PREFIX.size + header_len > len(data):
         raise WireError(f"truncated message: header needs {header_len} bytes, "
                         f"{len(data) - PREFIX.size} present")
