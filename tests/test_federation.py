@@ -290,8 +290,9 @@ def test_error_replies_are_checked_like_updates(tmp_path):
     assert first == DeviceFailure("dev0", "train_failed", "ValueError: bad data")
     assert again is None and others == [None, None, None] and inbox.redelivered == 1
     assert inbox.failures == {"dev0": {"code": "train_failed", "reason": "ValueError: bad data"}}
-    late, rejected, places = inbox.close_round()
-    assert late == 1 and rejected == {"unknown device": 1, "wrong run or bundle": 1} and places == {"update": 2}
+    counted = inbox.close_round()
+    assert counted.late == 1 and counted.redelivered == 1 and counted.rejected_places == {"update": 2}
+    assert counted.rejected == {"unknown device": 1, "wrong run or bundle": 1}
 
 
 def test_lossy_downlink_devices_hold_exactly_the_coordinators_reference(tmp_path, tmp_path_factory):

@@ -39,6 +39,16 @@ class DeviceFailure:
     reason: str
 
 
+@dataclass
+class Counted:
+    """What the inbox counted between two `close_round` calls, for the round record."""
+
+    late: int
+    redelivered: int
+    rejected: dict[str, int]  # reason -> count
+    rejected_places: dict[str, int]  # topic place (update, status, ...) -> count
+
+
 class Inbox:
     """Checks replies against the open round; `progress()` may be read from another thread."""
 
@@ -59,12 +69,12 @@ class Inbox:
             self._round, self._selected = round_index, set(selected)
             self._accepted, self.failures, self._seen = set(), {}, set()
 
-    def close_round(self) -> tuple[int, dict[str, int], dict[str, int]]:
-        """Stop accepting for this round; return what was counted since the previous close (late
-        replies, refusals by reason, refusals by place) and start counting afresh."""
+    def close_round(self) -> Counted:
+        """Stop accepting for this round; return what was counted since the previous close and
+        start counting afresh."""
         with self._lock:
             self._round = -1
-            counted = self.late, dict(self.rejected), dict(self.rejected_places)
+            counted = Counted(self.late, self.redelivered, dict(self.rejected), dict(self.rejected_places))
             self.late, self.redelivered, self.rejected, self.rejected_places = 0, 0, Counter(), Counter()
             return counted
 

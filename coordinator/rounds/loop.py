@@ -16,7 +16,7 @@ import numpy as np
 
 from edgeftl.coordinator.rounds import checkpoint, records
 from edgeftl.coordinator.rounds.config import CoordinatorConfig
-from edgeftl.coordinator.rounds.inbox import DeviceFailure, Inbox, ReceivedUpdate
+from edgeftl.coordinator.rounds.inbox import Counted, DeviceFailure, Inbox, ReceivedUpdate
 from edgeftl.coordinator.rounds.strategy import Update as StrategyUpdate
 from edgeftl.coordinator.rounds.strategy import make_strategy
 from edgeftl.coordinator.rounds.strategy.guard import clip_updates
@@ -31,6 +31,7 @@ from edgeftl.device.protocol.messages import (
     Update,
     apply_delta,
     largest_update_bytes,
+    one_line,
     params_sha256,
 )
 
@@ -179,9 +180,7 @@ class Coordinator:
 
     # ---- records ----------------------------------------------------------------------------
     def _record(self, round_index: int, selected: list[str], received: list[ReceivedUpdate],
-                failed: list[DeviceFailure], counted: tuple[int, dict[str, int], dict[str, int]], aggregated: bool,
-                sent: int, wall_s: float) -> dict:
-        late, rejected, places = counted
+                failed: list[DeviceFailure], counted: Counted, aggregated: bool, sent: int, wall_s: float) -> dict:
         metrics: dict[str, dict] = {}
         for r in received:  # devices describe their platform once; every record carries it
             known = self.platforms.setdefault(r.update.device_id, {})
@@ -193,10 +192,11 @@ class Coordinator:
             "devices_online": self._online_count(),
             "devices_selected": len(selected),
             "updates_received": len(received),
-            "updates_late": late,
-            "updates_rejected": sum(rejected.values()),
-            "rejected_reasons": rejected,
-            "rejected_places": places,
+            "updates_late": counted.late,
+            "updates_redelivered": counted.redelivered,
+            "updates_rejected": sum(counted.rejected.values()),
+            "rejected_reasons": counted.rejected,
+            "rejected_places": counted.rejected_places,
             **self._link_losses(),
             "updates_failed": len(failed),
             "failures": {f.device_id: {"code": f.code, "reason": f.reason} for f in failed},
@@ -213,8 +213,21 @@ class Coordinator:
         if report:
             record["strategy_report"] = report
         if self.evaluate is not None:
-            record.update(self.evaluate(self.reference))
+            record.update(self._evaluate())
         return record
+
+    def _evaluate(self) -> dict:
+        """Held-out results of the current global; an evaluation that fails or gives NaN/Inf is
+        noted in the record instead of ending the run."""
+        assert self.evaluate is not None
+        try:
+            result = self.evaluate(self.reference)
+        except Exception as exc:  # a broken evaluation must not stop the federation
+            log.exception("evaluation failed")
+            return {"eval_error": one_line(f"{type(exc).__name__}: {exc}")}
+        bad = sorted(k for k, v in result.items() if not records.is_number(v))
+        return {**{k: v for k, v in result.items() if k not in bad},
+                **({"eval_error": f"not finite: {', '.join(bad)}"} if bad else {})}
 
     def _link_losses(self) -> dict[str, int]:
         """What the link dropped since the last record: queue overflow, and partial chunked
