@@ -171,3 +171,33 @@ def test_buffered_bytes_stay_under_the_cap() -> None:
     for i in range(10):
         r.add(f"s{i}", split(payload_of(9000, i), 2048, "m")[0])
     assert r.buffered_bytes <= 5_000
+
+
+def test_expire_drops_idle_partial_messages_without_a_new_chunk() -> None:
+    # A flood that stops arriving must not hold its memory until the next chunk comes
+    clock = FakeClock()
+    r = Reassembler(1 << 20, ttl_s=30.0, clock=clock, max_pending_per_sender=100)
+    for i in range(50):
+        r.add("flood", split(payload_of(3000, i), 1024, f"f{i}")[0])
+    assert r.pending == 50 and r.buffered_bytes > 0
+    clock.now = 31.0
+    r.expire()
+    assert r.pending == 0 and r.buffered_bytes == 0 and r.stats["evicted_stale"] == 50
+
+
+def test_over_the_global_limits_the_heaviest_sender_loses_first() -> None:
+    # An honest sender's one partial update survives a flood from many other senders' topics
+    r = Reassembler(1 << 20, max_pending=10, max_pending_per_sender=4)
+    honest = split(payload_of(3000, 99), 1024, "h")
+    r.add("honest", honest[0])
+    for i in range(40):
+        r.add(f"bot{i % 5}", split(payload_of(3000, i), 1024, f"b{i}")[0])
+    assert r.pending <= 10
+    assert [r.add("honest", c) for c in honest[1:]][-1] == b"".join(parse_chunk(c).data for c in honest)
+
+
+def test_limit_lowers_the_largest_message_accepted() -> None:
+    r = Reassembler(1 << 20)
+    r.limit(2000)
+    with pytest.raises(WireError, match="oversized message"):
+        r.add("s", split(payload_of(3000), 1024, "m")[0])

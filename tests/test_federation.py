@@ -330,3 +330,24 @@ def test_lossy_downlink_devices_hold_exactly_the_coordinators_reference(tmp_path
     assert 0 < drift < 0.02 * np.abs(coordinator.params).max()
     fp32 = 4 * manifest.trainable_count
     assert all(r["bytes_down"] / r["updates_received"] < fp32 / 2 for r in records[1:])  # int8 deltas, per device
+
+
+def test_a_task_beyond_the_devices_limits_gets_an_error_reply_not_hours_of_training(tmp_path, tmp_path_factory):
+    # Prepare: a task asking for 100,000 steps (within the protocol's bounds, above the device's 1000)
+    from edgeftl.device.protocol.codecs import Encoded
+    from edgeftl.device.protocol.messages import ErrorReply, Global, Task
+
+    one = _one_device(tmp_path, tmp_path_factory)
+    agent, listener, sender, sha = one.agent, one.listener, one.sender, one.sha
+    reference = agent.runtime.get_flat()
+    sender.send(Global("run", 0, sha, Encoded("none", reference.size, {"values": reference})))
+    sender.send(Task("run", 1, sha, ("dev0",), 60.0, 1e-2, "none", steps=100_000))
+    # Execute
+    sent = agent.run(stop_after_s=1.0)
+    # Assert: no training, one error reply naming the limit, and the round counts as answered
+    replies = [r.message for r in (listener.receive(0.2) for _ in range(3)) if r is not None]
+    errors = [m for m in replies if isinstance(m, ErrorReply)]
+    assert sent == 0 and len(errors) == 1 and errors[0].code == "task_limits"
+    assert "steps=100000" in errors[0].reason and "--max-steps" in errors[0].reason
+    assert agent.acted == ("run", 1)
+    one.close()

@@ -316,3 +316,24 @@ def test_the_coordinator_benchmark_runs_from_the_checkout():
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| topk:0.01+int8:256 | 20 |" in done.stdout
+
+
+def test_device_supplied_garbage_in_records_never_breaks_the_report(tmp_path, capsys):
+    # Prepare: a record as a hostile device (or a hand edit) might leave it: strings, lists and huge
+    # numbers where numbers go, in the record and in a device's metrics
+    folder = _run(tmp_path / "run", rounds=2)
+    bad = _record(2, 0.8)
+    bad.update(bytes_down="lots", device_peak_rss_mib=[1, 2], updates_received=10**400, accuracy="high")
+    bad["devices"]["dev00"].update(peak_rss_mib="300", train_time_s=[1], bytes_down=10**400, note="x" * 5000)
+    with (folder / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps(bad, sort_keys=True) + "\n")
+    # Execute
+    run = load_run(folder)
+    t = totals(run)
+    rc = main(["report", str(folder), "--budget-mib", "512"])
+    # Assert: the bad values are treated as missing, the rest of the round is kept
+    assert rc == 0 and len(run.records) == 3
+    last = run.records[-1]
+    assert last["bytes_down"] == 0 and last["updates_received"] == 0 and "accuracy" not in last
+    assert {"peak_rss_mib", "train_time_s", "bytes_down", "note"}.isdisjoint(last["devices"]["dev00"])
+    assert t["final_accuracy"] == pytest.approx(0.6)

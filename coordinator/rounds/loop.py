@@ -36,6 +36,9 @@ from edgeftl.device.protocol.messages import (
 )
 
 log = logging.getLogger("edgeftl.coordinator")
+# A global with a parameter beyond float16's range is refused: no honest fine-tuning gets there,
+# the fp16 codec could not carry it, and a float32-max update (which stays finite) would.
+MAX_PARAM_ABS = 65504.0
 
 
 class Coordinator:
@@ -246,10 +249,13 @@ class Coordinator:
 
 
 def global_problem(candidate: np.ndarray, reference: np.ndarray, max_step_norm: float) -> str | None:
-    """Why a new global must not be published or checkpointed, or None: NaN/Inf anywhere (a
-    float32-max delta overflows the sum), or a step longer than max_step_norm (0 = unbounded)."""
+    """Why a new global must not be published or checkpointed, or None: NaN/Inf anywhere, a value
+    beyond MAX_PARAM_ABS, or a step longer than max_step_norm (0 = unbounded)."""
     if not np.isfinite(candidate).all():
         return "not finite: the aggregate holds NaN or Inf"
+    largest = float(np.abs(candidate).max(initial=0.0))
+    if largest > MAX_PARAM_ABS:
+        return f"out of range: a parameter reaches {largest:.3g}, beyond {MAX_PARAM_ABS:g} (float16's largest)"
     step = float(np.linalg.norm(candidate.astype(np.float64) - reference.astype(np.float64)))
     if max_step_norm > 0 and step > max_step_norm:
         return f"step too large: the global would move by L2 {step:.4g}, above --max-step-norm {max_step_norm:g}"
