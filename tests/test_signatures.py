@@ -1,0 +1,153 @@
+"""Signed messages (protocol/auth.py) through links on the in-process broker: what is signed
+arrives, what is unsigned, forged, signed by another key or from a device off the allowlist is
+refused as it arrives; an unsigned federation keeps working. Real Mosquitto: test_security.py."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edgeftl.device.link import Incoming, InProcessBroker, InProcessConnection, Link, Refused
+from edgeftl.device.protocol import auth, wire
+from edgeftl.device.protocol.codecs import Encoded
+from edgeftl.device.protocol.messages import ErrorReply, Global, Status, Task, Update, decode, encode
+
+SHA = "cd" * 32
+COORDINATOR_KEY, DEV1_KEY, DEV2_KEY, ROGUE_KEY = (Ed25519PrivateKey.generate() for _ in range(4))
+
+
+def task(steps: int = 1) -> Task:
+    return Task("r1", 0, SHA, ("dev-1",), 60.0, 0.01, "none", steps=steps)
+
+
+def delta_global(value: float = 0.5) -> Global:
+    return Global("r1", 0, SHA, Encoded("none", 4, {"values": np.full(4, value, np.float32)}), base_round=-1)
+
+
+def update(device: str = "dev-1") -> Update:
+    return Update("r1", 0, SHA, device, 10, 1, Encoded("none", 4, {"values": np.ones(4, np.float32)}), {})
+
+
+def coordinator_keys() -> auth.Keys:
+    return auth.Keys(COORDINATOR_KEY, {"dev-1": DEV1_KEY.public_key(), "dev-2": DEV2_KEY.public_key()})
+
+
+def device_keys(key: Ed25519PrivateKey = DEV1_KEY) -> auth.Keys:
+    return auth.Keys(key, {auth.COORDINATOR: COORDINATOR_KEY.public_key()})
+
+
+def take(link: Link, count: int) -> list[Incoming | Refused]:
+    items: list[Incoming | Refused] = []
+    end = time.monotonic() + 5.0
+    while len(items) < count and time.monotonic() < end:
+        item = link.receive(0.05)
+        if item is not None:
+            items.append(item)
+    assert len(items) == count, items
+    return items
+
+
+def pair(broker: InProcessBroker, coordinator: auth.Keys | None, device: auth.Keys | None,
+         device_id: str = "dev-1") -> tuple[Link, Link]:
+    c = Link.coordinator(InProcessConnection(broker, "coord"), "fl", keys=coordinator)
+    d = Link.device(InProcessConnection(broker, device_id), "fl", device_id, keys=device)
+    c.connect()
+    d.connect()
+    return c, d
+
+
+def reasons(items: list[Incoming | Refused]) -> list[str]:
+    return [item.reason if isinstance(item, Refused) else type(item.message).__name__ for item in items]
+
+
+def test_signed_messages_travel_both_ways_and_statuses_are_signed_too() -> None:
+    coordinator, device = pair(InProcessBroker(), coordinator_keys(), device_keys())
+    coordinator.send(task())
+    coordinator.send(delta_global())
+    device.send(update())
+    device.send(ErrorReply("r1", 0, SHA, "dev-1", "train_failed", "boom"))
+    assert reasons(take(device, 2)) == ["Task", "Global"]
+    got = take(coordinator, 3)
+    assert reasons(got) == ["Status", "Update", "ErrorReply"]
+    assert isinstance(got[0], Incoming) and got[0].message == Status("dev-1", True)
+
+
+def test_a_forged_task_or_global_is_refused_by_a_device_that_pins_the_coordinator_key() -> None:
+    broker = InProcessBroker()
+    _, device = pair(broker, None, device_keys())
+    forger = Link.coordinator(InProcessConnection(broker, "forger"), "fl", keys=auth.Keys(ROGUE_KEY))
+    unsigned = Link.coordinator(InProcessConnection(broker, "unsigned"), "fl")
+    for link in (forger, unsigned):
+        link.connect()
+        link.send(task(steps=100_000))
+        link.send(delta_global(1e6))
+    assert reasons(take(device, 4)) == [
+        "bad signature: task not signed with the key of the coordinator",
+        "bad signature: global not signed with the key of the coordinator",
+        "bad signature: unsigned task from the coordinator", "bad signature: unsigned global from the coordinator"]
+
+
+def test_the_coordinator_refuses_updates_signed_by_another_device_unsigned_or_off_the_allowlist() -> None:
+    broker = InProcessBroker()
+    coordinator, _ = pair(broker, coordinator_keys(), device_keys())
+    assert reasons(take(coordinator, 1)) == ["Status"]
+    impostor = Link.device(InProcessConnection(broker, "imp"), "fl", "dev-1", keys=device_keys(DEV2_KEY))
+    stranger = Link.device(InProcessConnection(broker, "str"), "fl", "dev-9", keys=device_keys(ROGUE_KEY))
+    plain = Link.device(InProcessConnection(broker, "plain"), "fl", "dev-2")
+    for link, device in ((impostor, "dev-1"), (stranger, "dev-9"), (plain, "dev-2")):
+        link.connect()
+        link.send(update(device))
+    got = reasons(take(coordinator, 6))
+    assert got == ["bad signature: status not signed with the key of device 'dev-1'",
+                   "bad signature: update not signed with the key of device 'dev-1'",
+                   "unknown device: 'dev-9' is not on the allowlist", "unknown device: 'dev-9' is not on the allowlist",
+                   "bad signature: unsigned status from device 'dev-2'",
+                   "bad signature: unsigned update from device 'dev-2'"]
+
+
+def test_a_flipped_byte_anywhere_fails_the_signature_and_the_trailer_is_declared_in_the_header() -> None:
+    keys = device_keys()
+    payload = keys.sign(update())
+    header, _ = wire.decode_message(payload, 1 << 20)
+    assert header["sig"] == "ed25519" and len(payload) == len(encode(update(), "ed25519")) + 64
+    assert isinstance(decode(payload, 1 << 20), Update)  # a reader without keys skips the trailer
+    checker = coordinator_keys()
+    checker.check(payload, decode(payload, 1 << 20))
+    for index in (5, len(payload) - 70, len(payload) - 1):  # header length, body, signature
+        forged = bytearray(payload)
+        forged[index] ^= 1
+        with pytest.raises(ValueError, match=r"bad signature|bad header|bad hash|truncated|bad array"):
+            checker.check(bytes(forged), decode(bytes(forged), 1 << 20))
+
+
+def test_an_unsigned_federation_keeps_working_and_ignores_signatures_it_cannot_check() -> None:
+    coordinator, device = pair(InProcessBroker(), None, auth.Keys(DEV1_KEY))
+    coordinator.send(task())
+    device.send(update())
+    assert reasons(take(device, 1)) == ["Task"]
+    assert reasons(take(coordinator, 2)) == ["Status", "Update"]
+
+
+def test_allowlists_and_key_texts_are_checked(tmp_path: Path) -> None:
+    text = auth.public_key_text(DEV1_KEY)
+    assert auth.public_key_text(auth.parse_public_key(text, "x")) == text
+    path = tmp_path / "allow.json"
+    path.write_text(json.dumps({"dev-1": text}))
+    assert list(auth.read_allowlist(path)) == ["dev-1"]
+    for bad, match in (({"dev 1": text}, "not a device id"), ({"dev-1": "rsa:abc"}, "must be a public key"),
+                       ({"dev-1": "ed25519:AAAA"}, "32 bytes"), ([], "non-empty JSON object")):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            auth.read_allowlist(path)
+    pem = tmp_path / "k.pem"
+    pem.write_bytes(auth.private_key_pem(DEV1_KEY))
+    assert auth.public_key_text(auth.load_private_key(pem)) == text
+    pem.write_text("nope")
+    with pytest.raises(ValueError, match="not an unencrypted PEM"):
+        auth.load_private_key(pem)
+
