@@ -8,7 +8,9 @@ from pathlib import Path
 
 
 def add_run(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", required=True, help="mqtt://host:port")
+    from edgeftl.device.cli.common import add_security_flags
+
+    p.add_argument("--broker", required=True, help="mqtt://host:port, or mqtts://host:port for TLS")
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True, help="local training data: CSV (text,label) or JSONL")
     p.add_argument("--id", required=True, help="device id: letters, digits, _ . - (at most 64)")
@@ -18,15 +20,21 @@ def add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--rounds", type=int, default=None, help="exit after sending this many updates")
+    add_security_flags(p)
 
 
 def run_device(args: argparse.Namespace) -> dict:
     from edgeftl.device.agent import AgentConfig, DeviceAgent
+    from edgeftl.device.cli.common import security_from
     from edgeftl.device.link import Link, MqttConnection
+    from edgeftl.device.protocol.auth import device_keys
+    from edgeftl.device.protocol.manifest import read_manifest
     from edgeftl.device.protocol.topics import device_client_id
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.id} %(levelname)s %(message)s")
-    link = Link.device(MqttConnection(args.broker, device_client_id(args.id)), args.prefix, args.id)
+    keys = device_keys(args.signing_key, read_manifest(args.bundle).coordinator_key)
+    connection = MqttConnection(args.broker, device_client_id(args.id), security=security_from(args))
+    link = Link.device(connection, args.prefix, args.id, keys=keys)
     agent = DeviceAgent(link, AgentConfig(args.id, args.bundle, args.data, args.state, args.cache_dir, args.threads,
                                           args.micro_batch))
     agent.start()

@@ -75,6 +75,21 @@ class Keys:
             raise MessageError(f"bad signature: {kind_of(message)} not signed with the key of {whose}") from None
 
 
+def device_keys(signing_key: Path | None, pinned: str | None) -> Keys:
+    """A device's keys: its own signing key (a file), and the coordinator's key its bundle pins."""
+    trusted = {COORDINATOR: parse_public_key(pinned, "the bundle's coordinator_key")} if pinned else None
+    return Keys(load_private_key(signing_key) if signing_key else None, trusted)
+
+
+def coordinator_keys(signing_key: Path | None, allowlist: Path | None, pinned: str | None) -> Keys:
+    """The coordinator's keys; refused when the bundle pins a key that `signing_key` is not."""
+    signing = load_private_key(signing_key) if signing_key else None
+    if pinned is not None and (signing is None or public_key_text(signing) != pinned):
+        raise ValueError(f"the bundle pins coordinator key {pinned}: devices would refuse every task; pass "
+                         "--signing-key with its private key" + (", not another one" if signing else ""))
+    return Keys(signing, read_allowlist(allowlist) if allowlist else None)
+
+
 # ---- keys as text and files ---------------------------------------------------------------
 
 
