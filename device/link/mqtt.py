@@ -89,7 +89,7 @@ class MqttConnection:
             raise ValueError(f"MQTT version must be '3.1.1' or '5', got {version!r}")
         if not 5 <= keepalive <= 65535:
             raise ValueError(f"keepalive must be 5..65535 s, got {keepalive}")
-        self.url, self.host, self.port, self.keepalive = url, host, port, keepalive
+        self.url, self.host, self.port, self.keepalive, self.tls = url, host, port, keepalive, tls
         self.clean_start, self.session_expiry_s = clean_start, session_expiry_s
         v5 = self.version == "5"
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -114,6 +114,7 @@ class MqttConnection:
         self._ack_cond = threading.Condition()
         self._pending: list[mqtt.MQTTMessageInfo] = []
         self._last_error = ""
+        self._connacked = False  # a CONNACK accepted us at least once
         self._refused = threading.Event()  # the broker said no (credentials, ACL) or TLS failed: stop waiting
         self._started = self._closed = False
 
@@ -251,6 +252,7 @@ class MqttConnection:
                 log.warning("%s: %s", self.client_id, self._last_error)
                 return
             self._online.set()
+            self._connacked = True
             log.info("%s: connected to %s (session present: %s)", self.client_id, self.url, flags.session_present)
             with self._lock:
                 filters, stale = list(self._filters), sorted(self._stale - set(self._filters))
@@ -276,8 +278,11 @@ class MqttConnection:
                        reason: mqtt.ReasonCode, properties: Properties | None) -> None:
         self._online.clear()
         self._ready.clear()
-        if not self._closed:
+        if not self._closed and not self._refused.is_set():  # a refusal's own line stays
             self._last_error = f"disconnected: {reason}"
+            if self.tls and not self._connacked:
+                self._last_error = ("the broker closed the TLS connection before answering (with mutual TLS: a missing "
+                                    "or untrusted client certificate; see --cert/--key)")
             log.warning("%s: disconnected from %s (%s); reconnecting with backoff", self.client_id, self.url, reason)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,

@@ -93,7 +93,7 @@ def refusal(reason: object) -> str:
     if "user name or password" in lowered or "bad username" in lowered:
         return "bad credentials: the broker refused this username/password (check --username, --password-file)"
     if "not authori" in lowered:
-        return "not authorised: the broker refused this client (its credentials, certificate or ACL)"
+        return "not authorised: the broker refused these credentials (check --username and --password-file)"
     return f"broker refused the connection: {text}"
 
 
