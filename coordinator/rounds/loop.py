@@ -43,6 +43,7 @@ class Coordinator:
         self.inbox = Inbox(config.run_id, self.bundle_sha256, self.params.size)
         self.online: dict[str, bool] = {}
         self.platforms: dict[str, dict] = {}  # device -> its platform_* metrics
+        self.refused_statuses: set[tuple[str | None, str]] = set()  # (device, reason kind) already logged
         self.rng = np.random.default_rng(config.seed)
         self.start_round = 0
         config.out.mkdir(parents=True, exist_ok=True)
@@ -119,6 +120,10 @@ class Coordinator:
         if isinstance(item, Refused):
             if item.place == "update":
                 self.inbox.refuse(f"update/{item.device_id}", item.reason)
+            elif item.place == "status" and len(self.refused_statuses) < 1000 \
+                    and (item.device_id, item.kind) not in self.refused_statuses:  # once each: why a device
+                self.refused_statuses.add((item.device_id, item.kind))  # never counts as online
+                log.warning("ignored status of %s: %s", item.device_id, item.reason)
             return None
         if item is None:
             return None
