@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edgeftl.device.link import Incoming, InProcessBroker, InProcessConnection, Link, Refused
 from edgeftl.device.protocol import auth, wire
 from edgeftl.device.protocol.codecs import Encoded
+from edgeftl.device.protocol.manifest import BundleError, Manifest
 from edgeftl.device.protocol.messages import ErrorReply, Global, Status, Task, Update, decode, encode
 
 SHA = "cd" * 32
@@ -155,7 +157,8 @@ def test_allowlists_and_key_texts_are_checked(tmp_path: Path) -> None:
 
 # ---- the signed conformance vectors (docs/conformance/vectors.json, "signed") -----------------
 
-SIGNED = json.loads((Path(__file__).resolve().parent.parent / "docs/conformance/vectors.json").read_text())["signed"]
+SIGNED_VECTORS = json.loads((Path(__file__).resolve().parent.parent / "docs/conformance/vectors.json").read_text())
+SIGNED = SIGNED_VECTORS["signed"]
 
 
 @pytest.mark.parametrize("case", SIGNED, ids=[c["name"] for c in SIGNED])
@@ -171,3 +174,28 @@ def test_signed_vector_verifies_or_is_refused_as_recorded(case: dict) -> None:
         with pytest.raises(ValueError) as caught:
             keys.check(payload, message)
         assert str(caught.value) == case["reason"]
+
+
+# ---- the pinned coordinator key ----------------------------------------------------------------
+
+
+def test_a_pinned_key_round_trips_through_the_manifest_and_unpinned_bytes_do_not_change(tmp_path: Path) -> None:
+    text = SIGNED_VECTORS["bundle"]["manifest_json"]
+    manifest = Manifest.from_dict(json.loads(text))
+    assert manifest.coordinator_key is None and manifest.to_json() == text  # old bundles keep their hash
+    pinned = replace(manifest, coordinator_key=auth.public_key_text(COORDINATOR_KEY))
+    assert Manifest.from_dict(json.loads(pinned.to_json())).coordinator_key == auth.public_key_text(COORDINATOR_KEY)
+    with pytest.raises(BundleError, match="coordinator_key"):
+        replace(manifest, coordinator_key="ed25519:short")
+
+
+def test_the_coordinator_refuses_to_start_without_the_key_its_bundle_pins(tmp_path: Path) -> None:
+    pem = tmp_path / "other.pem"
+    pem.write_bytes(auth.private_key_pem(ROGUE_KEY))
+    pinned = auth.public_key_text(COORDINATOR_KEY)
+    with pytest.raises(ValueError, match=r"pass --signing-key with its private key$"):
+        auth.coordinator_keys(None, None, pinned)
+    with pytest.raises(ValueError, match="not another one"):
+        auth.coordinator_keys(pem, None, pinned)
+    keys = auth.device_keys(None, pinned)
+    assert keys.signing is None and keys.trusted is not None and list(keys.trusted) == [auth.COORDINATOR]
