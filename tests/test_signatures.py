@@ -104,9 +104,12 @@ def test_the_coordinator_refuses_updates_signed_by_another_device_unsigned_or_of
     for link, device in ((impostor, "dev-1"), (stranger, "dev-9"), (plain, "dev-2")):
         link.connect()
         link.send(update(device))
-    got = reasons(take(coordinator, 6))
+        if link is impostor:  # a spoofed error reply would void dev-1's round
+            link.send(ErrorReply("r1", 0, SHA, "dev-1", "train_failed", "spoofed"))
+    got = reasons(take(coordinator, 7))
     assert got == ["bad signature: status not signed with the key of device 'dev-1'",
                    "bad signature: update not signed with the key of device 'dev-1'",
+                   "bad signature: error not signed with the key of device 'dev-1'",
                    "unknown device: 'dev-9' is not on the allowlist", "unknown device: 'dev-9' is not on the allowlist",
                    "bad signature: unsigned status from device 'dev-2'",
                    "bad signature: unsigned update from device 'dev-2'"]
