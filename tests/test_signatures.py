@@ -202,3 +202,12 @@ def test_the_coordinator_refuses_to_start_without_the_key_its_bundle_pins(tmp_pa
         auth.coordinator_keys(pem, None, pinned)
     keys = auth.device_keys(None, pinned)
     assert keys.signing is None and keys.trusted is not None and list(keys.trusted) == [auth.COORDINATOR]
+
+
+def test_a_header_declaring_an_unknown_algorithm_or_a_missing_trailer_is_refused() -> None:
+    signed = encode(task(), "ed25519") + bytes(64)
+    other = signed.replace(b'"sig":"ed25519"', b'"sig":"ed448\x20\x20"')  # same length, another name
+    with pytest.raises(wire.WireError, match="unknown signature algorithm 'ed448  '"):
+        wire.decode_message(other, 1 << 20)
+    with pytest.raises(wire.WireError, match="truncated message"):  # declares ed25519, carries no trailer
+        wire.decode_message(encode(task(), "ed25519"), 1 << 20)
