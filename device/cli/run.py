@@ -32,8 +32,8 @@ def run_device(args: argparse.Namespace) -> dict:
     from edgeftl.device.protocol.topics import device_client_id
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.id} %(levelname)s %(message)s")
-    keys = device_keys(args.signing_key, read_manifest(args.bundle).coordinator_key)
     connection = MqttConnection(args.broker, device_client_id(args.id), security=security_from(args))
+    keys = device_keys(args.signing_key, read_manifest(args.bundle).coordinator_key)
     link = Link.device(connection, args.prefix, args.id, keys=keys)
     agent = DeviceAgent(link, AgentConfig(args.id, args.bundle, args.data, args.state, args.cache_dir, args.threads,
                                           args.micro_batch))
