@@ -2,9 +2,10 @@
 
 Every vector is made by the reference code (device/protocol), so the file says what it does:
 messages as hex with their decoded form, chunked messages, global deltas applied bit for bit,
-every codec (tools/conformance_cases.py), and refusals with their reasons
-(tools/conformance_refusals.py). docs/conformance/README.md says how to use them;
-tests/test_conformance.py checks them in both directions. Deterministic: running it again
+every codec (tools/conformance_cases.py), refusals with their reasons
+(tools/conformance_refusals.py), and signed messages (tools/conformance_signed.py).
+docs/conformance/README.md says how to use them; tests/test_conformance.py (signed cases:
+tests/test_signatures.py) checks them in both directions. Deterministic: running it again
 gives the same bytes (`--check` says whether the committed file is current).
 
     python tools/make_conformance.py          # rewrite the file
@@ -23,6 +24,7 @@ from edgeftl.device.protocol import wire
 
 import conformance_cases as cases
 from conformance_refusals import refusals
+from conformance_signed import signed_cases
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "conformance" / "vectors.json"
 
@@ -35,6 +37,7 @@ def vectors() -> dict:
         "bundle": cases.manifest_case(), "messages": cases.message_cases(), "status_text": cases.status_text_cases(),
         "chunked": cases.chunk_cases(), "deltas": cases.delta_cases(), "codecs": cases.codec_cases(),
         "refusals": refusals(),
+        "signed": signed_cases(),
     }
 
 

@@ -10,16 +10,20 @@ from pathlib import Path
 
 from edgeftl.coordinator.rounds.config import DEFAULT_STEPS, CoordinatorConfig
 from edgeftl.coordinator.rounds.strategy import STRATEGIES
-from edgeftl.device.cli.common import fail
+from edgeftl.device.cli.common import add_security_flags, fail, security_from
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_round_flags(p)
-    p.add_argument("--broker", required=True, help="mqtt://host:port (MQTT 3.1.1; mqtt5://host:port for v5)")
+    p.add_argument("--broker", required=True,
+                   help="mqtt://host:port (MQTT 3.1.1; mqtt5://host:port for v5; mqtts:// for TLS)")
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="run folder: metrics.jsonl, checkpoint.npz")
     p.add_argument("--eval", type=Path, default=None, help="held-out file evaluated after every round")
     p.add_argument("--resume", action="store_true", help="continue after the checkpoint in --out")
+    p.add_argument("--allowlist", type=Path, default=None,
+                   help="JSON device id -> public key: only these devices take part, and only with signed messages")
+    add_security_flags(p)
 
 
 # CoordinatorConfig field -> help. Flag names, types and defaults come from the dataclass itself,
@@ -78,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from edgeftl.coordinator.rounds.evaluate import make_evaluator
     from edgeftl.coordinator.rounds.loop import Coordinator
     from edgeftl.device.link import Link, LinkError, MqttConnection
+    from edgeftl.device.protocol.auth import coordinator_keys
     from edgeftl.device.protocol.manifest import BundleError, verify_bundle
     from edgeftl.device.protocol.topics import coordinator_client_id
     from edgeftl.device.runtime import trainable_vector
@@ -88,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
         manifest = verify_bundle(args.bundle)
         initial = trainable_vector(args.bundle, manifest)
         evaluate = make_evaluator(args.bundle, args.eval) if args.eval else None
-        link = Link.coordinator(MqttConnection(args.broker, coordinator_client_id(args.prefix)), args.prefix)
+        keys = coordinator_keys(args.signing_key, args.allowlist, manifest.coordinator_key)
+        connection = MqttConnection(args.broker, coordinator_client_id(args.prefix), security=security_from(args))
+        link = Link.coordinator(connection, args.prefix, keys=keys)
         view = LiveView(config.rounds, config.deadline_s, round_line)  # plain lines when not a terminal
         coordinator = Coordinator(link, args.bundle, manifest, initial, config, evaluate, on_round=view.on_round)
         view.attach(coordinator)

@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split")
     p.add_argument("--max-per-device", type=int, default=None, help="cap examples per device")
     p.add_argument("--max-test", type=int, default=None, help="cap held-out test examples")
-    p.add_argument("--broker", default=None, help="mqtt://host:port; default: start an embedded amqtt broker")
+    p.add_argument("--broker", default=None, help="mqtt://127.0.0.1:port of an open broker on this machine (a "
+                   "simulation sends no credentials or signatures); default: start an embedded amqtt broker")
     p.add_argument("--bundle", type=Path, default=None, help="default: build the packaged MiniLM into --out")
     p.add_argument("--quant", default="int8")
     p.add_argument("--train-layers", type=int, default=None,

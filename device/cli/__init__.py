@@ -21,6 +21,10 @@ SUBCOMMANDS = {
     "simulate": ("edgeftl.coordinator.cli.simulate",
                  "a whole federation on this machine (real broker, real processes)"),
     "report": ("edgeftl.coordinator.cli.report", "write report.html with plots of a run (or several, overlaid)"),
+    "certs": ("edgeftl.coordinator.cli.certs",
+              "make a CA, certificates, signing keys, MQTT passwords and an allowlist; pin a bundle's coordinator key"),
+    "broker-config": ("edgeftl.coordinator.cli.broker_config",
+                      "write a mosquitto.conf with TLS, passwords and per-device ACLs for `edgeftl certs` output"),
 }
 
 

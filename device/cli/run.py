@@ -10,7 +10,9 @@ from edgeftl.device.limits import TaskLimits
 
 
 def add_run(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", required=True, help="mqtt://host:port")
+    from edgeftl.device.cli.common import add_security_flags
+
+    p.add_argument("--broker", required=True, help="mqtt://host:port, or mqtts://host:port for TLS")
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True, help="local training data: CSV (text,label) or JSONL")
     p.add_argument("--id", required=True, help="device id: letters, digits, _ . - (at most 64)")
@@ -24,15 +26,21 @@ def add_run(p: argparse.ArgumentParser) -> None:
     for name in ("steps", "epochs", "batch"):
         p.add_argument(f"--max-{name}", type=int, default=getattr(limits, f"max_{name}"),
                        help=f"refuse tasks asking for more local {name} (default %(default)s)")
+    add_security_flags(p)
 
 
 def run_device(args: argparse.Namespace) -> dict:
     from edgeftl.device.agent import AgentConfig, DeviceAgent
+    from edgeftl.device.cli.common import security_from
     from edgeftl.device.link import Link, MqttConnection
+    from edgeftl.device.protocol.auth import device_keys
+    from edgeftl.device.protocol.manifest import read_manifest
     from edgeftl.device.protocol.topics import device_client_id
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.id} %(levelname)s %(message)s")
-    link = Link.device(MqttConnection(args.broker, device_client_id(args.id)), args.prefix, args.id)
+    connection = MqttConnection(args.broker, device_client_id(args.id), security=security_from(args))
+    keys = device_keys(args.signing_key, read_manifest(args.bundle).coordinator_key)
+    link = Link.device(connection, args.prefix, args.id, keys=keys)
     limits = TaskLimits(args.max_steps, args.max_epochs, args.max_batch)
     agent = DeviceAgent(link, AgentConfig(args.id, args.bundle, args.data, args.state, args.cache_dir, args.threads,
                                           args.micro_batch, limits))

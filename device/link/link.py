@@ -5,7 +5,8 @@ composes a `Connection` (moves MQTT frames: `MqttConnection` through a broker,
 `InProcessConnection` inside one process) with a `Framer` (chunking and reassembly) and holds the
 side's one queue. Frames arrive on the connection's thread and are only reassembled and queued
 there; `receive()` decodes, checks and types them on the caller's thread, so the agent and the
-round loop each read one queue in order.
+round loop each read one queue in order. With `Keys` (protocol/auth.py) it signs what it sends
+and refuses what its trusted keys did not sign.
 
     link = Link.device(MqttConnection(url, "edgeftl-dev-3"), "edgeftl/run1", "dev-3")
     link.connect()
@@ -26,6 +27,7 @@ from typing import Protocol
 
 from edgeftl.device.link.framing import Framer
 from edgeftl.device.protocol import wire
+from edgeftl.device.protocol.auth import Keys
 from edgeftl.device.protocol.messages import (
     MAX_DEVICE_HEADER_BYTES,
     ErrorReply,
@@ -37,7 +39,6 @@ from edgeftl.device.protocol.messages import (
     Update,
     check_place,
     decode,
-    encode,
     reason_kind,
     status_from_payload,
     status_payload,
@@ -117,8 +118,9 @@ class Link:
 
     def __init__(self, connection: Connection, prefix: str, subscriptions: list[str], *,
                  max_chunk: int = DEFAULT_MAX_CHUNK, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 max_queue: int = MAX_QUEUE) -> None:
+                 max_queue: int = MAX_QUEUE, keys: Keys | None = None) -> None:
         self.connection, self.topics = connection, Topics(prefix)
+        self.keys = keys or Keys()
         self.max_message_bytes = max_message_bytes
         self.framer = Framer(max_chunk, max_message_bytes)
         self._lock = threading.Lock()
@@ -134,18 +136,25 @@ class Link:
             connection.subscribe(self.framer.filters(topic_filter))
 
     @classmethod
-    def device(cls, connection: Connection, prefix: str, device_id: str, **limits: int) -> Link:
-        """A device's link: reads tasks and global deltas; its presence is its status topic."""
+    def device(cls, connection: Connection, prefix: str, device_id: str, keys: Keys | None = None,
+               **limits: int) -> Link:
+        """A device's link: reads tasks and global deltas; its presence is its status topic (the
+        text form, or a signed status message when it has a signing key)."""
         topics = Topics(prefix)
         status = topics.status(validate_device_id(device_id))
-        connection.presence(status, status_payload(Status(device_id, True)), status_payload(Status(device_id, False)))
-        return cls(connection, prefix, [topics.task, topics.global_delta], **limits)
+        keys = keys or Keys()
+        online, offline = Status(device_id, True), Status(device_id, False)
+        if keys.signing is None:
+            connection.presence(status, status_payload(online), status_payload(offline))
+        else:
+            connection.presence(status, keys.sign(online), keys.sign(offline))
+        return cls(connection, prefix, [topics.task, topics.global_delta], keys=keys, **limits)
 
     @classmethod
-    def coordinator(cls, connection: Connection, prefix: str, **limits: int) -> Link:
+    def coordinator(cls, connection: Connection, prefix: str, keys: Keys | None = None, **limits: int) -> Link:
         """The coordinator's link: reads updates, error replies and statuses of every device."""
         topics = Topics(prefix)
-        return cls(connection, prefix, [topics.updates_filter, topics.status_filter], **limits)
+        return cls(connection, prefix, [topics.updates_filter, topics.status_filter], keys=keys, **limits)
 
     # ---- the interface ----------------------------------------------------------------------
 
@@ -169,7 +178,7 @@ class Link:
             Bytes handed to the network: the MQTT payloads, chunk headers included.
         """
         topic, retain = self._route(message)
-        frames = self.framer.frames(topic, encode(message), retain)
+        frames = self.framer.frames(topic, self.keys.sign(message), retain)
         for frame_topic, frame in frames:
             self.connection.send(frame_topic, frame, 1, retain)
         sent = sum(len(frame) for _, frame in frames)
@@ -265,6 +274,7 @@ class Link:
                 max_header = MAX_DEVICE_HEADER_BYTES if where in _DEVICE_PLACES else wire.MAX_HEADER_BYTES
                 message = decode(payload, self.max_message_bytes, max_header)
             check_place(where, device, message)
+            self.keys.check(payload, message)
         except MessageError as exc:
             return self._refused(topic, where, device, str(exc))
         self._bump("delivered")

@@ -2,12 +2,14 @@
 
 QoS 1, a persistent session (MQTT 3.1.1 clean_session=0; MQTT 5 clean_start=0 plus a session
 expiry) so messages published while a device is away are delivered when it returns, keepalive,
-reconnect with exponential backoff (1 s doubling to 30 s), and a retained last will.
+reconnect with exponential backoff (1 s doubling to 30 s), and a retained last will. TLS,
+client certificates and credentials: security.py.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +20,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgeftl.device.link.link import LinkError
+from edgeftl.device.link.security import TransportSecurity, refusal
 from edgeftl.device.protocol.topics import validate_filter
 
 log = logging.getLogger("edgeftl.transport")
@@ -27,13 +30,17 @@ SCHEMES = {"mqtt": (1883, False, "3.1.1"), "mqtts": (8883, True, "3.1.1"),
 DEFAULT_SESSION_EXPIRY_S = 7 * 24 * 3600
 
 
-def parse_url(url: str) -> tuple[str, int, bool, str, str | None, str | None]:
-    """(host, port, tls, version, username, password) of mqtt[s][5]://[user[:pass]@]host[:port].
+def parse_url(url: str) -> tuple[str, int, bool, str, str | None]:
+    """(host, port, tls, version, username) of mqtt[s][5]://[user@]host[:port].
 
     Raises:
-        ValueError: naming the URL and the accepted forms.
+        ValueError: naming the URL and the accepted forms; a URL holding a password is refused
+            without repeating it.
     """
     parts = urlsplit(url)
+    if parts.password is not None:
+        raise ValueError("the broker URL holds a password, which ps and logs would show: remove it and pass "
+                         "--username with --password-file FILE instead")
     accepted = "mqtt://host[:port] (MQTT 3.1.1), mqtt5://host[:port] (MQTT 5), mqtts:// and mqtts5:// (TLS)"
     if parts.scheme not in SCHEMES or not parts.hostname or parts.path not in ("", "/") or parts.query:
         raise ValueError(f"bad broker URL {url!r}; accepted: {accepted}")
@@ -43,8 +50,7 @@ def parse_url(url: str) -> tuple[str, int, bool, str, str | None, str | None]:
     except ValueError:
         raise ValueError(f"bad port in broker URL {url!r}; accepted: {accepted}") from None
     user = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password else None
-    return parts.hostname, port, tls, version, user, password
+    return parts.hostname, port, tls, version, user
 
 
 def check_client_id(client_id: str) -> str:
@@ -69,28 +75,28 @@ class MqttConnection:
         clean_start: True discards the broker-side session at connect.
         version: "3.1.1" or "5"; overrides the URL scheme.
         session_expiry_s: MQTT 5 session expiry after a disconnect (3.1.1: the broker's setting).
+        security: TLS files and credentials; plain MQTT is refused unless the host is loopback.
     """
 
     def __init__(self, url: str, client_id: str, keepalive: int = 30, clean_start: bool = False, *,
-                 version: str | None = None, session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S) -> None:
+                 version: str | None = None, session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
+                 security: TransportSecurity | None = None) -> None:
         self.client_id = check_client_id(client_id)
         self.on_frame: Callable[[str, bytes], None] = lambda topic, frame: None
-        host, port, tls, url_version, user, password = parse_url(url)
+        host, port, tls, url_version, user = parse_url(url)
         self.version = version or url_version
         if self.version not in ("3.1.1", "5"):
             raise ValueError(f"MQTT version must be '3.1.1' or '5', got {version!r}")
         if not 5 <= keepalive <= 65535:
             raise ValueError(f"keepalive must be 5..65535 s, got {keepalive}")
-        self.url, self.host, self.port, self.keepalive = url, host, port, keepalive
+        self.url, self.host, self.port, self.keepalive, self.tls = url, host, port, keepalive, tls
         self.clean_start, self.session_expiry_s = clean_start, session_expiry_s
         v5 = self.version == "5"
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                    clean_session=None if v5 else clean_start,
                                    protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
-        if tls:
-            self._client.tls_set()
-        if user is not None:
-            self._client.username_pw_set(user, password)
+        (security or TransportSecurity()).apply(self._client, host, tls, user)
+        self._client.reconnect = self._reconnect  # type: ignore[method-assign]  # keeps why a connect failed
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -108,7 +114,21 @@ class MqttConnection:
         self._ack_cond = threading.Condition()
         self._pending: list[mqtt.MQTTMessageInfo] = []
         self._last_error = ""
+        self._connacked = False  # a CONNACK accepted us at least once
+        self._refused = threading.Event()  # the broker said no (credentials, ACL) or TLS failed: stop waiting
         self._started = self._closed = False
+
+    def _reconnect(self) -> mqtt.MQTTErrorCode:
+        """paho's reconnect, remembering a socket or TLS error (paho retries and drops it)."""
+        try:
+            return mqtt.Client.reconnect(self._client)
+        except OSError as exc:
+            if isinstance(exc, ssl.SSLError):
+                self._last_error = refusal(exc)
+                self._refused.set()
+            else:
+                self._last_error = f"{type(exc).__name__}: {exc}"
+            raise
 
     def presence(self, topic: str, online: bytes, offline: bytes) -> None:
         """Publish `online` (retained) after every connect; the broker publishes `offline` as our
@@ -133,8 +153,13 @@ class MqttConnection:
                                    properties=properties)
         self._started = True
         self._client.loop_start()  # retries the first connection too, with the backoff above
-        if not self._ready.wait(timeout_s):
+        left = deadline(timeout_s)
+        while not self._ready.wait(min(0.05, left())) and not self._refused.is_set() and left() > 0:
+            pass
+        if not self._ready.is_set():
             self.close(abrupt=True)
+            if self._refused.is_set():
+                raise LinkError(f"MQTT broker {self.url} refused {self.client_id!r}: {self._last_error}")
             raise LinkError(f"could not connect to MQTT broker {self.url} as {self.client_id!r} within "
                           f"{timeout_s:g} s ({self._last_error or 'no CONNACK/SUBACK'})")
 
@@ -222,10 +247,12 @@ class MqttConnection:
                     reason: mqtt.ReasonCode, properties: Properties | None) -> None:
         try:
             if reason.is_failure:
-                self._last_error = f"broker refused the connection: {reason}"
+                self._last_error = refusal(reason)
+                self._refused.set()
                 log.warning("%s: %s", self.client_id, self._last_error)
                 return
             self._online.set()
+            self._connacked = True
             log.info("%s: connected to %s (session present: %s)", self.client_id, self.url, flags.session_present)
             with self._lock:
                 filters, stale = list(self._filters), sorted(self._stale - set(self._filters))
@@ -251,8 +278,11 @@ class MqttConnection:
                        reason: mqtt.ReasonCode, properties: Properties | None) -> None:
         self._online.clear()
         self._ready.clear()
-        if not self._closed:
+        if not self._closed and not self._refused.is_set():  # a refusal's own line stays
             self._last_error = f"disconnected: {reason}"
+            if self.tls and not self._connacked:
+                self._last_error = ("the broker closed the TLS connection before answering (with mutual TLS: a missing "
+                                    "or untrusted client certificate; see --cert/--key)")
             log.warning("%s: disconnected from %s (%s); reconnecting with backoff", self.client_id, self.url, reason)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from edgeftl.device.files import atomic_write
 from edgeftl.device.protocol.typed import conform, from_json
 
 # 2: graphs for stock ONNX Runtime, parameters in params.safetensors, AdamW settings in the
@@ -37,6 +39,8 @@ ADAPTERS = (LORA, HEAD)
 LORA_FACTORS = ("A", "B")  # a LoRA layer's two trainable factors (`LoraFactor`)
 # How the frozen backbone's weights are stored: fp32, int8 per row, int4 per block of a row.
 QUANT_SCHEMES = ("none", "int8", "int4")
+# A pinned coordinator key: "ed25519:" + base64 of its 32 raw bytes (protocol/auth.py reads it).
+COORDINATOR_KEY = re.compile(r"ed25519:[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=")
 
 
 class BundleError(ValueError):
@@ -193,9 +197,14 @@ class Manifest:
     files: dict[str, FileEntry] = field(default_factory=dict)  # relative path -> size and sha256
     built_with: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # The coordinator's public signing key: devices then refuse tasks and globals it did not sign.
+    coordinator_key: str | None = None
 
     def __post_init__(self) -> None:
         conform(self, "manifest", BundleError)
+        if self.coordinator_key is not None and not COORDINATOR_KEY.fullmatch(self.coordinator_key):
+            raise BundleError(f"manifest coordinator_key {self.coordinator_key[:60]!r} is not "
+                              "'ed25519:' + base64 of 32 bytes")
         _one_of(self.task, TASKS, "manifest task")
         if self.task == CLASSIFY and len(self.labels) < 2:
             raise BundleError(f"a classify bundle needs at least 2 labels, manifest has {self.labels!r}")
@@ -218,7 +227,10 @@ class Manifest:
         return sum(p.size for p in self.trainable)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        data = asdict(self)
+        if data["coordinator_key"] is None:  # unpinned bundles keep the bytes (and the hash) they had
+            del data["coordinator_key"]
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict) -> Manifest:
@@ -294,6 +306,14 @@ def read_manifest(folder: Path) -> Manifest:
             f"bundle {str(folder)!r} was built for ONNX Runtime Training (manifest format 1); edgeftl devices now "
             f"train on stock ONNX Runtime and read format {FORMAT_VERSION}: rebuild it with `edgeftl build`")
     return Manifest.from_dict(data)
+
+
+def pin_coordinator_key(folder: Path, key: str | None) -> str:
+    """Write `key` (None: unpin) into a bundle's manifest; returns the bundle's new sha256. The
+    pin changes the bundle's identity, so devices and the coordinator must use the pinned copy."""
+    manifest = replace(verify_bundle(folder), coordinator_key=key)
+    atomic_write(Path(folder) / MANIFEST, manifest.to_json(), mode=0o644)
+    return bundle_sha256(folder)
 
 
 def verify_bundle(folder: Path) -> Manifest:

@@ -217,8 +217,9 @@ _WITH_ARRAYS = ("global", "update")
 # ---- bytes ----------------------------------------------------------------------------------
 
 
-def encode(message: Message) -> bytes:
-    """The bytes of one message (docs/PROTOCOL.md section 4), header keys sorted.
+def encode(message: Message, sig: str | None = None) -> bytes:
+    """The bytes of one message (docs/PROTOCOL.md section 4), header keys sorted; with `sig`, the
+    header declares that signature algorithm and the signer appends the trailer (auth.py).
 
     Raises:
         MessageError: a field that breaks its rule (the same check a reader makes).
@@ -237,7 +238,7 @@ def encode(message: Message) -> bytes:
             header.update(codec=message.vector.codec, size=message.vector.size)
             arrays = message.vector.arrays
     _check_fields(kind, header)
-    return wire.encode_message(header, arrays)
+    return wire.encode_message(header, arrays, sig)
 
 
 def decode(payload: bytes, max_bytes: int, max_header_bytes: int = wire.MAX_HEADER_BYTES) -> Message:

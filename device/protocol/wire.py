@@ -6,7 +6,10 @@ coordinator both import it. The layout is docs/PROTOCOL.md section 4; the header
 message kind are `messages.FIELDS`; large payloads travel as chunks (`chunks.py`, section 5).
 
 Message (all integers big-endian):
-    b"EFTL" | version u8 (=1) | header_len u32 | header (UTF-8 JSON object) | body
+    b"EFTL" | version u8 (=1) | header_len u32 | header (UTF-8 JSON object) | body [| signature]
+
+A signed message's header names the algorithm in "sig"; the signature, of the length that
+algorithm fixes (SIGNATURES), follows the body and covers every byte before it (auth.py).
 """
 
 from __future__ import annotations
@@ -27,23 +30,25 @@ MAX_NDIM = 32
 MAX_NAME = 256  # characters of an array name
 # Little-endian (or byte-sized) numeric dtypes only: no objects, strings, bools or big-endian.
 DTYPES = frozenset({"|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"})
-RESERVED = ("arrays", "body_sha256")
+RESERVED = ("arrays", "body_sha256", "sig")
+SIGNATURES = {"ed25519": 64}  # algorithm -> trailer bytes
 
 
 class WireError(ValueError):
     """Bytes from the network that are not a valid format-1 message or chunk."""
 
 
-def encode_message(header: dict, arrays: dict[str, np.ndarray]) -> bytes:
+def encode_message(header: dict, arrays: dict[str, np.ndarray], sig: str | None = None) -> bytes:
     """Serialise a header and named arrays into one format-1 message.
 
     Args:
-        header: JSON-serialisable fields (finite numbers only); must not use "arrays" or
-            "body_sha256", which this function writes.
+        header: JSON-serialisable fields (finite numbers only); must not use "arrays",
+            "body_sha256" or "sig", which this function writes.
         arrays: name -> numeric array; stored little-endian, C order, in the given order.
+        sig: a SIGNATURES algorithm the header declares; the signer appends the trailer.
 
     Returns:
-        The message bytes.
+        The message bytes (without the signature trailer).
 
     Raises:
         ValueError: a reserved header key, a non-finite number, or an unsupported dtype.
@@ -64,6 +69,10 @@ def encode_message(header: dict, arrays: dict[str, np.ndarray]) -> bytes:
         offset += len(raw)
     body = b"".join(parts)
     full = {**header, "arrays": specs, "body_sha256": hashlib.sha256(body).hexdigest()}
+    if sig is not None:
+        if sig not in SIGNATURES:
+            raise ValueError(f"unknown signature algorithm {sig!r}; accepted: {sorted(SIGNATURES)}")
+        full["sig"] = sig
     text = json.dumps(full, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
     if len(text) > MAX_HEADER_BYTES:
         raise ValueError(f"header is {len(text)} bytes, above the {MAX_HEADER_BYTES} limit")
@@ -81,7 +90,8 @@ def decode_message(data: bytes, max_bytes: int,
             device messages pass a small one, so a slow-to-parse header cannot stall them.
 
     Returns:
-        (header without "arrays" and "body_sha256", name -> array). The arrays are read-only
+        (header without "arrays" and "body_sha256" ("sig" stays), name -> array). A signature
+        trailer is skipped, not checked (`signed_parts`, auth.py). The arrays are read-only
         zero-copy views into `data` (possibly unaligned): copy one to modify it or to let the
         payload be freed.
 
@@ -107,15 +117,41 @@ def decode_message(data: bytes, max_bytes: int,
                         f"{len(data) - PREFIX.size} present")
     header = _parse_header(data[PREFIX.size:PREFIX.size + header_len])
     start = PREFIX.size + header_len
-    specs = _check_layout(header.pop("arrays"), len(data) - start)
+    end = len(data) - _trailer_bytes(header, len(data) - start)
+    specs = _check_layout(header.pop("arrays"), end - start)
     digest = header.pop("body_sha256")
-    if hashlib.sha256(memoryview(data)[start:]).hexdigest() != digest:
+    if hashlib.sha256(memoryview(data)[start:end]).hexdigest() != digest:
         raise WireError("bad hash: body sha256 does not match the header's body_sha256 (corrupted message)")
     arrays = {}
     for name, dtype, shape, offset, nbytes in specs:
         count = nbytes // dtype.itemsize
         arrays[name] = np.frombuffer(data, dtype=dtype, count=count, offset=start + offset).reshape(shape)
     return header, arrays
+
+
+def signed_parts(data: bytes) -> tuple[str, bytes, bytes] | None:
+    """(algorithm, the bytes signed, the signature) of a message that `decode_message` accepted,
+    or None when its header declares no signature."""
+    _, _, header_len = PREFIX.unpack_from(data)
+    header = _parse_header(data[PREFIX.size:PREFIX.size + header_len])
+    if "sig" not in header:
+        return None
+    size = _trailer_bytes(header, len(data) - PREFIX.size - header_len)
+    return header["sig"], data[:-size], data[-size:]
+
+
+def _trailer_bytes(header: dict, after_header: int) -> int:
+    """The signature trailer's length the header declares (0 when unsigned)."""
+    if "sig" not in header:
+        return 0
+    size = SIGNATURES.get(header["sig"]) if isinstance(header["sig"], str) else None
+    if size is None:
+        raise WireError(f"bad header: unknown signature algorithm {str(header['sig'])[:20]!r}; "
+                        f"accepted: {sorted(SIGNATURES)}")
+    if after_header < size:
+        raise WireError(f"truncated message: {after_header} bytes after the header, the {header['sig']} "
+                        f"signature alone needs {size}")
+    return size
 
 
 def _reject_constant(name: str) -> None:
