@@ -25,6 +25,7 @@ from edgeftl.device.protocol.messages import (
     ErrorReply,
     Global,
     MessageError,
+    SecAgg,
     Task,
     Update,
     apply_delta,
@@ -33,6 +34,7 @@ from edgeftl.device.protocol.messages import (
     vector_of,
 )
 from edgeftl.device.runtime import BundleRuntime
+from edgeftl.device.secagg.session import DeviceSecAgg
 from edgeftl.device.train import TrainConfig, data_inputs, train
 
 log = logging.getLogger("edgeftl.device")
@@ -49,6 +51,7 @@ class AgentConfig:
     cache_dir: Path | None = None
     threads: int | None = None
     micro_batch: int | None = None
+    secure_aggregation: bool = False  # send updates only masked (docs/SECAGG.md), never in the clear
 
 
 class DeviceAgent:
@@ -73,6 +76,8 @@ class DeviceAgent:
         self._syncing = False
         self._platform_sent = False
         self._saved = self._read_state()  # applied once the run it belongs to shows up
+        self.secagg = (DeviceSecAgg(link.send, config.device_id, self.bundle_sha256)
+                       if config.secure_aggregation else None)
 
     # ---- the loop ---------------------------------------------------------------------------
     def start(self, timeout_s: float = 30.0) -> None:
@@ -99,6 +104,8 @@ class DeviceAgent:
                 return self._run_waiting()
             if isinstance(message, Task):
                 return self._on_task(message)
+            if isinstance(message, SecAgg) and self.secagg is not None:
+                return self.secagg.handle(message)
         except MessageError as exc:
             log.warning("%s: ignored %s: %s", self.config.device_id, type(message).__name__, exc)
         return 0
@@ -171,6 +178,8 @@ class DeviceAgent:
     def _run(self, task: Task) -> int:
         self.acted = (task.run_id, task.round)
         try:
+            if self.secagg is not None:
+                self.secagg.begin(task)  # keys go out before training
             return self._train_and_send(task)
         except Exception as exc:  # one failed round must not end the device's part in the run
             log.exception("%s: round %d failed", self.config.device_id, task.round)
@@ -194,6 +203,8 @@ class DeviceAgent:
         summary = train(self.runtime, self.examples, config, progress=False, inputs=self.inputs)
         train_time = time.perf_counter() - began
         delta = self.runtime.get_flat() - self.reference
+        if self.secagg is not None:
+            return self.secagg.submit(task, delta, max(1, len(self.examples)))
         if self.feedback is None or self.feedback.codec.spec != parse_codec(task.codec).spec:
             self.feedback = ErrorFeedback(parse_codec(task.codec), delta.size)
         encoded, _ = self.feedback.encode(delta)

@@ -17,6 +17,7 @@ import numpy as np
 from edgeftl.coordinator.rounds import checkpoint, records
 from edgeftl.coordinator.rounds.config import CoordinatorConfig
 from edgeftl.coordinator.rounds.inbox import DeviceFailure, Inbox, ReceivedUpdate
+from edgeftl.coordinator.rounds.secure import SecureRounds
 from edgeftl.coordinator.rounds.strategy import Update as StrategyUpdate
 from edgeftl.coordinator.rounds.strategy import make_strategy
 from edgeftl.coordinator.rounds.strategy.guard import clip_updates
@@ -45,6 +46,8 @@ class Coordinator:
         self.platforms: dict[str, dict] = {}  # device -> its platform_* metrics
         self.rng = np.random.default_rng(config.seed)
         self.start_round = 0
+        self.secure = SecureRounds(link, self._take, self.inbox, self.online, self.bundle_sha256, self.params.size,
+                                   config.deadline_s / 4) if config.secure_aggregation else None
         config.out.mkdir(parents=True, exist_ok=True)
 
     def connect(self) -> None:
@@ -80,18 +83,25 @@ class Coordinator:
         sent_before = self.link.bytes_sent
         self.inbox.open_round(round_index, selected)
         self._publish_task(round_index, selected)
-        received, failed = self._collect(selected, started + self.config.deadline_s)
+        secure = self.secure.run(round_index, selected, started + self.config.deadline_s) if self.secure else None
+        received: list[ReceivedUpdate] = []
+        if secure is not None:  # only the survivors' mean is known: one update
+            failed, updates, count = secure.failed, secure.updates, secure.count
+        else:
+            received, failed = self._collect(selected, started + self.config.deadline_s)
+            updates, count = [StrategyUpdate(r.delta, float(r.update.samples)) for r in received], len(received)
         late, rejected = self.inbox.close_round()
-        aggregated = len(received) >= self.config.min_updates
+        aggregated = count >= self.config.min_updates and bool(updates)
         if aggregated:
-            updates, _norms = clip_updates([StrategyUpdate(r.delta, float(r.update.samples)) for r in received],
-                                           self.config.clip_norm)
+            updates, _norms = clip_updates(updates, self.config.clip_norm)
             self.params = self.strategy.aggregate(self.reference, updates)
         self._publish_global(round_index)
         checkpoint.save(self.config.out, round_index, self.params, self.reference, self.strategy.state(),
                         {"run_id": self.config.run_id, "bundle_sha256": self.bundle_sha256})
         record = self._record(round_index, selected, received, failed, late, rejected, aggregated,
                               self.link.bytes_sent - sent_before, time.monotonic() - started)
+        if secure is not None:
+            record.update(updates_received=secure.count, bytes_up=secure.bytes_up, secure_aggregation=secure.report)
         self._log(record)
         return record
 
