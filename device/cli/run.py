@@ -18,6 +18,8 @@ def add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--rounds", type=int, default=None, help="exit after sending this many updates")
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="send updates only masked, for a coordinator run with --secure-aggregation (docs/SECAGG.md)")
 
 
 def run_device(args: argparse.Namespace) -> dict:
@@ -28,7 +30,7 @@ def run_device(args: argparse.Namespace) -> dict:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.id} %(levelname)s %(message)s")
     link = Link.device(MqttConnection(args.broker, device_client_id(args.id)), args.prefix, args.id)
     agent = DeviceAgent(link, AgentConfig(args.id, args.bundle, args.data, args.state, args.cache_dir, args.threads,
-                                          args.micro_batch))
+                                          args.micro_batch, args.secure_aggregation))
     agent.start()
     logging.info("connected to %s as %s; waiting for tasks", args.broker, args.id)
     try:
