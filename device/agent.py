@@ -183,6 +183,8 @@ class DeviceAgent:
             return self._train_and_send(task)
         except Exception as exc:  # one failed round must not end the device's part in the run
             log.exception("%s: round %d failed", self.config.device_id, task.round)
+            if self.secagg is not None:
+                self.secagg.abandon()
             self._reply_error(task, error_code(exc), f"{type(exc).__name__}: {exc}")
             return 0
 

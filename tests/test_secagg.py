@@ -290,3 +290,34 @@ def test_a_device_never_answers_a_stage_twice():
     assert isinstance(masked, Masked)
     with pytest.raises(SecAggError, match="wrong stage: mask while this device expects unmask"):
         sa.clients["a"].mask(np.zeros(4, np.float32), 1)
+
+
+def test_signed_keys_stop_a_coordinator_that_swaps_a_devices_keys():
+    # Prepare: each device signs its advertisement with an Ed25519 identity key the others know (the auth allowlist)
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    ids = ["a", "b", "c"]
+    identity = {d: Ed25519PrivateKey.generate() for d in ids}
+
+    def verify(device: str, data: bytes, signature: bytes) -> bool:
+        try:
+            identity[device].public_key().verify(signature, data)
+        except InvalidSignature:
+            return False
+        return True
+
+    clients = {d: SecAggClient(d, CTX, identity[d].sign, verify) for d in ids}
+    server = SecAggServer(CTX, ids, 4, FixedPoint(max_devices=4))
+    for d in ids:
+        server.advertise(d, wire(clients[d].advertise()))
+    roster = wire(server.roster()["b"])
+    # Execute / Assert: the honest roster passes; with a's keys replaced by the coordinator's own, b refuses
+    assert len(wire(clients["a"].share(roster)).sealed) == 2
+    mitm = SecAggClient("a", CTX, Ed25519PrivateKey.generate().sign).advertised()  # signed, by the wrong key
+    forged = Roster(roster.params, (type(roster.members[0])("a", mitm), *roster.members[1:]))
+    with pytest.raises(SecAggError, match="bad roster: the keys of 'a' are not signed by its device key"):
+        clients["b"].share(forged)
+    unsigned = SecAggClient("a", CTX).advertised()
+    with pytest.raises(SecAggError, match="bad roster: the keys of 'a' are not signed"):
+        clients["c"].share(Roster(roster.params, (type(roster.members[0])("a", unsigned), *roster.members[1:])))

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -28,9 +30,14 @@ _ORDER = ("advertise", "share", "receive", "mask", "unmask", "done")  # "failed"
 class SecAggClient:
     """One device's secure-aggregation state for one round."""
 
-    def __init__(self, device_id: str, ctx: bytes) -> None:
-        self.device_id, self.ctx = device_id, ctx
+    def __init__(self, device_id: str, ctx: bytes, sign: Callable[[bytes], bytes] | None = None,
+                 verify: Callable[[str, bytes, bytes], bool] | None = None) -> None:
+        """`sign(data)` signs with this device's identity key; `verify(device_id, data, signature)` checks a
+        member's signature (the "auth" allowlist's key for that id). Without them keys are unauthenticated."""
+        self.device_id, self.ctx, self.verify = device_id, ctx, verify
         self.c_sk, self.s_sk, self.b = crypto.new_private(), crypto.new_private(), os.urandom(shamir.SECRET_BYTES)
+        keys = Advertise(crypto.public_of(self.c_sk), crypto.public_of(self.s_sk), hashlib.sha256(self.b).digest())
+        self._advertised = replace(keys, signature=sign(keys.signed_part(ctx, device_id))) if sign else keys
         self.roster: Roster | None = None
         self.held: dict[str, tuple[int, int]] = {}  # owner -> (share of its s_sk, share of its b) at my point
         self.next, self._following = "advertise", "advertise"
@@ -132,9 +139,14 @@ class SecAggClient:
             raise SecAggError(f"bad roster: threshold {t} for {n} devices; accepted: a majority, at least 2")
         if n > roster.params.fixed.max_devices:
             raise SecAggError(f"bad roster: {n} devices, the encoding has room for {roster.params.fixed.max_devices}")
+        if self.verify is not None:
+            for m in roster.members:
+                if not m.keys.signature or not self.verify(m.device_id, m.keys.signed_part(self.ctx, m.device_id),
+                                                           m.keys.signature):
+                    raise SecAggError(f"bad roster: the keys of {m.device_id!r} are not signed by its device key")
         c_keys, s_keys = {m.keys.c_pk for m in roster.members}, {m.keys.s_pk for m in roster.members}
         if len(c_keys) != n or len(s_keys) != n or len(set(ids)) != n:
             raise SecAggError("bad roster: two members share an id or a public key")
 
     def advertised(self) -> Advertise:
-        return Advertise(crypto.public_of(self.c_sk), crypto.public_of(self.s_sk), hashlib.sha256(self.b).digest())
+        return self._advertised

@@ -25,6 +25,7 @@ DOWN_STAGES = ("roster", "ciphertexts", "survivors")
 STAGES = UP_STAGES + DOWN_STAGES
 MAX_DEVICES = 1024  # roster size a device accepts
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+SIGNATURE_BYTES = 64  # Ed25519
 SEALED_BYTES = crypto.NONCE_BYTES + 2 * shamir.SHARE_BYTES + crypto.TAG_BYTES  # 94
 _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # = protocol.topics.DEVICE_ID
 
@@ -36,6 +37,11 @@ class Advertise:
     c_pk: bytes
     s_pk: bytes
     b_commit: bytes  # SHA-256 of the self-mask seed b: lets the coordinator check its reconstruction
+    signature: bytes = b""  # Ed25519 of crypto.advertised_bytes by the device's identity key; b"" = unsigned
+
+    def signed_part(self, ctx: bytes, device_id: str) -> bytes:
+        """What a device signs: the round's context, its id and its three values (docs/SECAGG.md section 8)."""
+        return b"|".join((b"edgeftl-secagg advertise", ctx, device_id.encode(), self.c_pk, self.s_pk, self.b_commit))
 
 
 @dataclass(frozen=True)
@@ -134,7 +140,8 @@ def to_payload(stage: Stage) -> tuple[str, bytes, np.ndarray | None]:
 
 
 def _keys(keys: Advertise) -> dict[str, str]:
-    return {"c_pk": keys.c_pk.hex(), "s_pk": keys.s_pk.hex(), "b_commit": keys.b_commit.hex()}
+    signed = {"signature": keys.signature.hex()} if keys.signature else {}
+    return {"c_pk": keys.c_pk.hex(), "s_pk": keys.s_pk.hex(), "b_commit": keys.b_commit.hex(), **signed}
 
 
 def from_payload(name: str, payload: bytes, masked: np.ndarray | None = None) -> Stage:
@@ -202,7 +209,10 @@ class _Fields:
 
 
 def _advertise(f: _Fields, _: np.ndarray | None, source: dict | None = None) -> Advertise:
-    return Advertise(*(f.hex(f.raw(n, source), crypto.KEY_BYTES, n) for n in ("c_pk", "s_pk", "b_commit")))
+    values = [f.hex(f.raw(n, source), crypto.KEY_BYTES, n) for n in ("c_pk", "s_pk", "b_commit")]
+    fields = f.fields if source is None else source
+    signature = f.hex(fields["signature"], SIGNATURE_BYTES, "signature") if "signature" in fields else b""
+    return Advertise(values[0], values[1], values[2], signature)
 
 
 def _roster(f: _Fields, _: np.ndarray | None) -> Roster:

@@ -37,16 +37,20 @@ class DeviceSecAgg:
         send: the link's send (a SecAgg message to the coordinator).
         device_id: this device.
         bundle_sha256: the bundle every message must name.
+        sign, verify: the identity-key hooks of SecAggClient (signed advertisements; docs/SECAGG.md section 8).
     """
 
-    def __init__(self, send: Callable[[SecAgg], object], device_id: str, bundle_sha256: str) -> None:
+    def __init__(self, send: Callable[[SecAgg], object], device_id: str, bundle_sha256: str,
+                 sign: Callable[[bytes], bytes] | None = None,
+                 verify: Callable[[str, bytes, bytes], bool] | None = None) -> None:
         self.send, self.device_id, self.bundle_sha256 = send, device_id, bundle_sha256
+        self.sign, self.verify = sign, verify
         self.current: _Round | None = None
 
     def begin(self, task: Task) -> None:
         """Open the round: fresh keys, advertised before training so the coordinator can build the roster."""
         ctx = crypto.context(task.run_id, task.round, self.bundle_sha256)
-        self.current = _Round(task, SecAggClient(self.device_id, ctx))
+        self.current = _Round(task, SecAggClient(self.device_id, ctx, self.sign, self.verify))
         self._send(self.current.client.advertise())
 
     def submit(self, task: Task, delta: np.ndarray, samples: int) -> int:
@@ -57,6 +61,10 @@ class DeviceSecAgg:
             return 0
         self.current.update = (delta, samples)
         return self._try_mask()
+
+    def abandon(self) -> None:
+        """Leave the round (training failed): later stages for it are ignored, so the device drops out."""
+        self.current = None
 
     def handle(self, message: SecAgg) -> int:
         """Answer one stage from the coordinator; returns 1 when this device's part in the round is done."""
