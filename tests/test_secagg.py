@@ -321,3 +321,35 @@ def test_signed_keys_stop_a_coordinator_that_swaps_a_devices_keys():
     unsigned = SecAggClient("a", CTX).advertised()
     with pytest.raises(SecAggError, match="bad roster: the keys of 'a' are not signed"):
         clients["c"].share(Roster(roster.params, (type(roster.members[0])("a", unsigned), *roster.members[1:])))
+
+
+def test_the_conformance_vectors_are_current_and_hold():
+    # Prepare: the committed vectors, and what the code makes now
+    import json
+    import sys
+    from pathlib import Path
+
+    tools = Path(__file__).resolve().parent.parent / "tools"
+    sys.path.insert(0, str(tools))
+    import make_secagg_vectors
+
+    text = make_secagg_vectors.OUT.read_text(encoding="utf-8")
+    v = json.loads(text)
+    # Assert: current, and each vector checks out through another path than the one that made it
+    assert make_secagg_vectors.render() == text, "run tools/make_secagg_vectors.py"
+    ctx = v["context"]["ctx"].encode()
+    kdf = v["kdf"]
+    back = crypto.agree(bytes.fromhex(kdf["sk_v"]), bytes.fromhex(kdf["pk_u"]), crypto.SHARE_KEY_LABEL, ctx)
+    assert back.hex() == kdf["share_key"]
+    seal = v["seal"]
+    assert crypto.open_sealed(bytes.fromhex(seal["key"]), bytes.fromhex(seal["sealed"]),
+                              bytes.fromhex(seal["aad"])).hex() == seal["plaintext"]
+    shares = {int(x): shamir.share_value(bytes.fromhex(y)) for x, y in v["shamir"]["shares"].items()}
+    assert shamir.reconstruct({x: shares[x] for x in (2, 4, 5)}, 3).hex() == v["shamir"]["secret"]
+    r = v["round"]
+    total = sum(np.array(d["masked"], np.int64) for d in r["devices"].values()) % 2**32  # int64: no wrap-around
+    for d in r["devices"].values():
+        total = (total - prg_uint32(bytes.fromhex(d["b"]), total.size).astype(np.int64)) % 2**32
+    assert total.tolist() == r["sum_unmasked"]
+    # (16.1, 4.6, -2.7) / 19: weights 1, 2, 16, and c's 1.5 clipped to 1
+    np.testing.assert_allclose(r["mean"], [16.1 / 19, 4.6 / 19, -2.7 / 19], atol=1e-6)

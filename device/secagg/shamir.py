@@ -30,7 +30,7 @@ def split(secret: bytes, threshold: int, xs: Sequence[int]) -> dict[int, int]:
     if not 1 <= threshold <= len(xs):
         raise SecAggError(f"bad threshold: {threshold}, expected 1..{len(xs)} (the number of shares)")
     coefficients = [int.from_bytes(secret, "big")] + [_random.randbelow(PRIME) for _ in range(threshold - 1)]
-    return {x: _evaluate(coefficients, x) for x in xs}
+    return {x: evaluate(coefficients, x) for x in xs}
 
 
 def reconstruct(shares: dict[int, int], threshold: int) -> bytes:
@@ -79,7 +79,8 @@ def share_value(data: bytes) -> int:
     return y
 
 
-def _evaluate(coefficients: list[int], x: int) -> int:
+def evaluate(coefficients: list[int], x: int) -> int:
+    """f(x) mod PRIME for f(x) = coefficients[0] + coefficients[1] x + ..."""
     y = 0
     for c in reversed(coefficients):  # Horner
         y = (y * x + c) % PRIME
