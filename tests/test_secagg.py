@@ -353,3 +353,33 @@ def test_the_conformance_vectors_are_current_and_hold():
     assert total.tolist() == r["sum_unmasked"]
     # (16.1, 4.6, -2.7) / 19: weights 1, 2, 16, and c's 1.5 clipped to 1
     np.testing.assert_allclose(r["mean"], [16.1 / 19, 4.6 / 19, -2.7 / 19], atol=1e-6)
+
+
+def test_secagg_messages_cross_the_wire_and_keep_to_their_direction():
+    from edgeftl.device.protocol.messages import MessageError, SecAgg, check_place, decode, encode
+
+    # Prepare: a masked stage as the device sends it
+    name, payload, masked = to_payload(Masked(np.arange(5, dtype=np.uint32)))
+    message = SecAgg("run-1", 3, "ab" * 32, "dev-1", name, payload, masked)
+    # Execute
+    back = decode(encode(message), 1 << 20)
+    # Assert: the same stage comes back; it goes up only, from its own device's topic
+    assert isinstance(back, SecAgg) and back.stage == "masked" and back.masked.tolist() == [0, 1, 2, 3, 4]
+    assert isinstance(from_payload(back.stage, back.payload, back.masked), Masked)
+    check_place("secagg_up", "dev-1", back)
+    with pytest.raises(MessageError, match="bad header: secagg stage 'masked' on the secagg_down topic"):
+        check_place("secagg_down", "dev-1", back)
+    with pytest.raises(MessageError, match="device id mismatch"):
+        check_place("secagg_up", "dev-2", back)
+    with pytest.raises(MessageError, match="bad header: secagg field 'stage' is str 'gossip', expected one of"):
+        decode(encode(SecAgg("run-1", 3, "ab" * 32, "dev-1", "advertise", b"{}")).replace(b'"advertise"',
+                                                                                          b'"gossip"   '), 1 << 20)
+
+
+def test_secure_aggregation_refuses_strategies_that_need_each_update(tmp_path):
+    from edgeftl.coordinator.rounds.config import CoordinatorConfig
+
+    with pytest.raises(ValueError, match="--secure-aggregation needs a strategy of fedavg, fedadam, fedyogi"):
+        CoordinatorConfig(out=tmp_path, secure_aggregation=True, strategy="lora-svd")
+    with pytest.raises(ValueError, match="and no --clip-norm"):
+        CoordinatorConfig(out=tmp_path, secure_aggregation=True, clip_norm=1.0)
