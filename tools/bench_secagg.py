@@ -42,7 +42,6 @@ def run(devices: int, size: int, dropped: int) -> dict:
     ctx = crypto.context("run", 0, SHA)
     clients = {d: SecAggClient(d, ctx) for d in ids}
     server = SecAggServer(ctx, ids, size, FixedPoint(max_devices=devices))
-    up: dict[str, int] = {}
     seconds: dict[str, float] = {}
 
     def timed(name: str, work):
