@@ -20,12 +20,14 @@ from edgeftl.device.files import atomic_path
 from edgeftl.device.limits import TaskLimits
 from edgeftl.device.link import Incoming, Link, Refused
 from edgeftl.device.measure import peak_rss_mib, platform_info, rss_mib
+from edgeftl.device.protocol.auth import read_allowlist, verifier
 from edgeftl.device.protocol.codecs import ErrorFeedback, parse_codec
 from edgeftl.device.protocol.manifest import bundle_sha256
 from edgeftl.device.protocol.messages import (
     ErrorReply,
     Global,
     MessageError,
+    SecAgg,
     Task,
     Update,
     apply_delta,
@@ -34,6 +36,7 @@ from edgeftl.device.protocol.messages import (
     vector_of,
 )
 from edgeftl.device.runtime import BundleRuntime
+from edgeftl.device.secagg.session import DeviceSecAgg
 from edgeftl.device.train import TrainConfig, data_inputs, train
 
 log = logging.getLogger("edgeftl.device")
@@ -51,6 +54,8 @@ class AgentConfig:
     threads: int | None = None
     micro_batch: int | None = None
     limits: TaskLimits = field(default_factory=TaskLimits)
+    secure_aggregation: bool = False  # send updates only masked (docs/SECAGG.md), never in the clear
+    peers: Path | None = None  # allowlist.json: the devices whose signed keys a secure-aggregation roster may hold
 
 
 class DeviceAgent:
@@ -75,6 +80,15 @@ class DeviceAgent:
         self._syncing = False
         self._platform_sent = False
         self._saved = self._read_state()  # applied once the run it belongs to shows up
+        self.secagg = self._secure_aggregation() if config.secure_aggregation else None
+
+    def _secure_aggregation(self) -> DeviceSecAgg:
+        """Its key advertisements signed with this device's key (when it has one), and the roster's
+        checked against `peers` (when given), so a coordinator cannot swap in keys of its own."""
+        signing = self.link.keys.signing
+        verify = verifier(read_allowlist(self.config.peers)) if self.config.peers else None
+        return DeviceSecAgg(self.link.send, self.config.device_id, self.bundle_sha256,
+                            signing.sign if signing is not None else None, verify)
 
     # ---- the loop ---------------------------------------------------------------------------
     def start(self, timeout_s: float = 30.0) -> None:
@@ -101,6 +115,8 @@ class DeviceAgent:
                 return self._run_waiting()
             if isinstance(message, Task):
                 return self._on_task(message)
+            if isinstance(message, SecAgg) and self.secagg is not None:
+                return self.secagg.handle(message)
         except MessageError as exc:
             log.warning("%s: ignored %s: %s", self.config.device_id, type(message).__name__, exc)
         return 0
@@ -179,9 +195,13 @@ class DeviceAgent:
     def _run(self, task: Task) -> int:
         self.acted = (task.run_id, task.round)
         try:
+            if self.secagg is not None:
+                self.secagg.begin(task)  # keys go out before training
             return self._train_and_send(task)
         except Exception as exc:  # one failed round must not end the device's part in the run
             log.exception("%s: round %d failed", self.config.device_id, task.round)
+            if self.secagg is not None:
+                self.secagg.abandon()
             self._reply_error(task, error_code(exc), f"{type(exc).__name__}: {exc}")
             return 0
 
@@ -202,6 +222,8 @@ class DeviceAgent:
         summary = train(self.runtime, self.examples, config, progress=False, inputs=self.inputs)
         train_time = time.perf_counter() - began
         delta = self.runtime.get_flat() - self.reference
+        if self.secagg is not None:
+            return self.secagg.submit(task, delta, max(1, len(self.examples)))
         if self.feedback is None or self.feedback.codec.spec != parse_codec(task.codec).spec:
             self.feedback = ErrorFeedback(parse_codec(task.codec), delta.size)
         encoded, _ = self.feedback.encode(delta)

@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowlist", type=Path, default=None,
                    help="JSON device id -> public key: only these devices take part, and only with signed messages")
     add_security_flags(p)
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="devices send masked updates; only the survivors' sum is unmasked (docs/SECAGG.md; "
+                        "devices need --secure-aggregation too)")
 
 
 # CoordinatorConfig field -> help. Flag names, types and defaults come from the dataclass itself,
@@ -63,6 +66,7 @@ def add_round_flags(p: argparse.ArgumentParser) -> None:
 
 def config_from(args: argparse.Namespace, out: Path) -> CoordinatorConfig:
     return CoordinatorConfig(out=out, resume=getattr(args, "resume", False),
+                             secure_aggregation=getattr(args, "secure_aggregation", False),
                              **{name: getattr(args, name) for name in ROUND_FLAGS})
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeftl.coordinator.rounds.secure import STRATEGIES as SECURE_STRATEGIES
 from edgeftl.coordinator.rounds.strategy import STRATEGIES
 from edgeftl.device.protocol.codecs import parse_codec
 
@@ -32,6 +33,7 @@ class CoordinatorConfig:
     server_lr: float | None = None
     clip_norm: float = 0.0  # per-update L2 clip before aggregation; 0 = none
     max_step_norm: float = 0.0  # refuse a new global further than this (L2) from the last; 0 = unbounded
+    secure_aggregation: bool = False  # masked updates, only their sum is unmasked (docs/SECAGG.md)
     seed: int = 0
     run_id: str = ""  # "" = a fresh id per run (resume keeps the checkpoint's)
     prefix: str = "edgeftl"
@@ -55,6 +57,10 @@ class CoordinatorConfig:
             raise ValueError("--deadline-s and --lr must be positive")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; accepted: {', '.join(STRATEGIES)}")
+        if self.secure_aggregation and (self.strategy not in SECURE_STRATEGIES or self.clip_norm):
+            raise ValueError(f"--secure-aggregation needs a strategy of {', '.join(SECURE_STRATEGIES)} and no "
+                             f"--clip-norm (the coordinator sees only the sum), got {self.strategy!r}, "
+                             f"clip norm {self.clip_norm}")
         if not self.run_id:
             import uuid
 

@@ -17,6 +17,7 @@ import numpy as np
 from edgeftl.coordinator.rounds import checkpoint, records
 from edgeftl.coordinator.rounds.config import CoordinatorConfig
 from edgeftl.coordinator.rounds.inbox import Counted, DeviceFailure, Inbox, ReceivedUpdate
+from edgeftl.coordinator.rounds.secure import SecureRounds
 from edgeftl.coordinator.rounds.strategy import Update as StrategyUpdate
 from edgeftl.coordinator.rounds.strategy import make_strategy
 from edgeftl.coordinator.rounds.strategy.guard import clip_updates
@@ -60,6 +61,8 @@ class Coordinator:
         self.start_round = 0
         self._losses_seen: dict[str, int] = {}
         link.limit_message_bytes(largest_update_bytes(self.params.size))
+        self.secure = SecureRounds(link, self._take, self.inbox, self.online, self.bundle_sha256, self.params.size,
+                                   config.deadline_s / 4) if config.secure_aggregation else None
         config.out.mkdir(parents=True, exist_ok=True)
 
     def connect(self) -> None:
@@ -95,12 +98,18 @@ class Coordinator:
         sent_before = self.link.bytes_sent
         self.inbox.open_round(round_index, selected)
         self._publish_task(round_index, selected)
-        received, failed = self._collect(selected, started + self.config.deadline_s)
+        secure = self.secure.run(round_index, selected, started + self.config.deadline_s) if self.secure else None
+        received: list[ReceivedUpdate] = []
+        if secure is not None:  # only the survivors' mean is known: one update
+            failed, updates, count = secure.failed, secure.updates, secure.count
+        else:
+            received, failed = self._collect(selected, started + self.config.deadline_s)
+            updates, count = [StrategyUpdate(r.delta, float(r.update.samples)) for r in received], len(received)
         counted = self.inbox.close_round()
         refused_globals = None
-        aggregated = len(received) >= self.config.min_updates
+        aggregated = count >= self.config.min_updates and bool(updates)
         if aggregated:
-            refused_globals = self._aggregate(received)
+            refused_globals = self._aggregate(updates)
             aggregated = refused_globals is None
         self._publish_global(round_index)
         checkpoint.save(self.config.out, round_index, self.params, self.reference, self.strategy.state(),
@@ -109,15 +118,16 @@ class Coordinator:
                               self.link.bytes_sent - sent_before, time.monotonic() - started)
         if refused_globals:
             record["global_refused"] = refused_globals
+        if secure is not None:
+            record.update(updates_received=secure.count, bytes_up=secure.bytes_up, secure_aggregation=secure.report)
         self._log(record)
         return record
 
-    def _aggregate(self, received: list[ReceivedUpdate]) -> str | None:
+    def _aggregate(self, updates: list[StrategyUpdate]) -> str | None:
         """Aggregate the round's updates into self.params; None, or why the new global was refused
-        (not finite, or a step above --max-step-norm), in which case params and the strategy's
-        state stay as they were and the round counts as not aggregated."""
-        updates, _norms = clip_updates([StrategyUpdate(r.delta, float(r.update.samples)) for r in received],
-                                       self.config.clip_norm)
+        (not finite, out of range, or a step above --max-step-norm), in which case params and the
+        strategy's state stay as they were and the round counts as not aggregated."""
+        updates, _norms = clip_updates(updates, self.config.clip_norm)
         saved = {k: v.copy() for k, v in self.strategy.state().items()}
         candidate = self.strategy.aggregate(self.reference, updates)
         problem = global_problem(candidate, self.reference, self.config.max_step_norm)

@@ -27,6 +27,11 @@ def add_run(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--max-{name}", type=int, default=getattr(limits, f"max_{name}"),
                        help=f"refuse tasks asking for more local {name} (default %(default)s)")
     add_security_flags(p)
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="send updates only masked, for a coordinator run with --secure-aggregation (docs/SECAGG.md)")
+    p.add_argument("--peers", type=Path, default=None,
+                   help="allowlist.json of `edgeftl certs`: with --secure-aggregation, refuse rosters holding keys "
+                        "not signed by these devices")
 
 
 def run_device(args: argparse.Namespace) -> dict:
@@ -43,7 +48,8 @@ def run_device(args: argparse.Namespace) -> dict:
     link = Link.device(connection, args.prefix, args.id, keys=keys)
     limits = TaskLimits(args.max_steps, args.max_epochs, args.max_batch)
     agent = DeviceAgent(link, AgentConfig(args.id, args.bundle, args.data, args.state, args.cache_dir, args.threads,
-                                          args.micro_batch, limits))
+                                          args.micro_batch, limits, args.secure_aggregation,
+                                          args.peers))
     agent.start()
     logging.info("connected to %s as %s; waiting for tasks", args.broker, args.id)
     try:

@@ -34,6 +34,7 @@ from edgeftl.device.protocol.messages import (
     Global,
     Message,
     MessageError,
+    SecAgg,
     Status,
     Task,
     Update,
@@ -44,6 +45,7 @@ from edgeftl.device.protocol.messages import (
     status_payload,
 )
 from edgeftl.device.protocol.topics import Topics, split_chunk_topic, validate_device_id
+from edgeftl.device.secagg.messages import UP_STAGES as SECAGG_UP_STAGES
 
 log = logging.getLogger("edgeftl.link")
 MAX_QUEUE = 10_000  # received messages waiting for the reader; beyond that they are dropped and counted
@@ -148,13 +150,15 @@ class Link:
             connection.presence(status, status_payload(online), status_payload(offline))
         else:
             connection.presence(status, keys.sign(online), keys.sign(offline))
-        return cls(connection, prefix, [topics.task, topics.global_delta], keys=keys, **limits)
+        return cls(connection, prefix, [topics.task, topics.global_delta, topics.secagg_down(device_id)],
+                   keys=keys, **limits)
 
     @classmethod
     def coordinator(cls, connection: Connection, prefix: str, keys: Keys | None = None, **limits: int) -> Link:
         """The coordinator's link: reads updates, error replies and statuses of every device."""
         topics = Topics(prefix)
-        return cls(connection, prefix, [topics.updates_filter, topics.status_filter], keys=keys, **limits)
+        return cls(connection, prefix, [topics.updates_filter, topics.status_filter, topics.secagg_up_filter],
+                   keys=keys, **limits)
 
     # ---- the interface ----------------------------------------------------------------------
 
@@ -243,6 +247,9 @@ class Link:
             return (topics.global_delta, False) if message.is_delta else (topics.global_params, True)
         if isinstance(message, (Update, ErrorReply)):
             return topics.update(message.device_id), False
+        if isinstance(message, SecAgg):
+            up = message.stage in SECAGG_UP_STAGES
+            return (topics.secagg_up if up else topics.secagg_down)(message.device_id), False
         return topics.status(message.device_id), True
 
     def _on_frame(self, topic: str, frame: bytes) -> None:

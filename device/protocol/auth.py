@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,18 @@ class Keys:
             key.verify(signature, signed)
         except InvalidSignature:
             raise MessageError(f"bad signature: {kind_of(message)} not signed with the key of {whose}") from None
+
+
+def verifier(keys: dict[str, Ed25519PublicKey]) -> Callable[[str, bytes, bytes], bool]:
+    """(signer, data, signature) -> whether `signature` is `signer`'s over `data`: what secure
+    aggregation uses to check that a roster's keys came from the listed devices."""
+    def verify(signer: str, data: bytes, signature: bytes) -> bool:
+        key = keys.get(signer)
+        try:
+            return key is not None and key.verify(signature, data) is None
+        except InvalidSignature:
+            return False
+    return verify
 
 
 def device_keys(signing_key: Path | None, pinned: str | None) -> Keys:

@@ -23,6 +23,8 @@ import numpy as np
 from edgeftl.device.protocol import wire
 from edgeftl.device.protocol.codecs import Codec, CodecError, Encoded, parse_codec
 from edgeftl.device.protocol.topics import DEVICE_ID
+from edgeftl.device.secagg.messages import STAGES as SECAGG_STAGES
+from edgeftl.device.secagg.messages import UP_STAGES as SECAGG_UP_STAGES
 
 FORMAT = wire.FORMAT_VERSION
 MAX_TEXT = 256  # run ids, codec specs, reasons, metric strings
@@ -124,8 +126,24 @@ class Status:
     online: bool
 
 
-Message = Task | Global | Update | ErrorReply | Status
-KINDS: dict[str, type] = {"task": Task, "global": Global, "update": Update, "error": ErrorReply, "status": Status}
+@dataclass(frozen=True)
+class SecAgg:
+    """One stage of secure aggregation (docs/SECAGG.md): from a device on its own secagg topic, or
+    from the coordinator to the one device `device_id`. `payload` holds the stage's fields (parsed by
+    edgeftl.device.secagg.messages), `masked` the masked vector of the masked stage."""
+
+    run_id: str
+    round: int
+    bundle_sha256: str
+    device_id: str
+    stage: str
+    payload: bytes
+    masked: np.ndarray | None = None
+
+
+Message = Task | Global | Update | ErrorReply | Status | SecAgg
+KINDS: dict[str, type] = {"task": Task, "global": Global, "update": Update, "error": ErrorReply, "status": Status,
+                          "secagg": SecAgg}
 _KIND_OF = {cls: kind for kind, cls in KINDS.items()}
 
 
@@ -209,9 +227,12 @@ FIELDS: dict[str, dict[str, tuple[bool, Any]]] = {
     "error": {"run_id": (True, _text()), "round": (True, _ROUND), "bundle_sha256": (True, _SHA),
               "device_id": (True, _DEVICE), "code": (True, _text(_CODE)), "reason": (True, _text(low=0))},
     "status": {"device_id": (True, _DEVICE), "state": (True, lambda v: v in STATUS_STATES)},
+    "secagg": {"run_id": (True, _text()), "round": (True, _ROUND), "bundle_sha256": (True, _SHA),
+               "device_id": (True, _DEVICE), "stage": (True, lambda v: v in SECAGG_STAGES)},
 }
 FIELDS["status"]["state"][1].__doc__ = "'online' or 'offline'"
-_WITH_ARRAYS = ("global", "update")
+FIELDS["secagg"]["stage"][1].__doc__ = f"one of {', '.join(SECAGG_STAGES)}"
+_WITH_ARRAYS = ("global", "update", "secagg")
 
 
 # ---- bytes ----------------------------------------------------------------------------------
@@ -237,6 +258,8 @@ def encode(message: Message, sig: str | None = None) -> bytes:
         if isinstance(message, (Global, Update)):
             header.update(codec=message.vector.codec, size=message.vector.size)
             arrays = message.vector.arrays
+        if isinstance(message, SecAgg):
+            arrays = _secagg_arrays(message)
     _check_fields(kind, header)
     return wire.encode_message(header, arrays, sig)
 
@@ -309,11 +332,31 @@ def _build(kind: str, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> 
         return ErrorReply(h["run_id"], h["round"], h["bundle_sha256"], h["device_id"], h["code"], h["reason"])
     if kind == "status":
         return Status(h["device_id"], h["state"] == "online")
+    if kind == "secagg":
+        return _secagg(h, arrays)
     vector = _encoded(h["codec"], h["size"], arrays)
     if kind == "global":
         return Global(h["run_id"], h["round"], h["bundle_sha256"], vector, h.get("base_round"), h.get("params_sha256"))
     return Update(h["run_id"], h["round"], h["bundle_sha256"], h["device_id"], h["samples"], h["seq"], vector,
                   h["metrics"])
+
+
+def _secagg_arrays(message: SecAgg) -> dict[str, np.ndarray]:
+    arrays = {"payload": np.frombuffer(message.payload, dtype=np.uint8)}
+    if message.masked is not None:
+        arrays["masked"] = message.masked
+    return arrays
+
+
+def _secagg(h: dict[str, Any], arrays: dict[str, np.ndarray]) -> SecAgg:
+    """A secagg message: a 1-D uint8 "payload" array and, optionally, a 1-D uint32 "masked" one."""
+    payload, masked = arrays.get("payload"), arrays.get("masked")
+    if (payload is None or payload.dtype != np.uint8 or payload.ndim != 1 or set(arrays) - {"payload", "masked"}
+            or (masked is not None and (masked.dtype != np.dtype("<u4") or masked.ndim != 1))):
+        raise MessageError(f"bad array: a secagg message carries a 1-D uint8 'payload' and optionally a 1-D uint32 "
+                           f"'masked', this one has {sorted(arrays)[:4]}")
+    return SecAgg(h["run_id"], h["round"], h["bundle_sha256"], h["device_id"], h["stage"], payload.tobytes(),
+                  None if masked is None else masked.astype(np.uint32))
 
 
 def _encoded(spec: str, size: int, arrays: dict[str, np.ndarray]) -> Encoded:
@@ -334,7 +377,8 @@ def _codec(spec: str) -> Codec:
 # The place a topic names (topics.Topics.parse) -> the kinds accepted there (docs/PROTOCOL.md
 # section 3). A global on the full topic has no base_round; one on the delta topic has one.
 ACCEPTED_AT: dict[str, tuple[str, ...]] = {"task": ("task",), "global": ("global",), "delta": ("global",),
-                                           "update": ("update", "error"), "status": ("status",)}
+                                           "update": ("update", "error"), "status": ("status",),
+                                           "secagg_up": ("secagg",), "secagg_down": ("secagg",)}
 
 
 def check_place(place: str, device_id: str | None, message: Message) -> None:
@@ -344,6 +388,8 @@ def check_place(place: str, device_id: str | None, message: Message) -> None:
         raise MessageError(f"bad header: a {kind} message on the {place} topic")
     if isinstance(message, Global) and message.is_delta != (place == "delta"):
         raise MessageError(f"bad header: a {'delta' if message.is_delta else 'full'} global on the {place} topic")
+    if isinstance(message, SecAgg) and (message.stage in SECAGG_UP_STAGES) != (place == "secagg_up"):
+        raise MessageError(f"bad header: secagg stage {message.stage!r} on the {place} topic")
     sender = getattr(message, "device_id", device_id)
     if sender != device_id:
         raise MessageError(f"device id mismatch: header says {sender!r}, topic says {device_id!r}")

@@ -119,6 +119,18 @@ class Topics:
     def status(self, device_id: str) -> str:
         return f"{self.prefix}/status/{validate_device_id(device_id)}"
 
+    def secagg_up(self, device_id: str) -> str:
+        """Where a device sends its secure-aggregation stages (docs/SECAGG.md)."""
+        return f"{self.prefix}/secagg/up/{validate_device_id(device_id)}"
+
+    def secagg_down(self, device_id: str) -> str:
+        """Where the coordinator sends one device its secure-aggregation stages."""
+        return f"{self.prefix}/secagg/down/{validate_device_id(device_id)}"
+
+    @property
+    def secagg_up_filter(self) -> str:
+        return f"{self.prefix}/secagg/up/+"
+
     @property
     def updates_filter(self) -> str:
         return f"{self.prefix}/update/+"
@@ -129,12 +141,13 @@ class Topics:
 
     def parse(self, topic: str) -> tuple[str, str | None] | None:
         """What arrives on `topic` under this prefix: (place, device id or None), place being
-        task, global, delta, update or status; None for any other topic."""
+        task, global, delta, update, status, secagg_up or secagg_down; None for any other topic."""
         fixed = {self.task: "task", self.global_params: "global", self.global_delta: "delta"}
         if topic in fixed:
             return fixed[topic], None
-        for place in ("update", "status"):
-            head = f"{self.prefix}/{place}/"
+        for place, level in (("update", "update"), ("status", "status"), ("secagg_up", "secagg/up"),
+                             ("secagg_down", "secagg/down")):
+            head = f"{self.prefix}/{level}/"
             if topic.startswith(head) and DEVICE_ID.fullmatch(topic[len(head):]):
                 return place, topic[len(head):]
         return None

@@ -1,0 +1,100 @@
+"""Secure aggregation in a real federation: tiny BERT devices and the coordinator through Mosquitto."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from edgeftl.coordinator.rounds.config import CoordinatorConfig
+from edgeftl.coordinator.rounds.loop import Coordinator
+from edgeftl.device.agent import AgentConfig, DeviceAgent
+from edgeftl.device.data import write_csv
+from edgeftl.device.link import Link, MqttConnection
+from edgeftl.device.protocol.manifest import read_manifest
+from edgeftl.device.protocol.topics import device_client_id
+from edgeftl.device.secagg.fixedpoint import FixedPoint
+
+from fixtures_build import bundle, keyword_dataset
+
+PREFIX = "edgeftl-sa"
+
+
+def _agent(url: str, name: str, folder, data) -> DeviceAgent:
+    link = Link.device(MqttConnection(url, device_client_id(name)), PREFIX, name)
+    return DeviceAgent(link, AgentConfig(name, folder, data, threads=1, secure_aggregation=True))
+
+
+def _record_inputs(agent: DeviceAgent, seen: dict) -> None:
+    """Keep each device's plain delta and sample count (test-side only) to compute the expected FedAvg."""
+    submit = agent.secagg.submit
+
+    def recording(task, delta, samples):
+        seen[agent.config.device_id] = (delta.copy(), samples)
+        return submit(task, delta, samples)
+
+    agent.secagg.submit = recording
+
+
+def _crash_at(agent: DeviceAgent, stage: str) -> None:
+    """The device vanishes (TCP close, no goodbye) when the coordinator sends it `stage`."""
+    handle = agent.secagg.handle
+
+    def crashing(message):
+        if message.stage == stage:
+            agent.link.close(abrupt=True)
+            return 1  # ends the agent's loop (max_rounds=1)
+        return handle(message)
+
+    agent.secagg.handle = crashing
+
+
+def test_secure_round_survives_dropouts_and_matches_fedavg(mosquitto_broker, tmp_path, tmp_path_factory):
+    # Prepare: 5 devices with different amounts of data; dev4 vanishes after sharing its keys (before
+    # masking), dev3 after sending its masked update (before the unmasking)
+    host, port = mosquitto_broker
+    url = f"mqtt://{host}:{port}"
+    folder = bundle(tmp_path_factory, "bert-int8")
+    manifest = read_manifest(folder)
+    agents, seen = [], {}
+    for i in range(5):
+        texts, labels = keyword_dataset(16 + 8 * i, seed=300 + i)
+        agents.append(_agent(url, f"dev{i}", folder, write_csv(tmp_path / f"dev{i}.csv", texts, labels)))
+        _record_inputs(agents[-1], seen)
+    _crash_at(agents[4], "ciphertexts")
+    _crash_at(agents[3], "survivors")
+    initial = agents[0].runtime.get_flat()
+    config = CoordinatorConfig(out=tmp_path / "run", rounds=1, steps=3, batch=8, lr=5e-2, deadline_s=60,
+                               wait_devices=5, wait_devices_s=20, prefix=PREFIX, run_id="sa-run",
+                               secure_aggregation=True)
+    coordinator = Coordinator(Link.coordinator(MqttConnection(url, "edgeftl-sa-coord"), PREFIX), folder, manifest,
+                              initial, config)
+    coordinator.connect()
+    threads = []
+    for agent in agents:
+        agent.start()
+        threads.append(threading.Thread(target=agent.run, kwargs={"max_rounds": 1, "stop_after_s": 120},
+                                        daemon=True))
+        threads[-1].start()
+    # Execute
+    assert coordinator.wait_for_devices() == 5
+    (record,) = coordinator.run()
+    for t in threads:
+        t.join(timeout=30)
+    for agent in agents:
+        agent.close()
+    coordinator.link.close()
+    # Assert: the four masked updates (dev3's included) were aggregated, dev4's was not
+    report = record["secure_aggregation"]
+    assert report["error"] is None and (report["advertised"], report["shared"]) == (5, 5), report
+    assert (report["masked"], report["unmasked"], report["threshold"]) == (4, 3, 3), report
+    assert record["aggregated"] and record["updates_received"] == 4 and record["updates_rejected"] == 0
+    survivors = [f"dev{i}" for i in range(4)]
+    fixed = FixedPoint(max_devices=5)
+    weights = {d: fixed.weight(seen[d][1]) for d in survivors}
+    clipped = {d: np.clip(seen[d][0].astype(np.float64), -fixed.clip, fixed.clip) for d in survivors}
+    expected = sum(weights[d] * clipped[d] for d in survivors) / sum(weights.values())
+    assert report["total_weight"] == sum(weights.values()) == 16 + 24 + 32 + 40
+    got = coordinator.params.astype(np.float64) - initial
+    assert np.abs(expected).max() > 1e-3  # training moved the parameters
+    np.testing.assert_allclose(got, expected, rtol=0, atol=report["max_error"] + 1e-6)
