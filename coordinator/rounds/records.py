@@ -47,7 +47,7 @@ def is_number(value: object) -> bool:
 def number(value: object) -> float:
     """A value from a record or a device's metrics as a number for sums and maxima: 0 for anything
     that is not a finite number (records are read back from disk, and metrics come from devices)."""
-    return float(value) if is_number(value) else 0.0
+    return float(value) if isinstance(value, (int, float)) and is_number(value) else 0.0
 
 
 def append(folder: Path, record: dict) -> None:

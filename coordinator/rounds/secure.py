@@ -88,29 +88,28 @@ class SecureRounds:
         while time.monotonic() < end and not waiting <= done | self._gone(outcome):
             item = self.link.receive(timeout_s=min(0.5, max(0.0, end - time.monotonic())))
             if isinstance(item, Refused) and item.place == "secagg_up":
-                self.inbox.refuse(f"secagg/up/{item.device_id}", item.reason)
+                self.inbox.refuse(item.place, item.device_id, item.reason)
                 continue
             if not (isinstance(item, Incoming) and isinstance(item.message, SecAgg)):
                 result = self.take(item)
                 if isinstance(result, DeviceFailure):
                     outcome.failed.append(result)
                 elif isinstance(result, ReceivedUpdate):
-                    self.inbox.refuse(f"update/{result.update.device_id}", "plain update: the round is secure; "
+                    self.inbox.refuse("update", result.update.device_id, "plain update: the round is secure; "
                                       "devices must send masked vectors")
                 continue
             message = item.message
-            where = f"secagg/up/{message.device_id}"
             if (message.run_id, message.bundle_sha256) != (self.run_id, self.bundle_sha256) or \
                     message.round != round_index:
-                log.info("late or foreign secagg %s from %s (round %d)", message.stage, message.device_id,
-                         message.round)
+                self.inbox.refuse("secagg_up", message.device_id, f"late or foreign: secagg {message.stage} "
+                                  f"for round {message.round} of another run, bundle or round")
                 continue
             try:
                 if message.stage != stage:
                     raise SecAggError(f"wrong stage: {message.stage} while the round collects {stage}")
                 receive(message.device_id, from_payload(message.stage, message.payload, message.masked))
             except SecAggError as exc:
-                self.inbox.refuse(where, str(exc))
+                self.inbox.refuse("secagg_up", message.device_id, str(exc))
                 continue
             done.add(message.device_id)
             outcome.bytes_up += item.nbytes
