@@ -98,3 +98,60 @@ def test_secure_round_survives_dropouts_and_matches_fedavg(mosquitto_broker, tmp
     got = coordinator.params.astype(np.float64) - initial
     assert np.abs(expected).max() > 1e-3  # training moved the parameters
     np.testing.assert_allclose(got, expected, rtol=0, atol=report["max_error"] + 1e-6)
+
+
+def test_signed_secure_round_checks_every_roster_key_against_the_peers(mosquitto_broker, tmp_path, tmp_path_factory):
+    # Prepare: every message signed (the coordinator's key trusted by the devices, the devices' keys
+    # on the coordinator's allowlist), and each device given the allowlist as its --peers, so the
+    # key advertisements of a secure round are signed and checked by every device
+    import json
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edgeftl.device.protocol.auth import COORDINATOR, Keys, public_key_text
+
+    host, port = mosquitto_broker
+    url = f"mqtt://{host}:{port}"
+    folder = bundle(tmp_path_factory, "bert-int8")
+    names = ["dev0", "dev1", "dev2"]
+    signing = {name: Ed25519PrivateKey.generate() for name in [*names, COORDINATOR]}
+    peers = tmp_path / "allowlist.json"
+    peers.write_text(json.dumps({n: public_key_text(signing[n]) for n in names}))
+    allowlist = {n: signing[n].public_key() for n in names}
+    agents, checked = [], []
+    for i, name in enumerate(names):
+        texts, labels = keyword_dataset(16, seed=400 + i)
+        keys = Keys(signing[name], {COORDINATOR: signing[COORDINATOR].public_key()})
+        link = Link.device(MqttConnection(url, device_client_id(name)), PREFIX, name, keys=keys)
+        agent = DeviceAgent(link, AgentConfig(name, folder, write_csv(tmp_path / f"{name}.csv", texts, labels),
+                                              threads=1, secure_aggregation=True, peers=peers))
+        verify = agent.secagg.verify
+        agent.secagg.verify = lambda device, data, sig, verify=verify: checked.append(device) or verify(device, data,
+                                                                                                         sig)
+        agents.append(agent)
+    config = CoordinatorConfig(out=tmp_path / "run", rounds=1, steps=2, batch=8, lr=5e-2, deadline_s=60,
+                               wait_devices=3, wait_devices_s=20, prefix=PREFIX, run_id="sa-signed",
+                               secure_aggregation=True)
+    coordinator_link = Link.coordinator(MqttConnection(url, "edgeftl-sa-coord2"), PREFIX,
+                                        keys=Keys(signing[COORDINATOR], allowlist))
+    coordinator = Coordinator(coordinator_link, folder, read_manifest(folder), agents[0].runtime.get_flat(), config)
+    coordinator.connect()
+    threads = []
+    for agent in agents:
+        agent.start()
+        threads.append(threading.Thread(target=agent.run, kwargs={"max_rounds": 1, "stop_after_s": 120},
+                                        daemon=True))
+        threads[-1].start()
+    # Execute
+    assert coordinator.wait_for_devices() == 3
+    (record,) = coordinator.run()
+    for t in threads:
+        t.join(timeout=30)
+    for agent in agents:
+        agent.close()
+    coordinator_link.close()
+    # Assert: the round aggregated all three, and every device checked every roster entry's signature
+    report = record["secure_aggregation"]
+    assert report["error"] is None and record["aggregated"] and record["updates_received"] == 3, report
+    assert record["updates_rejected"] == 0, record["rejected_reasons"]
+    assert sorted(set(checked)) == names and len(checked) >= 3 * 3

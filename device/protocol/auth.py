@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edgeftl.device.protocol import wire
-from edgeftl.device.protocol.messages import Message, MessageError, encode, kind_of
+from edgeftl.device.protocol.messages import SECAGG_UP_STAGES, Message, MessageError, SecAgg, encode, kind_of
 from edgeftl.device.protocol.topics import DEVICE_ID
 
 ALGORITHM = "ed25519"
@@ -34,7 +34,10 @@ MAX_KEY_FILE = 1 << 20
 
 
 def signer_of(message: Message) -> str:
-    """Whose key must have signed `message`: its device's, or the coordinator's."""
+    """Whose key must have signed `message`: its device's, or the coordinator's (tasks, globals,
+    and the secure-aggregation stages the coordinator sends to one device)."""
+    if isinstance(message, SecAgg) and message.stage not in SECAGG_UP_STAGES:
+        return COORDINATOR
     return getattr(message, "device_id", COORDINATOR)
 
 
