@@ -20,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="run folder: metrics.jsonl, checkpoint.npz")
     p.add_argument("--eval", type=Path, default=None, help="held-out file evaluated after every round")
     p.add_argument("--resume", action="store_true", help="continue after the checkpoint in --out")
+    p.add_argument("--force", action="store_true", help="replace the run already in --out (default: refuse)")
 
 
 # CoordinatorConfig field -> help. Flag names, types and defaults come from the dataclass itself,
@@ -57,7 +58,7 @@ def add_round_flags(p: argparse.ArgumentParser) -> None:
 
 
 def config_from(args: argparse.Namespace, out: Path) -> CoordinatorConfig:
-    return CoordinatorConfig(out=out, resume=getattr(args, "resume", False),
+    return CoordinatorConfig(out=out, resume=getattr(args, "resume", False), force=getattr(args, "force", False),
                              **{name: getattr(args, name) for name in ROUND_FLAGS})
 
 

@@ -14,16 +14,27 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeftl.coordinator.rounds import checkpoint, records
+from edgeftl.coordinator.rounds import checkpoint, journal, records
 from edgeftl.coordinator.rounds.config import CoordinatorConfig
 from edgeftl.coordinator.rounds.inbox import DeviceFailure, Inbox, ReceivedUpdate
 from edgeftl.coordinator.rounds.strategy import Update as StrategyUpdate
 from edgeftl.coordinator.rounds.strategy import make_strategy
 from edgeftl.coordinator.rounds.strategy.guard import clip_updates
+from edgeftl.device.failpoint import failpoint
 from edgeftl.device.link import Incoming, Link, Refused
 from edgeftl.device.protocol.codecs import Encoded, ErrorFeedback, parse_codec
 from edgeftl.device.protocol.manifest import Manifest, bundle_sha256
-from edgeftl.device.protocol.messages import ErrorReply, Global, Status, Task, Update, apply_delta, params_sha256
+from edgeftl.device.protocol.messages import (
+    ErrorReply,
+    Global,
+    MessageError,
+    Status,
+    Task,
+    Update,
+    apply_delta,
+    decode,
+    params_sha256,
+)
 
 log = logging.getLogger("edgeftl.coordinator")
 
@@ -45,20 +56,38 @@ class Coordinator:
         self.platforms: dict[str, dict] = {}  # device -> its platform_* metrics
         self.rng = np.random.default_rng(config.seed)
         self.start_round = 0
+        self.journaled: journal.Journaled | None = None  # the round a killed coordinator left open
         config.out.mkdir(parents=True, exist_ok=True)
+        if config.force:
+            checkpoint.start_fresh(config.out)
+        elif not config.resume:
+            checkpoint.refuse_old_run(config.out)
 
     def connect(self) -> None:
+        """Connect; with `resume`, continue after the checkpoint (CheckpointError if it is unusable)."""
+        if self.config.resume:
+            self._resume()
         self.link.connect()
-        if self.config.resume and (self.config.out / checkpoint.CHECKPOINT).is_file():
-            last, self.params, self.reference, state, meta = checkpoint.load(self.config.out)
-            if meta.get("bundle_sha256") != self.bundle_sha256:
-                raise ValueError(f"checkpoint in {str(self.config.out)!r} is for another bundle; "
-                                 "use a new --out or the bundle it was made with")
-            self.strategy.load_state(state)
-            self.config.run_id = self.inbox.run_id = meta.get("run_id", self.config.run_id)
-            self.start_round = last + 1
-            log.info("resuming after round %d", last)
         self._publish_full(self.start_round - 1)
+
+    def _resume(self) -> None:
+        out = self.config.out
+        last, self.params, self.reference, state, meta = checkpoint.load(out, self.params.size, self.bundle_sha256)
+        try:
+            self.strategy.load_state(state)
+            if isinstance(meta.get("sampler"), dict):  # the same device sampling as an uninterrupted run
+                self.rng.bit_generator.state = meta["sampler"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise checkpoint.CheckpointError(f"checkpoint {str(out / checkpoint.CHECKPOINT)!r} has server state "
+                                             f"this coordinator cannot load ({exc}); resume with the same "
+                                             "--strategy, or start over with --force") from None
+        self.config.run_id = self.inbox.run_id = str(meta.get("run_id", self.config.run_id))
+        self.start_round = last + 1
+        appended = checkpoint.reconcile_records(out, meta)
+        self.journaled = journal.read(out, self.config.run_id, self.start_round)
+        log.warning("resuming after round %d (%d record restored from the checkpoint, %s)", last, appended,
+                    f"{len(self.journaled.updates)} journaled replies of round {self.start_round}"
+                    if self.journaled else "no open round")
 
     def wait_for_devices(self) -> int:
         """Read statuses until `wait_devices` devices are online or the wait runs out."""
@@ -75,23 +104,34 @@ class Coordinator:
         return [self.run_round(round_index) for round_index in range(self.start_round, self.config.rounds)]
 
     def run_round(self, round_index: int) -> dict:
+        """One round. Its checkpoint (with its record) is written before its global is published
+        and its record appended, so a kill at any point loses neither (module checkpoint)."""
         started = time.monotonic()
-        selected = self._sample()
+        resumed = self.journaled if self.journaled and self.journaled.round == round_index else None
+        self.journaled = None
+        selected = resumed.devices if resumed else self._sample()
         sent_before = self.link.bytes_sent
         self.inbox.open_round(round_index, selected)
+        if resumed is None:
+            journal.open_round(self.config.out, self.config.run_id, round_index, selected)
         self._publish_task(round_index, selected)
-        received, failed = self._collect(selected, started + self.config.deadline_s)
+        received, failed = self._collect(selected, started + self.config.deadline_s, *self._replay(resumed, selected))
         late, rejected = self.inbox.close_round()
         aggregated = len(received) >= self.config.min_updates
         if aggregated:
             updates, _norms = clip_updates([StrategyUpdate(r.delta, float(r.update.samples)) for r in received],
                                            self.config.clip_norm)
             self.params = self.strategy.aggregate(self.reference, updates)
-        self._publish_global(round_index)
-        checkpoint.save(self.config.out, round_index, self.params, self.reference, self.strategy.state(),
-                        {"run_id": self.config.run_id, "bundle_sha256": self.bundle_sha256})
+        failpoint("before_checkpoint", round_index)
+        delta = self._advance_reference()
         record = self._record(round_index, selected, received, failed, late, rejected, aggregated,
                               self.link.bytes_sent - sent_before, time.monotonic() - started)
+        checkpoint.save(self.config.out, round_index, self.params, self.reference, self.strategy.state(),
+                        {"run_id": self.config.run_id, "bundle_sha256": self.bundle_sha256,
+                         "sampler": self.rng.bit_generator.state}, record)
+        journal.clear(self.config.out)
+        failpoint("after_checkpoint", round_index)
+        record["bytes_published"] += self._publish_global(round_index, delta)
         self._log(record)
         return record
 
@@ -102,17 +142,40 @@ class Coordinator:
             return online
         return sorted(self.rng.choice(online, size=count, replace=False).tolist())
 
-    def _collect(self, selected: list[str], deadline: float) -> tuple[list[ReceivedUpdate], list[DeviceFailure]]:
-        """Updates and error replies until every sampled device has replied or the deadline passes."""
-        received: list[ReceivedUpdate] = []
-        failed: list[DeviceFailure] = []
+    def _collect(self, selected: list[str], deadline: float, received: list[ReceivedUpdate],
+                 failed: list[DeviceFailure]) -> tuple[list[ReceivedUpdate], list[DeviceFailure]]:
+        """Updates and error replies until every sampled device has replied (or gone offline) or the
+        deadline passes; each accepted reply is journaled."""
         while len(received) + len(failed) < len(selected) and time.monotonic() < deadline:
             reply = self._take(self.link.receive(timeout_s=min(0.5, deadline - time.monotonic())))
+            if reply is None:
+                continue
             if isinstance(reply, DeviceFailure):
                 failed.append(reply)
-            elif reply is not None:
+            else:  # an update after the device's will: it came back in time
+                failed = [f for f in failed if f.device_id != reply.update.device_id]
                 received.append(reply)
+            kept = reply.update if isinstance(reply, ReceivedUpdate) else reply.reply  # None: its will
+            if kept is not None:
+                journal.keep(self.config.out, kept)
         return received, failed
+
+    def _replay(self, resumed: journal.Journaled | None,
+                selected: list[str]) -> tuple[list[ReceivedUpdate], list[DeviceFailure]]:
+        """The replies a killed coordinator had accepted this round, through the inbox again, and
+        a failure for each sampled device already known offline."""
+        replies = [self._take_journaled(payload) for payload in (resumed.updates if resumed else [])]
+        replies += [self.inbox.offline(d) for d in selected if self.online.get(d) is False]
+        return ([r for r in replies if isinstance(r, ReceivedUpdate)],
+                [r for r in replies if isinstance(r, DeviceFailure)])
+
+    def _take_journaled(self, payload: bytes) -> ReceivedUpdate | DeviceFailure | None:
+        try:
+            message = decode(payload, self.link.max_message_bytes)
+        except MessageError as exc:
+            log.warning("journaled reply unusable (%s); waiting for that device again", exc)
+            return None
+        return self.inbox.take(message, len(payload)) if isinstance(message, (Update, ErrorReply)) else None
 
     def _take(self, item: Incoming | Refused | None) -> ReceivedUpdate | DeviceFailure | None:
         """One item from the link: a status updates who is online, a reply goes to the inbox."""
@@ -125,7 +188,8 @@ class Coordinator:
         message = item.message
         if isinstance(message, Status):
             self.online[message.device_id] = message.online
-        elif isinstance(message, (Update, ErrorReply)):
+            return None if message.online else self.inbox.offline(message.device_id)
+        if isinstance(message, (Update, ErrorReply)):
             return self.inbox.take(message, item.nbytes)
         return None
 
@@ -135,18 +199,23 @@ class Coordinator:
         self.link.send(Task(c.run_id, round_index, self.bundle_sha256, tuple(selected), c.deadline_s, c.lr, c.codec,
                             c.epochs, c.steps, c.batch))
 
-    def _publish_full(self, round_index: int) -> None:
+    def _publish_full(self, round_index: int) -> int:
         """Retained full parameters (fp32): how late joiners and reconnecting devices sync."""
         vector = Encoded("none", self.reference.size, {"values": self.reference})
-        self.link.send(Global(self.config.run_id, round_index, self.bundle_sha256, vector))
+        return self.link.send(Global(self.config.run_id, round_index, self.bundle_sha256, vector))
 
-    def _publish_global(self, round_index: int) -> None:
-        """Delta against the previous global, compressed with server-side error feedback."""
+    def _advance_reference(self) -> Encoded:
+        """The global delta, compressed with server-side error feedback; the reference moves by
+        exactly what devices will compute from it."""
         encoded, decoded = self.downlink.encode(self.params - self.reference)
-        self.reference = apply_delta(self.reference, decoded)  # exactly what devices compute
-        self.link.send(Global(self.config.run_id, round_index, self.bundle_sha256, encoded, round_index - 1,
-                              params_sha256(self.reference)))
-        self._publish_full(round_index)
+        self.reference = apply_delta(self.reference, decoded)
+        return encoded
+
+    def _publish_global(self, round_index: int, delta: Encoded) -> int:
+        """Publish the round's delta and the retained full vector; returns the bytes sent."""
+        sent = self.link.send(Global(self.config.run_id, round_index, self.bundle_sha256, delta, round_index - 1,
+                                     params_sha256(self.reference)))
+        return sent + self._publish_full(round_index)
 
     # ---- records ----------------------------------------------------------------------------
     def _record(self, round_index: int, selected: list[str], received: list[ReceivedUpdate],

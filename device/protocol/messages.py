@@ -30,6 +30,7 @@ ERROR_CODES = {
     "out_of_memory": "training ran out of memory",
     "train_failed": "local training raised an error",
     "no_global": "the global parameters the task starts from never arrived",
+    "bundle_mismatch": "the device holds another bundle than the task's (the reason names both hashes)",
 }
 STATUS_STATES = ("online", "offline")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
