@@ -56,7 +56,8 @@ class Coordinator:
         self.platforms: dict[str, dict] = {}  # device -> its platform_* metrics
         self.rng = np.random.default_rng(config.seed)
         self.start_round = 0
-        self.journaled: journal.Journaled | None = None  # the round a killed coordinator left open
+        self.reopened: list[str] | None = None  # devices of the round a killed coordinator left open
+        self.pending: list[ReceivedUpdate | DeviceFailure] = []  # its replies, taken before it restarts
         config.out.mkdir(parents=True, exist_ok=True)
         if config.force:
             checkpoint.start_fresh(config.out)
@@ -84,16 +85,22 @@ class Coordinator:
         self.config.run_id = self.inbox.run_id = str(meta.get("run_id", self.config.run_id))
         self.start_round = last + 1
         appended = checkpoint.reconcile_records(out, meta)
-        self.journaled = journal.read(out, self.config.run_id, self.start_round)
+        journaled = journal.read(out, self.config.run_id, self.start_round)
+        if journaled is not None:  # open it now: replies queued by the broker arrive as soon as we connect
+            self.reopened = journaled.devices
+            self.inbox.open_round(self.start_round, journaled.devices)
+            self.pending = [r for r in map(self._take_journaled, journaled.updates) if r is not None]
         log.warning("resuming after round %d (%d record restored from the checkpoint, %s)", last, appended,
-                    f"{len(self.journaled.updates)} journaled replies of round {self.start_round}"
-                    if self.journaled else "no open round")
+                    f"{len(self.pending)} journaled replies of round {self.start_round}"
+                    if journaled else "no open round")
 
     def wait_for_devices(self) -> int:
         """Read statuses until `wait_devices` devices are online or the wait runs out."""
         end = time.monotonic() + self.config.wait_devices_s
         while time.monotonic() < end and self._online_count() < self.config.wait_devices:
-            self._take(self.link.receive(timeout_s=min(0.1, max(0.0, end - time.monotonic()))))
+            reply = self._take(self.link.receive(timeout_s=min(0.1, max(0.0, end - time.monotonic()))))
+            if reply is not None:  # only while a resumed round is open
+                self.pending.append(reply)
         return self._online_count()
 
     def _online_count(self) -> int:
@@ -107,15 +114,19 @@ class Coordinator:
         """One round. Its checkpoint (with its record) is written before its global is published
         and its record appended, so a kill at any point loses neither (module checkpoint)."""
         started = time.monotonic()
-        resumed = self.journaled if self.journaled and self.journaled.round == round_index else None
-        self.journaled = None
-        selected = resumed.devices if resumed else self._sample()
+        reopened, self.reopened = self.reopened, None  # the resumed round, opened by connect() with its replies
+        selected = reopened if reopened is not None else self._sample()
         sent_before = self.link.bytes_sent
-        self.inbox.open_round(round_index, selected)
-        if resumed is None:
+        if reopened is None:
+            self.inbox.open_round(round_index, selected)
             journal.open_round(self.config.out, self.config.run_id, round_index, selected)
         self._publish_task(round_index, selected)
-        received, failed = self._collect(selected, started + self.config.deadline_s, *self._replay(resumed, selected))
+        received: list[ReceivedUpdate] = []
+        failed: list[DeviceFailure] = []
+        for reply in self.pending:
+            self._add(reply, received, failed)
+        self.pending = []
+        self._collect(selected, started + self.config.deadline_s, received, failed)
         late, rejected = self.inbox.close_round()
         aggregated = len(received) >= self.config.min_updates
         if aggregated:
@@ -143,31 +154,29 @@ class Coordinator:
         return sorted(self.rng.choice(online, size=count, replace=False).tolist())
 
     def _collect(self, selected: list[str], deadline: float, received: list[ReceivedUpdate],
-                 failed: list[DeviceFailure]) -> tuple[list[ReceivedUpdate], list[DeviceFailure]]:
-        """Updates and error replies until every sampled device has replied (or gone offline) or the
-        deadline passes; each accepted reply is journaled."""
+                 failed: list[DeviceFailure]) -> None:
+        """Add updates and error replies until every sampled device has replied (or gone offline)
+        or the deadline passes."""
+        connects = self.link.connects
         while len(received) + len(failed) < len(selected) and time.monotonic() < deadline:
+            if self.link.connects != connects:  # a broker restarted without persistence lost the retained
+                connects = self.link.connects  # task and the replies in flight: devices answer it again
+                self.link.send(self.task)
             reply = self._take(self.link.receive(timeout_s=min(0.5, deadline - time.monotonic())))
-            if reply is None:
-                continue
-            if isinstance(reply, DeviceFailure):
-                failed.append(reply)
-            else:  # an update after the device's will: it came back in time
-                failed = [f for f in failed if f.device_id != reply.update.device_id]
-                received.append(reply)
-            kept = reply.update if isinstance(reply, ReceivedUpdate) else reply.reply  # None: its will
-            if kept is not None:
-                journal.keep(self.config.out, kept)
-        return received, failed
+            if reply is not None:
+                self._add(reply, received, failed)
 
-    def _replay(self, resumed: journal.Journaled | None,
-                selected: list[str]) -> tuple[list[ReceivedUpdate], list[DeviceFailure]]:
-        """The replies a killed coordinator had accepted this round, through the inbox again, and
-        a failure for each sampled device already known offline."""
-        replies = [self._take_journaled(payload) for payload in (resumed.updates if resumed else [])]
-        replies += [self.inbox.offline(d) for d in selected if self.online.get(d) is False]
-        return ([r for r in replies if isinstance(r, ReceivedUpdate)],
-                [r for r in replies if isinstance(r, DeviceFailure)])
+    def _add(self, reply: ReceivedUpdate | DeviceFailure, received: list[ReceivedUpdate],
+             failed: list[DeviceFailure]) -> None:
+        """Count one accepted reply and journal it (a resumed coordinator reloads the journal)."""
+        if isinstance(reply, DeviceFailure):
+            failed.append(reply)
+        else:  # an update after the device's will replaces its failure: it came back in time
+            failed[:] = [f for f in failed if f.device_id != reply.update.device_id]
+            received.append(reply)
+        kept = reply.update if isinstance(reply, ReceivedUpdate) else reply.reply  # None: its will
+        if kept is not None:
+            journal.keep(self.config.out, kept)
 
     def _take_journaled(self, payload: bytes) -> ReceivedUpdate | DeviceFailure | None:
         try:
@@ -196,8 +205,9 @@ class Coordinator:
     # ---- publishing -----------------------------------------------------------------------
     def _publish_task(self, round_index: int, selected: list[str]) -> None:
         c = self.config
-        self.link.send(Task(c.run_id, round_index, self.bundle_sha256, tuple(selected), c.deadline_s, c.lr, c.codec,
-                            c.epochs, c.steps, c.batch))
+        self.task = Task(c.run_id, round_index, self.bundle_sha256, tuple(selected), c.deadline_s, c.lr, c.codec,
+                         c.epochs, c.steps, c.batch)
+        self.link.send(self.task)
 
     def _publish_full(self, round_index: int) -> int:
         """Retained full parameters (fp32): how late joiners and reconnecting devices sync."""

@@ -109,6 +109,7 @@ class MqttConnection:
         self._pending: list[mqtt.MQTTMessageInfo] = []
         self._last_error = ""
         self._started = self._closed = False
+        self.connects = 0  # CONNACKs so far: more than 1 after a reconnect (the broker may have lost state)
 
     def presence(self, topic: str, online: bytes, offline: bytes) -> None:
         """Publish `online` (retained) after every connect; the broker publishes `offline` as our
@@ -226,6 +227,7 @@ class MqttConnection:
                 log.warning("%s: %s", self.client_id, self._last_error)
                 return
             self._online.set()
+            self.connects += 1
             log.info("%s: connected to %s (session present: %s)", self.client_id, self.url, flags.session_present)
             with self._lock:
                 filters, stale = list(self._filters), sorted(self._stale - set(self._filters))
