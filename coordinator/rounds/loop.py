@@ -160,7 +160,8 @@ class Coordinator:
         connects = self.link.connects
         while len(received) + len(failed) < len(selected) and time.monotonic() < deadline:
             if self.link.connects != connects:  # a broker restarted without persistence lost the retained
-                connects = self.link.connects  # task and the replies in flight: devices answer it again
+                connects = self.link.connects  # messages and the replies in flight: devices answer again
+                self._publish_full(self.task.round - 1)
                 self.link.send(self.task)
             reply = self._take(self.link.receive(timeout_s=min(0.5, deadline - time.monotonic())))
             if reply is not None:
