@@ -95,7 +95,8 @@ class Coordinator:
                     if journaled else "no open round")
 
     def wait_for_devices(self) -> int:
-        """Read statuses until `wait_devices` devices are online or the wait runs out."""
+        """Read statuses until `wait_devices` devices are online or the wait runs out (replies to a
+        round reopened by `connect()` are kept for it)."""
         end = time.monotonic() + self.config.wait_devices_s
         while time.monotonic() < end and self._online_count() < self.config.wait_devices:
             reply = self._take(self.link.receive(timeout_s=min(0.1, max(0.0, end - time.monotonic()))))
@@ -114,19 +115,10 @@ class Coordinator:
         """One round. Its checkpoint (with its record) is written before its global is published
         and its record appended, so a kill at any point loses neither (module checkpoint)."""
         started = time.monotonic()
-        reopened, self.reopened = self.reopened, None  # the resumed round, opened by connect() with its replies
-        selected = reopened if reopened is not None else self._sample()
+        selected = self._open_round(round_index)
         sent_before = self.link.bytes_sent
-        if reopened is None:
-            self.inbox.open_round(round_index, selected)
-            journal.open_round(self.config.out, self.config.run_id, round_index, selected)
         self._publish_task(round_index, selected)
-        received: list[ReceivedUpdate] = []
-        failed: list[DeviceFailure] = []
-        for reply in self.pending:
-            self._add(reply, received, failed)
-        self.pending = []
-        self._collect(selected, started + self.config.deadline_s, received, failed)
+        received, failed = self._collect(selected, started + self.config.deadline_s)
         late, rejected = self.inbox.close_round()
         aggregated = len(received) >= self.config.min_updates
         if aggregated:
@@ -153,10 +145,24 @@ class Coordinator:
             return online
         return sorted(self.rng.choice(online, size=count, replace=False).tolist())
 
-    def _collect(self, selected: list[str], deadline: float, received: list[ReceivedUpdate],
-                 failed: list[DeviceFailure]) -> None:
-        """Add updates and error replies until every sampled device has replied (or gone offline)
-        or the deadline passes."""
+    def _open_round(self, round_index: int) -> list[str]:
+        """The round's devices: a fresh sample, journaled, or those of the round `connect()` reopened."""
+        if self.reopened is not None:
+            selected, self.reopened = self.reopened, None
+            return selected
+        selected = self._sample()
+        self.inbox.open_round(round_index, selected)
+        journal.open_round(self.config.out, self.config.run_id, round_index, selected)
+        return selected
+
+    def _collect(self, selected: list[str], deadline: float) -> tuple[list[ReceivedUpdate], list[DeviceFailure]]:
+        """Updates and error replies (those taken before the round, then new ones) until every
+        sampled device has replied (or gone offline) or the deadline passes."""
+        received: list[ReceivedUpdate] = []
+        failed: list[DeviceFailure] = []
+        for early in self.pending:
+            self._add(early, received, failed)
+        self.pending = []
         connects = self.link.connects
         while len(received) + len(failed) < len(selected) and time.monotonic() < deadline:
             if self.link.connects != connects:  # a broker restarted without persistence lost the retained
@@ -166,6 +172,7 @@ class Coordinator:
             reply = self._take(self.link.receive(timeout_s=min(0.5, deadline - time.monotonic())))
             if reply is not None:
                 self._add(reply, received, failed)
+        return received, failed
 
     def _add(self, reply: ReceivedUpdate | DeviceFailure, received: list[ReceivedUpdate],
              failed: list[DeviceFailure]) -> None:
