@@ -220,3 +220,39 @@ def test_a_device_with_another_bundle_says_so(tiny, tmp_path):
     assert bundle_sha256(tiny) in failure["reason"] and bundle_sha256(other) in failure["reason"]
     assert record["wall_s"] < 60  # ended by the reply, not the deadline
     worker.join(10)
+
+
+def test_a_restarted_device_sends_its_saved_update_again_instead_of_retraining(tiny, tmp_path):
+    # Prepare: a device with a state folder answers round 1, then its process "dies" (abrupt close)
+    from edgeftl.device.link import InProcessConnection, Link
+    from edgeftl.device.protocol.codecs import Encoded
+    from edgeftl.device.protocol.messages import Global, Task, Update, encode
+
+    broker, data, state = InProcessBroker(), _data(tmp_path, "d0"), tmp_path / "state"
+    listener = coordinator_link(broker, "listener")
+    listener.connect()
+    sender = Link(InProcessConnection(broker, "sender"), "edgeftl", [])
+    sender.connect()
+    sha = bundle_sha256(tiny)
+    start = trainable_vector(tiny, read_manifest(tiny))
+    sender.send(Global("r1", 0, sha, Encoded("none", start.size, {"values": start})))
+    sender.send(Task("r1", 1, sha, ("dev0",), 60.0, 1e-2, "int8", steps=1))
+
+    def device() -> DeviceAgent:
+        agent = DeviceAgent(device_link(broker, "dev0"), AgentConfig("dev0", tiny, data, state_dir=state, threads=1))
+        agent.start()
+        return agent
+
+    first = device()
+    assert first.run(stop_after_s=20, max_rounds=1) == 1
+    first.link.close(abrupt=True)
+    # Execute: restarted, it finds the retained task of round 1 again
+    second = device()
+    sent = second.run(stop_after_s=2)
+    second.close()
+    # Assert: no training (0 sent), and the same update (same seq) went out again
+    updates = []
+    while (item := listener.receive(0.0)) is not None:
+        if isinstance(item.message, Update):
+            updates.append(encode(item.message))
+    assert sent == 0 and len(updates) == 2 and updates[0] == updates[1]
