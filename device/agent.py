@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeftl.device.data import read_examples
+from edgeftl.device.failpoint import failpoint
 from edgeftl.device.files import atomic_path
 from edgeftl.device.limits import TaskLimits
 from edgeftl.device.link import Incoming, Link, Refused
@@ -31,6 +32,8 @@ from edgeftl.device.protocol.messages import (
     Task,
     Update,
     apply_delta,
+    decode,
+    encode,
     one_line,
     params_sha256,
     vector_of,
@@ -75,6 +78,7 @@ class DeviceAgent:
         self.waiting: tuple[Task, float] | None = None  # a task whose global has not arrived, and until when
         self.acted: tuple[str, int] | None = None  # (run, round) of the last task answered: the retained
         # task comes again after every reconnect, and a device acts on each round at most once
+        self.reply: Update | ErrorReply | None = None  # what it answered acted: sent again if the task comes again
         self._received_mark = 0
         self._seq = 0
         self._syncing = False
@@ -158,10 +162,16 @@ class DeviceAgent:
 
     # ---- tasks ------------------------------------------------------------------------------
     def _on_task(self, task: Task) -> int:
-        if task.bundle_sha256 != self.bundle_sha256 or self.config.device_id not in task.devices:
+        if self.config.device_id not in task.devices:
             return 0
-        if self.acted is not None and self.acted[0] == task.run_id and task.round <= self.acted[1]:
-            return 0  # answered already (a redelivery, or the retained task after a reconnect)
+        if self._acted_on(task):  # answered already (a redelivery, or the retained task after a reconnect)
+            self._answer_again(task)
+            return 0
+        if task.bundle_sha256 != self.bundle_sha256:
+            self.acted = (task.run_id, task.round)
+            self._reply_error(task, "bundle_mismatch", f"this device holds bundle {self.bundle_sha256}, the task "
+                              f"is for bundle {task.bundle_sha256}")
+            return 0
         breach = self.config.limits.breach(task)
         if breach is not None:
             self.acted = (task.run_id, task.round)
@@ -175,6 +185,9 @@ class DeviceAgent:
             return 0
         return self._run(task)
 
+    def _acted_on(self, task: Task) -> bool:
+        return self.acted is not None and self.acted[0] == task.run_id and task.round <= self.acted[1]
+
     def _holds_start_of(self, task: Task) -> bool:
         return task.run_id == self.run_id and self.global_round == task.round - 1
 
@@ -185,6 +198,9 @@ class DeviceAgent:
         task, until = self.waiting
         if self._holds_start_of(task):
             self.waiting = None
+            if self._acted_on(task):  # known once the run's global restored the saved state
+                self._answer_again(task)
+                return 0
             return self._run(task)
         if time.monotonic() >= until:
             self.waiting, self.acted = None, (task.run_id, task.round)
@@ -192,8 +208,21 @@ class DeviceAgent:
             self._reply_error(task, "no_global", f"the global parameters of round {task.round - 1} did not arrive")
         return 0
 
+    def _answer_again(self, task: Task) -> None:
+        """Send the reply to this round again, unchanged (same seq: a coordinator that has it drops
+        it), while the round is still open as far as this device knows: a coordinator resumed after
+        a kill, or a broker restarted, may have lost it; retraining would break error feedback."""
+        reply = self.reply
+        if reply is None or (reply.run_id, reply.round) != (task.run_id, task.round):
+            return
+        if self.global_round is not None and self.global_round >= task.round:
+            return  # the round has closed: its global is here
+        log.info("%s: round %d's task came again; sending the same reply again", self.config.device_id, task.round)
+        self._send(reply)
+
     def _run(self, task: Task) -> int:
         self.acted = (task.run_id, task.round)
+        failpoint("before_train", task.round)
         try:
             if self.secagg is not None:
                 self.secagg.begin(task)  # keys go out before training
@@ -207,11 +236,16 @@ class DeviceAgent:
 
     def _reply_error(self, task: Task, code: str, reason: str) -> None:
         """Tell the coordinator this round will bring no update, so it stops waiting for this device."""
-        reply = ErrorReply(task.run_id, task.round, self.bundle_sha256, self.config.device_id, code, one_line(reason))
+        # the task's bundle hash, so the coordinator takes it even from a device with another bundle
+        self.reply = ErrorReply(task.run_id, task.round, task.bundle_sha256, self.config.device_id, code,
+                                one_line(reason))
+        self._send(self.reply)
+
+    def _send(self, reply: Update | ErrorReply) -> None:
         try:
             self.link.send(reply)
         except Exception:  # the link may be what failed; the deadline covers it then
-            log.exception("%s: could not send the error reply for round %d", self.config.device_id, task.round)
+            log.exception("%s: could not send its reply for round %d", self.config.device_id, reply.round)
 
     def _train_and_send(self, task: Task) -> int:
         self.runtime.set_flat(self.reference)
@@ -239,9 +273,10 @@ class DeviceAgent:
             self._platform_sent = True
         self._received_mark = received
         self._seq += 1
-        self.link.send(Update(task.run_id, task.round, self.bundle_sha256, self.config.device_id,
-                              max(1, len(self.examples)), self._seq, encoded, metrics))
-        self._save_state()
+        self.reply = Update(task.run_id, task.round, self.bundle_sha256, self.config.device_id,
+                            max(1, len(self.examples)), self._seq, encoded, metrics)
+        self._save_state()  # before sending: a device killed in between sends this same update again
+        self.link.send(self.reply)
         return 1
 
     # ---- local state across restarts ----------------------------------------------------
@@ -253,7 +288,8 @@ class DeviceAgent:
         with atomic_path(folder / AGENT_STATE) as tmp, open(tmp, "wb") as handle:
             np.savez(handle, residual=self.feedback.state(), codec=np.array(self.feedback.codec.spec),
                      seq=np.array(self._seq), bundle=np.array(self.bundle_sha256), run=np.array(self.run_id or ""),
-                     acted=np.array(self.acted[1] if self.acted else -1))
+                     acted=np.array(self.acted[1] if self.acted else -1),
+                     reply=np.frombuffer(encode(self.reply) if self.reply else b"", dtype=np.uint8))
 
     def _read_state(self) -> dict | None:
         """The saved error-feedback residual and sequence number, if they are for this bundle."""
@@ -264,6 +300,7 @@ class DeviceAgent:
             with np.load(path, allow_pickle=False) as data:
                 saved = {key: data[key] for key in ("residual", "codec", "seq", "bundle", "run")}
                 saved["acted"] = data["acted"] if "acted" in data else np.array(-1)  # states saved before it
+                saved["reply"] = data["reply"] if "reply" in data else np.zeros(0, np.uint8)
         except (OSError, ValueError, KeyError) as exc:
             log.warning("%s: local state %s unusable (%s); starting fresh", self.config.device_id, path, exc)
             return None
@@ -279,7 +316,14 @@ class DeviceAgent:
         self._seq = int(saved["seq"])
         if int(saved["acted"]) >= 0:
             self.acted = (str(saved["run"]), int(saved["acted"]))
-
+        if saved["reply"].size:
+            try:
+                reply = decode(saved["reply"].tobytes(), len(saved["reply"]))
+            except MessageError as exc:
+                log.warning("%s: saved reply unusable (%s)", self.config.device_id, exc)
+                return
+            if isinstance(reply, (Update, ErrorReply)) and reply.run_id == self.run_id:
+                self.reply = reply
 
     def close(self) -> None:
         for close in self._closers:

@@ -180,7 +180,7 @@ def test_agent_waiting_for_a_global_skips_a_bad_message_and_runs_the_task_once_i
     # Prepare: a connected agent gets round 1's task before the global of round 0 it needs; then a
     # malformed message and finally that global arrive.
     from edgeftl.device.protocol.codecs import Encoded
-    from edgeftl.device.protocol.messages import Global, Task, Update
+    from edgeftl.device.protocol.messages import Global, Task, Update, encode
 
     one = _one_device(tmp_path, tmp_path_factory)
     agent, listener, sender, sha = one.agent, one.listener, one.sender, one.sha
@@ -196,9 +196,12 @@ def test_agent_waiting_for_a_global_skips_a_bad_message_and_runs_the_task_once_i
     replies = [listener.receive(0.0) for _ in range(3)]
     updates = [r.message for r in replies if r is not None and isinstance(r.message, Update)]
     assert len(updates) == 1 and updates[0].round == 1 and updates[0].device_id == "dev0"
-    # ... and the same task again (the retained task after a reconnect) is not trained twice
+    # ... and the same task again (the retained task after a reconnect) is not trained twice: the
+    # device sends the same update again (same seq, so a coordinator that has it drops it)
     sender.send(Task("run", 1, sha, ("dev0",), 60.0, 1e-2, "none", steps=1))
-    assert agent.run(stop_after_s=0.5) == 0 and listener.receive(0.0) is None
+    assert agent.run(stop_after_s=0.5) == 0
+    again = listener.receive(0.0)
+    assert again is not None and encode(again.message) == encode(updates[0]) and listener.receive(0.0) is None
     one.close()
 
 
@@ -308,9 +311,9 @@ def test_lossy_downlink_devices_hold_exactly_the_coordinators_reference(tmp_path
     published: dict[int, np.ndarray] = {}
     publish = coordinator._publish_global
 
-    def spy(round_index: int) -> None:  # the reference devices should hold after each round's global
-        publish(round_index)
+    def spy(round_index: int, delta) -> int:  # the reference devices should hold after each round's global
         published[round_index] = coordinator.reference.copy()
+        return publish(round_index, delta)
 
     coordinator._publish_global = spy
     for t in threads:

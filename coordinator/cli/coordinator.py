@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--secure-aggregation", action="store_true",
                    help="devices send masked updates; only the survivors' sum is unmasked (docs/SECAGG.md; "
                         "devices need --secure-aggregation too)")
+    p.add_argument("--force", action="store_true", help="replace the run already in --out (default: refuse)")
 
 
 # CoordinatorConfig field -> help. Flag names, types and defaults come from the dataclass itself,
@@ -65,7 +66,7 @@ def add_round_flags(p: argparse.ArgumentParser) -> None:
 
 
 def config_from(args: argparse.Namespace, out: Path) -> CoordinatorConfig:
-    return CoordinatorConfig(out=out, resume=getattr(args, "resume", False),
+    return CoordinatorConfig(out=out, resume=getattr(args, "resume", False), force=getattr(args, "force", False),
                              secure_aggregation=getattr(args, "secure_aggregation", False),
                              **{name: getattr(args, name) for name in ROUND_FLAGS})
 

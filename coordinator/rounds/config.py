@@ -37,13 +37,16 @@ class CoordinatorConfig:
     seed: int = 0
     run_id: str = ""  # "" = a fresh id per run (resume keeps the checkpoint's)
     prefix: str = "edgeftl"
-    resume: bool = False
+    resume: bool = False  # continue after the checkpoint in `out`
+    force: bool = False  # replace the run already in `out` (without it, a non-empty `out` is refused)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         for name in ("rounds", "min_updates", "batch", "wait_devices"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.resume and self.force:
+            raise ValueError("give --resume to continue the run in --out or --force to replace it, not both")
         if self.devices_per_round < 0:
             raise ValueError(f"--devices-per-round must be >= 0, got {self.devices_per_round}")
         if self.epochs is not None and self.steps is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,6 +37,10 @@ class DeviceFailure:
     device_id: str
     code: str
     reason: str
+    reply: ErrorReply | None = field(default=None, compare=False)  # None when the coordinator noted it (OFFLINE)
+
+
+OFFLINE = "offline"  # the failure code of a sampled device whose will arrived before its reply
 
 
 @dataclass
@@ -110,10 +114,11 @@ class Inbox:
                 return None
             if self._is_late(device, update.round, "update"):
                 return None
-            if device in self._accepted or device in self.failures:
+            if device in self._accepted or self.failures.get(device, {}).get("code", OFFLINE) != OFFLINE:
                 raise MessageError(f"second update: {device!r} already replied for round {update.round}")
         delta = vector_of(update, self.size)
         with self._lock:
+            self.failures.pop(device, None)  # back after its will, in time: its update counts
             self._seen.add(key)  # only valid updates: a bad message must not shadow a good one
             self._accepted.add(device)
         return ReceivedUpdate(update, delta, nbytes)
@@ -132,7 +137,18 @@ class Inbox:
                 raise MessageError(f"second reply: {device!r} already replied for round {reply.round}")
             self.failures[device] = failure
         log.warning("device %s failed round %d: %s: %s", device, reply.round, reply.code, reply.reason)
-        return DeviceFailure(device, reply.code, reply.reason)
+        return DeviceFailure(device, reply.code, reply.reason, reply)
+
+    def offline(self, device: str) -> DeviceFailure | None:
+        """A sampled device's will arrived before its reply: stop waiting for it (an update that
+        still comes this round is taken and replaces the failure)."""
+        with self._lock:
+            if self._round < 0 or device not in self._selected or device in self._accepted or device in self.failures:
+                return None
+            reason = f"its status went offline before it replied to round {self._round}"
+            self.failures[device] = {"code": OFFLINE, "reason": reason}
+        log.warning("device %s went offline during round %d", device, self._round)
+        return DeviceFailure(device, OFFLINE, reason)
 
     def _check_federation(self, message: Update | ErrorReply, what: str) -> str:
         if message.run_id != self.run_id or message.bundle_sha256 != self.bundle_sha256:

@@ -14,23 +14,26 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeftl.coordinator.rounds import checkpoint, records
+from edgeftl.coordinator.rounds import checkpoint, journal, records
 from edgeftl.coordinator.rounds.config import CoordinatorConfig
 from edgeftl.coordinator.rounds.inbox import Counted, DeviceFailure, Inbox, ReceivedUpdate
 from edgeftl.coordinator.rounds.secure import SecureRounds
 from edgeftl.coordinator.rounds.strategy import Update as StrategyUpdate
 from edgeftl.coordinator.rounds.strategy import make_strategy
 from edgeftl.coordinator.rounds.strategy.guard import clip_updates
+from edgeftl.device.failpoint import failpoint
 from edgeftl.device.link import Incoming, Link, Refused
 from edgeftl.device.protocol.codecs import Encoded, ErrorFeedback, parse_codec
 from edgeftl.device.protocol.manifest import Manifest, bundle_sha256
 from edgeftl.device.protocol.messages import (
     ErrorReply,
     Global,
+    MessageError,
     Status,
     Task,
     Update,
     apply_delta,
+    decode,
     largest_update_bytes,
     one_line,
     params_sha256,
@@ -63,26 +66,52 @@ class Coordinator:
         link.limit_message_bytes(largest_update_bytes(self.params.size))
         self.secure = SecureRounds(link, self._take, self.inbox, self.online, self.bundle_sha256, self.params.size,
                                    config.deadline_s / 4) if config.secure_aggregation else None
+        self.reopened: list[str] | None = None  # devices of the round a killed coordinator left open
+        self.pending: list[ReceivedUpdate | DeviceFailure] = []  # its replies, taken before it restarts
         config.out.mkdir(parents=True, exist_ok=True)
+        if config.force:
+            checkpoint.start_fresh(config.out)
+        elif not config.resume:
+            checkpoint.refuse_old_run(config.out)
 
     def connect(self) -> None:
+        """Connect; with `resume`, continue after the checkpoint (CheckpointError if it is unusable)."""
+        if self.config.resume:
+            self._resume()
         self.link.connect()
-        if self.config.resume and (self.config.out / checkpoint.CHECKPOINT).is_file():
-            last, self.params, self.reference, state, meta = checkpoint.load(self.config.out)
-            if meta.get("bundle_sha256") != self.bundle_sha256:
-                raise ValueError(f"checkpoint in {str(self.config.out)!r} is for another bundle; "
-                                 "use a new --out or the bundle it was made with")
-            self.strategy.load_state(state)
-            self.config.run_id = self.inbox.run_id = meta.get("run_id", self.config.run_id)
-            self.start_round = last + 1
-            log.info("resuming after round %d", last)
         self._publish_full(self.start_round - 1)
 
+    def _resume(self) -> None:
+        out = self.config.out
+        last, self.params, self.reference, state, meta = checkpoint.load(out, self.params.size, self.bundle_sha256)
+        try:
+            self.strategy.load_state(state)
+            if isinstance(meta.get("sampler"), dict):  # the same device sampling as an uninterrupted run
+                self.rng.bit_generator.state = meta["sampler"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise checkpoint.CheckpointError(f"checkpoint {str(out / checkpoint.CHECKPOINT)!r} has server state "
+                                             f"this coordinator cannot load ({exc}); resume with the same "
+                                             "--strategy, or start over with --force") from None
+        self.config.run_id = self.inbox.run_id = str(meta.get("run_id", self.config.run_id))
+        self.start_round = last + 1
+        appended = checkpoint.reconcile_records(out, meta)
+        journaled = journal.read(out, self.config.run_id, self.start_round)
+        if journaled is not None:  # open it now: replies queued by the broker arrive as soon as we connect
+            self.reopened = journaled.devices
+            self.inbox.open_round(self.start_round, journaled.devices)
+            self.pending = [r for r in map(self._take_journaled, journaled.updates) if r is not None]
+        log.warning("resuming after round %d (%d record restored from the checkpoint, %s)", last, appended,
+                    f"{len(self.pending)} journaled replies of round {self.start_round}"
+                    if journaled else "no open round")
+
     def wait_for_devices(self) -> int:
-        """Read statuses until `wait_devices` devices are online or the wait runs out."""
+        """Read statuses until `wait_devices` devices are online or the wait runs out (replies to a
+        round reopened by `connect()` are kept for it)."""
         end = time.monotonic() + self.config.wait_devices_s
         while time.monotonic() < end and self._online_count() < self.config.wait_devices:
-            self._take(self.link.receive(timeout_s=min(0.1, max(0.0, end - time.monotonic()))))
+            reply = self._take(self.link.receive(timeout_s=min(0.1, max(0.0, end - time.monotonic()))))
+            if reply is not None:  # only while a resumed round is open
+                self.pending.append(reply)
         return self._online_count()
 
     def _online_count(self) -> int:
@@ -93,10 +122,11 @@ class Coordinator:
         return [self.run_round(round_index) for round_index in range(self.start_round, self.config.rounds)]
 
     def run_round(self, round_index: int) -> dict:
+        """One round. Its checkpoint (with its record) is written before its global is published
+        and its record appended, so a kill at any point loses neither (module checkpoint)."""
         started = time.monotonic()
-        selected = self._sample()
+        selected = self._open_round(round_index)
         sent_before = self.link.bytes_sent
-        self.inbox.open_round(round_index, selected)
         self._publish_task(round_index, selected)
         secure = self.secure.run(round_index, selected, started + self.config.deadline_s) if self.secure else None
         received: list[ReceivedUpdate] = []
@@ -111,15 +141,20 @@ class Coordinator:
         if aggregated:
             refused_globals = self._aggregate(updates)
             aggregated = refused_globals is None
-        self._publish_global(round_index)
-        checkpoint.save(self.config.out, round_index, self.params, self.reference, self.strategy.state(),
-                        {"run_id": self.config.run_id, "bundle_sha256": self.bundle_sha256})
+        failpoint("before_checkpoint", round_index)
+        delta = self._advance_reference()
         record = self._record(round_index, selected, received, failed, counted, aggregated,
                               self.link.bytes_sent - sent_before, time.monotonic() - started)
         if refused_globals:
             record["global_refused"] = refused_globals
         if secure is not None:
             record.update(updates_received=secure.count, bytes_up=secure.bytes_up, secure_aggregation=secure.report)
+        checkpoint.save(self.config.out, round_index, self.params, self.reference, self.strategy.state(),
+                        {"run_id": self.config.run_id, "bundle_sha256": self.bundle_sha256,
+                         "sampler": self.rng.bit_generator.state}, record)
+        journal.clear(self.config.out)
+        failpoint("after_checkpoint", round_index)
+        record["bytes_published"] += self._publish_global(round_index, delta)
         self._log(record)
         return record
 
@@ -145,17 +180,54 @@ class Coordinator:
             return online
         return sorted(self.rng.choice(online, size=count, replace=False).tolist())
 
+    def _open_round(self, round_index: int) -> list[str]:
+        """The round's devices: a fresh sample, journaled, or those of the round `connect()` reopened."""
+        if self.reopened is not None:
+            selected, self.reopened = self.reopened, None
+            return selected
+        selected = self._sample()
+        self.inbox.open_round(round_index, selected)
+        journal.open_round(self.config.out, self.config.run_id, round_index, selected)
+        return selected
+
     def _collect(self, selected: list[str], deadline: float) -> tuple[list[ReceivedUpdate], list[DeviceFailure]]:
-        """Updates and error replies until every sampled device has replied or the deadline passes."""
+        """Updates and error replies (those taken before the round, then new ones) until every
+        sampled device has replied (or gone offline) or the deadline passes."""
         received: list[ReceivedUpdate] = []
         failed: list[DeviceFailure] = []
+        for early in self.pending:
+            self._add(early, received, failed)
+        self.pending = []
+        connects = self.link.connects
         while len(received) + len(failed) < len(selected) and time.monotonic() < deadline:
+            if self.link.connects != connects:  # a broker restarted without persistence lost the retained
+                connects = self.link.connects  # messages and the replies in flight: devices answer again
+                self._publish_full(self.task.round - 1)
+                self.link.send(self.task)
             reply = self._take(self.link.receive(timeout_s=min(0.5, deadline - time.monotonic())))
-            if isinstance(reply, DeviceFailure):
-                failed.append(reply)
-            elif reply is not None:
-                received.append(reply)
+            if reply is not None:
+                self._add(reply, received, failed)
         return received, failed
+
+    def _add(self, reply: ReceivedUpdate | DeviceFailure, received: list[ReceivedUpdate],
+             failed: list[DeviceFailure]) -> None:
+        """Count one accepted reply and journal it (a resumed coordinator reloads the journal)."""
+        if isinstance(reply, DeviceFailure):
+            failed.append(reply)
+        else:  # an update after the device's will replaces its failure: it came back in time
+            failed[:] = [f for f in failed if f.device_id != reply.update.device_id]
+            received.append(reply)
+        kept = reply.update if isinstance(reply, ReceivedUpdate) else reply.reply  # None: its will
+        if kept is not None:
+            journal.keep(self.config.out, kept)
+
+    def _take_journaled(self, payload: bytes) -> ReceivedUpdate | DeviceFailure | None:
+        try:
+            message = decode(payload, self.link.max_message_bytes)
+        except MessageError as exc:
+            log.warning("journaled reply unusable (%s); waiting for that device again", exc)
+            return None
+        return self.inbox.take(message, len(payload)) if isinstance(message, (Update, ErrorReply)) else None
 
     def _take(self, item: Incoming | Refused | None) -> ReceivedUpdate | DeviceFailure | None:
         """One item from the link: a status updates who is online, a reply goes to the inbox,
@@ -168,28 +240,35 @@ class Coordinator:
         message = item.message
         if isinstance(message, Status):
             self.online[message.device_id] = message.online
-        elif isinstance(message, (Update, ErrorReply)):
+            return None if message.online else self.inbox.offline(message.device_id)
+        if isinstance(message, (Update, ErrorReply)):
             return self.inbox.take(message, item.nbytes)
         return None
 
     # ---- publishing -----------------------------------------------------------------------
     def _publish_task(self, round_index: int, selected: list[str]) -> None:
         c = self.config
-        self.link.send(Task(c.run_id, round_index, self.bundle_sha256, tuple(selected), c.deadline_s, c.lr, c.codec,
-                            c.epochs, c.steps, c.batch))
+        self.task = Task(c.run_id, round_index, self.bundle_sha256, tuple(selected), c.deadline_s, c.lr, c.codec,
+                         c.epochs, c.steps, c.batch)
+        self.link.send(self.task)
 
-    def _publish_full(self, round_index: int) -> None:
+    def _publish_full(self, round_index: int) -> int:
         """Retained full parameters (fp32): how late joiners and reconnecting devices sync."""
         vector = Encoded("none", self.reference.size, {"values": self.reference})
-        self.link.send(Global(self.config.run_id, round_index, self.bundle_sha256, vector))
+        return self.link.send(Global(self.config.run_id, round_index, self.bundle_sha256, vector))
 
-    def _publish_global(self, round_index: int) -> None:
-        """Delta against the previous global, compressed with server-side error feedback."""
+    def _advance_reference(self) -> Encoded:
+        """The global delta, compressed with server-side error feedback; the reference moves by
+        exactly what devices will compute from it."""
         encoded, decoded = self.downlink.encode(self.params - self.reference)
-        self.reference = apply_delta(self.reference, decoded)  # exactly what devices compute
-        self.link.send(Global(self.config.run_id, round_index, self.bundle_sha256, encoded, round_index - 1,
-                              params_sha256(self.reference)))
-        self._publish_full(round_index)
+        self.reference = apply_delta(self.reference, decoded)
+        return encoded
+
+    def _publish_global(self, round_index: int, delta: Encoded) -> int:
+        """Publish the round's delta and the retained full vector; returns the bytes sent."""
+        sent = self.link.send(Global(self.config.run_id, round_index, self.bundle_sha256, delta, round_index - 1,
+                                     params_sha256(self.reference)))
+        return sent + self._publish_full(round_index)
 
     # ---- records ----------------------------------------------------------------------------
     def _record(self, round_index: int, selected: list[str], received: list[ReceivedUpdate],

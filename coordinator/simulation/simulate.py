@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeftl.coordinator.rounds import records
 from edgeftl.coordinator.rounds.config import CoordinatorConfig
 from edgeftl.coordinator.simulation.partition import dirichlet_split
 from edgeftl.device.data import load_bbc, read_examples, stratified_split, write_csv
@@ -135,8 +134,7 @@ def simulate(sim: SimulationConfig, rounds: CoordinatorConfig, on_round: Callabl
          "bundle": {"model_id": manifest.model_id, "quantization": manifest.quantization.scheme,
                     "adapter": asdict(manifest.adapter), "trainable_params": manifest.trainable_count}},
         indent=2, sort_keys=True) + "\n")
-    if not rounds.resume:
-        records.start_fresh(rounds.out)
+    rounds.force = not rounds.resume  # a simulation starts over in its folder unless resumed
     evaluate = make_evaluator(bundle, test, threads=2, cache_dir=sim.out / "cache")
     initial = trainable_vector(bundle, manifest)
     with broker_for(sim) as url, device_processes(sim, url, bundle, files, rounds.prefix) as processes:

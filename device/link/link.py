@@ -225,6 +225,11 @@ class Link:
         return self.connection.flush(timeout_s)
 
     @property
+    def connects(self) -> int:
+        """Connections made so far (a connection that cannot reconnect, like the in-process one: 0)."""
+        return int(getattr(self.connection, "connects", 0))
+
+    @property
     def bytes_sent(self) -> int:
         return self._counts["bytes_sent"]
 

@@ -117,6 +117,7 @@ class MqttConnection:
         self._connacked = False  # a CONNACK accepted us at least once
         self._refused = threading.Event()  # the broker said no (credentials, ACL) or TLS failed: stop waiting
         self._started = self._closed = False
+        self.connects = 0  # CONNACKs so far: more than 1 after a reconnect (the broker may have lost state)
 
     def _reconnect(self) -> mqtt.MQTTErrorCode:
         """paho's reconnect, remembering a socket or TLS error (paho retries and drops it)."""
@@ -253,6 +254,7 @@ class MqttConnection:
                 return
             self._online.set()
             self._connacked = True
+            self.connects += 1
             log.info("%s: connected to %s (session present: %s)", self.client_id, self.url, flags.session_present)
             with self._lock:
                 filters, stale = list(self._filters), sorted(self._stale - set(self._filters))

@@ -43,6 +43,7 @@ ERROR_CODES = {
     "train_failed": "local training raised an error",
     "no_global": "the global parameters the task starts from never arrived",
     "task_limits": "the task asks for more local work than the device's limits allow",
+    "bundle_mismatch": "the device holds another bundle than the task's (the reason names both hashes)",
 }
 STATUS_STATES = ("online", "offline")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
