@@ -150,7 +150,7 @@ def test_ten_thousand_hostile_messages_leave_the_federation_standing(mosquitto_b
     # ... memory bounded, the global finite and within the clipped step, the checkpoint loadable
     assert rss_after - rss_before < 150, (rss_before, rss_after)
     assert stats["queued"] == 0 and stats["chunks_pending"] == 0
-    last, params, reference, _, _ = checkpoint.load(config.out)
+    last, params, reference, _, _ = checkpoint.load(config.out, size, sha)
     assert last == records[-1]["round"] and np.isfinite(params).all() and np.isfinite(reference).all()
     assert len((config.out / "metrics.jsonl").read_text().splitlines()) == len(records)
 
@@ -211,7 +211,7 @@ def test_a_global_out_of_range_is_refused_and_never_published_or_checkpointed(tm
     # Assert: refused with its reason, the previous global kept and checkpointed
     assert record["updates_received"] == 1 and not record["aggregated"]
     assert record["global_refused"].startswith("out of range"), record["global_refused"]
-    _, params, reference, _, _ = checkpoint.load(config.out)
+    _, params, reference, _, _ = checkpoint.load(config.out, initial.size, sha)
     np.testing.assert_array_equal(params, initial)
     np.testing.assert_array_equal(reference, initial)
 

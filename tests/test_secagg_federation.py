@@ -18,6 +18,7 @@ from edgeftl.device.secagg.fixedpoint import FixedPoint
 from fixtures_build import bundle, keyword_dataset
 
 PREFIX = "edgeftl-sa"
+SIGNED_PREFIX = "edgeftl-sa-signed"  # apart from the unsigned test's retained statuses on the same broker
 
 
 def _agent(url: str, name: str, folder, data) -> DeviceAgent:
@@ -122,7 +123,7 @@ def test_signed_secure_round_checks_every_roster_key_against_the_peers(mosquitto
     for i, name in enumerate(names):
         texts, labels = keyword_dataset(16, seed=400 + i)
         keys = Keys(signing[name], {COORDINATOR: signing[COORDINATOR].public_key()})
-        link = Link.device(MqttConnection(url, device_client_id(name)), PREFIX, name, keys=keys)
+        link = Link.device(MqttConnection(url, device_client_id(name)), SIGNED_PREFIX, name, keys=keys)
         agent = DeviceAgent(link, AgentConfig(name, folder, write_csv(tmp_path / f"{name}.csv", texts, labels),
                                               threads=1, secure_aggregation=True, peers=peers))
         verify = agent.secagg.verify
@@ -130,9 +131,9 @@ def test_signed_secure_round_checks_every_roster_key_against_the_peers(mosquitto
                                                                                                          sig)
         agents.append(agent)
     config = CoordinatorConfig(out=tmp_path / "run", rounds=1, steps=2, batch=8, lr=5e-2, deadline_s=60,
-                               wait_devices=3, wait_devices_s=20, prefix=PREFIX, run_id="sa-signed",
+                               wait_devices=3, wait_devices_s=20, prefix=SIGNED_PREFIX, run_id="sa-signed",
                                secure_aggregation=True)
-    coordinator_link = Link.coordinator(MqttConnection(url, "edgeftl-sa-coord2"), PREFIX,
+    coordinator_link = Link.coordinator(MqttConnection(url, "edgeftl-sa-coord2"), SIGNED_PREFIX,
                                         keys=Keys(signing[COORDINATOR], allowlist))
     coordinator = Coordinator(coordinator_link, folder, read_manifest(folder), agents[0].runtime.get_flat(), config)
     coordinator.connect()
