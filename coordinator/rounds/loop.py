@@ -19,7 +19,7 @@ from edgeftl.coordinator.rounds.config import CoordinatorConfig
 from edgeftl.coordinator.rounds.inbox import DeviceFailure, Inbox, ReceivedUpdate
 from edgeftl.coordinator.rounds.strategy import Update as StrategyUpdate
 from edgeftl.coordinator.rounds.strategy import make_strategy
-from edgeftl.coordinator.rounds.strategy.guard import clip_updates
+from edgeftl.coordinator.rounds.strategy.guard import guard_updates
 from edgeftl.device.link import Incoming, Link, Refused
 from edgeftl.device.protocol.codecs import Encoded, ErrorFeedback, parse_codec
 from edgeftl.device.protocol.manifest import Manifest, bundle_sha256
@@ -36,7 +36,10 @@ class Coordinator:
                  on_round: Callable[[dict], None] | None = None) -> None:
         self.link, self.config, self.evaluate, self.on_round = link, config, evaluate, on_round
         self.bundle_sha256 = bundle_sha256(bundle)
-        self.strategy = make_strategy(config.strategy, manifest.trainable, config.server_lr)
+        self.strategy = make_strategy(config.strategy, manifest.trainable, config.server_lr,
+                                      trim_fraction=config.trim_fraction, byzantine=config.byzantine,
+                                      krum_select=config.krum_select)
+        self.guarded: dict = {}  # what the guards did to the last round's updates, for its record
         self.params = initial.astype(np.float32).copy()  # the server's global parameters
         self.reference = self.params.copy()  # what devices hold (differs when the downlink is lossy)
         self.downlink = ErrorFeedback(parse_codec(config.downlink), self.params.size)
@@ -83,9 +86,10 @@ class Coordinator:
         received, failed = self._collect(selected, started + self.config.deadline_s)
         late, rejected = self.inbox.close_round()
         aggregated = len(received) >= self.config.min_updates
+        self.guarded = {}
         if aggregated:
-            updates, _norms = clip_updates([StrategyUpdate(r.delta, float(r.update.samples)) for r in received],
-                                           self.config.clip_norm)
+            updates, self.guarded = guard_updates([StrategyUpdate(r.delta, float(r.update.samples)) for r in received],
+                                                  self.config.clip_norm, self.config.max_weight_ratio)
             self.params = self.strategy.aggregate(self.reference, updates)
         self._publish_global(round_index)
         checkpoint.save(self.config.out, round_index, self.params, self.reference, self.strategy.state(),
@@ -173,6 +177,7 @@ class Coordinator:
             "bytes_down": int(sum(m.get("bytes_down", 0) for m in metrics.values())),
             "bytes_published": sent,
             "device_peak_rss_mib": max((m.get("peak_rss_mib", 0.0) for m in metrics.values()), default=0.0),
+            **self.guarded,
             "devices": metrics,
             "wall_s": round(wall_s, 3),
         }
