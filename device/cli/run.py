@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edgeftl.device.agent import DeviceAgent
 
 
 def add_run(p: argparse.ArgumentParser) -> None:
@@ -21,14 +25,23 @@ def add_run(p: argparse.ArgumentParser) -> None:
 
 
 def run_device(args: argparse.Namespace) -> dict:
+    return serve(make_agent(args), args)
+
+
+def make_agent(args: argparse.Namespace) -> DeviceAgent:
+    """The connected-to-be agent the `run` flags describe (its link is not opened yet)."""
     from edgeftl.device.agent import AgentConfig, DeviceAgent
     from edgeftl.device.link import Link, MqttConnection
     from edgeftl.device.protocol.topics import device_client_id
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.id} %(levelname)s %(message)s")
     link = Link.device(MqttConnection(args.broker, device_client_id(args.id)), args.prefix, args.id)
-    agent = DeviceAgent(link, AgentConfig(args.id, args.bundle, args.data, args.state, args.cache_dir, args.threads,
-                                          args.micro_batch))
+    return DeviceAgent(link, AgentConfig(args.id, args.bundle, args.data, args.state, args.cache_dir, args.threads,
+                                         args.micro_batch))
+
+
+def serve(agent: DeviceAgent, args: argparse.Namespace) -> dict:
+    """Connect the agent and answer tasks until --rounds updates are sent or the process is interrupted."""
     agent.start()
     logging.info("connected to %s as %s; waiting for tasks", args.broker, args.id)
     try:
