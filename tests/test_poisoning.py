@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgeftl.coordinator.rounds.config import CoordinatorConfig
@@ -17,7 +18,9 @@ from edgeftl.coordinator.rounds.evaluate import make_evaluator
 from edgeftl.coordinator.rounds.loop import Coordinator
 from edgeftl.device.data import write_csv
 from edgeftl.device.link import InProcessBroker
+from edgeftl.device.protocol.codecs import parse_codec
 from edgeftl.device.protocol.manifest import read_manifest
+from edgeftl.device.protocol.messages import Update
 
 from fixtures_build import bundle, coordinator_link, in_process_devices, keyword_dataset
 
@@ -25,6 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from poison import Attack, poison  # tools/ is not a package
 
 DEVICES, ROUNDS = 5, 3
+
+
+@pytest.mark.parametrize("codec", ["none", "fp16"])
+def test_an_attack_rewrites_the_delta_and_the_claimed_samples_only(codec):
+    delta = np.array([0.5, -1.0, 2.0], np.float32)
+    honest = Update("run", 3, "ab" * 32, "dev9", 40, 7, parse_codec(codec).encode(delta), {"samples": 40})
+    sent = Attack(scale=-5.0, samples=10**6).apply(honest)
+    np.testing.assert_allclose(parse_codec(sent.vector.codec).decode(sent.vector), -5 * delta)
+    assert sent.samples == 10**6 and sent.vector.codec == honest.vector.codec
+    assert (sent.run_id, sent.round, sent.device_id, sent.seq, sent.metrics) == ("run", 3, "dev9", 7, {"samples": 40})
+    assert Attack(scale=2.0).apply(honest).samples == 40
 
 
 def _federate(tmp: Path, folder: Path, strategy: str, clip_norm: float, max_weight_ratio: float) -> list[dict]:
