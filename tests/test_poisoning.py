@@ -66,7 +66,6 @@ def _federate(tmp: Path, folder: Path, strategy: str, clip_norm: float, max_weig
     return records
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("strategy, clip_norm, max_weight_ratio, wrecked", [
     ("fedavg", 0.0, 0.0, True),  # no guard: the attacker's update is the round
     ("fedavg", 1.0, 10.0, False),
