@@ -77,7 +77,7 @@ def test_make_strategy_names():
     assert make_strategy("fedyogi").name == "fedyogi"
     assert make_strategy("lora-svd", _trainable(4, 2, 3)).name == "lora-svd"
     with pytest.raises(ValueError, match="accepted"):
-        make_strategy("krum")
+        make_strategy("bulyan")
 
 
 def test_lora_svd_refuses_trainable_entries_without_lora_factors():

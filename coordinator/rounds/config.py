@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeftl.coordinator.rounds.secure import STRATEGIES as SECURE_STRATEGIES
-from edgeftl.coordinator.rounds.strategy import STRATEGIES
+from edgeftl.coordinator.rounds.strategy import KRUM_STRATEGIES, STRATEGIES
+from edgeftl.coordinator.rounds.strategy.guard import DEFAULT_MAX_WEIGHT_RATIO
+from edgeftl.coordinator.rounds.strategy.trimmed import check_trim_fraction
 from edgeftl.device.protocol.codecs import parse_codec
 
 DEFAULT_STEPS = 10
@@ -34,6 +36,10 @@ class CoordinatorConfig:
     clip_norm: float = 0.0  # per-update L2 clip before aggregation; 0 = none
     max_step_norm: float = 0.0  # refuse a new global further than this (L2) from the last; 0 = unbounded
     secure_aggregation: bool = False  # masked updates, only their sum is unmasked (docs/SECAGG.md)
+    max_weight_ratio: float = DEFAULT_MAX_WEIGHT_RATIO  # cap on a weight, x the round's median; 0 = none
+    trim_fraction: float = 0.1  # trimmed-mean: share dropped from each side per coordinate
+    byzantine: int = 0  # f, the attackers krum and multi-krum tolerate
+    krum_select: int = 0  # updates multi-krum averages; 0 = n - f
     seed: int = 0
     run_id: str = ""  # "" = a fresh id per run (resume keeps the checkpoint's)
     prefix: str = "edgeftl"
@@ -56,6 +62,7 @@ class CoordinatorConfig:
         for name in ("clip_norm", "max_step_norm"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0 = off), got {getattr(self, name)}")
+        self._check_robust()
         if not self.deadline_s > 0 or not self.lr > 0:
             raise ValueError("--deadline-s and --lr must be positive")
         if self.strategy not in STRATEGIES:
@@ -70,3 +77,22 @@ class CoordinatorConfig:
             self.run_id = f"run-{uuid.uuid4().hex[:12]}"
         self.codec = parse_codec(self.codec).spec  # raises CodecError (a ValueError) naming the forms
         self.downlink = parse_codec(self.downlink).spec
+
+    def _check_robust(self) -> None:
+        """The weight cap and the robust aggregators' parameters."""
+        if not self.max_weight_ratio == 0 and not self.max_weight_ratio >= 1:
+            raise ValueError(f"--max-weight-ratio must be 0 (no cap) or >= 1 (x the round's median weight), "
+                             f"got {self.max_weight_ratio}")
+        check_trim_fraction(self.trim_fraction)
+        if self.byzantine < 0 or self.krum_select < 0:
+            raise ValueError(f"--byzantine and --krum-select must be >= 0, got {self.byzantine} and {self.krum_select}")
+        if self.strategy not in KRUM_STRATEGIES:
+            return
+        if self.byzantine < 1:
+            raise ValueError(f"--strategy {self.strategy} needs --byzantine f >= 1, the attackers to tolerate")
+        if 0 < self.devices_per_round <= 2 * self.byzantine + 2:
+            raise ValueError(f"--strategy {self.strategy} with --byzantine {self.byzantine} needs more than "
+                             f"{2 * self.byzantine + 2} updates a round (n > 2f + 2); "
+                             f"--devices-per-round is {self.devices_per_round}")
+        if self.krum_select and self.devices_per_round and self.krum_select > self.devices_per_round:
+            raise ValueError(f"--krum-select {self.krum_select} exceeds --devices-per-round {self.devices_per_round}")

@@ -20,7 +20,7 @@ from edgeftl.coordinator.rounds.inbox import Counted, DeviceFailure, Inbox, Rece
 from edgeftl.coordinator.rounds.secure import SecureRounds
 from edgeftl.coordinator.rounds.strategy import Update as StrategyUpdate
 from edgeftl.coordinator.rounds.strategy import make_strategy
-from edgeftl.coordinator.rounds.strategy.guard import clip_updates
+from edgeftl.coordinator.rounds.strategy.guard import guard_updates
 from edgeftl.device.failpoint import failpoint
 from edgeftl.device.link import Incoming, Link, Refused
 from edgeftl.device.protocol.codecs import Encoded, ErrorFeedback, parse_codec
@@ -53,7 +53,10 @@ class Coordinator:
                  on_round: Callable[[dict], None] | None = None) -> None:
         self.link, self.config, self.evaluate, self.on_round = link, config, evaluate, on_round
         self.bundle_sha256 = bundle_sha256(bundle)
-        self.strategy = make_strategy(config.strategy, manifest.trainable, config.server_lr)
+        self.strategy = make_strategy(config.strategy, manifest.trainable, config.server_lr,
+                                      trim_fraction=config.trim_fraction, byzantine=config.byzantine,
+                                      krum_select=config.krum_select)
+        self.guarded: dict = {}  # what the guards did to the last round's updates, for its record
         self.params = initial.astype(np.float32).copy()  # the server's global parameters
         self.reference = self.params.copy()  # what devices hold (differs when the downlink is lossy)
         self.downlink = ErrorFeedback(parse_codec(config.downlink), self.params.size)
@@ -137,6 +140,7 @@ class Coordinator:
             updates, count = [StrategyUpdate(r.delta, float(r.update.samples)) for r in received], len(received)
         counted = self.inbox.close_round()
         refused_globals = None
+        self.guarded = {}
         aggregated = count >= self.config.min_updates and bool(updates)
         if aggregated:
             refused_globals = self._aggregate(updates)
@@ -162,7 +166,7 @@ class Coordinator:
         """Aggregate the round's updates into self.params; None, or why the new global was refused
         (not finite, out of range, or a step above --max-step-norm), in which case params and the
         strategy's state stay as they were and the round counts as not aggregated."""
-        updates, _norms = clip_updates(updates, self.config.clip_norm)
+        updates, self.guarded = guard_updates(updates, self.config.clip_norm, self.config.max_weight_ratio)
         saved = {k: v.copy() for k, v in self.strategy.state().items()}
         candidate = self.strategy.aggregate(self.reference, updates)
         problem = global_problem(candidate, self.reference, self.config.max_step_norm)
@@ -298,6 +302,7 @@ class Coordinator:
             "bytes_published": sent,
             "device_peak_rss_mib": max((records.number(m.get("peak_rss_mib")) for m in metrics.values()),
                                        default=0.0),
+            **self.guarded,
             "devices": metrics,
             "wall_s": round(wall_s, 3),
         }

@@ -88,8 +88,13 @@ def broker_for(sim: SimulationConfig):
 
 
 @contextlib.contextmanager
-def device_processes(sim: SimulationConfig, url: str, bundle: Path, files: list[Path], prefix: str):
-    """One `edgeftl device run` process per device; logs under out/devices/."""
+def device_processes(sim: SimulationConfig, url: str, bundle: Path, files: list[Path], prefix: str,
+                     programs: dict[str, list[str]] | None = None):
+    """One `edgeftl device run` process per device; logs under out/devices/.
+
+    `programs` maps a device id (dev00, dev01, ...) to the command run instead of `edgeftl device
+    run`, given the same flags (a benchmark's attacking device, for example).
+    """
     logs = sim.out / "devices"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(sim.device_threads)}
@@ -97,7 +102,8 @@ def device_processes(sim: SimulationConfig, url: str, bundle: Path, files: list[
     try:
         for device, data in enumerate(files):
             name = f"dev{device:02d}"
-            command = [sys.executable, "-m", "edgeftl.device.cli", "device", "run", "--broker", url,
+            program = (programs or {}).get(name, [sys.executable, "-m", "edgeftl.device.cli", "device", "run"])
+            command = [*program, "--broker", url,
                        "--bundle", str(bundle), "--data", str(data), "--id", name, "--prefix", prefix,
                        "--threads", str(sim.device_threads), "--state", str(logs / name),
                        "--cache-dir", str(sim.out / "cache")]
@@ -116,7 +122,8 @@ def device_processes(sim: SimulationConfig, url: str, bundle: Path, files: list[
 
 
 def simulate(sim: SimulationConfig, rounds: CoordinatorConfig, on_round: Callable[[dict], None],
-             on_start: Callable[[object], None] | None = None) -> list[dict]:
+             on_start: Callable[[object], None] | None = None,
+             programs: dict[str, list[str]] | None = None) -> list[dict]:
     from edgeftl.coordinator.rounds.evaluate import make_evaluator
     from edgeftl.coordinator.rounds.loop import Coordinator
     from edgeftl.device.link import Link, MqttConnection
@@ -137,7 +144,7 @@ def simulate(sim: SimulationConfig, rounds: CoordinatorConfig, on_round: Callabl
     rounds.force = not rounds.resume  # a simulation starts over in its folder unless resumed
     evaluate = make_evaluator(bundle, test, threads=2, cache_dir=sim.out / "cache")
     initial = trainable_vector(bundle, manifest)
-    with broker_for(sim) as url, device_processes(sim, url, bundle, files, rounds.prefix) as processes:
+    with broker_for(sim) as url, device_processes(sim, url, bundle, files, rounds.prefix, programs) as processes:
         link = Link.coordinator(MqttConnection(url, coordinator_client_id(rounds.prefix)), rounds.prefix)
         coordinator = Coordinator(link, bundle, manifest, initial, rounds, evaluate, on_round)
         if on_start is not None:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgeftl.device.limits import TaskLimits
+
+if TYPE_CHECKING:
+    from edgeftl.device.agent import DeviceAgent
 
 
 def add_run(p: argparse.ArgumentParser) -> None:
@@ -35,6 +39,11 @@ def add_run(p: argparse.ArgumentParser) -> None:
 
 
 def run_device(args: argparse.Namespace) -> dict:
+    return serve(make_agent(args), args)
+
+
+def make_agent(args: argparse.Namespace) -> DeviceAgent:
+    """The connected-to-be agent the `run` flags describe (its link is not opened yet)."""
     from edgeftl.device.agent import AgentConfig, DeviceAgent
     from edgeftl.device.cli.common import security_from
     from edgeftl.device.link import Link, MqttConnection
@@ -47,9 +56,12 @@ def run_device(args: argparse.Namespace) -> dict:
     keys = device_keys(args.signing_key, read_manifest(args.bundle).coordinator_key)
     link = Link.device(connection, args.prefix, args.id, keys=keys)
     limits = TaskLimits(args.max_steps, args.max_epochs, args.max_batch)
-    agent = DeviceAgent(link, AgentConfig(args.id, args.bundle, args.data, args.state, args.cache_dir, args.threads,
-                                          args.micro_batch, limits, args.secure_aggregation,
-                                          args.peers))
+    return DeviceAgent(link, AgentConfig(args.id, args.bundle, args.data, args.state, args.cache_dir, args.threads,
+                                         args.micro_batch, limits, args.secure_aggregation, args.peers))
+
+
+def serve(agent: DeviceAgent, args: argparse.Namespace) -> dict:
+    """Connect the agent and answer tasks until --rounds updates are sent or the process is interrupted."""
     agent.start()
     logging.info("connected to %s as %s; waiting for tasks", args.broker, args.id)
     try:

@@ -51,3 +51,17 @@ def weighted_mean(updates: list[Update]) -> np.ndarray:
     for update, weight in zip(updates, weights):
         total += weight * update.delta.astype(np.float64)
     return (total / weights.sum()).astype(np.float32)
+
+
+def stacked(updates: list[Update]) -> np.ndarray:
+    """The deltas as one float64 matrix (n updates, n parameters), for coordinate-wise statistics."""
+    if not updates:
+        raise ValueError("cannot aggregate zero updates")
+    return np.stack([u.delta.astype(np.float64) for u in updates])
+
+
+def checked_server_lr(server_lr: float) -> float:
+    """server_lr itself, or ValueError when it is not positive."""
+    if not server_lr > 0:
+        raise ValueError(f"server learning rate must be positive, got {server_lr}")
+    return server_lr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeftl.coordinator.rounds.strategy.base import Strategy, Update, weighted_mean
+from edgeftl.coordinator.rounds.strategy.base import Strategy, Update, checked_server_lr, weighted_mean
 
 
 class FedAvg(Strategy):
@@ -13,9 +13,7 @@ class FedAvg(Strategy):
     name = "fedavg"
 
     def __init__(self, server_lr: float = 1.0) -> None:
-        if not server_lr > 0:
-            raise ValueError(f"server learning rate must be positive, got {server_lr}")
-        self.server_lr = server_lr
+        self.server_lr = checked_server_lr(server_lr)
 
     def aggregate(self, global_params: np.ndarray, updates: list[Update]) -> np.ndarray:
         return (global_params + self.server_lr * weighted_mean(updates)).astype(np.float32)
