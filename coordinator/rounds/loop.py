@@ -17,6 +17,7 @@ import numpy as np
 from edgeftl.coordinator.rounds import checkpoint, records
 from edgeftl.coordinator.rounds.config import CoordinatorConfig
 from edgeftl.coordinator.rounds.inbox import DeviceFailure, Inbox, ReceivedUpdate
+from edgeftl.coordinator.rounds.privacy.mechanism import ClientDp
 from edgeftl.coordinator.rounds.strategy import Update as StrategyUpdate
 from edgeftl.coordinator.rounds.strategy import make_strategy
 from edgeftl.coordinator.rounds.strategy.guard import clip_updates
@@ -44,6 +45,8 @@ class Coordinator:
         self.online: dict[str, bool] = {}
         self.platforms: dict[str, dict] = {}  # device -> its platform_* metrics
         self.rng = np.random.default_rng(config.seed)
+        self.privacy = (ClientDp(config.clip_norm, config.dp_noise, config.dp_delta, config.seed)
+                        if config.dp_noise > 0 else None)  # None: not one step of the round changes
         self.start_round = 0
         config.out.mkdir(parents=True, exist_ok=True)
 
@@ -55,6 +58,8 @@ class Coordinator:
                 raise ValueError(f"checkpoint in {str(self.config.out)!r} is for another bundle; "
                                  "use a new --out or the bundle it was made with")
             self.strategy.load_state(state)
+            if self.privacy is not None:
+                self.privacy.load_state(meta)
             self.config.run_id = self.inbox.run_id = meta.get("run_id", self.config.run_id)
             self.start_round = last + 1
             log.info("resuming after round %d", last)
@@ -76,7 +81,7 @@ class Coordinator:
 
     def run_round(self, round_index: int) -> dict:
         started = time.monotonic()
-        selected = self._sample()
+        selected, online = self._sample(), self._online_count()
         sent_before = self.link.bytes_sent
         self.inbox.open_round(round_index, selected)
         self._publish_task(round_index, selected)
@@ -86,10 +91,13 @@ class Coordinator:
         if aggregated:
             updates, _norms = clip_updates([StrategyUpdate(r.delta, float(r.update.samples)) for r in received],
                                            self.config.clip_norm)
+            if self.privacy is not None:  # the strategy sees one noisy mean, never a device's update
+                updates = [self.privacy.noisy_mean(updates, round_index, len(selected), online)]
             self.params = self.strategy.aggregate(self.reference, updates)
         self._publish_global(round_index)
         checkpoint.save(self.config.out, round_index, self.params, self.reference, self.strategy.state(),
-                        {"run_id": self.config.run_id, "bundle_sha256": self.bundle_sha256})
+                        {"run_id": self.config.run_id, "bundle_sha256": self.bundle_sha256,
+                         **(self.privacy.state() if self.privacy is not None else {})})
         record = self._record(round_index, selected, received, failed, late, rejected, aggregated,
                               self.link.bytes_sent - sent_before, time.monotonic() - started)
         self._log(record)
@@ -179,6 +187,8 @@ class Coordinator:
         report = self.strategy.report()
         if report:
             record["strategy_report"] = report
+        if self.privacy is not None:
+            record.update(self.privacy.record())
         if self.evaluate is not None:
             record.update(self.evaluate(self.reference))
         return record
