@@ -53,7 +53,10 @@ ROUND_FLAGS = {
     "trim_fraction": "trimmed-mean: share of values dropped from each side, per parameter",
     "byzantine": "krum, multi-krum: f, the attacking devices to tolerate (needs more than 2f + 2 updates a round)",
     "krum_select": "multi-krum: updates averaged; 0 = n - f",
-    "seed": "seed of the device sampling",
+    "dp_noise": "client-level DP: Gaussian noise multiplier z on the mean of the clipped updates (std z C / n, "
+                "uniform weights; needs --clip-norm; noise seeded by --seed); 0 = off",
+    "dp_delta": "the delta at which each round's record reports epsilon",
+    "seed": "seed of the device sampling and of the DP noise",
     "run_id": "federation run id; default: a fresh one (--resume keeps the checkpoint's)",
     "prefix": "MQTT topic prefix",
 }
@@ -79,6 +82,7 @@ def round_line(record: dict) -> str:
     from edgeftl.coordinator.cli.live import failed_suffix  # the live view's module, loaded once the rounds run
 
     acc = f" accuracy {record['accuracy']:.1%}" if "accuracy" in record else ""
+    acc += f" eps {record['dp_epsilon']:.2f}" if "dp_epsilon" in record else ""
     failed = failed_suffix(record.get("updates_failed", 0))  # records written before error replies lack it
     return (f"round {record['round']:3d}: {record['updates_received']}/{record['devices_selected']} updates"
             f" ({record['updates_late']} late, {record['updates_rejected']} rejected{failed}){acc}"

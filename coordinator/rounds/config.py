@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeftl.coordinator.rounds.privacy.mechanism import DP_STRATEGIES
 from edgeftl.coordinator.rounds.secure import STRATEGIES as SECURE_STRATEGIES
 from edgeftl.coordinator.rounds.strategy import KRUM_STRATEGIES, STRATEGIES
 from edgeftl.coordinator.rounds.strategy.guard import DEFAULT_MAX_WEIGHT_RATIO
@@ -40,6 +41,8 @@ class CoordinatorConfig:
     trim_fraction: float = 0.1  # trimmed-mean: share dropped from each side per coordinate
     byzantine: int = 0  # f, the attackers krum and multi-krum tolerate
     krum_select: int = 0  # updates multi-krum averages; 0 = n - f
+    dp_noise: float = 0.0  # client-level DP noise multiplier z (std z * clip_norm / n); 0 = no DP
+    dp_delta: float = 1e-5  # the delta epsilon is reported at
     seed: int = 0
     run_id: str = ""  # "" = a fresh id per run (resume keeps the checkpoint's)
     prefix: str = "edgeftl"
@@ -71,6 +74,7 @@ class CoordinatorConfig:
             raise ValueError(f"--secure-aggregation needs a strategy of {', '.join(SECURE_STRATEGIES)} and no "
                              f"--clip-norm (the coordinator sees only the sum), got {self.strategy!r}, "
                              f"clip norm {self.clip_norm}")
+        self._check_dp()
         if not self.run_id:
             import uuid
 
@@ -96,3 +100,15 @@ class CoordinatorConfig:
                              f"--devices-per-round is {self.devices_per_round}")
         if self.krum_select and self.devices_per_round and self.krum_select > self.devices_per_round:
             raise ValueError(f"--krum-select {self.krum_select} exceeds --devices-per-round {self.devices_per_round}")
+
+    def _check_dp(self) -> None:
+        if not (0 <= self.dp_noise < float("inf")):
+            raise ValueError(f"--dp-noise must be a finite number >= 0 (0 = no DP), got {self.dp_noise}")
+        if not 0 < self.dp_delta < 1:
+            raise ValueError(f"--dp-delta must be in (0, 1), got {self.dp_delta}")
+        if self.dp_noise > 0 and not self.clip_norm > 0:
+            raise ValueError("--dp-noise needs --clip-norm > 0: the noise is scaled to the clip norm, "
+                             "and an unclipped update has no bound")
+        if self.dp_noise > 0 and self.strategy not in DP_STRATEGIES:
+            raise ValueError(f"--dp-noise works with {', '.join(DP_STRATEGIES)}, not {self.strategy!r}: "
+                             "the strategy sees one noisy mean, never the individual updates")

@@ -17,6 +17,7 @@ import numpy as np
 from edgeftl.coordinator.rounds import checkpoint, journal, records
 from edgeftl.coordinator.rounds.config import CoordinatorConfig
 from edgeftl.coordinator.rounds.inbox import Counted, DeviceFailure, Inbox, ReceivedUpdate
+from edgeftl.coordinator.rounds.privacy.mechanism import ClientDp
 from edgeftl.coordinator.rounds.secure import SecureRounds
 from edgeftl.coordinator.rounds.strategy import Update as StrategyUpdate
 from edgeftl.coordinator.rounds.strategy import make_strategy
@@ -64,6 +65,8 @@ class Coordinator:
         self.online: dict[str, bool] = {}
         self.platforms: dict[str, dict] = {}  # device -> its platform_* metrics
         self.rng = np.random.default_rng(config.seed)
+        self.privacy = (ClientDp(config.clip_norm, config.dp_noise, config.dp_delta, config.seed)
+                        if config.dp_noise > 0 else None)  # None: not one step of the round changes
         self.start_round = 0
         self._losses_seen: dict[str, int] = {}
         link.limit_message_bytes(largest_update_bytes(self.params.size))
@@ -91,6 +94,8 @@ class Coordinator:
             self.strategy.load_state(state)
             if isinstance(meta.get("sampler"), dict):  # the same device sampling as an uninterrupted run
                 self.rng.bit_generator.state = meta["sampler"]
+            if self.privacy is not None:  # the budget already spent
+                self.privacy.load_state(meta)
         except (ValueError, KeyError, TypeError) as exc:
             raise checkpoint.CheckpointError(f"checkpoint {str(out / checkpoint.CHECKPOINT)!r} has server state "
                                              f"this coordinator cannot load ({exc}); resume with the same "
@@ -129,6 +134,7 @@ class Coordinator:
         and its record appended, so a kill at any point loses neither (module checkpoint)."""
         started = time.monotonic()
         selected = self._open_round(round_index)
+        online = self._online_count()
         sent_before = self.link.bytes_sent
         self._publish_task(round_index, selected)
         secure = self.secure.run(round_index, selected, started + self.config.deadline_s) if self.secure else None
@@ -143,7 +149,7 @@ class Coordinator:
         self.guarded = {}
         aggregated = count >= self.config.min_updates and bool(updates)
         if aggregated:
-            refused_globals = self._aggregate(updates)
+            refused_globals = self._aggregate(updates, round_index, len(selected), online)
             aggregated = refused_globals is None
         failpoint("before_checkpoint", round_index)
         delta = self._advance_reference()
@@ -155,18 +161,21 @@ class Coordinator:
             record.update(updates_received=secure.count, bytes_up=secure.bytes_up, secure_aggregation=secure.report)
         checkpoint.save(self.config.out, round_index, self.params, self.reference, self.strategy.state(),
                         {"run_id": self.config.run_id, "bundle_sha256": self.bundle_sha256,
-                         "sampler": self.rng.bit_generator.state}, record)
+                         "sampler": self.rng.bit_generator.state,
+                         **(self.privacy.state() if self.privacy is not None else {})}, record)
         journal.clear(self.config.out)
         failpoint("after_checkpoint", round_index)
         record["bytes_published"] += self._publish_global(round_index, delta)
         self._log(record)
         return record
 
-    def _aggregate(self, updates: list[StrategyUpdate]) -> str | None:
+    def _aggregate(self, updates: list[StrategyUpdate], round_index: int, sampled: int, online: int) -> str | None:
         """Aggregate the round's updates into self.params; None, or why the new global was refused
         (not finite, out of range, or a step above --max-step-norm), in which case params and the
         strategy's state stay as they were and the round counts as not aggregated."""
         updates, self.guarded = guard_updates(updates, self.config.clip_norm, self.config.max_weight_ratio)
+        if self.privacy is not None:  # the strategy sees one noisy mean, never a device's update
+            updates = [self.privacy.noisy_mean(updates, round_index, sampled, online)]
         saved = {k: v.copy() for k, v in self.strategy.state().items()}
         candidate = self.strategy.aggregate(self.reference, updates)
         problem = global_problem(candidate, self.reference, self.config.max_step_norm)
@@ -309,6 +318,8 @@ class Coordinator:
         report = self.strategy.report()
         if report:
             record["strategy_report"] = report
+        if self.privacy is not None:
+            record.update(self.privacy.record())
         if self.evaluate is not None:
             record.update(self._evaluate())
         return record
