@@ -18,7 +18,7 @@ upper bound), while this module keeps their signs as MTZ 2019 do, which is exact
 it against numerical integration).
 
 Adjacency is add/remove one device (client level), and q assumes Poisson sampling: see
-docs/security/dp.md for what that means for the coordinator's fixed-size sampling.
+docs/SECURITY.md for what that means for the coordinator's fixed-size sampling.
 """
 
 from __future__ import annotations

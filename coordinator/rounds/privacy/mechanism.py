@@ -14,7 +14,7 @@ update (weight 1), so FedAvg, FedAdam, FedYogi and lora-svd process it as post-p
 
 The noise comes from numpy's Generator seeded with (config seed, round): a run can be repeated
 bit for bit, and a resumed run draws the same noise as one that never stopped. Whoever knows the
-seed can regenerate the noise and remove it: see docs/security/dp.md.
+seed can regenerate the noise and remove it: see docs/SECURITY.md.
 """
 
 from __future__ import annotations
