@@ -21,6 +21,7 @@ from edgeftl.device.agent import AgentConfig, DeviceAgent
 from edgeftl.device.data import write_csv
 from edgeftl.device.link import InProcessBroker, Link, MqttConnection
 from edgeftl.device.protocol.manifest import bundle_sha256, read_manifest
+from edgeftl.device.protocol.messages import decode
 from edgeftl.device.protocol.topics import Topics, device_client_id
 from edgeftl.device.runtime import BundleRuntime
 
@@ -191,49 +192,39 @@ def _reasons(records: list[dict]) -> dict[str, int]:
     return total
 
 
-def test_a_global_out_of_range_is_refused_and_never_published_or_checkpointed(tmp_path, tmp_path_factory):
-    # Prepare: one device whose update is float32 max everywhere with a huge weight, no clipping
-    folder = bundle(tmp_path_factory, "bert-int8")
+def _one_update_round(tmp_path: Path, factory, make_values, **config_fields) -> tuple[dict, np.ndarray, str, Path]:
+    """A coordinator over an in-process broker, one device whose update (weighted 2**40) carries
+    make_values(initial global); returns (round 0's record, the initial global, bundle hash, run folder)."""
+    folder = bundle(factory, "bert-int8")
     manifest, sha = read_manifest(folder), bundle_sha256(folder)
     broker = InProcessBroker()
     initial = BundleRuntime(folder).get_flat()
-    config = CoordinatorConfig(out=tmp_path / "run", rounds=1, deadline_s=10, wait_devices=1, run_id="r")
+    config = CoordinatorConfig(out=tmp_path / "run", rounds=1, deadline_s=10, run_id="r", **config_fields)
     coordinator = Coordinator(coordinator_link(broker), folder, manifest, initial, config)
     device = device_link(broker, "dev0")
     device.connect()
     coordinator.connect()
     assert coordinator.wait_for_devices() == 1
     target = Target("r", sha, initial.size, ["dev0"], ["dev0"], lambda: 0)
-    huge = np.where(initial >= 0, 1, -1).astype(np.float32) * np.finfo(np.float32).max
-    device.send(_decoded_update(target, huge))
-    # Execute
-    record = coordinator.run_round(0)
+    payload = hostile_traffic.update(target, "dev0", 0, make_values(initial), samples=2**40)
+    device.send(decode(payload, 1 << 30))
+    return coordinator.run_round(0), initial, sha, config.out
+
+
+def test_a_global_out_of_range_is_refused_and_never_published_or_checkpointed(tmp_path, tmp_path_factory):
+    # Prepare + Execute: one update of float32 max everywhere (finite) with a huge weight, no clipping
+    record, initial, sha, out = _one_update_round(
+        tmp_path, tmp_path_factory, lambda g: np.where(g >= 0, 1, -1).astype(np.float32) * np.finfo(np.float32).max)
     # Assert: refused with its reason, the previous global kept and checkpointed
     assert record["updates_received"] == 1 and not record["aggregated"]
     assert record["global_refused"].startswith("out of range"), record["global_refused"]
-    _, params, reference, _, _ = checkpoint.load(config.out, initial.size, sha)
+    _, params, reference, _, _ = checkpoint.load(out, initial.size, sha)
     np.testing.assert_array_equal(params, initial)
     np.testing.assert_array_equal(reference, initial)
 
 
-def _decoded_update(target: Target, values: np.ndarray):
-    from edgeftl.device.protocol.messages import decode
-
-    return decode(hostile_traffic.update(target, "dev0", 0, values, samples=2**40), 1 << 30)
-
-
 def test_a_step_above_max_step_norm_is_refused(tmp_path, tmp_path_factory):
-    folder = bundle(tmp_path_factory, "bert-int8")
-    manifest, sha = read_manifest(folder), bundle_sha256(folder)
-    broker = InProcessBroker()
-    initial = BundleRuntime(folder).get_flat()
-    config = CoordinatorConfig(out=tmp_path / "run", rounds=1, deadline_s=10, run_id="r", max_step_norm=0.5)
-    coordinator = Coordinator(coordinator_link(broker), folder, manifest, initial, config)
-    device = device_link(broker, "dev0")
-    device.connect()
-    coordinator.connect()
-    assert coordinator.wait_for_devices() == 1
-    target = Target("r", sha, initial.size, ["dev0"], ["dev0"], lambda: 0)
-    device.send(_decoded_update(target, np.full(initial.size, 0.1, np.float32)))  # norm 0.1 * sqrt(n) > 0.5
-    record = coordinator.run_round(0)
+    # an update of 0.1 everywhere: norm 0.1 * sqrt(n) > 0.5
+    record, *_ = _one_update_round(tmp_path, tmp_path_factory, lambda g: np.full(g.size, 0.1, np.float32),
+                                   max_step_norm=0.5)
     assert not record["aggregated"] and record["global_refused"].startswith("step too large")
