@@ -29,6 +29,7 @@ from edgeftl.device.link.framing import Framer
 from edgeftl.device.protocol import wire
 from edgeftl.device.protocol.auth import Keys
 from edgeftl.device.protocol.messages import (
+    DEVICE_PLACES,
     MAX_DEVICE_HEADER_BYTES,
     ErrorReply,
     Global,
@@ -54,7 +55,6 @@ MAX_QUEUED_PER_SENDER = 16  # one sender (a device's topic) cannot crowd the oth
 EXPIRE_EVERY_S = 1.0  # partial chunked messages are expired this often, not only when a chunk arrives
 DEFAULT_MAX_CHUNK = 256 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-_DEVICE_PLACES = ("update", "status")  # where small headers are required (messages.MAX_DEVICE_HEADER_BYTES)
 
 
 class LinkError(RuntimeError):
@@ -283,7 +283,7 @@ class Link:
             if where == "status":
                 message: Message = status_from_payload(payload, str(device), self.max_message_bytes)
             else:
-                max_header = MAX_DEVICE_HEADER_BYTES if where in _DEVICE_PLACES else wire.MAX_HEADER_BYTES
+                max_header = MAX_DEVICE_HEADER_BYTES if where in DEVICE_PLACES else wire.MAX_HEADER_BYTES
                 message = decode(payload, self.max_message_bytes, max_header)
             check_place(where, device, message)
             self.keys.check(payload, message)

@@ -380,6 +380,8 @@ def _codec(spec: str) -> Codec:
 ACCEPTED_AT: dict[str, tuple[str, ...]] = {"task": ("task",), "global": ("global",), "delta": ("global",),
                                            "update": ("update", "error"), "status": ("status",),
                                            "secagg_up": ("secagg",), "secagg_down": ("secagg",)}
+# The places devices publish on: headers there are at most MAX_DEVICE_HEADER_BYTES.
+DEVICE_PLACES = ("update", "status", "secagg_up")
 
 
 def check_place(place: str, device_id: str | None, message: Message) -> None:
