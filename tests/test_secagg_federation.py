@@ -50,6 +50,25 @@ def _crash_at(agent: DeviceAgent, stage: str) -> None:
     agent.secagg.handle = crashing
 
 
+def _one_round(coordinator: Coordinator, agents: list[DeviceAgent]) -> dict:
+    """Connect everyone, run the coordinator's one round with each agent on its own thread, close all."""
+    coordinator.connect()
+    threads = []
+    for agent in agents:
+        agent.start()
+        threads.append(threading.Thread(target=agent.run, kwargs={"max_rounds": 1, "stop_after_s": 120},
+                                        daemon=True))
+        threads[-1].start()
+    assert coordinator.wait_for_devices() == len(agents)
+    (record,) = coordinator.run()
+    for t in threads:
+        t.join(timeout=30)
+    for agent in agents:
+        agent.close()
+    coordinator.link.close()
+    return record
+
+
 def test_secure_round_survives_dropouts_and_matches_fedavg(mosquitto_broker, tmp_path, tmp_path_factory):
     # Prepare: 5 devices with different amounts of data; dev4 vanishes after sharing its keys (before
     # masking), dev3 after sending its masked update (before the unmasking)
@@ -70,21 +89,8 @@ def test_secure_round_survives_dropouts_and_matches_fedavg(mosquitto_broker, tmp
                                secure_aggregation=True)
     coordinator = Coordinator(Link.coordinator(MqttConnection(url, "edgeftl-sa-coord"), PREFIX), folder, manifest,
                               initial, config)
-    coordinator.connect()
-    threads = []
-    for agent in agents:
-        agent.start()
-        threads.append(threading.Thread(target=agent.run, kwargs={"max_rounds": 1, "stop_after_s": 120},
-                                        daemon=True))
-        threads[-1].start()
     # Execute
-    assert coordinator.wait_for_devices() == 5
-    (record,) = coordinator.run()
-    for t in threads:
-        t.join(timeout=30)
-    for agent in agents:
-        agent.close()
-    coordinator.link.close()
+    record = _one_round(coordinator, agents)
     # Assert: the four masked updates (dev3's included) were aggregated, dev4's was not
     report = record["secure_aggregation"]
     assert report["error"] is None and (report["advertised"], report["shared"]) == (5, 5), report
@@ -136,21 +142,8 @@ def test_signed_secure_round_checks_every_roster_key_against_the_peers(mosquitto
     coordinator_link = Link.coordinator(MqttConnection(url, "edgeftl-sa-coord2"), SIGNED_PREFIX,
                                         keys=Keys(signing[COORDINATOR], allowlist))
     coordinator = Coordinator(coordinator_link, folder, read_manifest(folder), agents[0].runtime.get_flat(), config)
-    coordinator.connect()
-    threads = []
-    for agent in agents:
-        agent.start()
-        threads.append(threading.Thread(target=agent.run, kwargs={"max_rounds": 1, "stop_after_s": 120},
-                                        daemon=True))
-        threads[-1].start()
     # Execute
-    assert coordinator.wait_for_devices() == 3
-    (record,) = coordinator.run()
-    for t in threads:
-        t.join(timeout=30)
-    for agent in agents:
-        agent.close()
-    coordinator_link.close()
+    record = _one_round(coordinator, agents)
     # Assert: the round aggregated all three, and every device checked every roster entry's signature
     report = record["secure_aggregation"]
     assert report["error"] is None and record["aggregated"] and record["updates_received"] == 3, report
