@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-from edgeftl.device.protocol.messages import Task
+if TYPE_CHECKING:  # only a type here: `edgeftl device supervise` parses these flags and must not load numpy
+    from edgeftl.device.protocol.messages import Task
 
 
 @dataclass(frozen=True)

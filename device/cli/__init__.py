@@ -16,7 +16,7 @@ SUBCOMMANDS = {
     "build": ("edgeftl.coordinator.cli.build",
               "build a training bundle (stock ONNX Runtime) from a local pretrained model (host)"),
     "inspect": ("edgeftl.coordinator.cli.inspect", "show a bundle's manifest, files and trainable parameters"),
-    "device": ("edgeftl.device.cli.device", "on-device commands: train, plan, run (torch-free)"),
+    "device": ("edgeftl.device.cli.device", "on-device commands: train, plan, run, supervise (torch-free)"),
     "coordinator": ("edgeftl.coordinator.cli.coordinator", "run federated rounds through an MQTT broker"),
     "simulate": ("edgeftl.coordinator.cli.simulate",
                  "a whole federation on this machine (real broker, real processes)"),

@@ -16,6 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from edgeftl.device.cli.run import add_run
 
     add_run(dsub.add_parser("run", help="join a federation over MQTT and train on each task"))
+    _add_supervise(dsub.add_parser("supervise", help="keep a flashed agent running (restarts, log); "
+                                   "what `edgeftl flash` starts where there is no systemd"))
 
 
 def _add_train(t: argparse.ArgumentParser) -> None:
@@ -58,7 +60,19 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the estimate as one JSON line on stdout")
 
 
+def _add_supervise(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--root", type=Path, required=True, help="the flashed install folder (config/agent.json in it)")
+    s.add_argument("--foreground", action="store_true", help="stay in the foreground (as a systemd service)")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.device_command == "supervise":  # before the imports below: the supervisor never loads numpy
+        from edgeftl.device.supervise import supervise
+
+        try:
+            return supervise(args.root, args.foreground)
+        except (ValueError, OSError) as exc:
+            return fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     from edgeftl.device.cli.run import run_device
     from edgeftl.device.data import DataError
     from edgeftl.device.protocol.manifest import BundleError
