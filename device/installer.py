@@ -11,7 +11,8 @@ BOOT reads exactly <script bytes> of this file from stdin and runs it as `__main
 stdin is the command's input (the tar stream of `receive`; first, one JSON line of arguments
 when the argument is "-", which `boot_argv` chooses for arguments too long for one argv entry).
 Every command prints ONE JSON line, `{"ok": true, ...}` or `{"ok": false, "error": "<one line>"}`,
-and exits 0 (1 only on a bug). Target layout and commands: the flash contract, docs/FLASH.md.
+and exits 0 (1 only on a bug). The target layout (releases/<id>, current, config/, state/, log/,
+run/) and each command's arguments and answer are documented at its `cmd_*` function.
 
 The systemd unit's text has one home, device/service.py: the host renders it and passes it to
 `activate` as "unit", since this file cannot import edgeftl.
@@ -314,6 +315,7 @@ def prune_releases(root: Path, keep: set[str]) -> list[str]:
 
 
 def cmd_verify(args: dict, stdin: IO[bytes]) -> dict:
+    """{"root", "id"} -> {"id", "files": n}: every file of releases/<id> against its manifest (sha256, size, mode)."""
     root, release = root_of(args), release_id_of(args)
     folder = root / "releases" / release
     if not folder.is_dir():
@@ -327,6 +329,8 @@ def cmd_verify(args: dict, stdin: IO[bytes]) -> dict:
 
 
 def cmd_configure(args: dict, stdin: IO[bytes]) -> dict:
+    """{"root", "agent": {"argv", "env"}, "files": {name: base64}} -> {"files"}: config/ written 0600, atomically;
+    state/ log/ run/ made."""
     root = root_of(args)
     agent = args.get("agent")
     if not (isinstance(agent, dict) and isinstance(agent.get("argv"), list)
@@ -357,7 +361,12 @@ def cmd_configure(args: dict, stdin: IO[bytes]) -> dict:
 
 
 def cmd_receive(args: dict, stdin: IO[bytes]) -> dict:
-    """Build releases/<id> from the tar stream on stdin plus hard links into releases/<reuse_from>."""
+    """{"root", "manifest", "reuse_from", "id" (optional: else computed from the manifest)} + a tar stream of
+    the files the target lacks (or nothing) -> {"id", copied_files, copied_bytes, linked_files, verified_files}.
+
+    Builds releases/.<id>.partial-<rand> from the stream plus hard links into releases/<reuse_from>,
+    verifies every file, then renames it to releases/<id>; on any failure the partial folder goes.
+    """
     root, manifest = root_of(args), args.get("manifest")
     files = manifest_files(manifest)
     release = release_id_of(args) if "id" in args else manifest_id(dict(manifest))  # type: ignore[arg-type]
@@ -641,6 +650,8 @@ def user_probe() -> dict:
 
 
 def cmd_probe(args: dict, stdin: IO[bytes]) -> dict:
+    """{"root"} -> machine, python, memory (MiB: total, available, cgroup limit/free, free = the least), disk
+    free at root, writable, systemd, user, the current release's {id, files: {path: sha256}}, the service."""
     root = root_of(args)
     unwritable = writable_probe(root)
     current = current_id(root)
@@ -809,7 +820,13 @@ def start_and_settle(root: Path, kind: str, unit: str, unit_text: Any, settle_s:
 
 
 def cmd_activate(args: dict, stdin: IO[bytes]) -> dict:
-    """Stop the old service, switch `current`, start the service; roll back when the agent dies at once."""
+    """{"root", "id", "service": auto|systemd|supervised, "unit_name", "unit" (text, for systemd), "settle_s"}
+    -> {"id", "previous", "service", "log_tail"}.
+
+    Stops the old service, switches `current`, starts the service and watches it for settle_s; when
+    the agent exits != 0 in that time, switches back to the previous release, starts it again and
+    answers ok false. Keeps releases/ to current + previous.
+    """
     root, release = root_of(args), release_id_of(args)
     if not (root / "releases" / release / "bin" / "edgeftl").is_file():
         raise InstallError(f"release {release} is not complete on the target at {root}: receive it first")
@@ -838,11 +855,13 @@ def cmd_activate(args: dict, stdin: IO[bytes]) -> dict:
 
 
 def cmd_stop(args: dict, stdin: IO[bytes]) -> dict:
+    """{"root"} -> {"stopped", "service"}."""
     root = root_of(args)
     return {"stopped": stop_service(root), "service": service_state(root)}
 
 
 def cmd_status(args: dict, stdin: IO[bytes]) -> dict:
+    """{"root"} -> {"id" (current release), "service", "log_tail"}."""
     root = root_of(args)
     return {"id": current_id(root), "service": service_state(root), "log_tail": log_tail(root)}
 

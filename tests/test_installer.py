@@ -23,7 +23,7 @@ import pytest
 
 from edgeftl.device import installer
 from edgeftl.device.service import render_unit
-from edgeftl.device.supervise import backoff_delays
+from edgeftl.device.supervise import RotatingLog, backoff_delays
 
 TARGET_PYTHON = "/usr/bin/python3.11"
 pytestmark = pytest.mark.skipif(not Path(TARGET_PYTHON).exists(), reason="needs Debian's /usr/bin/python3.11")
@@ -166,6 +166,15 @@ def test_receive_all_then_only_changes_with_hard_links(root: Path) -> None:
     assert again["copied_bytes"] == len(second["site/lib/version.py"])
     assert (root / "releases" / again["id"] / "bundle/model.bin").stat().st_nlink == 2
     assert call("verify", {"root": str(root), "id": again["id"]})["ok"] and left_over(root) == []
+
+
+def test_nothing_sent_when_every_file_is_reused(root: Path) -> None:
+    files = runtime_files("1")
+    first = receive(root, files)
+    manifest = {**manifest_of(files), "format": 1, "created_by": "a re-package with the same files"}
+    done = call("receive", {"root": str(root), "manifest": manifest, "reuse_from": first["id"]}, b"")
+    assert done["ok"] and done["id"] == installer.manifest_id(manifest) != first["id"]
+    assert (done["copied_files"], done["linked_files"], done["verified_files"]) == (0, 4, 4)
 
 
 def test_damaged_member_is_refused_and_nothing_is_left(root: Path) -> None:
@@ -322,6 +331,15 @@ def test_supervisor_restarts_a_failing_agent_with_backoff(root: Path, tmp_path: 
     log = (root / "log/agent.log").read_text()
     assert "restart 1 in 1 s" in log and "restart 2 in 2 s" in log
     assert backoff_delays() == [1, 2, 4, 8, 16, 32, 60]
+
+
+def test_log_rotates_keeping_one_old_file(tmp_path: Path) -> None:
+    log = RotatingLog(tmp_path / "agent.log", redirect_stdio=False, limit=100)
+    for index in range(5):
+        log.write(f"line {index} ".encode() * 4 + b"\n")  # 33 bytes: three fit under 100
+    assert (tmp_path / "agent.log.1").read_text().count("\n") == 3
+    assert (tmp_path / "agent.log").read_text().startswith("line 3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["agent.log", "agent.log.1"]
 
 
 def test_unit_runs_the_supervisor_in_the_foreground() -> None:
