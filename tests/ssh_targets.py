@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -119,7 +119,7 @@ class SshServer:
         self.known_hosts = work / "known_hosts"
         self.known_hosts.write_text("")
         self._sshds: dict[str, Sshd] = {}
-        self._cleanups: list[tuple[str, object]] = []  # (what, undo) run in reverse at close
+        self._cleanups: list[tuple[str, Callable[[], object]]] = []  # (what, undo) run in reverse at close
         self._names: set[str] = set()
         self._closed_port = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._closed_port.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
@@ -214,7 +214,6 @@ class SshServer:
     def _start_plain(self) -> Sshd:
         if os.geteuid() != 0:  # plain still works as this user, without the chroot
             return Sshd.start(self.work / "sshd-plain", self._settings())
-
         chroot = Path(tempfile.mkdtemp(prefix=f"{self.folders.name}-", dir=self._chroot_parent()))
         self._cleanups.append((f"remove {chroot}", lambda: shutil.rmtree(chroot)))
         ssh_places.make_shell_root(chroot / "root")
@@ -278,7 +277,7 @@ class SshServer:
             sshd.stop()
         for what, undo in reversed(self._cleanups):
             try:
-                undo()  # type: ignore[operator]
+                undo()
             except (OSError, ssh_places.PlaceError) as exc:
                 problems.append(f"{what}: {exc}")
         self._closed_port.close()

@@ -40,7 +40,7 @@ def test_arm64_target_runs_arm64_binaries(ssh_server: SshServer) -> None:
     shell = ssh(target, "uname -m")
     python = ssh(target, "python3 -c 'import platform; print(platform.machine())'")
     meminfo = ssh(target, "grep MemAvailable /proc/meminfo")
-    writes = ssh(target, f"cd {target.path} && head -c 16 /dev/urandom > r && wc -c < r && echo x > /tmp/t")
+    writes = ssh(target, f"cd {target.path} && head -c 16 /dev/urandom > r && wc -c < r && rm $(mktemp)")
 
     assert (shell.returncode, shell.stdout) == (0, "aarch64\n"), shell.stderr
     assert (python.returncode, python.stdout) == (0, "aarch64\n"), python.stderr
@@ -95,10 +95,11 @@ def test_read_only_root_refuses_writes(ssh_server: SshServer) -> None:
     assert list(target.host_path(target.path).iterdir()) == []
 
 
-def test_teardown_kills_what_sessions_left_running(tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.mark.parametrize("kind", ["plain", "memory_limited", pytest.param("arm64", marks=pytest.mark.slow)])
+def test_teardown_kills_what_sessions_left_running(kind: str, tmp_path_factory: pytest.TempPathFactory) -> None:
     server = SshServer(tmp_path_factory.mktemp("ssh-teardown"))
     try:
-        target = server.plain("agent")
+        target = getattr(server, kind)("agent")
         # What flash does for the supervised service: a daemon in its own session, in the target.
         started = ssh(target, f"cd {target.path} && (setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $! > pid)")
         assert started.returncode == 0, started.stderr
