@@ -43,7 +43,7 @@ define apt_install
 	apt_get update && apt_get install -y --no-install-recommends $(1)
 endef
 
-.PHONY: help install mosquitto chromium boards lint test test-fast demo bench clean distclean check-python
+.PHONY: help install mosquitto chromium boards sshd lint test test-fast demo bench clean distclean check-python
 
 help:
 	@echo "make demo       set up .venv and run the end-to-end demo (tools/demo.py)"
@@ -54,6 +54,7 @@ help:
 	@echo "make mosquitto  install the Mosquitto MQTT broker with apt (as root)"
 	@echo "make chromium   install headless Chromium with apt (as root; the report test renders HTML)"
 	@echo "make boards     install qemu-user-static and debootstrap with apt (as root; emulated ARM64 device tests)"
+	@echo "make sshd       install OpenSSH's sshd with apt (as root; the flash tests' SSH targets), never started on :22"
 	@echo "make bench      run the benchmarks (tools/bench.py; BENCH_ARGS=--quick) and refresh docs/BENCHMARKS.md"
 	@echo "make clean      remove caches and build outputs; distclean also removes .venv"
 	@echo "Variables: PYTHON=$(PYTHON) (must be Python $(REQUIRED_PY)), PYTEST_ARGS=..."
@@ -149,6 +150,36 @@ boards:
 			"(sudo apt-get install -y qemu-user-static debootstrap); they are skipped without them" >&2; \
 	fi
 
+# The flash tests push to real SSH targets: OpenSSH's sshd started by the tests on free loopback
+# ports (tests/ssh_targets.py). The package must not start the system's sshd on port 22: in a
+# container without systemd its postinst asks invoke-rc.d, which a policy-rc.d answering 101
+# (action forbidden) stops. One already there (Docker images ship one) is left as it is.
+POLICY_RC := /usr/sbin/policy-rc.d
+SSHD := /usr/sbin/sshd
+sshd:
+	@if [ -x $(SSHD) ]; then \
+		exit 0; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		made_policy=; \
+		if [ ! -e $(POLICY_RC) ]; then \
+			printf '#!/bin/sh\n# make sshd: no service starts while openssh-server installs\nexit 101\n' \
+				> $(POLICY_RC); \
+			chmod 0755 $(POLICY_RC); made_policy=1; \
+		fi; \
+		trap '[ -z "$$made_policy" ] || rm -f $(POLICY_RC)' EXIT; \
+		$(call apt_install,openssh-server); \
+		if grep -qE '^ *[0-9]+: [0-9A-F]+:0016 [0-9A-F]+:[0-9A-F]+ 0A' /proc/net/tcp /proc/net/tcp6 2>/dev/null; then \
+			echo "error: something listens on port 22 after installing openssh-server; the tests never" \
+				"need it: stop it (service ssh stop, or systemctl disable --now ssh)" >&2; \
+			exit 1; \
+		fi; \
+	else \
+		echo "error: the flash tests need OpenSSH's sshd ($(SSHD)), which is not installed." \
+			"Install it with: sudo apt-get install -y openssh-server (the tests start their own on" \
+			"loopback ports; the system's service can stay stopped), then run make again." >&2; \
+		exit 1; \
+	fi
+
 # mypy starts from an edgeftl/ folder; the sources map onto edgeftl.* through package-dir, so a
 # tree of symlinks stands in for it.
 TYPECHECK := build/typecheck
@@ -159,10 +190,10 @@ lint: install
 	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml \
 		-p edgeftl.device -p edgeftl.coordinator.rounds
 
-test: install mosquitto chromium boards lint
+test: install mosquitto chromium boards sshd lint
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
-test-fast: install mosquitto chromium lint
+test-fast: install mosquitto chromium sshd lint
 	$(VPY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: install mosquitto
