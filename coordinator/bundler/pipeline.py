@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 import shutil
+import sys
 import tempfile
 from dataclasses import replace
 from importlib import metadata
@@ -57,7 +58,13 @@ def build(config: BuildConfig, progress: bool = True) -> Manifest:
         BuildError / ModelError: bad input, before any output folder exists.
     """
     model_dir = config.model or default_model_dir()
-    read_config(model_dir)  # fail fast on a bad folder or architecture
+    positions = read_config(model_dir).get("max_position_embeddings")  # fail fast on a bad folder or architecture
+    if isinstance(positions, int) and 8 <= positions < config.max_seq_len:
+        # A bundle must never promise more tokens than the model has positions: devices (and the
+        # memory plan `edgeftl flash` measures at max_seq_len) would fail on longer inputs.
+        print(f"note: --max-seq-len {config.max_seq_len} is more than the model's {positions} positions; "
+              f"the bundle takes {positions}", file=sys.stderr)
+        config = replace(config, max_seq_len=positions)
     # Loading and attaching validate the rest (targets, --train-layers) before any output or
     # progress bar exists, so bad input costs one error line.
     pre, model, first = prepare_model(model_dir, config)
