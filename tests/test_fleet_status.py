@@ -5,6 +5,7 @@ Mosquitto with real `edgeftl device run` and `edgeftl coordinator` processes."""
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgeftl.coordinator.fleet.status import count_line, read_statuses, row_of, rows_of, table
+from edgeftl.device.card import device_card, with_progress
 from edgeftl.device.data import write_csv
 from edgeftl.device.link import InProcessBroker, InProcessConnection, Link, MqttConnection
 from edgeftl.device.protocol import wire
@@ -76,6 +78,33 @@ def test_a_status_info_outside_its_bounds_is_refused_with_one_line(info: dict, w
     if payload is not None:  # json cannot write NaN into a header; encode() refused it above
         with pytest.raises(MessageError, match="bad header: status field 'info'"):
             status_from_payload(payload, "dev-1", 1 << 20)
+
+
+# ---- the card a device makes ---------------------------------------------------------------
+
+
+def test_a_device_card_names_the_package_beside_its_bundle_and_fits_a_status(tmp_path: Path) -> None:
+    # Prepare: one bundle alone, one laid out as a flashed release, one beside a broken manifest
+    for name, text in (("flashed", '{"edgeftl_version": "1.2.3+gabcdefabcdef", "format": 1}'), ("broken", "{")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "edgeftl-package.json").write_text(text)
+    # Execute
+    alone = device_card(tmp_path / "alone" / "bundle", SHA)
+    flashed = device_card(tmp_path / "flashed" / "bundle", SHA)
+    broken = device_card(tmp_path / "broken" / "bundle", SHA)
+    given = device_card(tmp_path / "flashed" / "bundle", SHA, package_id="fedcba9876543210")
+    later = with_progress(flashed, 3, 2)
+    # Assert
+    installed = importlib.metadata.version("edgeftl")
+    assert "package_id" not in alone and alone["edgeftl_version"] == installed
+    assert (alone["platform_machine"], alone["bundle_sha256"], alone["rounds_done"]) == (os.uname().machine, SHA, 0)
+    manifest_id = hashlib.sha256((tmp_path / "flashed" / "edgeftl-package.json").read_bytes()).hexdigest()[:16]
+    assert (flashed["package_id"], flashed["edgeftl_version"]) == (manifest_id, "1.2.3+gabcdefabcdef")
+    assert broken["edgeftl_version"] == installed and given["package_id"] == "fedcba9876543210"
+    assert (later["last_round"], later["rounds_done"]) == (3, 2) and later["peak_rss_mib"] >= flashed["peak_rss_mib"]
+    assert decode(encode(Status("dev-1", True, later)), 1 << 20).info == later
+    with pytest.raises(ValueError, match="bad package id 'a b'"):
+        device_card(tmp_path, SHA, package_id="a b")
 
 
 # ---- the card a device link announces ------------------------------------------------------
@@ -313,7 +342,11 @@ def test_fleet_status_refuses_bad_input_with_one_line() -> None:
     runs = [subprocess.run([sys.executable, "-m", "edgeftl.device.cli", "fleet", "status", *argv],
                            capture_output=True, text=True, timeout=WAIT_S)
             for argv in (["--broker", "http://x"], ["--broker", "mqtt://127.0.0.1:1", "--wait-s", "0"])]
+    device = subprocess.run([sys.executable, "-m", "edgeftl.device.cli", "device", "run", "--broker", "mqtt://127.0.0.1:1",
+                             "--bundle", "b", "--data", "d", "--id", "dev-1", "--package-id", "no/slash"],
+                            capture_output=True, text=True, timeout=WAIT_S)
     # Assert
-    assert [r.returncode for r in runs] == [2, 2]
-    assert [len(r.stderr.strip().splitlines()) for r in runs] == [1, 1]
+    assert [r.returncode for r in (*runs, device)] == [2, 2, 2]
+    assert [len(r.stderr.strip().splitlines()) for r in (*runs, device)] == [1, 1, 1]
     assert "bad broker URL" in runs[0].stderr and "--wait-s must be > 0" in runs[1].stderr
+    assert "bad package id 'no/slash'" in device.stderr
