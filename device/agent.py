@@ -125,7 +125,10 @@ class DeviceAgent:
             if isinstance(message, Task):
                 return self._on_task(message)
             if isinstance(message, SecAgg) and self.secagg is not None:
-                return self.secagg.handle(message)
+                done = self.secagg.handle(message)  # 1 once its masked update is in
+                if done:
+                    self._announce(message.round, done)
+                return done
         except MessageError as exc:
             log.warning("%s: ignored %s: %s", self.config.device_id, type(message).__name__, exc)
         return 0
