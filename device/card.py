@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from edgeftl.device.measure import peak_rss_mib, platform_info
-from edgeftl.device.protocol.messages import MAX_TEXT
+from edgeftl.device.protocol.messages import MAX_TEXT, StatusInfo
 
 log = logging.getLogger("edgeftl.device")
 PACKAGE_MANIFEST = "edgeftl-package.json"
@@ -28,7 +28,7 @@ PACKAGE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 PACKAGE_ID_HEX = 16  # a package id is the first 16 hex of the sha256 of its manifest's bytes
 UNKNOWN = "unknown"
 
-Card = dict[str, str | int | float]
+Card = StatusInfo  # what the agent keeps and announces
 
 
 def device_card(bundle: Path, bundle_sha256: str, package_id: str | None = None) -> Card:

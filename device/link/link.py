@@ -37,6 +37,7 @@ from edgeftl.device.protocol.messages import (
     MessageError,
     SecAgg,
     Status,
+    StatusInfo,
     Task,
     Update,
     check_place,
@@ -75,7 +76,7 @@ class Connection(Protocol):
         offline on close()."""
 
     def update_presence(self, online: bytes, offline: bytes, will: bytes | None = None) -> None:
-        """Replace the three of presence() while connected: the birth goes out at once."""
+        """Replace the three of presence(), at any time: a new birth goes out at once when connected."""
 
     def connect(self, timeout_s: float) -> None: ...
 
@@ -206,7 +207,7 @@ class Link:
         self._dequeued(*item)
         return self._open(*item)
 
-    def announce(self, card: dict[str, str | int | float]) -> None:
+    def announce(self, card: StatusInfo) -> None:
         """A device's card (its status's `info`, PROTOCOL.md section 6.4) from now on: published with
         its online status now when connected (else at connect), carried by the offline status it
         publishes when it closes, and, marked `"will": 1`, by its will from the next connect on.
@@ -271,7 +272,7 @@ class Link:
             return (topics.secagg_up if up else topics.secagg_down)(message.device_id), False
         return topics.status(message.device_id), True
 
-    def _presence(self, card: dict[str, str | int | float]) -> tuple[bytes, bytes, bytes]:
+    def _presence(self, card: StatusInfo) -> tuple[bytes, bytes, bytes]:
         """The online, offline and will payloads of this device's status carrying `card`; the will's
         card says `"will": 1`, so a reader can tell a device that vanished from one that left."""
         device = str(self.device_id)

@@ -52,6 +52,9 @@ _CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _INFO_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
+StatusInfo = dict[str, str | int | float]  # a status's card (section 6.4): flat, strings and numbers
+
+
 class MessageError(ValueError):
     """Bytes or fields that do not follow the protocol; the reason is one line for the log."""
 
@@ -127,7 +130,7 @@ class Status:
 
     device_id: str
     online: bool
-    info: dict[str, str | int | float] = field(default_factory=dict)
+    info: StatusInfo = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
