@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeftl.device.card import device_card, with_progress
 from edgeftl.device.data import read_examples
 from edgeftl.device.failpoint import failpoint
 from edgeftl.device.files import atomic_path
@@ -59,6 +60,7 @@ class AgentConfig:
     limits: TaskLimits = field(default_factory=TaskLimits)
     secure_aggregation: bool = False  # send updates only masked (docs/SECAGG.md), never in the clear
     peers: Path | None = None  # allowlist.json: the devices whose signed keys a secure-aggregation roster may hold
+    package_id: str | None = None  # the release it runs (flash passes it); None: the package beside the bundle
 
 
 class DeviceAgent:
@@ -85,6 +87,8 @@ class DeviceAgent:
         self._platform_sent = False
         self._saved = self._read_state()  # applied once the run it belongs to shows up
         self.secagg = self._secure_aggregation() if config.secure_aggregation else None
+        self.card = device_card(config.bundle, self.bundle_sha256, config.package_id)  # its status's info
+        self.updates_sent = 0
 
     def _secure_aggregation(self) -> DeviceSecAgg:
         """Its key advertisements signed with this device's key (when it has one), and the roster's
@@ -97,6 +101,7 @@ class DeviceAgent:
     # ---- the loop ---------------------------------------------------------------------------
     def start(self, timeout_s: float = 30.0) -> None:
         self._resync()
+        self.link.announce(self.card)  # its birth, will and offline status carry the card
         self.link.connect(timeout_s)
 
     def run(self, stop_after_s: float | None = None, max_rounds: int | None = None) -> int:
@@ -120,7 +125,10 @@ class DeviceAgent:
             if isinstance(message, Task):
                 return self._on_task(message)
             if isinstance(message, SecAgg) and self.secagg is not None:
-                return self.secagg.handle(message)
+                done = self.secagg.handle(message)  # 1 once its masked update is in
+                if done:
+                    self._announce(message.round, done)
+                return done
         except MessageError as exc:
             log.warning("%s: ignored %s: %s", self.config.device_id, type(message).__name__, exc)
         return 0
@@ -226,13 +234,15 @@ class DeviceAgent:
         try:
             if self.secagg is not None:
                 self.secagg.begin(task)  # keys go out before training
-            return self._train_and_send(task)
+            sent = self._train_and_send(task)
         except Exception as exc:  # one failed round must not end the device's part in the run
             log.exception("%s: round %d failed", self.config.device_id, task.round)
             if self.secagg is not None:
                 self.secagg.abandon()
             self._reply_error(task, error_code(exc), f"{type(exc).__name__}: {exc}")
             return 0
+        self._announce(task.round, sent)
+        return sent
 
     def _reply_error(self, task: Task, code: str, reason: str) -> None:
         """Tell the coordinator this round will bring no update, so it stops waiting for this device."""
@@ -240,6 +250,17 @@ class DeviceAgent:
         self.reply = ErrorReply(task.run_id, task.round, task.bundle_sha256, self.config.device_id, code,
                                 one_line(reason))
         self._send(self.reply)
+        self._announce(task.round, 0)
+
+    def _announce(self, round_index: int, sent: int) -> None:
+        """Publish the card after an answered round (retained, with its online status): the round,
+        the updates sent so far and the peak memory, for `edgeftl fleet status`."""
+        self.updates_sent += sent
+        self.card = with_progress(self.card, round_index, self.updates_sent)
+        try:
+            self.link.announce(self.card)
+        except Exception:  # the card is for people watching; the round's reply went out already
+            log.exception("%s: could not publish its status after round %d", self.config.device_id, round_index)
 
     def _send(self, reply: Update | ErrorReply) -> None:
         try:

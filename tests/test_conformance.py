@@ -68,7 +68,7 @@ def typed(case: dict) -> Message:
     """The typed message a recorded decoded form describes."""
     h = case["header"]
     if h["kind"] == "status":
-        return Status(h["device_id"], h["state"] == "online")
+        return Status(h["device_id"], h["state"] == "online", h.get("info", {}))
     if h["kind"] == "task":
         return Task(h["run_id"], h["round"], h["bundle_sha256"], tuple(h["devices"]), float(h["deadline_s"]),
                     float(h["lr"]), h["codec"], h.get("epochs"), h.get("steps"), h["batch"])

@@ -98,6 +98,13 @@ def encoded(spec: str, vector: np.ndarray) -> Encoded:
     return parse_codec(spec).encode(vector)
 
 
+# A device's card (PROTOCOL.md section 6.4) as the Python device sends it after round 4.
+CARD: dict[str, str | int | float] = {
+    "platform_machine": "aarch64", "platform_python": "3.11.2", "onnxruntime": "1.32.0",
+    "edgeftl_version": "0.3.0+g0123456789ab", "bundle_sha256": BUNDLE, "package_id": "0123456789abcdef",
+    "started": 1767225600, "peak_rss_mib": 316.0, "rounds_done": 5, "last_round": 4}
+
+
 def typed_messages() -> list[tuple[str, str, messages.Message]]:
     """(name, place it is published on, message): every kind, optional fields set and unset."""
     delta = encoded("int8:8", normals(3, N, 0.01))
@@ -120,6 +127,8 @@ def typed_messages() -> list[tuple[str, str, messages.Message]]:
                                              "RuntimeException: Failed to allocate memory for requested buffer")),
         ("status_online", "status", Status(DEVICE, True)),
         ("status_offline", "status", Status(DEVICE, False)),
+        ("status_online_card", "status", Status(DEVICE, True, CARD)),
+        ("status_will_card", "status", Status(DEVICE, False, {**CARD, "will": 1})),
     ]
 
 

@@ -162,6 +162,13 @@ def message_refusals() -> list[dict]:
         refusal("error_reason_too_long", m, "bad header", reheader(
             messages.encode(typed_messages()[7][2]), reason="x" * 257)),
         refusal("status_state_unknown", m, "bad header", reheader(status, state="away")),
+        refusal("status_info_nested", m, "bad header", reheader(status, info={"platform": {"machine": "x86_64"}})),
+        refusal("status_info_null", m, "bad header", reheader(status, info={"last_round": None})),
+        refusal("status_info_65_entries", m, "bad header", reheader(status, info={f"k{i}": i for i in range(65)})),
+        refusal("status_info_string_too_long", m, "bad header", reheader(status, info={"onnxruntime": "x" * 257})),
+        refusal("status_info_over_4096_bytes", m, "bad header",
+                reheader(status, info={f"k{i}": "x" * 250 for i in range(20)})),
+        refusal("status_info_bad_key", m, "bad header", reheader(status, info={"peak rss": 1})),
         refusal("task_with_arrays", m, "bad array", wire.encode_message(header_of(task), {"x": f32([1.0])})),
         refusal("overlapping_offsets", m, "bad array", raw_message(json.dumps(
             {"arrays": two, "body_sha256": hashlib.sha256(body).hexdigest()}).encode(), body)),

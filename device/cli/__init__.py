@@ -25,6 +25,8 @@ SUBCOMMANDS = {
               "make a CA, certificates, signing keys, MQTT passwords and an allowlist; pin a bundle's coordinator key"),
     "broker-config": ("edgeftl.coordinator.cli.broker_config",
                       "write a mosquitto.conf with TLS, passwords and per-device ACLs for `edgeftl certs` output"),
+    "fleet": ("edgeftl.coordinator.cli.fleet",
+              "see the devices on a broker: platform, bundle, runtime versions, last round, peak memory, online"),
 }
 
 

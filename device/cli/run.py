@@ -26,6 +26,8 @@ def add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--rounds", type=int, default=None, help="exit after sending this many updates")
+    p.add_argument("--package-id", default=None, help="the release this device runs, shown by `edgeftl fleet "
+                   "status` (edgeftl flash passes it; default: the id of the edgeftl-package.json beside the bundle)")
     limits = TaskLimits()
     for name in ("steps", "epochs", "batch"):
         p.add_argument(f"--max-{name}", type=int, default=getattr(limits, f"max_{name}"),
@@ -45,6 +47,7 @@ def run_device(args: argparse.Namespace) -> dict:
 def make_agent(args: argparse.Namespace) -> DeviceAgent:
     """The connected-to-be agent the `run` flags describe (its link is not opened yet)."""
     from edgeftl.device.agent import AgentConfig, DeviceAgent
+    from edgeftl.device.card import check_package_id
     from edgeftl.device.cli.common import security_from
     from edgeftl.device.link import Link, MqttConnection
     from edgeftl.device.protocol.auth import device_keys
@@ -52,12 +55,15 @@ def make_agent(args: argparse.Namespace) -> DeviceAgent:
     from edgeftl.device.protocol.topics import device_client_id
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.id} %(levelname)s %(message)s")
+    if args.package_id is not None:
+        check_package_id(args.package_id)  # before the bundle loads
     connection = MqttConnection(args.broker, device_client_id(args.id), security=security_from(args))
     keys = device_keys(args.signing_key, read_manifest(args.bundle).coordinator_key)
     link = Link.device(connection, args.prefix, args.id, keys=keys)
     limits = TaskLimits(args.max_steps, args.max_epochs, args.max_batch)
     return DeviceAgent(link, AgentConfig(args.id, args.bundle, args.data, args.state, args.cache_dir, args.threads,
-                                         args.micro_batch, limits, args.secure_aggregation, args.peers))
+                                         args.micro_batch, limits, args.secure_aggregation, args.peers,
+                                         args.package_id))
 
 
 def serve(agent: DeviceAgent, args: argparse.Namespace) -> dict:

@@ -107,8 +107,9 @@ class InProcessConnection:
     def __init__(self, broker: InProcessBroker, client_id: str, clean_start: bool = False) -> None:
         self.broker, self.client_id, self.clean_start = broker, check_client_id(client_id), clean_start
         self.on_frame: Callable[[str, bytes], None] = lambda topic, frame: None
-        self.will: tuple[str, bytes] | None = None
+        self.will: tuple[str, bytes] | None = None  # what the broker publishes when we vanish
         self._birth: tuple[str, bytes] | None = None
+        self._farewell: tuple[str, bytes] | None = None  # what close() publishes
         self._filters: list[str] = []
         self._online = self._used = False
         self._offline: list[tuple[str, bytes, int, bool]] = []  # QoS>0 frames sent while away
@@ -117,8 +118,17 @@ class InProcessConnection:
     def connected(self) -> bool:
         return self._online
 
-    def presence(self, topic: str, online: bytes, offline: bytes) -> None:
-        self._birth, self.will = (topic, online), (topic, offline)
+    def presence(self, topic: str, online: bytes, offline: bytes, will: bytes | None = None) -> None:
+        self._birth, self._farewell = (topic, online), (topic, offline)
+        self.will = (topic, offline if will is None else will)
+
+    def update_presence(self, online: bytes, offline: bytes, will: bytes | None = None) -> None:
+        """As MqttConnection.update_presence; here the new will holds at once (no CONNECT to wait for)."""
+        if self._birth is None:
+            raise LinkError("update_presence() needs presence() first")
+        self.presence(self._birth[0], online, offline, will)
+        if self._online:
+            self.send(self._birth[0], online, 1, True)
 
     def connect(self, timeout_s: float = 10.0) -> None:
         if self._used:
@@ -138,8 +148,8 @@ class InProcessConnection:
     def close(self, abrupt: bool = False) -> None:
         if not self._online:
             return
-        if not abrupt and self.will is not None:
-            self.send(self.will[0], self.will[1], 1, True)
+        if not abrupt and self._farewell is not None:
+            self.send(self._farewell[0], self._farewell[1], 1, True)
         self._online = False
         self.broker._disconnect(self, abrupt)
 

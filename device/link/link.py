@@ -37,6 +37,7 @@ from edgeftl.device.protocol.messages import (
     MessageError,
     SecAgg,
     Status,
+    StatusInfo,
     Task,
     Update,
     check_place,
@@ -70,8 +71,12 @@ class Connection(Protocol):
     @property
     def connected(self) -> bool: ...
 
-    def presence(self, topic: str, online: bytes, offline: bytes) -> None:
-        """Birth published (retained) on every connect; will if we vanish; offline on close()."""
+    def presence(self, topic: str, online: bytes, offline: bytes, will: bytes | None = None) -> None:
+        """Birth published (retained) on every connect; `will` (default `offline`) if we vanish;
+        offline on close()."""
+
+    def update_presence(self, online: bytes, offline: bytes, will: bytes | None = None) -> None:
+        """Replace the three of presence(), at any time: a new birth goes out at once when connected."""
 
     def connect(self, timeout_s: float) -> None: ...
 
@@ -123,6 +128,7 @@ class Link:
                  max_queue: int = MAX_QUEUE, keys: Keys | None = None) -> None:
         self.connection, self.topics = connection, Topics(prefix)
         self.keys = keys or Keys()
+        self.device_id: str | None = None  # a device's link: whose status its presence is
         self.max_message_bytes = max_message_bytes
         self.framer = Framer(max_chunk, max_message_bytes)
         self._lock = threading.Lock()
@@ -141,17 +147,13 @@ class Link:
     def device(cls, connection: Connection, prefix: str, device_id: str, keys: Keys | None = None,
                **limits: int) -> Link:
         """A device's link: reads tasks and global deltas; its presence is its status topic (the
-        text form, or a signed status message when it has a signing key)."""
-        topics = Topics(prefix)
-        status = topics.status(validate_device_id(device_id))
-        keys = keys or Keys()
-        online, offline = Status(device_id, True), Status(device_id, False)
-        if keys.signing is None:
-            connection.presence(status, status_payload(online), status_payload(offline))
-        else:
-            connection.presence(status, keys.sign(online), keys.sign(offline))
-        return cls(connection, prefix, [topics.task, topics.global_delta, topics.secagg_down(device_id)],
+        text form until `announce` gives it a card, and a signed status message when it has a signing key)."""
+        topics, device_id = Topics(prefix), validate_device_id(device_id)
+        link = cls(connection, prefix, [topics.task, topics.global_delta, topics.secagg_down(device_id)],
                    keys=keys, **limits)
+        link.device_id = device_id
+        connection.presence(topics.status(device_id), *link._presence({}))
+        return link
 
     @classmethod
     def coordinator(cls, connection: Connection, prefix: str, keys: Keys | None = None, **limits: int) -> Link:
@@ -205,6 +207,19 @@ class Link:
         self._dequeued(*item)
         return self._open(*item)
 
+    def announce(self, card: StatusInfo) -> None:
+        """A device's card (its status's `info`, PROTOCOL.md section 6.4) from now on: published with
+        its online status now when connected (else at connect), carried by the offline status it
+        publishes when it closes, and, marked `"will": 1`, by its will from the next connect on.
+
+        Raises:
+            LinkError: not a device's link.
+            MessageError: a card the protocol refuses (too large, a bad key or value).
+        """
+        if self.device_id is None:
+            raise LinkError("only a device's link has a status to announce")
+        self.connection.update_presence(*self._presence(card))
+
     def limit_message_bytes(self, max_bytes: int) -> None:
         """Refuse received messages above `max_bytes` (a coordinator knows how large an honest update
         can be), before they are buffered; what this side sends is not limited by it."""
@@ -256,6 +271,18 @@ class Link:
             up = message.stage in SECAGG_UP_STAGES
             return (topics.secagg_up if up else topics.secagg_down)(message.device_id), False
         return topics.status(message.device_id), True
+
+    def _presence(self, card: StatusInfo) -> tuple[bytes, bytes, bytes]:
+        """The online, offline and will payloads of this device's status carrying `card`; the will's
+        card says `"will": 1`, so a reader can tell a device that vanished from one that left."""
+        device = str(self.device_id)
+        statuses = (Status(device, True, card), Status(device, False, card),
+                    Status(device, False, {**card, "will": 1} if card else {}))
+        if self.keys.signing is None:
+            online, offline, will = (status_payload(status) for status in statuses)
+        else:
+            online, offline, will = (self.keys.sign(status) for status in statuses)
+        return online, offline, will
 
     def _on_frame(self, topic: str, frame: bytes) -> None:
         """From the connection's thread: reassemble and queue; never raises."""

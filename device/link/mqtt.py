@@ -106,8 +106,8 @@ class MqttConnection:
         self._lock = threading.Lock()
         self._filters: list[str] = []  # subscribed (again after every reconnect)
         self._stale: set[str] = set()  # unsubscribed while disconnected: sent at the next connect
-        self._birth: tuple[str, bytes] | None = None
-        self._will: tuple[str, bytes] | None = None
+        self._birth: tuple[str, bytes] | None = None  # published (retained) after every connect
+        self._farewell: tuple[str, bytes] | None = None  # published by close() (a clean DISCONNECT drops the will)
         self._online = threading.Event()  # CONNACK received, not yet disconnected
         self._ready = threading.Event()  # online and the (re)subscriptions acknowledged
         self._acks: dict[int, list[str]] = {}  # (un)subscribe mid -> failure reasons ([] = fine)
@@ -131,13 +131,28 @@ class MqttConnection:
                 self._last_error = f"{type(exc).__name__}: {exc}"
             raise
 
-    def presence(self, topic: str, online: bytes, offline: bytes) -> None:
-        """Publish `online` (retained) after every connect; the broker publishes `offline` as our
-        will if the connection dies; close() publishes it itself (a clean DISCONNECT drops the will)."""
+    def presence(self, topic: str, online: bytes, offline: bytes, will: bytes | None = None) -> None:
+        """Publish `online` (retained) after every connect; the broker publishes `will` (default:
+        `offline`) if the connection dies; close() publishes `offline` itself (a clean DISCONNECT drops
+        the will)."""
         if self._started:
             raise LinkError("presence must be set before connect()")
-        self._birth, self._will = (topic, online), (topic, offline)
-        self._client.will_set(topic, offline, qos=1, retain=True)
+        self._set_presence(topic, online, offline, will)
+
+    def update_presence(self, online: bytes, offline: bytes, will: bytes | None = None) -> None:
+        """Replace what presence() set, on the same topic, without reconnecting: the new `online` is
+        published now when connected (and after every reconnect), close() publishes the new `offline`;
+        the new will takes effect at the next connect, since MQTT fixes the will at CONNECT."""
+        if self._birth is None:
+            raise LinkError("update_presence() needs presence() first")
+        topic = self._birth[0]
+        self._set_presence(topic, online, offline, will)
+        if self.connected:
+            self.send(topic, online, 1, True)
+
+    def _set_presence(self, topic: str, online: bytes, offline: bytes, will: bytes | None) -> None:
+        self._birth, self._farewell = (topic, online), (topic, offline)
+        self._client.will_set(topic, offline if will is None else will, qos=1, retain=True)
 
     @property
     def connected(self) -> bool:
@@ -168,8 +183,8 @@ class MqttConnection:
         if self._closed:
             return
         if not abrupt and self.connected:
-            if self._will is not None:
-                self.send(self._will[0], self._will[1], 1, True)
+            if self._farewell is not None:
+                self.send(self._farewell[0], self._farewell[1], 1, True)
             if not self.flush(10.0):
                 log.warning("%s: closing with unacknowledged messages", self.client_id)
         self._closed = True

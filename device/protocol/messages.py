@@ -49,6 +49,10 @@ STATUS_STATES = ("online", "offline")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _METRIC_KEY = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_INFO_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+StatusInfo = dict[str, str | int | float]  # a status's card (section 6.4): flat, strings and numbers
 
 
 class MessageError(ValueError):
@@ -121,10 +125,12 @@ class ErrorReply:
 
 @dataclass(frozen=True)
 class Status:
-    """A device's presence: its birth (online) and its will (offline), retained."""
+    """A device's presence: its birth (online) and its will (offline), retained. `info` is its
+    card (PROTOCOL.md section 6.4: platform, runtime, bundle, last round...), empty for none."""
 
     device_id: str
     online: bool
+    info: StatusInfo = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -200,6 +206,22 @@ def _metrics(value: object) -> bool:
             and len(json.dumps(value, separators=(",", ":"))) <= MAX_METRICS_BYTES)
 
 
+def _info(value: object) -> bool:
+    """an object of at most 64 entries and 4096 bytes as JSON: keys of 1-64 characters of
+    [A-Za-z0-9_.-], values numbers (finite, integers within +-(2**53 - 1)) or strings of at most 256
+    printable characters"""
+    return (isinstance(value, dict) and len(value) <= MAX_METRICS
+            and all(isinstance(k, str) and _INFO_KEY.fullmatch(k) is not None and info_value_ok(v)
+                    for k, v in value.items())
+            and len(json.dumps(value, separators=(",", ":"))) <= MAX_METRICS_BYTES)
+
+
+def info_value_ok(value: object) -> bool:
+    """A value a status's info may hold: a finite number (integers within +-MAX_INT) or a printable string
+    of at most MAX_TEXT characters; a device leaves out what it does not know rather than send null."""
+    return _number(value) or (isinstance(value, str) and len(value) <= MAX_TEXT and value.isprintable())
+
+
 def metric_ok(key: object, value: object) -> bool:
     """One metric entry as the spec allows it (section 6.3): readers of records use it too."""
     if not isinstance(key, str) or not _METRIC_KEY.fullmatch(key):
@@ -227,7 +249,8 @@ FIELDS: dict[str, dict[str, tuple[bool, Any]]] = {
                "samples": (True, _int(1)), "seq": (True, _int(0)), "metrics": (True, _metrics)},
     "error": {"run_id": (True, _text()), "round": (True, _ROUND), "bundle_sha256": (True, _SHA),
               "device_id": (True, _DEVICE), "code": (True, _text(_CODE)), "reason": (True, _text(low=0))},
-    "status": {"device_id": (True, _DEVICE), "state": (True, lambda v: v in STATUS_STATES)},
+    "status": {"device_id": (True, _DEVICE), "state": (True, lambda v: v in STATUS_STATES),
+               "info": (False, _info)},
     "secagg": {"run_id": (True, _text()), "round": (True, _ROUND), "bundle_sha256": (True, _SHA),
                "device_id": (True, _DEVICE), "stage": (True, lambda v: v in SECAGG_STAGES)},
 }
@@ -251,6 +274,8 @@ def encode(message: Message, sig: str | None = None) -> bytes:
     arrays: dict[str, np.ndarray] = {}
     if isinstance(message, Status):
         header.update(device_id=message.device_id, state=STATUS_STATES[0] if message.online else STATUS_STATES[1])
+        if message.info:  # a status without a card encodes as it did before `info` existed
+            header["info"] = message.info
     else:
         carried = ("codec", "size") if isinstance(message, (Global, Update)) else ()
         header.update({name: getattr(message, name) for name in FIELDS[kind] if name not in carried})
@@ -297,7 +322,10 @@ def status_from_payload(payload: bytes, device_id: str, max_bytes: int) -> Statu
 
 
 def status_payload(status: Status) -> bytes:
-    """The text form a device sends as its birth and will (the form every broker can show)."""
+    """What an unsigned device sends as its birth and will: the text form (the form every broker can
+    show) for a status without a card, the message form for one with a card (the text has no room)."""
+    if status.info:
+        return encode(status)
     return STATUS_STATES[0].encode() if status.online else STATUS_STATES[1].encode()
 
 
@@ -332,7 +360,7 @@ def _build(kind: str, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> 
     if kind == "error":
         return ErrorReply(h["run_id"], h["round"], h["bundle_sha256"], h["device_id"], h["code"], h["reason"])
     if kind == "status":
-        return Status(h["device_id"], h["state"] == "online")
+        return Status(h["device_id"], h["state"] == "online", dict(h.get("info") or {}))
     if kind == "secagg":
         return _secagg(h, arrays)
     vector = _encoded(h["codec"], h["size"], arrays)
