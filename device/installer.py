@@ -240,9 +240,15 @@ def safe_relpath(name: str) -> str:
     return "/".join(parts)
 
 
+def canonical(manifest: dict) -> bytes:
+    """The manifest's canonical bytes, as `edgeftl package` writes them (coordinator/fleet/archive.py
+    PackageManifest.to_json: sorted keys, indent 1, a final newline); its id hashes them."""
+    return (json.dumps(manifest, sort_keys=True, indent=1) + "\n").encode("utf-8")
+
+
 def manifest_id(manifest: dict) -> str:
-    """First 16 hex of the sha256 of the canonical manifest JSON (sorted keys, indent 1)."""
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True, indent=1).encode()).hexdigest()[:16]
+    """First 16 hex of the sha256 of the canonical manifest bytes."""
+    return hashlib.sha256(canonical(manifest)).hexdigest()[:16]
 
 
 def load_release_manifest(folder: Path) -> dict:
@@ -369,7 +375,10 @@ def cmd_receive(args: dict, stdin: IO[bytes]) -> dict:
     """
     root, manifest = root_of(args), args.get("manifest")
     files = manifest_files(manifest)
-    release = release_id_of(args) if "id" in args else manifest_id(dict(manifest))  # type: ignore[arg-type]
+    release = manifest_id(dict(manifest))  # type: ignore[arg-type]
+    if "id" in args and release_id_of(args) != release:
+        raise InstallError(f"release id {args['id']} does not match its manifest ({release}): the manifest changed "
+                           "on the way; flash again")
     releases = root / "releases"
     releases.mkdir(parents=True, exist_ok=True)
     reuse = reuse_index(root, args.get("reuse_from"))
@@ -383,7 +392,7 @@ def cmd_receive(args: dict, stdin: IO[bytes]) -> dict:
         if first:
             raise InstallError(f"received release {release}: {first}"
                                f"{f' (and {bad - 1} more)' if bad > 1 else ''}: the transfer was damaged; flash again")
-        atomic_write(partial / MANIFEST_NAME, json.dumps(manifest, sort_keys=True, indent=1).encode(), 0o644)
+        atomic_write(partial / MANIFEST_NAME, canonical(manifest), 0o644)
         fsync_tree(partial)
         publish(partial, releases / release)
     except OSError as exc:
