@@ -25,6 +25,8 @@ SUBCOMMANDS = {
               "make a CA, certificates, signing keys, MQTT passwords and an allowlist; pin a bundle's coordinator key"),
     "broker-config": ("edgeftl.coordinator.cli.broker_config",
                       "write a mosquitto.conf with TLS, passwords and per-device ACLs for `edgeftl certs` output"),
+    "package": ("edgeftl.coordinator.cli.package",
+                "one archive per platform with the device runtime, its wheels and a bundle, for `edgeftl flash`"),
 }
 
 

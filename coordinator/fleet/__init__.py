@@ -1,0 +1,1 @@
+"""Flashing a fleet from the host: package the device runtime per platform, push it to boards, see them."""
