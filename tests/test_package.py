@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -33,10 +34,12 @@ from edgeftl.coordinator.fleet.archive import (
 )
 from edgeftl.coordinator.fleet.package import LAUNCHER, RUNTIME, UNIT, hash_tree, unit_template
 from edgeftl.coordinator.fleet.platforms import PLATFORMS
-from edgeftl.coordinator.fleet.wheels import RECORD, WheelError, cache_folder, unpack_wheel
+from edgeftl.coordinator.fleet.wheels import RECORD, WheelError, cache_folder, device_requirements, unpack_wheel
 from edgeftl.device.cli import main
 from edgeftl.device.data import write_csv
 from edgeftl.device.protocol.manifest import bundle_sha256
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 from fixtures_build import bundle, keyword_dataset
 
@@ -355,22 +358,59 @@ def elf_machine(data: bytes) -> int:
     return int.from_bytes(data[18:20], "little")
 
 
-@pytest.mark.slow
-def test_aarch64_package_holds_aarch64_wheels(bert: Path, tmp_path: Path) -> None:
-    # Execute
-    out = tmp_path / "arm.tar.gz"
+@pytest.fixture(scope="module")
+def arm_archive(bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("package") / "arm.tar.gz"
     rc, _, err = run_package("--bundle", str(bert), "--platform", "linux-aarch64", "--out", str(out))
-    package = open_archive(out)
+    assert rc == 0, err
+    return out
+
+
+@pytest.mark.slow
+def test_aarch64_package_holds_aarch64_wheels(arm_archive: Path) -> None:
+    # Execute
+    package = open_archive(arm_archive)
 
     # Assert
-    assert rc == 0, err
     assert package.manifest.platform == "linux-aarch64"
     assert all(w.name.endswith(("aarch64.whl", "-none-any.whl")) for w in package.manifest.wheels)
     assert any(w.name.startswith("onnxruntime-") and "aarch64" in w.name for w in package.manifest.wheels)
     libs = [p for p in package.manifest.files if p.startswith("site/onnxruntime/capi/onnxruntime_pybind11_state")]
-    assert len(libs) == 1, libs
-    (_, _, mode, reader), = package.members(libs)
-    assert elf_machine(reader.read()) == EM_AARCH64 and mode == 0o755
+    machines = [(elf_machine(reader.read()), mode) for _, _, mode, reader in package.members(libs)]
+    assert machines == [(EM_AARCH64, 0o755)]
+
+
+@pytest.mark.slow  # under qemu-user: about a minute
+def test_aarch64_package_trains_on_an_emulated_arm64_board(arm_archive: Path) -> None:
+    import emulated_root
+
+    try:  # the root the portable-runtime tests made (cached); its own python3, not their venv
+        made = emulated_root.board("bookworm", "arm64", device_requirements())
+    except emulated_root.RootError as exc:
+        pytest.skip(f"no emulated ARM64 board here: {exc}")
+    bare = emulated_root.Board(made.root, "", made.suite, made.arch)
+    guest = f"/tmp/edgeftl-package-{os.getpid()}"
+    work = bare.host_path(guest)
+    try:
+        # Prepare
+        open_archive(arm_archive).extract(work / "release")
+        write_csv(work / "train.csv", *keyword_dataset(16, seed=0))
+
+        # Execute
+        done = bare.run([f"{guest}/release/{LAUNCHER}", "device", "train", "--bundle", f"{guest}/release/bundle",
+                         "--data", f"{guest}/train.csv", "--steps", "2", "--batch", "4", "--threads", "1", "--json",
+                         "--quiet"], capture_output=True, text=True, timeout=1200)
+        bare_numpy = bare.run(["python3", "-c", "import platform; print(platform.machine()); import numpy"],
+                              capture_output=True, text=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    # Assert
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and math.isfinite(summary["last_loss"])
+    assert bare_numpy.stdout.split() == ["aarch64"]
+    assert "No module named 'numpy'" in bare_numpy.stderr  # everything came from the package
 
 
 @pytest.mark.slow

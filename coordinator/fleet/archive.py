@@ -202,6 +202,11 @@ class _Checked:
         self._source, self._path, self._entry, self._archive = source, path, entry, archive
         self._hash, self._left = hashlib.sha256(), entry.size
 
+    @property
+    def left(self) -> int:
+        """Bytes not read yet."""
+        return self._left
+
     def read(self, n: int = -1) -> bytes:
         chunk = self._source.read(self._left if n < 0 else min(n, self._left))
         self._hash.update(chunk)
@@ -245,7 +250,11 @@ class Package:
                         entry = self.entries[info.name]
                         reader = tar.extractfile(info)
                         assert reader is not None  # verified regular files at open
-                        yield info.name, entry.size, entry.mode, _Checked(reader, info.name, entry, self.path)
+                        checked = _Checked(reader, info.name, entry, self.path)
+                        yield info.name, entry.size, entry.mode, checked
+                        if checked.left:  # a stream cannot go back for it
+                            raise ArchiveError(f"{info.name} was not read to its end before the next member "
+                                               "was taken (Package.members streams the archive once)")
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
             raise ArchiveError(f"archive {self.path} cannot be read ({exc}); run edgeftl package again") from exc
 
