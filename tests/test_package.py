@@ -255,6 +255,16 @@ def test_a_folder_that_is_not_a_bundle_is_refused(tmp_path: Path) -> None:
     assert err.count("\n") == 1 and "is not a bundle: manifest.json is missing" in err
 
 
+def test_offline_with_an_empty_cache_is_refused_naming_every_requirement(
+        tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    rc, _, err = run_package("--bundle", str(bundle(tmp_path_factory, "bert-int8")), "--platform", "linux-aarch64",
+                             "--out", str(tmp_path / "p.tgz"), "--wheels-cache", str(tmp_path / "empty"), "--offline")
+    assert rc == 2 and err.count("\n") == 1
+    assert "no linux-aarch64 wheel of numpy, onnxruntime, tokenizers, paho-mqtt, cryptography, tqdm" in err
+    assert "in the wheel cache" in err and "run once without --offline" in err
+    assert not (tmp_path / "p.tgz").exists()
+
+
 @pytest.mark.slow  # asks the package index (a few seconds); nothing is cached for a refusal
 def test_armv7l_is_refused_naming_onnxruntime(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     # Execute: real pip resolution against the index for 32-bit ARM

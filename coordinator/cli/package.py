@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edgeftl.coordinator.fleet.platforms import DEFAULT_PYTHON, PLATFORMS, PYTHONS
+from edgeftl.coordinator.fleet.platforms import DEFAULT_PYTHON, PYTHONS, SUPPORTED
 from edgeftl.device.cli.common import fail
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", type=Path, required=True, help="the bundle folder `edgeftl build` wrote")
-    p.add_argument("--platform", required=True, help=f"the devices' platform: {', '.join(PLATFORMS)} "
+    p.add_argument("--platform", required=True, help=f"the devices' platform: {', '.join(SUPPORTED)} "
                    "(linux-armv7l is refused: PyPI has no armv7l wheels of numpy or onnxruntime)")
     p.add_argument("--python", default=DEFAULT_PYTHON, help=f"the devices' CPython X.Y: {', '.join(PYTHONS)} "
                    f"(default: {DEFAULT_PYTHON})")

@@ -24,7 +24,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import IO, NamedTuple, cast
 
 from edgeftl.coordinator.fleet.platforms import check_platform, check_python
 from edgeftl.device.files import atomic_path
@@ -251,7 +251,7 @@ class Package:
                         reader = tar.extractfile(info)
                         assert reader is not None  # verified regular files at open
                         checked = _Checked(reader, info.name, entry, self.path)
-                        yield info.name, entry.size, entry.mode, checked
+                        yield info.name, entry.size, entry.mode, cast(IO[bytes], checked)  # read() is all it has
                         if checked.left:  # a stream cannot go back for it
                             raise ArchiveError(f"{info.name} was not read to its end before the next member "
                                                "was taken (Package.members streams the archive once)")
@@ -287,7 +287,7 @@ class Package:
                 dest = partial / path
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 with open(dest, "wb") as handle:
-                    shutil.copyfileobj(reader, handle)  # type: ignore[misc]
+                    shutil.copyfileobj(reader, handle)
                 dest.chmod(mode)
                 count += 1
             partial.rename(folder)

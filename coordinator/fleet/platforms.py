@@ -37,6 +37,8 @@ PLATFORMS: dict[str, Platform] = {
     # piwheels publishes plain linux_armv7l wheels; PyPI has none of the runtime's native ones.
     "linux-armv7l": Platform("linux-armv7l", "armv7l", (*_manylinux("armv7l"), "linux_armv7l")),
 }
+# The platforms PyPI has a wheel of every device requirement for (tests/test_package.py packages both).
+SUPPORTED = ("linux-x86_64", "linux-aarch64")
 PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 DEFAULT_PYTHON = "3.11"
 

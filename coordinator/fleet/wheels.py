@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeftl.coordinator.fleet.platforms import PLATFORMS, Platform
+from edgeftl.coordinator.fleet.platforms import SUPPORTED, Platform
 from edgeftl.device.files import atomic_write
 from edgeftl.device.protocol.manifest import sha256_file
 
@@ -172,12 +172,13 @@ def _what_is_missing(requirement: str, output: str) -> str:
 
 
 def _missing_message(platform: Platform, python: str, missing: list[str], cache: Path, offline: bool) -> str:
-    where = f"in the wheel cache {cache} (--offline: run once without it to fill the cache)" if offline else \
-        "on the package index"
-    others = [name for name in PLATFORMS if name != platform.name and name != "linux-armv7l"]
-    return (f"no {platform.name} wheel of {', '.join(missing)} for Python {python} {where}; edgeftl's device "
-            f"runtime cannot be packaged for it (platforms with every wheel: {', '.join(others)}; "
-            f"pip's output: {cache / PIP_LOG})")
+    if offline:
+        where, then = f"in the wheel cache {cache}", "run once without --offline to fill the cache"
+    else:
+        where, then = "on the package index", f"edgeftl's device runtime cannot run there (platforms with every " \
+            f"wheel: {', '.join(SUPPORTED)})"
+    return f"no {platform.name} wheel of {', '.join(missing)} for Python {python} {where}; {then}; pip's output: " \
+        f"{cache / PIP_LOG}"
 
 
 def _one_per_project(wheels: list[Wheel]) -> list[Wheel]:
