@@ -134,7 +134,7 @@ def test_archive_round_trip_is_deterministic_and_verified(tmp_path: Path) -> Non
         assert tar.extractfile("bundle/model.onnx").read() == bytes(range(256)) * 40  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("case", ["tampered", "extra", "dotdot", "missing", "symlink", "noncanonical"])
+@pytest.mark.parametrize("case", ["tampered", "extra", "dotdot", "missing", "symlink", "noncanonical", "duplicate"])
 def test_a_bad_archive_is_refused_naming_the_member(tmp_path: Path, case: str) -> None:
     # Prepare
     tree = small_tree(tmp_path)
@@ -153,12 +153,14 @@ def test_a_bad_archive_is_refused_naming_the_member(tmp_path: Path, case: str) -
             "extra": lambda n, d: [(n, d)] + ([("site/pkg/extra.py", b"")] if n == "site/pkg/__init__.py" else []),
             "dotdot": lambda n, d: [(n, d)] + ([("../x", b"")] if n == "bin/edgeftl" else []),
             "missing": lambda n, d: [] if n == "site/pkg/__init__.py" else [(n, d)],
+            "duplicate": lambda n, d: [(n, d)] * (2 if n == "bin/edgeftl" else 1),
             "noncanonical": lambda n, d: [(n, d.replace(b'\n "format"', b'\n  "format"') if n == MANIFEST_NAME else d)],
         }[case]
         rewrite(tmp_path / "good.tar.gz", bad, change)
     expected = {"tampered": "bundle/model.onnx has sha256", "extra": "site/pkg/extra.py is not in its manifest",
                 "dotdot": "'../x' has an unsafe path", "missing": "site/pkg/__init__.py is in its manifest but not",
-                "symlink": "'site/evil' is not a regular file", "noncanonical": "not in canonical form"}[case]
+                "symlink": "'site/evil' is not a regular file", "noncanonical": "not in canonical form",
+                "duplicate": "'bin/edgeftl' appears twice"}[case]
 
     # Execute
     with pytest.raises(ArchiveError) as refused:

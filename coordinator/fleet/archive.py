@@ -340,6 +340,19 @@ class _Seen(NamedTuple):
     mode: int
 
 
+def _member_problem(info: tarfile.TarInfo, seen: bool) -> str | None:
+    """Why a member may not be in a package (before its bytes are read), or None."""
+    if problem := path_problem(info.name):
+        return problem
+    if not info.isreg():
+        return f"member {info.name!r} is not a regular file (link, device or folder)"
+    if seen:
+        return f"member {info.name!r} appears twice"
+    if info.name == MANIFEST_NAME and info.size > MAX_MANIFEST_BYTES:
+        return f"{MANIFEST_NAME} is {info.size} bytes (at most {MAX_MANIFEST_BYTES})"
+    return None
+
+
 def _scan(path: Path) -> tuple[dict[str, _Seen], bytes | None]:
     """Every member's sha256, size and mode, and the manifest's bytes, in one streaming read."""
     found: dict[str, _Seen] = {}
@@ -347,13 +360,8 @@ def _scan(path: Path) -> tuple[dict[str, _Seen], bytes | None]:
     try:
         with tarfile.open(path, "r|gz") as tar:
             for info in tar:
-                problem = path_problem(info.name) or (None if info.isreg() else
-                                                      f"member {info.name!r} is not a regular file (link, "
-                                                      "device or folder)")
-                if problem is None and (info.name in found or (info.name == MANIFEST_NAME and manifest)):
-                    problem = f"member {info.name!r} appears twice"
-                if problem is None and info.name == MANIFEST_NAME and info.size > MAX_MANIFEST_BYTES:
-                    problem = f"{MANIFEST_NAME} is {info.size} bytes (at most {MAX_MANIFEST_BYTES})"
+                problem = _member_problem(info, seen=info.name in found or (info.name == MANIFEST_NAME and
+                                                                            manifest is not None))
                 if problem:
                     raise ArchiveError(f"archive {path}: {problem}; refusing it")
                 reader = tar.extractfile(info)
