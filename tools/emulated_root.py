@@ -89,11 +89,10 @@ class Board:
 
 
 def device_requirements() -> list[str]:
-    """What a device needs: the base install's requirements in pyproject.toml."""
-    import tomllib
+    """What a device needs: the base install's requirements in pyproject.toml (the list `edgeftl package` takes)."""
+    from edgeftl.coordinator.fleet.wheels import device_requirements as requirements
 
-    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
-    return list(tomllib.loads(pyproject.read_text())["project"]["dependencies"])
+    return requirements()
 
 
 def default_cache() -> Path:

@@ -1,1 +1,1 @@
-"""The fleet: package the device runtime, flash it to boards over SSH, and see the devices on a broker."""
+"""The fleet: package the device runtime per platform, flash it to boards over SSH, and see the devices on a broker."""

@@ -25,6 +25,10 @@ SUBCOMMANDS = {
               "make a CA, certificates, signing keys, MQTT passwords and an allowlist; pin a bundle's coordinator key"),
     "broker-config": ("edgeftl.coordinator.cli.broker_config",
                       "write a mosquitto.conf with TLS, passwords and per-device ACLs for `edgeftl certs` output"),
+    "package": ("edgeftl.coordinator.cli.package",
+                "one archive per platform with the device runtime, its wheels and a bundle, for `edgeftl flash`"),
+    "flash": ("edgeftl.coordinator.cli.flash",
+              "install a package on boards over SSH, check its memory plan fits, start the agent as a service"),
     "fleet": ("edgeftl.coordinator.cli.fleet",
               "see the devices on a broker: platform, bundle, runtime versions, last round, peak memory, online"),
 }
