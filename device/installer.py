@@ -57,7 +57,11 @@ CHUNK = 1024 * 1024
 
 
 class InstallError(Exception):
-    """A refusal or failure with one line for the flash table."""
+    """A refusal or failure with one line for the flash table, and any data the host can act on."""
+
+    def __init__(self, message: str, **data: Any) -> None:
+        super().__init__(message)
+        self.data = data
 
 
 # ---------------------------------------------------------------- host side: building the call
@@ -100,7 +104,7 @@ def main(argv: list[str], stdin: IO[bytes], stdout: IO[str]) -> int:
         root = str(args.get("root", "?"))
         result = {"ok": True, **COMMANDS[argv[0]](args, stdin)}
     except InstallError as exc:
-        result = {"ok": False, "error": str(exc)}
+        result = {**exc.data, "ok": False, "error": str(exc)}
     except OSError as exc:
         result = {"ok": False, "error": os_error_line(exc, root)}
     except Exception as exc:  # a bug: still one line for the table, and a traceback on stderr
@@ -268,14 +272,15 @@ def current_id(root: Path) -> str | None:
     return name if (root / "releases" / name).is_dir() else None
 
 
-def check_release(folder: Path, files: dict[str, dict]) -> tuple[str | None, int]:
-    """(first problem or None, number of bad files) of `folder` against `files`; extra files are allowed
-    (python writes __pycache__ beside the sources)."""
-    first, bad = None, 0
+def check_release(folder: Path, files: dict[str, dict]) -> tuple[str | None, list[str]]:
+    """(first problem or None, the names of the bad files) of `folder` against `files`; extra files are
+    allowed (python writes __pycache__ beside the sources)."""
+    first, bad = None, []
     for name, entry in sorted(files.items()):
         problem = file_problem(folder / name, name, entry)
         if problem:
-            first, bad = first or problem, bad + 1
+            first = first or problem
+            bad.append(name)
     return first, bad
 
 
@@ -329,8 +334,9 @@ def cmd_verify(args: dict, stdin: IO[bytes]) -> dict:
     files = manifest_files(load_release_manifest(folder))
     first, bad = check_release(folder, files)
     if first:
-        more = f" (and {bad - 1} more)" if bad > 1 else ""
-        raise InstallError(f"release {release} at {root}: {first}{more}; flash again to repair it")
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        # `bad` lets a flash repair the release by sending exactly those files again.
+        raise InstallError(f"release {release} at {root}: {first}{more}; flash again to repair it", bad=bad)
     return {"id": release, "files": len(files)}
 
 
@@ -391,7 +397,8 @@ def cmd_receive(args: dict, stdin: IO[bytes]) -> dict:
         first, bad = check_release(partial, files)
         if first:
             raise InstallError(f"received release {release}: {first}"
-                               f"{f' (and {bad - 1} more)' if bad > 1 else ''}: the transfer was damaged; flash again")
+                               f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}: the transfer was damaged; "
+                               "flash again")
         atomic_write(partial / MANIFEST_NAME, canonical(manifest), 0o644)
         fsync_tree(partial)
         publish(partial, releases / release)

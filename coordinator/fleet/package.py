@@ -72,31 +72,12 @@ export PYTHONPATH PYTHONNOUSERSITE
 exec "$py" -m edgeftl.device.cli "$@"
 """
 
-# Used only while edgeftl.device.service (the installer's branch) is not in this tree.
-FALLBACK_UNIT = """# TODO(merge): edgeftl.device.service.UNIT_TEMPLATE replaces this fallback once it exists.
-[Unit]
-Description=edgeftl device agent ({root})
-After=network-online.target
-Wants=network-online.target
-
-[Service]
-Type=simple
-ExecStart={root}/current/bin/edgeftl device supervise --root {root}
-Restart=on-failure
-RestartSec=5
-
-[Install]
-WantedBy=multi-user.target
-"""
-
 
 def unit_template() -> str:
     """The systemd unit template's text; its one home is edgeftl.device.service.UNIT_TEMPLATE."""
-    try:
-        service = importlib.import_module("edgeftl.device.service")
-    except ModuleNotFoundError:
-        return FALLBACK_UNIT
-    return str(service.UNIT_TEMPLATE)
+    from edgeftl.device.service import UNIT_TEMPLATE
+
+    return UNIT_TEMPLATE
 
 
 @dataclass(frozen=True)
