@@ -99,6 +99,19 @@ def one_round(broker: tuple[str, int], folder: Path, prefix: str, devices: int, 
         coordinator.link.close()
 
 
+def agent_command_lines(target: Target) -> list[str]:
+    """The command lines of the processes running from the target's folder (supervisor and agent)."""
+    lines = []
+    for proc in Path("/proc").iterdir():
+        try:
+            line = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if target.path in line and "device" in line:
+            lines.append(line)
+    return lines
+
+
 def release_files(target: Target) -> Path:
     return target.host_path(f"{target.path}/current")
 
@@ -112,10 +125,16 @@ def test_flash_starts_an_agent_that_federates_and_a_second_flash_copies_nothing(
     prefix = f"flash-{uuid.uuid4().hex[:6]}"
     broker = f"mqtt://{mosquitto_broker[0]}:{mosquitto_broker[1]}"
 
-    # Execute: flash, then one round with a coordinator here
-    done, results = flash(archive, [target], broker, tmp_path, "--prefix", prefix, "--rounds", "1")
+    secret = f"s3cret-{uuid.uuid4().hex}"  # Mosquitto here is anonymous: it accepts any password
+    (tmp_path / "password").write_text(secret + "\n")
+
+    # Execute: flash, then one round with a coordinator here, then look at the fleet
+    done, results = flash(archive, [target], broker, tmp_path, "--prefix", prefix, "--rounds", "1",
+                          "--password-file", str(tmp_path / "password"), "--username", "pi-0")
     assert done.returncode == 0, done.stdout[-3000:]
+    agents = agent_command_lines(target)
     records = one_round(mosquitto_broker, tiny, prefix, 1, tmp_path)
+    seen = edgeftl("fleet", "status", "--broker", broker, "--prefix", prefix, "--json")
 
     # Assert: the agent the service started trained there and its update was aggregated
     [row] = results
@@ -126,9 +145,18 @@ def test_flash_starts_an_agent_that_federates_and_a_second_flash_copies_nothing(
     assert record["devices"]["pi-0"]["platform_machine"] == "x86_64"
     current = release_files(target)
     assert current.is_symlink() and (current / "edgeftl-package.json").is_file()
-    config = target.host_path(f"{target.path}/config/agent.json")
-    assert config.stat().st_mode & 0o777 == 0o600
-    assert "--package-id" in json.loads(config.read_text())["argv"]
+    # The password is a 0600 file there, named (never spelled) on the agent's command line
+    config = target.host_path(f"{target.path}/config")
+    argv = json.loads((config / "agent.json").read_text())["argv"]
+    assert (config / "agent.json").stat().st_mode & 0o777 == 0o600
+    assert (config / "password").stat().st_mode & 0o777 == 0o600 and (config / "password").read_text() == secret + "\n"
+    assert argv[argv.index("--password-file") + 1] == f"{target.path}/config/password"
+    assert agents and all(secret not in line for line in agents), agents
+    # The fleet: the device, online or finished, with the flashed package and its last round
+    assert seen.returncode == 0, seen.stderr
+    [device] = json.loads(seen.stdout)["devices"]
+    assert device["device_id"] == "pi-0", device
+    assert device["package_id"] == current.resolve().name and device["last_round"] == 0, device
 
     # Execute: the same archive again
     again, results = flash(archive, [target], broker, tmp_path, "--prefix", prefix, "--rounds", "1")
