@@ -188,7 +188,7 @@ lint: install
 	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/edgeftl
 	for d in device coordinator models quantization; do ln -s "$(CURDIR)/$$d" $(TYPECHECK)/edgeftl/$$d; done
 	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml \
-		-p edgeftl.device -p edgeftl.coordinator.rounds
+		-p edgeftl.device -p edgeftl.coordinator.rounds -p edgeftl.coordinator.fleet
 
 test: install mosquitto chromium boards sshd lint
 	$(VPY) -m pytest -q $(PYTEST_ARGS)

@@ -399,7 +399,7 @@ def cmd_receive(args: dict, stdin: IO[bytes]) -> dict:
             raise InstallError(f"received release {release}: {first}"
                                f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}: the transfer was damaged; "
                                "flash again")
-        atomic_write(partial / MANIFEST_NAME, canonical(manifest), 0o644)
+        atomic_write(partial / MANIFEST_NAME, canonical(dict(manifest)), 0o644)  # type: ignore[arg-type]
         fsync_tree(partial)
         publish(partial, releases / release)
     except OSError as exc:

@@ -107,9 +107,12 @@ def flash(package: Package, targets: Sequence[Target], config: FlashConfig,
           say: Callable[[Target, str], None]) -> list[FlashResult]:
     """Flash `package` onto every target, `config.parallel` at a time; one result per target, in order."""
     with ThreadPoolExecutor(max_workers=min(config.parallel, max(1, len(targets)))) as pool:
-        futures = [pool.submit(flash_one, package, target, config, lambda line, t=target: say(t, line))
-                   for target in targets]
+        futures = [pool.submit(flash_one, package, target, config, _say_for(target, say)) for target in targets]
         return [future.result() for future in futures]
+
+
+def _say_for(target: Target, say: Callable[[Target, str], None]) -> Say:
+    return lambda line: say(target, line)
 
 
 def flash_one(package: Package, target: Target, config: FlashConfig, say: Say) -> FlashResult:
@@ -283,7 +286,7 @@ class _Flash:
 
     # ---- the installer on the target ---------------------------------------------------------
 
-    def _installer(self, command: str, args: dict, feed: Callable[[IO[bytes]], None] | None = None,
+    def _installer(self, command: str, args: dict, feed: Callable[[IO[bytes]], object] | None = None,
                    timeout_s: float = 600, required: bool = True) -> dict:
         script = installer.source()
         argv = installer.boot_argv(self.python, script, command, args)

@@ -161,7 +161,7 @@ class Ssh:
         """The local argv that runs `command` (quoted for the remote shell) on the target."""
         return [*self._base, "--", self.target.destination, shlex.join(command)]
 
-    def run(self, command: list[str] | str, stdin: Callable[[IO[bytes]], None] | None = None,
+    def run(self, command: list[str] | str, stdin: Callable[[IO[bytes]], object] | None = None,
             timeout_s: float = 600) -> tuple[int, str, str]:
         """Run `command` there (a list is quoted for the remote shell, a string is shell text), with
         `stdin(stream)` writing its input from a thread; (exit status, stdout, stderr).
@@ -193,7 +193,7 @@ class Ssh:
         Path(self._control).rmdir()
 
 
-def _feed(proc: subprocess.Popen, write: Callable[[IO[bytes]], None] | None) -> None:
+def _feed(proc: subprocess.Popen, write: Callable[[IO[bytes]], object] | None) -> None:
     """Write stdin from a thread (the reader drains stdout meanwhile); a target that stops reading ends it."""
     assert proc.stdin is not None
     try:
