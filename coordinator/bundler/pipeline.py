@@ -59,15 +59,17 @@ def build(config: BuildConfig, progress: bool = True) -> Manifest:
     """
     model_dir = config.model or default_model_dir()
     positions = read_config(model_dir).get("max_position_embeddings")  # fail fast on a bad folder or architecture
-    if isinstance(positions, int) and 8 <= positions < config.max_seq_len:
+    asked = config.max_seq_len
+    if isinstance(positions, int) and 8 <= positions < asked:
         # A bundle must never promise more tokens than the model has positions: devices (and the
         # memory plan `edgeftl flash` measures at max_seq_len) would fail on longer inputs.
-        print(f"note: --max-seq-len {config.max_seq_len} is more than the model's {positions} positions; "
-              f"the bundle takes {positions}", file=sys.stderr)
         config = replace(config, max_seq_len=positions)
     # Loading and attaching validate the rest (targets, --train-layers) before any output or
     # progress bar exists, so bad input costs one error line.
     pre, model, first = prepare_model(model_dir, config)
+    if config.max_seq_len < asked:  # said once the input is known to be good (bad input gets one line)
+        print(f"note: --max-seq-len {asked} is more than the model's {config.max_seq_len} positions; "
+              f"the bundle takes {config.max_seq_len}", file=sys.stderr)
     config.out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=config.out.parent, prefix=f".{config.out.name}.building-"))
     reference_root = (config.reference_dir or config.out).parent
