@@ -667,7 +667,8 @@ def user_probe() -> dict:
 
 def cmd_probe(args: dict, stdin: IO[bytes]) -> dict:
     """{"root"} -> machine, python, memory (MiB: total, available, cgroup limit/free, free = the least), disk
-    free at root, writable, systemd, user, the current release's {id, files: {path: sha256}}, the service."""
+    free at root, writable, systemd, user, the current release's {id, files: {path: sha256}}, every complete
+    release's id (a release received by a flash that did not start it is reused by the next), the service."""
     root = root_of(args)
     unwritable = writable_probe(root)
     current = current_id(root)
@@ -678,9 +679,13 @@ def cmd_probe(args: dict, stdin: IO[bytes]) -> dict:
             current_files = {"id": current, "files": {name: entry["sha256"] for name, entry in files.items()}}
         except InstallError:
             current_files = None  # a damaged current release: the flash sends everything
+    folder = root / "releases"
+    releases = sorted(p.name for p in folder.iterdir() if p.is_dir() and RELEASE_ID.match(p.name)) \
+        if folder.is_dir() else []
     return {"machine": platform.machine(), "python": platform.python_version(), **memory_probe(),
             "disk_free_mib": disk_free_mib(root), "writable": unwritable is None, "writable_error": unwritable,
-            "systemd": has_systemd(), "user": user_probe(), "current": current_files, "service": service_state(root)}
+            "systemd": has_systemd(), "user": user_probe(), "current": current_files, "releases": releases,
+            "service": service_state(root)}
 
 
 # ---------------------------------------------------------------- the service: systemd or supervised

@@ -182,8 +182,9 @@ def test_flash_starts_an_agent_that_federates_and_a_second_flash_copies_nothing(
 def test_bad_targets_each_get_one_line_and_the_good_one_completes(
         archive: Path, ssh_server: SshServer, mosquitto_broker, tmp_path: Path) -> None:
     # Prepare: one good target and one of each failure
-    good = ssh_server.plain("good")
-    give_data(good, seed=4)
+    good, small = ssh_server.plain("good"), ssh_server.memory_limited("small")
+    for seed, target in enumerate((good, small)):
+        give_data(target, seed=4 + seed)
     port = good.port
     targets: dict[str, Target | str] = {
         "good": dataclasses.replace(good, url=good.url + "?id=good-0"),
@@ -192,7 +193,8 @@ def test_bad_targets_each_get_one_line_and_the_good_one_completes(
         "full": ssh_server.full_disk_root(),
         "read-only": ssh_server.read_only_root(),
         "no-python": ssh_server.no_python("bare"),
-        "small": ssh_server.memory_limited("small"),
+        "no-data": ssh_server.plain("empty"),
+        "small": small,
     }
     broker = f"mqtt://{mosquitto_broker[0]}:{mosquitto_broker[1]}"
 
@@ -207,6 +209,7 @@ def test_bad_targets_each_get_one_line_and_the_good_one_completes(
     assert rows["good"]["ok"], rows["good"]
     expected = {"unreachable": "connection refused", "refused": "ssh refused the key",
                 "full": "disk full", "read-only": "cannot write to", "no-python": "no Python 3.11 on the target",
+                "no-data": "no training data at",
                 "small": "not started"}
     for name, words in expected.items():
         assert not rows[name]["ok"] and words in rows[name]["result"], (name, rows[name])
@@ -220,7 +223,16 @@ def test_bad_targets_each_get_one_line_and_the_good_one_completes(
         partials = [p.name for p in releases.iterdir() if ".partial" in p.name] if releases.is_dir() else []
         assert partials == [], (name, partials)
         assert not target.host_path(f"{target.path}/current").exists(), name
-    assert "6 failed" in done.stdout
+    assert "7 failed" in done.stdout
+
+    # Execute: the refused board again, with --force
+    forced, results = flash(archive, [targets["small"]], broker, tmp_path, "--batch", "512", "--force",
+                            "--prefix", f"bad-{uuid.uuid4().hex[:6]}", "--rounds", "1")
+
+    # Assert: the release it had received and verified is reused (nothing copied) and started
+    assert forced.returncode == 0, forced.stdout[-3000:]
+    [row] = results
+    assert row["ok"] and row["copied_files"] == 0 and "starting anyway (--force)" in forced.stdout, row
 
 
 def test_a_wrong_key_fails_in_one_line(archive: Path, ssh_server: SshServer, mosquitto_broker,

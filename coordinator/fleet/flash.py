@@ -146,6 +146,7 @@ class _Flash:
         self.result, self.say = result, say
         self.manifest = package.manifest
         self.root = target.root
+        self.data = (target.option("data") or config.data).replace("{root}", target.root)  # a path there
         self.python = ""
 
     def run(self) -> None:
@@ -216,13 +217,17 @@ class _Flash:
         """Copy what the target lacks; the target verifies every file. Returns the summary words."""
         current = probe.get("current") or {}
         have = set((current.get("files") or {}).values())
-        if current.get("id") == self.package.id:
+        reuse = current.get("id")
+        if self.package.id in [current.get("id"), *(probe.get("releases") or [])]:
+            # The current release, or one an earlier flash received but did not start (it refused)
             checked = self._installer("verify", {"root": self.root, "id": self.package.id}, required=False)
             if checked.get("ok"):
+                self._check_data()
                 self.say(f"release {self.package.id} already there, {checked.get('files')} files verified: "
                          "nothing to copy")
                 return "unchanged, copied nothing"
             self.say(f"release {self.package.id} is there but damaged ({checked.get('error')}): repairing")
+            reuse = self.package.id
             rotten = set(checked.get("bad") or self.manifest.files)  # the files that no longer match
             # A rotten file's content is sent for every path that holds it: the target links reused
             # files by sha256 and might otherwise pick the rotten copy.
@@ -234,10 +239,11 @@ class _Flash:
         if disk is not None and size / 2**20 > disk:
             raise FlashError(f"target disk full at {self.root}: needs {size / 2**20:.1f} MiB, "
                              f"{disk:.1f} MiB free; free some space or flash to another path")
+        self._check_data()  # before sending megabytes to a board whose agent could not start
         self.say(f"copying {len(missing)} of {len(self.manifest.files)} files ({size / 2**20:.1f} MiB)")
         received = self._installer(
             "receive", {"root": self.root, "id": self.package.id, "manifest": json.loads(self.manifest.to_json()),
-                        "reuse_from": current.get("id")},
+                        "reuse_from": reuse},
             feed=lambda stream: self.package.write_tar(missing, stream), timeout_s=1800)
         self.result.copied_files = int(received.get("copied_files", 0))
         self.result.copied_bytes = int(received.get("copied_bytes", 0))
@@ -245,42 +251,51 @@ class _Flash:
                  f"({received.get('copied_files')} copied, {received.get('linked_files')} reused)")
         return f"copied {self.result.copied_files} files ({self.result.copied_bytes / 2**20:.1f} MiB)"
 
+    def _check_data(self) -> None:
+        if self.ssh.run(["test", "-r", self.data])[0] != 0:
+            raise FlashError(f"no training data at {self.data} on the target: put the device's CSV or JSONL "
+                             "there, or point --data (or the target's ?data=) at it")
+
     def _plan(self, probe: dict) -> float | None:
         """The agent's planned peak memory at --batch, measured there; refuse when it does not fit."""
         release = f"{self.root}/releases/{self.package.id}"
         seq = self.config.seq or bundle_max_seq_len(self.package)
         command = [f"{release}/bin/edgeftl", "device", "plan", "--bundle", f"{release}/bundle",
                    "--batch", str(self.config.batch), "--seq", str(seq), "--json"]
-        for flag, value in (("--micro-batch", self.config.micro_batch), ("--threads", self.config.threads)):
+        free = self.result.free_mib
+        for flag, value in (("--micro-batch", self.config.micro_batch), ("--threads", self.config.threads),
+                            ("--max-memory-mib", free)):
             if value is not None:
                 command += [flag, str(value)]
         self.say(f"measuring the memory plan there (batch {self.config.batch}, {seq} tokens)")
         status, out, err = self.ssh.run(command, timeout_s=1800)
-        free = self.result.free_mib
         if status != 0:
             reason = _last_line(err) or f"exit status {status}"
             return self._refuse(f"the memory plan failed on the target ({reason})", None)
         plan = json.loads(out.strip().splitlines()[-1])
         peak = float(plan["estimated_peak_mib"])
         self.result.planned_peak_mib = peak
+        fitting = plan.get("largest_fitting_micro_batch") or 0
+        hint = f"--micro-batch {fitting} is estimated to fit, or " if 0 < fitting < self.config.batch else ""
         if plan.get("probe_failed_at_micro_batch"):
             self.result.planned_peak_mib = None  # the estimate before the kill understates it: show none
             return self._refuse(f"a training step at micro-batch {plan['probe_failed_at_micro_batch']} was killed "
-                                "there (out of memory)", peak)
+                                "there (out of memory)", peak, hint)
         if free is not None and peak > free:
             return self._refuse(f"planned peak {peak:.0f} MiB at batch {self.config.batch} does not fit "
-                                f"{free:.0f} MiB free", peak)
+                                f"{free:.0f} MiB free", peak, hint)
         self.say(f"memory plan: peak {peak:.0f} MiB at batch {self.config.batch}, {free} MiB free: fits")
         return peak
 
-    def _refuse(self, why: str, peak: float | None) -> float | None:
+    def _refuse(self, why: str, peak: float | None, hint: str = "") -> float | None:
         if not self.config.force:
-            raise FlashError(f"{why}; not started (lower --batch or set --micro-batch, or --force to start anyway)")
+            raise FlashError(f"{why}; not started ({hint or 'lower --batch or set --micro-batch, or '}"
+                             "--force to start anyway)")
         self.say(f"{why}; starting anyway (--force)")
         return peak
 
     def _configure(self) -> None:
-        argv, files = agent_argv(self.root, self.result.device_id or "", self.config, self.package.id)
+        argv, files = agent_argv(self.root, self.result.device_id or "", self.config, self.package.id, self.data)
         self._installer("configure", {"root": self.root, "agent": {"argv": argv, "env": {}},
                                       "files": {name: base64.b64encode(data).decode() for name, data in files.items()}})
 
@@ -308,14 +323,15 @@ class _Flash:
         return answer
 
 
-def agent_argv(root: str, device_id: str, config: FlashConfig, package_id: str) -> tuple[list[str], dict[str, bytes]]:
+def agent_argv(root: str, device_id: str, config: FlashConfig, package_id: str,
+               data: str) -> tuple[list[str], dict[str, bytes]]:
     """The arguments the service gives `edgeftl device run`, and the credential files to write beside them.
 
     Credentials travel as files in <root>/config (0600) and the argv names their paths: never a
     secret on a command line, where any local user could read it in the process list.
     """
     argv = ["--broker", config.broker, "--bundle", f"{root}/current/bundle",
-            "--data", config.data.replace("{root}", root), "--id", device_id, "--prefix", config.prefix,
+            "--data", data, "--id", device_id, "--prefix", config.prefix,
             "--state", f"{root}/state", "--package-id", package_id]
     for flag, value in (("--threads", config.threads), ("--micro-batch", config.micro_batch),
                         ("--rounds", config.rounds)):
