@@ -50,6 +50,7 @@ class MemoryPlan:
     rss_after_load_mib: float
     peaks_mib: dict[int, float]  # micro-batch -> measured peak RSS
     fails_from: int | None = None  # smallest micro-batch whose probe failed (does not fit)
+    skipped_from: int | None = None  # not probed: estimated over the memory limit already
 
     def __post_init__(self) -> None:
         if not self.peaks_mib:
@@ -97,6 +98,8 @@ class MemoryPlan:
                   "estimated_peak_mib": self.peak_mib(micro)}
         if self.fails_from:
             record["probe_failed_at_micro_batch"] = self.fails_from
+        if self.skipped_from:
+            record["probe_skipped_at_micro_batch"] = self.skipped_from
         if limit_mib is not None:
             record["max_memory_mib"] = limit_mib
             record["largest_fitting_micro_batch"] = self.largest_fitting(limit_mib, batch)
@@ -146,22 +149,32 @@ def probe(bundle: Path, micro_batch: int, seq: int, threads: int | None = None) 
 
 
 def measure_plan(bundle: Path, seq: int, threads: int | None = None,
-                 run_probe: Callable[..., Probe] | None = None, micro_batch: int = 2) -> MemoryPlan:
+                 run_probe: Callable[..., Probe] | None = None, micro_batch: int = 2,
+                 limit_mib: float | None = None) -> MemoryPlan:
     """Probe micro-batches 1, 2 and `micro_batch` at sequence length `seq` (fresh processes, or `run_probe`).
+
+    With `limit_mib`, a micro-batch whose estimate from the smaller probes is already over the limit
+    is not probed (`skipped_from`): the line from 1 and 2 errs low, so it would not fit either, and
+    a probe past a board's memory thrashes for minutes and can make the kernel kill other processes.
 
     Raises:
         RuntimeError: if even the micro-batch 1 probe fails.
     """
     run_probe = run_probe or probe
     first = run_probe(bundle, 1, seq, threads)
-    peaks, fails_from = {1: first.peak_rss_mib}, None
+    peaks, fails_from, skipped_from = {1: first.peak_rss_mib}, None, None
     for m in sorted({2, micro_batch} - {1}):
+        estimate = MemoryPlan(seq, first.rss_after_load_mib, dict(peaks)).peak_mib(m)
+        if limit_mib is not None and len(peaks) > 1 and estimate > limit_mib:
+            skipped_from = m
+            break
         try:
             peaks[m] = run_probe(bundle, m, seq, threads).peak_rss_mib
         except RuntimeError:  # most often killed for memory: this micro-batch does not fit here
             fails_from = m
             break
-    return MemoryPlan(seq=seq, rss_after_load_mib=first.rss_after_load_mib, peaks_mib=peaks, fails_from=fails_from)
+    return MemoryPlan(seq=seq, rss_after_load_mib=first.rss_after_load_mib, peaks_mib=peaks, fails_from=fails_from,
+                      skipped_from=skipped_from)
 
 
 def _probe_main(argv: list[str]) -> int:

@@ -313,7 +313,8 @@ def _fit_memory(runtime: BundleRuntime, after_load: float, texts: list[str], con
     from edgeftl.device.plan import fit_micro_batch, measure_plan
 
     seq = max(len(ids) for ids in runtime.token_ids(texts))
-    plan = measure_plan(runtime.folder, seq, config.threads, micro_batch=config.micro_batch or config.batch)
+    plan = measure_plan(runtime.folder, seq, config.threads, micro_batch=config.micro_batch or config.batch,
+                        limit_mib=config.max_memory_mib)
     extra = max(0.0, after_load - plan.rss_after_load_mib)
     limit = config.max_memory_mib
     assert limit is not None, "called only with --max-memory-mib"

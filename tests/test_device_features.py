@@ -430,6 +430,27 @@ def test_measure_plan_probes_1_2_and_the_asked_micro_batch_and_stops_at_a_failur
     assert killed.peaks_mib == {1: 100.0, 2: 110.0} and killed.fails_from == 16
 
 
+def test_measure_plan_does_not_probe_a_micro_batch_already_estimated_over_the_limit(tmp_path: Path) -> None:
+    # Prepare: peaks 100 + 10 per sample; at micro-batch 16 the line from 1 and 2 says 250 MiB
+    asked: list[int] = []
+
+    def run_probe(bundle: Path, micro_batch: int, seq: int, threads: int | None) -> Probe:
+        asked.append(micro_batch)
+        return Probe(micro_batch, seq, 80.0, 100.0 + 10 * (micro_batch - 1))
+
+    # Execute: a 200 MiB limit, then a 300 MiB one
+    skipped = measure_plan(tmp_path, 64, run_probe=run_probe, micro_batch=16, limit_mib=200)
+    probed = measure_plan(tmp_path, 64, run_probe=run_probe, micro_batch=16, limit_mib=300)
+
+    # Assert: 16 was not run under 200 MiB; the report says so and still estimates its peak
+    assert asked == [1, 2, 1, 2, 16]
+    assert skipped.skipped_from == 16 and skipped.fails_from is None and 16 not in skipped.peaks_mib
+    report = skipped.report(16, None, 200)
+    assert report["probe_skipped_at_micro_batch"] == 16 and report["estimated_peak_mib"] == 250.0
+    assert report["largest_fitting_micro_batch"] == 11  # 100 + 10 * 10 = 200
+    assert probed.skipped_from is None and probed.peaks_mib[16] == 250.0
+
+
 def test_plan_estimate_is_in_the_range_of_a_measured_training_step(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, data: dict[str, Path], capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -282,7 +282,9 @@ class _Flash:
             return self._refuse(f"a training step at micro-batch {plan['probe_failed_at_micro_batch']} was killed "
                                 "there (out of memory)", peak, hint)
         if free is not None and peak > free:
-            return self._refuse(f"planned peak {peak:.0f} MiB at batch {self.config.batch} does not fit "
+            how = " (estimated from smaller micro-batches; not probed, to spare the board)" \
+                if plan.get("probe_skipped_at_micro_batch") else ""
+            return self._refuse(f"planned peak {peak:.0f} MiB at batch {self.config.batch}{how} does not fit "
                                 f"{free:.0f} MiB free", peak, hint)
         self.say(f"memory plan: peak {peak:.0f} MiB at batch {self.config.batch}, {free} MiB free: fits")
         return peak

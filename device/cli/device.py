@@ -115,7 +115,8 @@ def _plan(args: argparse.Namespace) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if not 1 <= args.seq <= manifest.max_seq_len:
         raise ValueError(f"--seq {args.seq} is outside 1..{manifest.max_seq_len} (the bundle's max_seq_len)")
-    plan = measure_plan(args.bundle, args.seq, args.threads, micro_batch=args.micro_batch or args.batch)
+    plan = measure_plan(args.bundle, args.seq, args.threads, micro_batch=args.micro_batch or args.batch,
+                        limit_mib=args.max_memory_mib)
     return plan.report(args.batch, args.micro_batch, args.max_memory_mib)
 
 
