@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -349,3 +350,28 @@ def test_unit_runs_the_supervisor_in_the_foreground() -> None:
     assert 'ExecStart="/srv/my edge/current/bin/edgeftl"' in render_unit("/srv/my edge")
     with pytest.raises(ValueError, match="absolute path"):
         render_unit("edgeftl")
+
+
+@pytest.mark.parametrize("root", ["plain", "with space", "per%cent"])
+def test_systemd_accepts_the_unit(tmp_path: Path, root: str) -> None:
+    # Prepare: an installed-looking root (systemd checks that ExecStart's program is executable)
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (Debian: apt-get install systemd)")
+    folder = tmp_path / root
+    launcher = folder / "current/bin/edgeftl"
+    launcher.parent.mkdir(parents=True)
+    launcher.write_text("#!/bin/sh\nexit 0\n")
+    launcher.chmod(0o755)
+    unit = tmp_path / "edgeftl-test.service"
+    unit.write_text(render_unit(str(folder), "edgeftl-test"))
+
+    # Execute: systemd's own parser (it exits 0 even on a setting it ignores, so stderr is the verdict)
+    done = subprocess.run([analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True)
+
+    # Assert
+    assert done.returncode == 0 and done.stderr.strip() == "", done.stderr
+    broken = unit.read_text().replace("Restart=on-failure", "Restart=sometimes")
+    unit.write_text(broken)
+    assert "sometimes" in subprocess.run([analyze, "verify", "--man=no", str(unit)], capture_output=True,
+                                         text=True).stderr  # the check would see a bad unit
