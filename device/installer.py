@@ -589,19 +589,28 @@ def cgroup_memory_dirs(proc_cgroup: str, mountinfo: str) -> list[Path]:
 
 
 def cgroup_level(limit_text: str, usage_text: str, stat_text: str) -> tuple[int, int] | None:
-    """(limit, usage) bytes of one cgroup level, usage less its inactive page cache; None when unlimited.
+    """(limit, usage) bytes of one cgroup level, usage less its reclaimable page cache; None when unlimited.
 
     v2 gives memory.max ("max" = unlimited) and memory.current; v1 memory.limit_in_bytes (a value
-    near 2**63 = unlimited) and memory.usage_in_bytes. The kernel reclaims inactive_file before it
-    kills, so like `docker stats` it does not count as used.
+    near 2**63 = unlimited) and memory.usage_in_bytes. Page cache that no process maps (and that is
+    not shmem) is dropped by the kernel before it kills anything, as MemAvailable counts it: without
+    that, the cache of the release a flash just wrote and hashed (~200 MiB) looked like used memory.
+    Where memory.stat lacks those keys, only inactive_file counts as free (what `docker stats` does).
     """
     limit_text = limit_text.strip()
     if not limit_text.isdigit() or not usage_text.strip().isdigit() or int(limit_text) >= 2**62:
         return None  # "max", a v1 value near 2**63, or unreadable: no limit here
-    stat = dict(line.split()[:2] for line in stat_text.splitlines() if len(line.split()) >= 2)
-    inactive = int(stat.get("total_inactive_file", stat.get("inactive_file", "0")))
+    stat = {k: int(v) for k, v, *_ in (line.split() for line in stat_text.splitlines() if len(line.split()) >= 2)
+            if v.isdigit()}
+    v1 = "total_cache" in stat
+    cache, mapped, shmem = ((stat.get("total_cache"), stat.get("total_mapped_file"), stat.get("total_shmem", 0)) if v1
+                            else (stat.get("file"), stat.get("file_mapped"), stat.get("shmem", 0)))
+    if cache is not None and mapped is not None:
+        reclaimable = max(0, cache - mapped - (shmem or 0))
+    else:
+        reclaimable = stat.get("total_inactive_file", stat.get("inactive_file", 0))
     usage = int(usage_text.strip())
-    return int(limit_text), max(0, usage - inactive)
+    return int(limit_text), max(0, usage - reclaimable)
 
 
 def cgroup_free(levels: list[tuple[int, int] | None]) -> tuple[int | None, int | None]:

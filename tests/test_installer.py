@@ -146,6 +146,13 @@ def test_cgroup_v2_and_v1_limits() -> None:
     assert installer.cgroup_level("9223372036854771712\n", "481538048\n", "total_inactive_file 1\n") is None
     v1 = installer.cgroup_level(f"{512 * mib}", f"{300 * mib}", f"inactive_file 1\ntotal_inactive_file {44 * mib}")
     assert v1 == (512 * mib, 256 * mib)
+    # with the cache counters: cache no process maps (and not shmem) is reclaimable, mapped cache is not
+    v1 = installer.cgroup_level(f"{160 * mib}", f"{150 * mib}", f"total_cache {120 * mib}\ntotal_mapped_file "
+                                f"{30 * mib}\ntotal_shmem {10 * mib}\ntotal_inactive_file {5 * mib}\n")
+    assert v1 == (160 * mib, 70 * mib)  # 150 used - (120 - 30 - 10) reclaimable
+    v2 = installer.cgroup_level(f"{160 * mib}\n", f"{150 * mib}\n", f"anon {40 * mib}\nfile {100 * mib}\n"
+                                f"file_mapped {20 * mib}\nshmem 0\ninactive_file {10 * mib}\n")
+    assert v2 == (160 * mib, 70 * mib)
     # the level with the least room wins: 2 GiB with 1.9 used beats an inner 1 GiB with 0.5 used
     assert installer.cgroup_free([None, (1024 * mib, 512 * mib), (2048 * mib, 1946 * mib)]) == (2048, 102)
     assert installer.cgroup_free([None, None]) == (None, None)

@@ -284,10 +284,14 @@ class _Flash:
         if free is not None and peak > free:
             how = " (estimated from smaller micro-batches; not probed, to spare the board)" \
                 if plan.get("probe_skipped_at_micro_batch") else ""
-            return self._refuse(f"planned peak {peak:.0f} MiB at batch {self.config.batch}{how} does not fit "
+            return self._refuse(f"planned peak {peak:.0f} MiB at {self._batch_words()}{how} does not fit "
                                 f"{free:.0f} MiB free", peak, hint)
-        self.say(f"memory plan: peak {peak:.0f} MiB at batch {self.config.batch}, {free} MiB free: fits")
+        self.say(f"memory plan: peak {peak:.0f} MiB at {self._batch_words()}, {free} MiB free: fits")
         return peak
+
+    def _batch_words(self) -> str:
+        micro = self.config.micro_batch
+        return f"batch {self.config.batch}" + (f" (micro-batch {micro})" if micro and micro < self.config.batch else "")
 
     def _refuse(self, why: str, peak: float | None, hint: str = "") -> float | None:
         if not self.config.force:
@@ -382,11 +386,12 @@ def _last_line(text: str) -> str:
 
 def table(results: Sequence[FlashResult]) -> str:
     """The final table: one row per target, then a count line."""
-    rows = [("target", "device", "platform", "result", "free MiB", "peak MiB", "copied", "s")]
+    # The result goes last: it is the long column, and a terminal wraps only the end of a row.
+    rows = [("target", "device", "platform", "free MiB", "peak MiB", "copied", "s", "result")]
     for r in results:
         copied = f"{r.copied_files} / {r.copied_bytes / 2**20:.1f} MiB"
-        rows.append((r.target, r.device_id or "-", r.platform or "-", ("ok: " if r.ok else "") + r.result,
-                     _number(r.free_mib), _number(r.planned_peak_mib), copied, f"{r.seconds:.1f}"))
+        rows.append((r.target, r.device_id or "-", r.platform or "-", _number(r.free_mib),
+                     _number(r.planned_peak_mib), copied, f"{r.seconds:.1f}", ("ok: " if r.ok else "") + r.result))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
     done = sum(r.ok for r in results)
