@@ -17,15 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from conftest import _free_port
+
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
 PRIVSEP_DIR = Path("/run/sshd")  # Debian's sshd refuses to start as root without it
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _accepts(port: int) -> bool:
@@ -82,7 +78,7 @@ class Sshd:
             PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
         problems = []
         for attempt in range(3):
-            ports = [free_port() for _ in chroots]
+            ports = [_free_port() for _ in chroots]
             config = folder / f"sshd-{attempt}.conf"
             config.write_text(sshd_config(ports, chroots, settings, env or {}, folder / "sshd.pid"))
             log = folder / f"sshd-{attempt}.log"
