@@ -67,22 +67,26 @@ class InstallError(Exception):
 # ---------------------------------------------------------------- host side: building the call
 
 
-def _args_inline(args: dict) -> str | None:
+def _args_inline(args: dict, secret: bool) -> str | None:
     text = json.dumps(args, sort_keys=True, separators=(",", ":"))
-    return text if len(text) <= MAX_INLINE_ARGS else None
+    return text if len(text) <= MAX_INLINE_ARGS and not secret else None
 
 
-def boot_argv(python: str, script: bytes, command: str, args: dict) -> list[str]:
+def boot_argv(python: str, script: bytes, command: str, args: dict, secret: bool = False) -> list[str]:
     """The remote argv that runs `command` with this installer; the caller shlex-joins it for ssh.
 
-    Its stdin must start with `boot_stdin(script, args)`, then the command's own input.
+    Its stdin must start with `boot_stdin(script, args, secret)`, then the command's own input.
+    `secret` args (credentials) always travel on stdin: a command line is readable by every local
+    user, on both ends.
     """
-    return [python, "-c", BOOT, str(len(script)), command, _args_inline(args) or ARGS_FROM_STDIN]
+    return [python, "-c", BOOT, str(len(script)), command, _args_inline(args, secret) or ARGS_FROM_STDIN]
 
 
-def boot_stdin(script: bytes, args: dict) -> bytes:
-    """What the remote stdin starts with: the script, then the arguments when too long for argv."""
-    return script if _args_inline(args) is not None else script + json.dumps(args, sort_keys=True).encode() + b"\n"
+def boot_stdin(script: bytes, args: dict, secret: bool = False) -> bytes:
+    """What the remote stdin starts with: the script, then the arguments when secret or too long for argv."""
+    if _args_inline(args, secret) is not None:
+        return script
+    return script + json.dumps(args, sort_keys=True).encode() + b"\n"
 
 
 def source() -> bytes:

@@ -31,11 +31,11 @@ pytestmark = pytest.mark.skipif(not Path(TARGET_PYTHON).exists(), reason="needs 
 MODES = {"bin/edgeftl": 0o755}
 
 
-def call(command: str, args: dict, payload: bytes = b"") -> dict:
+def call(command: str, args: dict, payload: bytes = b"", secret: bool = False) -> dict:
     """One installer command through BOOT, as flash sends it over ssh; returns its one JSON line."""
     script = installer.source()
-    argv = installer.boot_argv(TARGET_PYTHON, script, command, args)
-    done = subprocess.run(["sh", "-c", shlex.join(argv)], input=installer.boot_stdin(script, args) + payload,
+    argv = installer.boot_argv(TARGET_PYTHON, script, command, args, secret)
+    done = subprocess.run(["sh", "-c", shlex.join(argv)], input=installer.boot_stdin(script, args, secret) + payload,
                           capture_output=True, timeout=120, env={"PATH": os.environ["PATH"]})
     lines = done.stdout.decode().splitlines()
     assert done.returncode == 0 and len(lines) == 1, (done.returncode, done.stdout, done.stderr)
@@ -268,8 +268,11 @@ def test_full_disk_is_one_clear_line_and_leaves_nothing(tmpfs) -> None:  # type:
 
 
 def configured(root: Path) -> None:
-    done = call("configure", {"root": str(root), "agent": {"argv": ["--id", "dev1"], "env": {"EDGEFTL_X": "1"}},
-                              "files": {"password": base64.b64encode(b"s3cret\n").decode()}})
+    args = {"root": str(root), "agent": {"argv": ["--id", "dev1"], "env": {"EDGEFTL_X": "1"}},
+            "files": {"password": base64.b64encode(b"s3cret\n").decode()}}
+    # credentials never ride on a command line (readable by every local user): the args go on stdin
+    assert installer.boot_argv(TARGET_PYTHON, b"", "configure", args, secret=True)[-1] == installer.ARGS_FROM_STDIN
+    done = call("configure", args, secret=True)
     assert done == {"ok": True, "files": ["password"]}
     assert (root / "config/password").read_bytes() == b"s3cret\n"
     assert (root / "config/password").stat().st_mode & 0o777 == 0o600

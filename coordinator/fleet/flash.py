@@ -303,17 +303,18 @@ class _Flash:
     def _configure(self) -> None:
         argv, files = agent_argv(self.root, self.result.device_id or "", self.config, self.package.id, self.data)
         self._installer("configure", {"root": self.root, "agent": {"argv": argv, "env": {}},
-                                      "files": {name: base64.b64encode(data).decode() for name, data in files.items()}})
+                                      "files": {name: base64.b64encode(data).decode() for name, data in files.items()}},
+                        secret=True)
 
     # ---- the installer on the target ---------------------------------------------------------
 
     def _installer(self, command: str, args: dict, feed: Callable[[IO[bytes]], object] | None = None,
-                   timeout_s: float = 600, required: bool = True) -> dict:
+                   timeout_s: float = 600, required: bool = True, secret: bool = False) -> dict:
         script = installer.source()
-        argv = installer.boot_argv(self.python, script, command, args)
+        argv = installer.boot_argv(self.python, script, command, args, secret)
 
         def stdin(stream: IO[bytes]) -> None:
-            stream.write(installer.boot_stdin(script, args))
+            stream.write(installer.boot_stdin(script, args, secret))
             if feed is not None:
                 feed(stream)
 
