@@ -49,7 +49,7 @@ help:
 	@echo "make demo       set up .venv and run the end-to-end demo (tools/demo.py)"
 	@echo "make test       set up .venv and mosquitto, run all tests (slow ones included)"
 	@echo "make test-fast  same, without tests marked slow"
-	@echo "make lint       ruff on everything, mypy on device/ and the round loop (part of make test)"
+	@echo "make lint       ruff on everything, mypy on device/, the round loop and coordinator/fleet (part of make test)"
 	@echo "make install    create/refresh .venv (no-op when pyproject.toml is unchanged)"
 	@echo "make mosquitto  install the Mosquitto MQTT broker with apt (as root)"
 	@echo "make chromium   install headless Chromium with apt (as root; the report test renders HTML)"
