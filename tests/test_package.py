@@ -393,13 +393,22 @@ def test_aarch64_package_holds_aarch64_wheels(arm_archive: Path) -> None:
 
 
 @pytest.mark.slow  # under qemu-user: about a minute
-def test_aarch64_package_trains_on_an_emulated_arm64_board(arm_archive: Path) -> None:
+# Debian 12 as on Raspberry Pi OS bookworm; Debian 13 (Python 3.13) as Termux's `proot-distro
+# install debian` gives a phone today (docs/FLASHING.md): the package for that Python trains there.
+@pytest.mark.parametrize(("suite", "python"), [("bookworm", "3.11"), ("trixie", "3.13")])
+def test_aarch64_package_trains_on_an_emulated_arm64_board(suite: str, python: str, arm_archive: Path, bert: Path,
+                                                          tmp_path: Path) -> None:
     import emulated_root
 
     try:  # the root the portable-runtime tests made (cached); its own python3, not their venv
-        made = emulated_root.board("bookworm", "arm64", device_requirements())
+        made = emulated_root.board(suite, "arm64", device_requirements())
     except emulated_root.RootError as exc:
         pytest.skip(f"no emulated ARM64 board here: {exc}")
+    if python != "3.11":
+        arm_archive = tmp_path / f"arm-py{python}.tar.gz"
+        rc, _, err = run_package("--bundle", str(bert), "--platform", "linux-aarch64", "--python", python,
+                                 "--out", str(arm_archive))
+        assert rc == 0, err
     bare = emulated_root.Board(made.root, "", made.suite, made.arch)
     guest = f"/tmp/edgeftl-package-{os.getpid()}"
     work = bare.host_path(guest)
@@ -421,7 +430,7 @@ def test_aarch64_package_trains_on_an_emulated_arm64_board(arm_archive: Path) ->
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 2 and math.isfinite(summary["last_loss"])
-    assert bare_numpy.stdout.split() == ["aarch64"]
+    assert bare_numpy.stdout.split() == ["aarch64"] and summary["platform_python"].startswith(python + ".")
     assert "No module named 'numpy'" in bare_numpy.stderr  # everything came from the package
 
 
