@@ -178,6 +178,17 @@ def test_flash_starts_an_agent_that_federates_and_a_second_flash_copies_nothing(
     assert row["ok"] and row["copied_files"] == 1, row
     assert not rotten.read_bytes().endswith(b"# a flipped sector\n")
 
+    # Execute: look at the board's service, stop it, look again
+    board = ["--target", target.url, "--identity", str(target.identity), "--known-hosts", str(target.known_hosts)]
+    logs = edgeftl("fleet", "logs", *board)
+    stopped = edgeftl("fleet", "stop", *board)
+    after = edgeftl("fleet", "logs", *board)
+
+    # Assert: it ran supervised with a log, `stop` ended supervisor and agent, and says so
+    assert logs.returncode == 0 and "running (supervised" in logs.stdout, logs.stdout + logs.stderr
+    assert stopped.returncode == 0 and stopped.stdout.strip().endswith(": stopped"), stopped.stdout
+    assert "not running" in after.stdout and agent_command_lines(target) == []
+
 
 def test_bad_targets_each_get_one_line_and_the_good_one_completes(
         archive: Path, ssh_server: SshServer, mosquitto_broker, tmp_path: Path) -> None:

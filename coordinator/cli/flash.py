@@ -21,14 +21,9 @@ from edgeftl.device.cli.common import fail
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("archive", type=Path, help="the .tar.gz that `edgeftl package` wrote")
-    p.add_argument("--target", action="append", default=[], metavar="URL",
-                   help="ssh://user@host[:port]/path[?id=DEVICE&data=/path/on/board] (repeatable)")
-    p.add_argument("--targets-file", type=Path, default=None, help="a file with one target URL per line (# comments)")
+    add_target_flags(p)
     p.add_argument("--broker", required=True, help="the broker as the devices reach it: mqtts://host:8883 or mqtt://...")
     p.add_argument("--prefix", default="edgeftl", help="MQTT topic prefix of the federation")
-    p.add_argument("--identity", type=Path, default=None, help="ssh private key (default: ssh's own keys and agent)")
-    p.add_argument("--known-hosts", type=Path, default=None,
-                   help="ssh known_hosts file (default ssh's; a new host's key is remembered, a changed one refused)")
     agent = p.add_argument_group("the device agent")
     agent.add_argument("--data", default="{root}/data/train.csv",
                        help="the board's training data, a path there ({root} is the target's folder)")
@@ -50,21 +45,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     creds.add_argument("--username", default=None, help="MQTT username (default with --certs: the device id)")
     creds.add_argument("--insecure", action="store_true", help="let devices use plain mqtt:// to a non-loopback broker")
     p.add_argument("--force", action="store_true", help="start even when the memory plan does not fit")
-    p.add_argument("--parallel", type=int, default=8, help="targets flashed at once (default 8)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+
+
+def add_target_flags(p: argparse.ArgumentParser) -> None:
+    """The boards and how ssh reaches them (`edgeftl flash`, `edgeftl fleet stop|logs`)."""
+    p.add_argument("--target", action="append", default=[], metavar="URL",
+                   help="ssh://user@host[:port]/path[?id=DEVICE&data=/path/on/board] (repeatable)")
+    p.add_argument("--targets-file", type=Path, default=None, help="a file with one target URL per line (# comments)")
+    p.add_argument("--identity", type=Path, default=None, help="ssh private key (default: ssh's own keys and agent)")
+    p.add_argument("--known-hosts", type=Path, default=None,
+                   help="ssh known_hosts file (default ssh's; a new host's key is remembered, a changed one refused)")
+    p.add_argument("--parallel", type=int, default=8, help="targets handled at once (default 8)")
+
+
+def targets_of(args: argparse.Namespace) -> list:
+    """The parsed targets of --target and --targets-file.
+
+    Raises:
+        ValueError: none given, or one that is not an ssh:// target URL (TargetError).
+    """
+    from edgeftl.coordinator.fleet.ssh import parse_target
+
+    urls = [*args.target, *_read_targets(args.targets_file)]
+    if not urls:
+        raise ValueError("give at least one --target ssh://user@host/path (or --targets-file)")
+    if args.parallel < 1:
+        raise ValueError(f"--parallel must be a positive integer, got {args.parallel}")
+    return [parse_target(url) for url in urls]
 
 
 def run(args: argparse.Namespace) -> int:
     from edgeftl.coordinator.fleet.archive import ArchiveError, open_archive
     from edgeftl.coordinator.fleet.flash import FlashConfig, flash, table
-    from edgeftl.coordinator.fleet.ssh import TargetError, parse_target
+    from edgeftl.coordinator.fleet.ssh import TargetError
     from edgeftl.device.link.security import is_loopback
 
     try:
-        urls = [*args.target, *_read_targets(args.targets_file)]
-        if not urls:
-            raise ValueError("give at least one --target ssh://user@host/path (or --targets-file)")
-        targets = [parse_target(url) for url in urls]
+        targets = targets_of(args)
         broker = urlsplit(args.broker)
         if broker.scheme not in ("mqtt", "mqtts") or not broker.hostname:
             raise ValueError(f"--broker {args.broker!r} must be mqtt://host:port or mqtts://host:port")

@@ -11,6 +11,7 @@ import math
 import sys
 from pathlib import Path
 
+from edgeftl.coordinator.cli.flash import add_target_flags, targets_of
 from edgeftl.device.cli.common import add_security_flags, fail
 
 MAX_WAIT_S = 600.0
@@ -29,9 +30,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help="allowlist.json of `edgeftl certs`: list only statuses signed by these devices "
                              "(others are reported as refused)")
     add_security_flags(status)
+    for name, text in (("stop", "stop the agent on flashed boards (over ssh)"),
+                       ("logs", "show the agent's service state and the end of its log on flashed boards (over ssh)")):
+        add_target_flags(sub.add_parser(name, help=text, description=text))
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.fleet_command in ("stop", "logs"):
+        return _boards(args)
     from edgeftl.coordinator.fleet.status import as_json, read_statuses, reader_client_id, rows_of, table
     from edgeftl.device.cli.common import security_from
     from edgeftl.device.link import LinkError, MqttConnection
@@ -54,3 +60,16 @@ def run(args: argparse.Namespace) -> int:
     for item in refused:
         print(f"refused a status on {item.topic}: {item.reason}", file=sys.stderr)
     return 0
+
+
+def _boards(args: argparse.Namespace) -> int:
+    from edgeftl.coordinator.fleet.boards import ask_boards, describe
+
+    command = {"stop": "stop", "logs": "status"}[args.fleet_command]
+    try:
+        answers = ask_boards(targets_of(args), command, args.identity, args.known_hosts, args.parallel)
+    except ValueError as exc:
+        return fail(str(exc))
+    for answer in answers:
+        print("\n".join(describe(answer, command)))
+    return 0 if all(answer.ok for answer in answers) else 1

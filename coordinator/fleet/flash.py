@@ -27,8 +27,9 @@ from typing import IO
 
 from edgeftl.coordinator.fleet.archive import Package
 from edgeftl.coordinator.fleet.platforms import PLATFORMS, PYTHONS
+from edgeftl.coordinator.fleet.remote import FlashError, call_installer, last_line
 from edgeftl.coordinator.fleet.ssh import Ssh, SshError, Target
-from edgeftl.device import installer, service
+from edgeftl.device import service
 
 Say = Callable[[str], None]
 SERVICES = ("auto", "systemd", "supervised")
@@ -37,10 +38,6 @@ SERVICES = ("auto", "systemd", "supervised")
 CREDENTIALS = (("--ca-file", "ca.crt", "ca.crt"), ("--cert", "client.crt", "client.crt"),
                ("--key", "client.key", "client.key"), ("--password-file", "password", "password"),
                ("--signing-key", "signing.pem", "signing.pem"))
-
-
-class FlashError(RuntimeError):
-    """This target cannot be flashed; the message is the table's result line."""
 
 
 @dataclass(frozen=True)
@@ -270,7 +267,7 @@ class _Flash:
         self.say(f"measuring the memory plan there (batch {self.config.batch}, {seq} tokens)")
         status, out, err = self.ssh.run(command, timeout_s=1800)
         if status != 0:
-            reason = _last_line(err) or f"exit status {status}"
+            reason = last_line(err) or f"exit status {status}"
             return self._refuse(f"the memory plan failed on the target ({reason})", None)
         plan = json.loads(out.strip().splitlines()[-1])
         peak = float(plan["estimated_peak_mib"])
@@ -306,28 +303,9 @@ class _Flash:
                                       "files": {name: base64.b64encode(data).decode() for name, data in files.items()}},
                         secret=True)
 
-    # ---- the installer on the target ---------------------------------------------------------
-
     def _installer(self, command: str, args: dict, feed: Callable[[IO[bytes]], object] | None = None,
                    timeout_s: float = 600, required: bool = True, secret: bool = False) -> dict:
-        script = installer.source()
-        argv = installer.boot_argv(self.python, script, command, args, secret)
-
-        def stdin(stream: IO[bytes]) -> None:
-            stream.write(installer.boot_stdin(script, args, secret))
-            if feed is not None:
-                feed(stream)
-
-        status, out, err = self.ssh.run(argv, stdin=stdin, timeout_s=timeout_s)
-        lines = out.strip().splitlines()
-        try:
-            answer = json.loads(lines[-1])
-        except (IndexError, ValueError):
-            raise FlashError(f"the installer ({command}) failed on the target: "
-                             f"{_last_line(err) or f'exit status {status}'}") from None
-        if required and not answer.get("ok"):
-            raise FlashError(answer.get("error") or f"{command} failed")
-        return answer
+        return call_installer(self.ssh, self.python, command, args, feed, timeout_s, required, secret)
 
 
 def agent_argv(root: str, device_id: str, config: FlashConfig, package_id: str,
@@ -378,11 +356,6 @@ def _device_id(host: str) -> str:
     """A device id from a host name: the characters an id accepts, else 'device'."""
     cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", host.strip()).strip("-._")[:64]
     return cleaned or "device"
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
 
 
 def table(results: Sequence[FlashResult]) -> str:
