@@ -106,6 +106,12 @@ def load_bbc(root: Path | None = None) -> tuple[list[str], list[str], list[str]]
     return texts, labels, [t.name for t in topics]
 
 
+def bbc_labels(root: Path | None = None) -> list[str]:
+    """The BBC News topics, sorted, from the folder names alone (no article is read)."""
+    root = bbc_root() if root is None else Path(root)
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
+
+
 # --- Reproducible splits -------------------------------------------------------------------
 
 
@@ -193,18 +199,24 @@ def read_examples(path: Path, task: str, label_names: list[str] | None = None) -
     path = Path(path)
     if task not in TASKS:
         raise DataError(f"unknown task {task!r}; accepted tasks: {', '.join(TASKS)}")
+    text = _read_text(path)
+    required = ("text", "label") if task == CLASSIFY else ("text",)
+    rows = _csv_rows(path, text, required) if path.suffix.lower() == ".csv" else _jsonl_rows(path, text)
+    examples = [_to_example(path, line, row, task, label_names) for line, row in rows]
+    if not examples:
+        raise DataError(f"{path}: no examples after the header; {_ACCEPTED}")
+    return examples
+
+
+def _read_text(path: Path) -> str:
+    """A data file's text, once its type is one we read and it is UTF-8 and not empty."""
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; {_ACCEPTED}")
     text = _read_utf8(path)
     if not text.strip():
         raise DataError(f"{path}: file is empty; {_ACCEPTED}")
-    required = ("text", "label") if task == CLASSIFY else ("text",)
-    rows = _csv_rows(path, text, required) if suffix == ".csv" else _jsonl_rows(path, text)
-    examples = [_to_example(path, line, row, task, label_names) for line, row in rows]
-    if not examples:
-        raise DataError(f"{path}: no examples after the header; {_ACCEPTED}")
-    return examples
+    return text
 
 
 def _read_utf8(path: Path) -> str:
@@ -312,6 +324,47 @@ def _to_example(
             f"accepted labels: {', '.join(label_names)}"
         )
     return Example(text=text, label=label, line=line)
+
+
+def file_labels(path: Path) -> list[str]:
+    """The distinct labels of a classify data file, sorted; every row must carry one.
+
+    Raises:
+        DataError: as `read_examples`, or if the file has fewer than 2 labels.
+    """
+    labels = sorted({str(e.label) for e in read_examples(path, CLASSIFY)})
+    if len(labels) < 2:
+        raise DataError(f"{path}: only one label ({labels[0]!r}); classification needs at least 2")
+    return labels
+
+
+def has_label_column(path: Path) -> bool:
+    """Whether a data file labels its rows: a 'label' column in a CSV header, or a 'label' key
+    in the first JSON object."""
+    path = Path(path)
+    text = _read_text(path)
+    if path.suffix.lower() == ".csv":
+        header = next(csv.reader(io.StringIO(text, newline="")), [])
+        return "label" in (h.strip() for h in header)
+    rows = _jsonl_rows(path, text)
+    return bool(rows) and "label" in rows[0][1]
+
+
+def check_task(path: Path, task: str, label_names: Sequence[str]) -> None:
+    """Check a data file suits a bundle's task and labels before any work starts.
+
+    Raises:
+        DataError: one line naming the mismatch: a labelled file for a causal-lm bundle, a
+            text-only file for a classify bundle, or a label the bundle does not have.
+    """
+    labelled = has_label_column(path)
+    if task != CLASSIFY and labelled:
+        raise DataError(f"{path}: has labels, but the bundle is {task} (text only); "
+                        "drop the 'label' column or use a classify bundle")
+    if task == CLASSIFY and not labelled:
+        raise DataError(f"{path}: has no labels, but the bundle classifies into {', '.join(label_names)}; "
+                        "add a 'label' column or use a causal-lm bundle")
+    read_examples(path, task, list(label_names) if task == CLASSIFY else None)
 
 
 def write_csv(path: Path, texts: Sequence[str], labels: Sequence[str] | None = None) -> Path:

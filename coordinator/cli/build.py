@@ -52,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
 
     labels = args.labels
     if labels is None and args.num_labels is None and args.task == CLASSIFY and args.model is None:
-        from edgeftl.device.data import bbc_root
+        from edgeftl.device.data import bbc_labels
 
-        labels = tuple(sorted(p.name for p in bbc_root().iterdir() if p.is_dir()))
+        labels = tuple(bbc_labels())
     try:
         config = BuildConfig(
             out=args.out, model=args.model, task=args.task, labels=labels or (), num_labels=args.num_labels,

@@ -15,13 +15,16 @@ from edgeftl.device.cli.common import fail
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=int, default=5)
-    p.add_argument("--data", default="bbc", help="bbc (BBC News, packaged) or a CSV/JSONL file with text,label")
+    p.add_argument("--data", default="bbc", help="bbc (BBC News, packaged) or a CSV/JSONL file with text,label; "
+                   "without --bundle, the bundle is built for the file's own labels")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split")
     p.add_argument("--max-per-device", type=int, default=None, help="cap examples per device")
     p.add_argument("--max-test", type=int, default=None, help="cap held-out test examples")
     p.add_argument("--broker", default=None, help="mqtt://127.0.0.1:port of an open broker on this machine (a "
                    "simulation sends no credentials or signatures); default: start an embedded amqtt broker")
-    p.add_argument("--bundle", type=Path, default=None, help="default: build the packaged MiniLM into --out")
+    p.add_argument("--bundle", type=Path, default=None, help="default: build --model into --out")
+    p.add_argument("--model", type=Path, default=None,
+                   help="local Hugging Face model folder to build (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--quant", default="int8")
     p.add_argument("--train-layers", type=int, default=None,
                    help="build with LoRA in the top K blocks only; devices cache the frozen lower stack's outputs")
@@ -32,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from edgeftl.coordinator.cli.live import LiveView
-    from edgeftl.coordinator.simulation.simulate import SimulationConfig, simulate
+    from edgeftl.coordinator.simulation.simulate import SimulationConfig, run_labels, simulate
 
     try:
         rounds = config_from(args, args.out)
@@ -40,13 +43,16 @@ def run(args: argparse.Namespace) -> int:
             rounds.wait_devices = args.devices
         sim = SimulationConfig(out=args.out, devices=args.devices, data=args.data, alpha=args.alpha,
                                max_per_device=args.max_per_device, max_test=args.max_test, broker=args.broker,
-                               bundle=args.bundle, quant=args.quant, train_layers=args.train_layers,
+                               bundle=args.bundle, model=args.model, quant=args.quant,
+                               train_layers=args.train_layers,
                                device_threads=args.device_threads,
                                seed=args.seed)
+        labels = run_labels(sim)  # a data/bundle mismatch is one line before any work
     except ValueError as exc:
         return fail(str(exc))
     began = time.monotonic()
-    print(f"simulating {args.devices} devices x {args.rounds} rounds -> {args.out}", file=sys.stderr)
+    print(f"simulating {args.devices} devices x {args.rounds} rounds -> {args.out}; "
+          f"labels: {', '.join(labels) or '(none: causal-lm)'}", file=sys.stderr)
     try:
         with LiveView(rounds.rounds, rounds.deadline_s, round_line) as view:  # plain lines when not a terminal
             records = simulate(sim, rounds, on_round=view.on_round, on_start=view.attach)
@@ -55,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     last = records[-1] if records else {}
     summary = {
         "rounds": len(records),
+        "labels": labels,
         "final_accuracy": last.get("accuracy"),
         "bytes_up_total": sum(r["bytes_up"] for r in records),
         "bytes_down_total": sum(r["bytes_down"] for r in records),

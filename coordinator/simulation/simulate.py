@@ -19,8 +19,17 @@ import numpy as np
 
 from edgeftl.coordinator.rounds.config import CoordinatorConfig
 from edgeftl.coordinator.simulation.partition import dirichlet_split
-from edgeftl.device.data import load_bbc, read_examples, stratified_split, write_csv
-from edgeftl.device.protocol.manifest import CLASSIFY, MANIFEST
+from edgeftl.device.data import (
+    DataError,
+    bbc_labels,
+    check_task,
+    file_labels,
+    load_bbc,
+    read_examples,
+    stratified_split,
+    write_csv,
+)
+from edgeftl.device.protocol.manifest import CLASSIFY, MANIFEST, read_manifest
 
 
 @dataclass
@@ -33,22 +42,52 @@ class SimulationConfig:
     max_per_device: int | None = None  # cap examples per device (fast demos)
     max_test: int | None = None
     broker: str | None = None  # None = start the embedded amqtt broker
-    bundle: Path | None = None  # None = build the packaged MiniLM (int8 + LoRA) into out/bundle
+    bundle: Path | None = None  # None = build `model` (int8 + LoRA) into out/bundle, labelled as `data` is
+    model: Path | None = None  # Hugging Face folder to build from; None = the packaged MiniLM
     quant: str = "int8"
     train_layers: int | None = None  # build with LoRA only in the top K blocks (cached lower stack)
     device_threads: int = 1
     seed: int = 0
 
 
-def build_bundle_if_needed(sim: SimulationConfig) -> Path:
+def run_labels(sim: SimulationConfig) -> list[str]:
+    """The labels the run trains with, once `sim.data` is checked against `sim.bundle`.
+
+    Reads only the data file and the bundle's manifest: a mismatch stops the run before any
+    process starts or any folder is written. Without a bundle, the labels are the data's own
+    (sorted), and the bundle is built with them.
+
+    Raises:
+        DataError: one line naming the mismatch and what is accepted.
+        BundleError: `sim.bundle` is not a bundle.
+    """
+    if sim.bundle is None:
+        labels = bbc_labels() if sim.data == "bbc" else file_labels(Path(sim.data))
+        commas = [label for label in labels if "," in label]
+        if commas:
+            raise DataError(f"{sim.data}: label {commas[0]!r} has a comma, which `edgeftl build --labels` "
+                            "cannot name; rename it or build the bundle yourself and pass --bundle")
+        return labels
+    manifest = read_manifest(sim.bundle)
+    if sim.data != "bbc":
+        check_task(Path(sim.data), manifest.task, manifest.labels)
+    elif manifest.task == CLASSIFY and not set(bbc_labels()) <= set(manifest.labels):
+        raise DataError(f"BBC News topics {', '.join(bbc_labels())} are not all labels of bundle {sim.bundle} "
+                        f"(accepted labels: {', '.join(manifest.labels)})")
+    return list(manifest.labels)
+
+
+def build_bundle_if_needed(sim: SimulationConfig, labels: list[str]) -> Path:
+    """`sim.bundle`, or a bundle built into the run folder for `labels` (rebuilt if its labels differ)."""
     if sim.bundle is not None:
         return sim.bundle
     split = f"-top{sim.train_layers}" if sim.train_layers else ""
     bundle = sim.out / f"bundle-{sim.quant}{split}"
-    if not (bundle / MANIFEST).is_file():
+    if not (bundle / MANIFEST).is_file() or read_manifest(bundle).labels != labels:
         extra = ["--train-layers", str(sim.train_layers)] if sim.train_layers else []
+        extra += ["--model", str(sim.model)] if sim.model else []
         subprocess.run([sys.executable, "-m", "edgeftl.device.cli", "build", "--quant", sim.quant,
-                        "--out", str(bundle), "--force", *extra], check=True)
+                        "--labels", ",".join(labels), "--out", str(bundle), "--force", *extra], check=True)
     return bundle
 
 
@@ -131,14 +170,16 @@ def simulate(sim: SimulationConfig, rounds: CoordinatorConfig, on_round: Callabl
     from edgeftl.device.protocol.topics import coordinator_client_id
     from edgeftl.device.runtime import trainable_vector
 
+    labels = run_labels(sim)  # before anything is written
     sim.out.mkdir(parents=True, exist_ok=True)
-    bundle = build_bundle_if_needed(sim)
+    bundle = build_bundle_if_needed(sim, labels)
     manifest = verify_bundle(bundle)
     files, test = split_data(sim, manifest.labels)
     (sim.out / "config.json").write_text(json.dumps(
         {"simulation": {k: str(v) for k, v in vars(sim).items()},
          "rounds": {k: str(v) for k, v in vars(rounds).items()},
          "bundle": {"model_id": manifest.model_id, "quantization": manifest.quantization.scheme,
+                    "task": manifest.task, "labels": manifest.labels,
                     "adapter": asdict(manifest.adapter), "trainable_params": manifest.trainable_count}},
         indent=2, sort_keys=True) + "\n")
     rounds.force = not rounds.resume  # a simulation starts over in its folder unless resumed
