@@ -112,6 +112,19 @@ def agent_command_lines(target: Target) -> list[str]:
     return lines
 
 
+def ssh_masters(target: Target) -> list[str]:
+    """ssh master connections (ControlPersist) still open to the target's port."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            words = (proc / "cmdline").read_bytes().decode().split("\0")
+        except (OSError, ValueError):
+            continue
+        if words[:1] == ["ssh"] and any(w.startswith("ControlPersist") for w in words) and str(target.port) in words:
+            found.append(" ".join(words))
+    return found
+
+
 def release_files(target: Target) -> Path:
     return target.host_path(f"{target.path}/current")
 
@@ -133,6 +146,7 @@ def test_flash_starts_an_agent_that_federates_and_a_second_flash_copies_nothing(
                           "--password-file", str(tmp_path / "password"), "--username", "pi-0")
     assert done.returncode == 0, done.stdout[-3000:]
     agents = agent_command_lines(target)
+    assert ssh_masters(target) == []  # the flash closed the ssh connection it kept open
     records = one_round(mosquitto_broker, tiny, prefix, 1, tmp_path)
     seen = edgeftl("fleet", "status", "--broker", broker, "--prefix", prefix, "--json")
 

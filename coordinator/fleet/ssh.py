@@ -140,14 +140,16 @@ class Ssh:
         """Log in once and keep the connection as the master every later command rides on.
 
         The master runs detached (`-f`) with its output in a file: a master that inherited our
-        pipes would hold them open and every later read would hang until it exits.
+        pipes would hold them open and every later read would hang until it exits. No `-M` beside
+        ControlMaster=yes: the two together mean "ask", and a master that must ask refuses close()'s
+        `-O exit` in batch mode (it then lingered for ControlPersist).
 
         Raises:
             SshError: the login failed (the reason in one line).
         """
         with tempfile.TemporaryFile() as errors:
             try:
-                done = subprocess.run([*self._base, "-o", "ControlMaster=yes", "-o", "ControlPersist=300", "-M",
+                done = subprocess.run([*self._base, "-o", "ControlMaster=yes", "-o", "ControlPersist=300",
                                        "-N", "-f", self.target.destination], stdin=subprocess.DEVNULL,
                                       stdout=subprocess.DEVNULL, stderr=errors, timeout=timeout_s)
             except subprocess.TimeoutExpired:
