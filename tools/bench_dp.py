@@ -149,13 +149,8 @@ def write_doc(results: dict) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_dp")
-    parser.add_argument("--devices", type=int, default=10)
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--rounds", type=int, default=8)
+    benchdoc.add_federation_args(parser, "bench_dp", rounds=8)
     parser.add_argument("--norm-rounds", type=int, default=2, help="rounds of the norm-measuring run")
-    parser.add_argument("--steps", type=int, default=5, help="local steps per device per round")
-    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--noises", default="0,0.03,0.1,0.3,1.0", help="noise multipliers z; 0 = clipping only")
     parser.add_argument("--clip-norm", type=float, default=None, help="default: the median measured update norm")
     parser.add_argument("--delta", type=float, default=1e-5)

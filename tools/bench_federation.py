@@ -155,12 +155,7 @@ def write_doc(results: dict) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_federation")
-    parser.add_argument("--devices", type=int, default=10)
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=5, help="local steps per device per round")
-    parser.add_argument("--lr", type=float, default=2e-3)
+    benchdoc.add_federation_args(parser, "bench_federation", rounds=20)
     parser.add_argument("--codecs", default="none,topk:0.01+int8",
                         help="comma-separated cases: a codec, or codec@strategy (fedadam, fedyogi, lora-svd) to "
                              "aggregate with another strategy than FedAvg")

@@ -131,13 +131,8 @@ def write_doc(results: dict) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_poisoning")
-    parser.add_argument("--devices", type=int, default=10)
+    benchdoc.add_federation_args(parser, "bench_poisoning", rounds=8)
     parser.add_argument("--attackers", type=int, default=2)
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5, help="local steps per device per round")
-    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--cases", default=",".join(ALL_CASES),
                         help=f"comma-separated: honest, or attack@aggregator with attack in {', '.join(ATTACKS)} "
                              f"and aggregator in {', '.join(AGGREGATORS)}")

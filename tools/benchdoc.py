@@ -1,8 +1,10 @@
 """What every benchmark script shares: the machine description, the commit, and rewriting only
-its own marked section of docs/BENCHMARKS.md (so the scripts never clobber each other)."""
+its own marked section of docs/BENCHMARKS.md (so the scripts never clobber each other); and the
+settings the federation benchmarks (federation, dp, poisoning) have in common."""
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 from datetime import datetime, timezone
@@ -73,3 +75,13 @@ def write_section(name: str, section: str, machine_info: dict | None = None, doc
     else:
         text = text.rstrip("\n") + "\n\n" + section.rstrip()
     doc.write_text(text.rstrip("\n") + "\n", encoding="utf-8")  # idempotent: no newline piles up
+
+
+def add_federation_args(parser: argparse.ArgumentParser, name: str, rounds: int) -> None:
+    """--work, --devices, --alpha, --rounds, --steps, --lr: the federation benchmarks' common settings."""
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / name)
+    parser.add_argument("--devices", type=int, default=10)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--steps", type=int, default=5, help="local steps per device per round")
+    parser.add_argument("--lr", type=float, default=2e-3)
