@@ -108,6 +108,28 @@ def in_process_devices(broker, folder: Path, files: list[Path], rounds: int, sto
     return agents, threads
 
 
+def in_process_federation(folder: Path, files: list[Path], config, eval_csv: Path):
+    """A whole federation in this process: a device agent per data file, a coordinator with an
+    evaluator on `eval_csv`, `config.rounds` rounds. Returns (coordinator, its records)."""
+    from edgeftl.coordinator.rounds.evaluate import make_evaluator
+    from edgeftl.coordinator.rounds.loop import Coordinator
+    from edgeftl.device.link import InProcessBroker
+    from edgeftl.device.protocol.manifest import read_manifest
+
+    broker = InProcessBroker()
+    agents, threads = in_process_devices(broker, folder, files, rounds=config.rounds)
+    coordinator = Coordinator(coordinator_link(broker, "coordinator"), folder, read_manifest(folder),
+                              agents[0].runtime.get_flat(), config, evaluate=make_evaluator(folder, eval_csv))
+    for t in threads:
+        t.start()
+    coordinator.connect()
+    assert coordinator.wait_for_devices() == len(files)
+    records = coordinator.run()
+    for t in threads:
+        t.join(timeout=30)
+    return coordinator, records
+
+
 def device_link(broker, name: str, prefix: str = "edgeftl"):
     """A device's link through an in-process broker (status online on connect, offline as will)."""
     from edgeftl.device.link import InProcessConnection, Link

@@ -10,14 +10,20 @@ from pathlib import Path
 import numpy as np
 
 from edgeftl.coordinator.rounds.config import CoordinatorConfig
-from edgeftl.coordinator.rounds.evaluate import make_evaluator
 from edgeftl.coordinator.rounds.loop import Coordinator
 from edgeftl.device.agent import AgentConfig, DeviceAgent
 from edgeftl.device.data import write_csv
 from edgeftl.device.link import InProcessBroker, InProcessConnection, Link
 from edgeftl.device.protocol.manifest import bundle_sha256, read_manifest
 
-from fixtures_build import bundle, coordinator_link, device_link, in_process_devices, keyword_dataset
+from fixtures_build import (
+    bundle,
+    coordinator_link,
+    device_link,
+    in_process_devices,
+    in_process_federation,
+    keyword_dataset,
+)
 
 
 def _device_files(tmp: Path, devices: int, per_device: int) -> list[Path]:
@@ -35,20 +41,10 @@ def test_in_process_federation_learns_and_logs_every_round(tmp_path, tmp_path_fa
     files = _device_files(tmp_path, 3, 48)
     texts, labels = keyword_dataset(96, seed=7)
     test_csv = write_csv(tmp_path / "test.csv", texts, labels)
-    broker = InProcessBroker()
-    agents, threads = in_process_devices(broker, folder, files, rounds=4)
     config = CoordinatorConfig(out=tmp_path / "run", rounds=4, steps=6, batch=16, lr=2e-2, deadline_s=60,
                                codec="topk:0.25+int8", wait_devices=3, wait_devices_s=10)
-    coordinator = Coordinator(coordinator_link(broker, "coordinator"), folder, manifest,
-                              agents[0].runtime.get_flat(), config, evaluate=make_evaluator(folder, test_csv))
-    for t in threads:
-        t.start()
     # Execute
-    coordinator.connect()
-    assert coordinator.wait_for_devices() == 3
-    records = coordinator.run()
-    for t in threads:
-        t.join(timeout=30)
+    _, records = in_process_federation(folder, files, config, test_csv)
     # Assert
     assert [r["round"] for r in records] == [0, 1, 2, 3]
     assert all(r["updates_received"] == 3 and r["updates_rejected"] == 0 for r in records)

@@ -8,7 +8,6 @@ import pytest
 
 from edgeftl.coordinator.cli.coordinator import round_line
 from edgeftl.coordinator.rounds.config import CoordinatorConfig
-from edgeftl.coordinator.rounds.evaluate import make_evaluator
 from edgeftl.coordinator.rounds.loop import Coordinator
 from edgeftl.coordinator.rounds.privacy.mechanism import epsilon_for
 from edgeftl.coordinator.rounds.strategy import FedAvg, Update
@@ -19,7 +18,7 @@ from edgeftl.device.protocol.codecs import Encoded
 from edgeftl.device.protocol.manifest import bundle_sha256, read_manifest
 from edgeftl.device.protocol.messages import Update as UpdateMessage
 
-from fixtures_build import bundle, coordinator_link, device_link, in_process_devices, keyword_dataset
+from fixtures_build import bundle, coordinator_link, device_link, in_process_federation, keyword_dataset
 
 
 @pytest.fixture
@@ -115,20 +114,10 @@ def test_tiny_federation_with_dp_records_epsilon_growing_every_round(tmp_path, t
     for i in range(3):
         texts, labels = keyword_dataset(32, seed=200 + i)
         files.append(write_csv(tmp_path / f"device{i}.csv", texts, labels))
-    broker = InProcessBroker()
-    agents, threads = in_process_devices(broker, tiny_bundle, files, rounds=3)
     config = CoordinatorConfig(out=tmp_path / "run", rounds=3, steps=2, lr=2e-2, deadline_s=60, wait_devices=3,
                                wait_devices_s=10, strategy="fedadam", clip_norm=0.5, dp_noise=0.8, dp_delta=1e-6)
-    coordinator = Coordinator(coordinator_link(broker, "coordinator"), tiny_bundle, read_manifest(tiny_bundle),
-                              agents[0].runtime.get_flat(), config, evaluate=make_evaluator(tiny_bundle, files[0]))
-    for t in threads:
-        t.start()
     # Execute
-    coordinator.connect()
-    assert coordinator.wait_for_devices() == 3
-    records = coordinator.run()
-    for t in threads:
-        t.join(timeout=30)
+    coordinator, records = in_process_federation(tiny_bundle, files, config, files[0])
     # Assert: every round aggregated, epsilon at delta 1e-6 grows each round as the accountant composes it
     assert [r["updates_received"] for r in records] == [3, 3, 3]
     eps = [r["dp_epsilon"] for r in records]
