@@ -99,30 +99,27 @@ def one_round(broker: tuple[str, int], folder: Path, prefix: str, devices: int, 
         coordinator.link.close()
 
 
-def agent_command_lines(target: Target) -> list[str]:
-    """The command lines of the processes running from the target's folder (supervisor and agent)."""
-    lines = []
+def command_lines() -> list[list[str]]:
+    """Every running process's argv (processes that end while being read are skipped)."""
+    found = []
     for proc in Path("/proc").iterdir():
         try:
-            line = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            found.append((proc / "cmdline").read_bytes().decode().split("\0"))
         except (OSError, ValueError):
             continue
-        if target.path in line and "device" in line:
-            lines.append(line)
-    return lines
+    return found
+
+
+def agent_command_lines(target: Target) -> list[str]:
+    """The command lines of the processes running from the target's folder (supervisor and agent)."""
+    lines = [" ".join(words) for words in command_lines()]
+    return [line for line in lines if target.path in line and "device" in line]
 
 
 def ssh_masters(target: Target) -> list[str]:
     """ssh master connections (ControlPersist) still open to the target's port."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            words = (proc / "cmdline").read_bytes().decode().split("\0")
-        except (OSError, ValueError):
-            continue
-        if words[:1] == ["ssh"] and any(w.startswith("ControlPersist") for w in words) and str(target.port) in words:
-            found.append(" ".join(words))
-    return found
+    return [" ".join(words) for words in command_lines() if words[:1] == ["ssh"]
+            and any(w.startswith("ControlPersist") for w in words) and str(target.port) in words]
 
 
 def release_files(target: Target) -> Path:

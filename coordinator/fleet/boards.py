@@ -35,18 +35,13 @@ def ask_boards(targets: Sequence[Target], command: str, identity: Path | None = 
 
 
 def _ask(target: Target, command: str, identity: Path | None, known_hosts: Path | None) -> BoardAnswer:
-    ssh = Ssh(target, identity, known_hosts)
     try:
-        ssh.open()
-        answer = call_installer(ssh, BOARD_PYTHON, command, {"root": target.root}, timeout_s=120)
+        with Ssh(target, identity, known_hosts) as ssh:
+            ssh.open()
+            answer = call_installer(ssh, BOARD_PYTHON, command, {"root": target.root}, timeout_s=120)
         return BoardAnswer(target.label, True, answer)
     except (FlashError, SshError, OSError) as exc:
         return BoardAnswer(target.label, False, error=str(exc))
-    finally:
-        try:
-            ssh.close()
-        except Exception:  # closing a dead connection
-            pass
 
 
 def describe(answer: BoardAnswer, command: str) -> list[str]:

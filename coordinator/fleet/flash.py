@@ -116,19 +116,15 @@ def flash_one(package: Package, target: Target, config: FlashConfig, say: Say) -
     """Flash one target; never raises: a failure is the result's line."""
     began = time.monotonic()
     result = FlashResult(target=target.label, device_id=target.option("id"))
-    ssh = Ssh(target, config.identity, config.known_hosts, config.connect_timeout_s)
     try:
-        _Flash(package, target, config, ssh, result, say).run()
+        with Ssh(target, config.identity, config.known_hosts, config.connect_timeout_s) as ssh:
+            _Flash(package, target, config, ssh, result, say).run()
         result.ok = True
     except (FlashError, SshError, OSError) as exc:
         result.result = f"failed: {exc}"
     except Exception as exc:  # a bug must not stop the other targets: report it in this row
         result.result = f"failed (internal error, please report): {type(exc).__name__}: {exc}"
     finally:
-        try:
-            ssh.close()
-        except Exception:  # closing a dead connection
-            pass
         result.seconds = round(time.monotonic() - began, 1)
     say(result.result)
     return result

@@ -188,6 +188,15 @@ class Ssh:
             raise SshError(reason)
         return proc.returncode, out.decode(errors="replace"), text_err
 
+    def __enter__(self) -> Ssh:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.close()
+        except (OSError, subprocess.SubprocessError):  # a dead connection: nothing left to close
+            pass
+
     def close(self) -> None:
         subprocess.run([*self._base, "-O", "exit", self.target.destination], capture_output=True, timeout=30)
         for leftover in Path(self._control).iterdir():
