@@ -137,6 +137,9 @@ def main() -> int:
     parser.add_argument("--deadline-s", type=float, default=900, help="round deadline: 2 cores run 10 devices")
     parser.add_argument("--no-central", action="store_true")
     parser.add_argument("--no-doc", action="store_true", help="print the results only (timing probes)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the cases and the centralized run of docs/bench_llm_federation.json (same "
+                             "settings) and add or replace only the codecs run now")
     parser.add_argument("--doc-only", action="store_true",
                         help="rewrite the docs/BENCHMARKS.md section from docs/bench_llm_federation.json; run nothing")
     args = parser.parse_args()
@@ -148,14 +151,15 @@ def main() -> int:
     args.bundle = build_bundle(args)
     flags = ["--batch", str(args.batch)]
     cases = [c.strip() for c in args.codecs.split(",") if c.strip()]
-    federated, walls = {}, {}
+    previous = json.loads((ROOT / "docs" / f"{NAME}.json").read_text()) if args.merge else None
+    federated, walls = (dict(previous["federated"]), dict(previous["wall_s"])) if previous else ({}, {})
     for case in cases:
         started = time.monotonic()
         federated[case] = bench_federation.simulate(args.work, case, args,
                                                     [*flags, "--deadline-s", str(args.deadline_s)])
         walls[case] = time.monotonic() - started
         print(f"{case}: perplexity " + ", ".join(f"{r['perplexity']:.2f}" for r in federated[case]), file=sys.stderr)
-    central: list[dict] = []
+    central: list[dict] = previous["centralized"] if previous and args.no_central else []
     if not args.no_central:
         started = time.monotonic()
         shutil.rmtree(args.work / "central", ignore_errors=True)  # its state must start at step 0
@@ -170,7 +174,7 @@ def main() -> int:
                             "batch": args.batch, "lr": args.lr, "max_seq_len": args.max_seq_len,
                             "max_per_device": args.max_per_device, "max_test": 4 * args.max_per_device,
                             "trainable": read_manifest(args.bundle).trainable_count,
-                            "wall_s": time.monotonic() - began,
+                            "wall_s": time.monotonic() - began + (previous["settings"]["wall_s"] if previous else 0),
                             "machine": f"{info['platform_machine']}, {info['platform_cpu_count']} CPUs"},
                "federated": federated, "centralized": central, "wall_s": walls}
     if args.no_doc:
