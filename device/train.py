@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -125,7 +126,7 @@ def accumulate_batch(runtime: BundleRuntime, batch: list[Example], micro_batch: 
 
 
 def evaluate(runtime: BundleRuntime, examples: Sequence[Example], batch: int, inputs: Inputs | None = None) -> dict:
-    """Mean loss over loss units (samples or predicted tokens) and, for classification, accuracy."""
+    """Mean loss over loss units (samples or predicted tokens) and accuracy (classify) or perplexity (causal-lm)."""
     inputs = inputs or text_inputs(runtime, examples)
     total_loss, total_units, correct = 0.0, 0, 0
     for start in range(0, len(examples), batch):
@@ -135,10 +136,21 @@ def evaluate(runtime: BundleRuntime, examples: Sequence[Example], batch: int, in
         total_loss, total_units = total_loss + loss * units, total_units + units
         if runtime.manifest.task == CLASSIFY:
             correct += int((logits.argmax(axis=-1) == targets).sum())
-    result = {"eval_loss": round(total_loss / max(1, total_units), 5), "eval_samples": len(examples)}
+    mean = total_loss / max(1, total_units)
+    result = {"eval_loss": round(mean, 5), "eval_samples": len(examples)}
     if runtime.manifest.task == CLASSIFY:
         result["eval_accuracy"] = round(correct / len(examples), 5)
+    else:
+        result["eval_perplexity"] = round(perplexity(mean), 4)
     return result
+
+
+def perplexity(mean_token_loss: float) -> float:
+    """exp of the mean cross-entropy per predicted token (nats); inf where that overflows a float."""
+    return math.exp(mean_token_loss) if mean_token_loss < MAX_LOG_PERPLEXITY else math.inf
+
+
+MAX_LOG_PERPLEXITY = 690.0  # exp(690) ~ 1e299: beyond it records drop the value as not a number
 
 
 # ---- the loop -------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from edgeftl.device.protocol.manifest import MANIFEST
@@ -39,21 +40,26 @@ def case_folder(work: Path, case: str) -> Path:
     return work / ("fed-" + case.replace(":", "_").replace("+", "_").replace("@", "_"))
 
 
-def simulate(work: Path, case: str, args: argparse.Namespace) -> list[dict]:
+def simulate(work: Path, case: str, args: argparse.Namespace, extra: Sequence[str] = ()) -> list[dict]:
+    """One `edgeftl simulate` run of `case` on args.bundle; `extra`: more simulate flags (--batch, ...)."""
     codec, strategy = parse_case(case)
     out = case_folder(work, case)
     command = [*CLI, "simulate", "--devices", str(args.devices), "--alpha", str(args.alpha), "--rounds",
                str(args.rounds), "--steps", str(args.steps), "--lr", str(args.lr), "--train-layers", "2",
                "--codec", codec, "--strategy", strategy, "--bundle", str(args.bundle), "--out", str(out),
-               "--seed", "0"]
+               "--seed", "0", *extra]
     if args.max_per_device:
         command += ["--max-per-device", str(args.max_per_device), "--max-test", str(4 * args.max_per_device)]
     subprocess.run(command, check=True, stdout=sys.stderr)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def centralized(work: Path, fed_dir: Path, args: argparse.Namespace) -> list[dict]:
-    """One process, all devices' data, the same total steps; evaluated once per round's worth."""
+def centralized(work: Path, fed_dir: Path, args: argparse.Namespace, extra: Sequence[str] = ()) -> list[dict]:
+    """One process, all devices' data, the same total steps; evaluated once per round's worth.
+
+    Records carry the held-out measures `device train` reports (accuracy or perplexity, and loss);
+    `extra`: more `device train` flags (--batch, ...), as the federation's devices train.
+    """
     rows = []
     for path in sorted((fed_dir / "data").glob("device*.csv")):
         with open(path, newline="", encoding="utf-8") as handle:
@@ -61,20 +67,22 @@ def centralized(work: Path, fed_dir: Path, args: argparse.Namespace) -> list[dic
     union = work / "central" / "train.csv"
     union.parent.mkdir(parents=True, exist_ok=True)
     with open(union, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))  # text, and label where the devices have one
         writer.writeheader()
-        writer.writerows({"text": r["text"], "label": r["label"]} for r in rows)
+        writer.writerows(rows)
     per_round = args.devices * args.steps
     records = []
     for r in range(args.rounds):
         result = subprocess.run([*CLI, "device", "train", "--bundle", str(args.bundle), "--data", str(union),
                                  "--eval", str(fed_dir / "data" / "test.csv"), "--steps", str(per_round * (r + 1)),
                                  "--lr", str(args.lr), "--state", str(work / "central" / "state"), "--cache-dir",
-                                 str(fed_dir / "cache"), "--json", "--quiet"], check=True, stdout=subprocess.PIPE,
-                                text=True)
+                                 str(fed_dir / "cache"), "--json", "--quiet", *extra], check=True,
+                                stdout=subprocess.PIPE, text=True)
         summary = json.loads(result.stdout.strip().splitlines()[-1])
-        records.append({"round": r, "accuracy": summary["eval_accuracy"], "loss": summary["eval_loss"]})
-        print(f"centralized after {per_round * (r + 1)} steps: {summary['eval_accuracy']:.3f}", file=sys.stderr)
+        measures = {m: summary[f"eval_{m}"] for m in ("accuracy", "perplexity", "loss") if f"eval_{m}" in summary}
+        records.append({"round": r, **measures})
+        print(f"centralized after {per_round * (r + 1)} steps: "
+              + ", ".join(f"{m} {v:.4g}" for m, v in measures.items()), file=sys.stderr)
     return records
 
 

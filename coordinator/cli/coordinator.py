@@ -79,9 +79,10 @@ def config_from(args: argparse.Namespace, out: Path) -> CoordinatorConfig:
 
 
 def round_line(record: dict) -> str:
-    from edgeftl.coordinator.cli.live import failed_suffix  # the live view's module, loaded once the rounds run
+    from edgeftl.coordinator.cli.live import failed_suffix, measure_text  # loaded once the rounds run
 
-    acc = f" accuracy {record['accuracy']:.1%}" if "accuracy" in record else ""
+    measured = "accuracy" in record or "perplexity" in record
+    acc = " " + measure_text(record.get("accuracy"), record.get("perplexity")) if measured else ""
     acc += f" eps {record['dp_epsilon']:.2f}" if "dp_epsilon" in record else ""
     failed = failed_suffix(record.get("updates_failed", 0))  # records written before error replies lack it
     return (f"round {record['round']:3d}: {record['updates_received']}/{record['devices_selected']} updates"

@@ -2,7 +2,8 @@
 
 On a terminal, a display thread polls the coordinator (read-only) a few times a second and
 redraws two lines with tqdm: the round, devices online, updates received / late / rejected,
-bytes so far and the last accuracy, then a bar of the time left before the round's deadline.
+bytes so far and the last accuracy (a causal LM's: perplexity), then a bar of the time left
+before the round's deadline.
 Finished rounds scroll above it as the same one-line records printed without a terminal.
 When the output is not a terminal (CI, `| tee`) nothing is drawn: each round prints its line.
 
@@ -43,6 +44,7 @@ class Progress:
     elapsed_s: float  # since the round began
     live: bool = True  # counters of the round in progress; False: of the last finished round
     failed: int = 0  # sampled devices that replied with an error instead of an update
+    perplexity: float | None = None  # a causal LM's held-out perplexity, shown instead of accuracy
 
 
 def snapshot(coordinator) -> dict:
@@ -57,10 +59,10 @@ def snapshot(coordinator) -> dict:
 
 def status_text(p: Progress, rounds: int) -> str:
     """One line, the most telling numbers first (a narrow terminal cuts the end)."""
-    acc = f"{p.accuracy:.1%}" if p.accuracy is not None else "-"
     online = f"{p.online} online" if p.online >= 0 else "? online"
     updates = "updates" if p.live else "last round"
-    return (f"round {min(p.round + 1, rounds)}/{rounds} | accuracy {acc} | {online} | {updates} "
+    measured = measure_text(p.accuracy, p.perplexity)
+    return (f"round {min(p.round + 1, rounds)}/{rounds} | {measured} | {online} | {updates} "
             f"{p.received}/{p.selected}, {p.late} late, {p.rejected} rejected{failed_suffix(p.failed)} | "
             f"up {_kib(p.bytes_up)}, "
             f"down {_kib(p.bytes_down)}")
@@ -141,14 +143,15 @@ class LiveView:
                             last.get("updates_received", 0), last.get("updates_late", 0),
                             last.get("updates_rejected", 0), self._totals["bytes_up"], self._totals["bytes_down"],
                             accuracy, time.monotonic() - self._round_began, live=False,
-                            failed=last.get("updates_failed", 0))
+                            failed=last.get("updates_failed", 0), perplexity=last.get("perplexity"))
         live = snapshot(self.coordinator)
         if live["round"] >= 0 and live["round"] != self._round_seen:
             self._round_seen, self._round_began = live["round"], time.monotonic()
         if live["round"] < 0:  # between rounds or before the first: nothing collected yet
             live.update(selected=0, received=0, late=0, rejected=0, failed=0)
         live["round"] = live["round"] if live["round"] >= 0 else round_index
-        return Progress(**live, accuracy=accuracy, elapsed_s=time.monotonic() - self._round_began)
+        return Progress(**live, accuracy=accuracy, elapsed_s=time.monotonic() - self._round_began,
+                        perplexity=last.get("perplexity"))
 
     def _draw(self) -> None:
         if self._bars is None and (self.coordinator is not None or self._last is not None):
@@ -176,6 +179,13 @@ class LiveView:
         deadline = tqdm(total=self.deadline_s, position=1, bar_format="deadline {bar} {n:.0f} of {total:.0f} s",
                         **common)
         return status, deadline
+
+
+def measure_text(accuracy: float | None, perplexity: float | None) -> str:
+    """`perplexity 23.4` for a causal LM's round, else `accuracy 91.2%` (`-` before any evaluation)."""
+    if perplexity is not None:
+        return f"perplexity {perplexity:.1f}"
+    return f"accuracy {accuracy:.1%}" if accuracy is not None else "accuracy -"
 
 
 def failed_suffix(count: int) -> str:

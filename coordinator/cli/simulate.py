@@ -11,20 +11,26 @@ from pathlib import Path
 from edgeftl.coordinator.cli.coordinator import add_round_flags, config_from, round_line
 from edgeftl.coordinator.rounds.records import METRICS
 from edgeftl.device.cli.common import fail
+from edgeftl.device.protocol.manifest import TASKS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=int, default=5)
-    p.add_argument("--data", default="bbc", help="bbc (BBC News, packaged) or a CSV/JSONL file with text,label; "
-                   "without --bundle, the bundle is built for the file's own labels")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split")
+    p.add_argument("--data", default="bbc", help="bbc (BBC News, packaged) or a CSV/JSONL file with text,label "
+                   "(text only for causal-lm); without --bundle, the bundle is built for the file's own labels")
+    p.add_argument("--task", choices=TASKS, default=None,
+                   help="classify, or causal-lm: next-token training on the texts alone, evaluated as held-out "
+                        "perplexity (BBC articles split across devices by topic); default: the bundle's task, "
+                        "classify when building")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label (topic) split")
     p.add_argument("--max-per-device", type=int, default=None, help="cap examples per device")
     p.add_argument("--max-test", type=int, default=None, help="cap held-out test examples")
     p.add_argument("--broker", default=None, help="mqtt://127.0.0.1:port of an open broker on this machine (a "
                    "simulation sends no credentials or signatures); default: start an embedded amqtt broker")
     p.add_argument("--bundle", type=Path, default=None, help="default: build --model into --out")
     p.add_argument("--model", type=Path, default=None,
-                   help="local Hugging Face model folder to build (default: the packaged all-MiniLM-L6-v2)")
+                   help="local Hugging Face model folder (or smollm2) to build (default: the packaged "
+                        "all-MiniLM-L6-v2; for causal-lm, smollm2)")
     p.add_argument("--quant", default="int8")
     p.add_argument("--train-layers", type=int, default=None,
                    help="build with LoRA in the top K blocks only; devices cache the frozen lower stack's outputs")
@@ -41,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         rounds = config_from(args, args.out)
         if args.wait_devices == 1:
             rounds.wait_devices = args.devices
-        sim = SimulationConfig(out=args.out, devices=args.devices, data=args.data, alpha=args.alpha,
+        sim = SimulationConfig(out=args.out, devices=args.devices, data=args.data, task=args.task, alpha=args.alpha,
                                max_per_device=args.max_per_device, max_test=args.max_test, broker=args.broker,
                                bundle=args.bundle, model=args.model, quant=args.quant,
                                train_layers=args.train_layers,
@@ -62,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         "rounds": len(records),
         "labels": labels,
-        "final_accuracy": last.get("accuracy"),
+        **({"final_perplexity": last.get("perplexity"), "final_loss": last.get("loss")} if not labels
+           else {"final_accuracy": last.get("accuracy")}),
         "bytes_up_total": sum(r["bytes_up"] for r in records),
         "bytes_down_total": sum(r["bytes_down"] for r in records),
         "device_peak_rss_mib": max((r["device_peak_rss_mib"] for r in records), default=0),

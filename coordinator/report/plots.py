@@ -45,7 +45,10 @@ def all_figures(runs: list[Run], stem: Path, budget_mib: float | None) -> list[F
     out = stem.parent
     out.mkdir(parents=True, exist_ok=True)
     with plt.rc_context(STYLE):
-        return [accuracy_loss(runs, out / f"{stem.name}-accuracy.png"),
+        language_model = any("perplexity" in r for run in runs for r in run.records)
+        measured = (perplexity_loss(runs, out / f"{stem.name}-perplexity.png") if language_model
+                    else accuracy_loss(runs, out / f"{stem.name}-accuracy.png"))
+        return [measured,
                 cumulative_bytes(runs, out / f"{stem.name}-bytes-cumulative.png"),
                 device_bytes(runs, out / f"{stem.name}-bytes-per-device.png"),
                 peak_memory(runs, out / f"{stem.name}-memory.png", budget_mib),
@@ -66,6 +69,20 @@ def accuracy_loss(runs: list[Run], path: Path) -> Figure:
         acc.text(0.5, 0.5, "not evaluated (coordinator ran without --eval)", ha="center", transform=acc.transAxes)
     _legend_below(fig, acc)
     return _save(fig, path, "Test accuracy and loss", "The global model on the held-out split after each round.")
+
+
+def perplexity_loss(runs: list[Run], path: Path) -> Figure:
+    fig, (ppl, loss) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    for color, style, run in zip(COLORS, MARKERS * 10, runs):
+        scored = [r for r in run.records if "perplexity" in r]
+        rounds = [r["round"] for r in scored]
+        ppl.plot(rounds, [r["perplexity"] for r in scored], color=color, label=run.label, **style)
+        loss.plot(rounds, [r.get("loss", math.nan) for r in scored], color=color, label=run.label, **style)
+    _axes(ppl, "Held-out perplexity per round", "perplexity (exp of loss per token)")
+    _axes(loss, "Held-out loss per round", "loss (nats per predicted token)")
+    _legend_below(fig, ppl)
+    return _save(fig, path, "Held-out perplexity and loss",
+                 "The global language model on the held-out texts after each round; lower is better.")
 
 
 def cumulative_bytes(runs: list[Run], path: Path) -> Figure:

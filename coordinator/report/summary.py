@@ -34,10 +34,13 @@ def totals(run: Run) -> dict[str, float | int | None]:
     bytes_up = sum(r.get("bytes_up", 0) for r in records)
     fp32 = fp32_update_bytes(run)
     accuracy = [r["accuracy"] for r in records if isinstance(r.get("accuracy"), (int, float))]
+    perplexity = [r["perplexity"] for r in records if isinstance(r.get("perplexity"), (int, float))]
     return {
         "rounds": len(records),
         "final_accuracy": accuracy[-1] if accuracy else None,
         "best_accuracy": max(accuracy) if accuracy else None,
+        "final_perplexity": perplexity[-1] if perplexity else None,
+        "best_perplexity": min(perplexity) if perplexity else None,  # lower is better
         "final_loss": records[-1].get("loss"),
         "updates": updates,
         "updates_late": sum(r.get("updates_late", 0) for r in records),
@@ -56,13 +59,11 @@ def totals(run: Run) -> dict[str, float | int | None]:
 def summary_rows(run: Run) -> list[tuple[str, str]]:
     """(label, formatted value) for the summary table."""
     t = totals(run)
-    pct = lambda v: f"{v:.1%}" if v is not None else "-"
     ratio = f"{t['compression_ratio']:.1f}x less than fp32" if t["compression_ratio"] else "- (no config.json)"
     per_update = fmt_bytes(t["bytes_up_per_update"]) if t["bytes_up_per_update"] else "-"
     return [
         ("rounds recorded", str(t["rounds"])),
-        ("final test accuracy", pct(t["final_accuracy"])),
-        ("best test accuracy", pct(t["best_accuracy"])),
+        *measure_rows(t),
         ("final test loss", f"{t['final_loss']:.4f}" if isinstance(t["final_loss"], (int, float)) else "-"),
         ("updates received / late / rejected / failed",
          f"{t['updates']} / {t['updates_late']} / {t['updates_rejected']} / {t['updates_failed']}"),
@@ -73,6 +74,15 @@ def summary_rows(run: Run) -> list[tuple[str, str]]:
         ("max device peak memory", f"{t['max_device_peak_rss_mib']:.0f} MiB"),
         ("wall time of the rounds", f"{t['wall_s']:.1f} s"),
     ]
+
+
+def measure_rows(t: dict) -> list[tuple[str, str]]:
+    """Held-out perplexity rows for a causal LM's run, accuracy rows for anything else."""
+    if t["final_perplexity"] is not None:
+        return [("final held-out perplexity", f"{t['final_perplexity']:.2f}"),
+                ("best held-out perplexity", f"{t['best_perplexity']:.2f}")]
+    pct = lambda v: f"{v:.1%}" if v is not None else "-"
+    return [("final test accuracy", pct(t["final_accuracy"])), ("best test accuracy", pct(t["best_accuracy"]))]
 
 
 def config_rows(run: Run) -> list[tuple[str, str]]:

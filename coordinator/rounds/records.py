@@ -21,7 +21,7 @@ METRICS_FORMAT = 1  # the `format` field of every record; readers refuse records
 COUNTERS = ("devices_online", "devices_selected", "updates_received", "updates_late", "updates_redelivered",
             "updates_rejected", "updates_failed", "link_dropped", "chunks_evicted",
             "bytes_up", "bytes_down", "bytes_published", "device_peak_rss_mib", "wall_s")
-MEASURES = ("accuracy", "loss")  # evaluation results: dropped when not numbers
+MEASURES = ("accuracy", "loss", "perplexity")  # evaluation results: dropped when not numbers
 
 
 def clean(record: dict) -> dict:

@@ -29,25 +29,47 @@ from edgeftl.device.data import (
     stratified_split,
     write_csv,
 )
-from edgeftl.device.protocol.manifest import CLASSIFY, MANIFEST, read_manifest
+from edgeftl.device.protocol.manifest import CAUSAL_LM, CLASSIFY, MANIFEST, TASKS, read_manifest
+
+DEFAULT_LM = "smollm2"  # the packaged causal LM a causal-lm simulation builds when no --model is given
 
 
 @dataclass
 class SimulationConfig:
     out: Path
     devices: int = 5
-    data: str = "bbc"  # "bbc" or a CSV/JSONL file
+    data: str = "bbc"  # "bbc" or a CSV/JSONL file (text only for causal-lm)
+    task: str | None = None  # classify | causal-lm; None = the bundle's task, or classify when building
     alpha: float = 0.5
     test_fraction: float = 0.2
     max_per_device: int | None = None  # cap examples per device (fast demos)
     max_test: int | None = None
     broker: str | None = None  # None = start the embedded amqtt broker
     bundle: Path | None = None  # None = build `model` (int8 + LoRA) into out/bundle, labelled as `data` is
-    model: Path | None = None  # Hugging Face folder to build from; None = the packaged MiniLM
+    model: Path | None = None  # Hugging Face folder to build from; None = the packaged MiniLM (classify) or SmolLM2
     quant: str = "int8"
     train_layers: int | None = None  # build with LoRA only in the top K blocks (cached lower stack)
     device_threads: int = 1
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; accepted tasks: {', '.join(TASKS)}")
+
+
+def run_task(sim: SimulationConfig) -> str:
+    """The run's task: `sim.task` once it agrees with the bundle's, else the bundle's (classify when building).
+
+    Raises:
+        DataError: a bundle of the other task (one line, before any work).
+    """
+    if sim.bundle is None:
+        return sim.task or CLASSIFY
+    bundle_task = read_manifest(sim.bundle).task
+    if sim.task is not None and sim.task != bundle_task:
+        raise DataError(f"--task {sim.task}, but bundle {sim.bundle} is {bundle_task}; pass --task {bundle_task} "
+                        f"or a {sim.task} bundle (or no --bundle, to build one)")
+    return bundle_task
 
 
 def run_labels(sim: SimulationConfig) -> list[str]:
@@ -55,12 +77,16 @@ def run_labels(sim: SimulationConfig) -> list[str]:
 
     Reads only the data file and the bundle's manifest: a mismatch stops the run before any
     process starts or any folder is written. Without a bundle, the labels are the data's own
-    (sorted), and the bundle is built with them.
+    (sorted), and the bundle is built with them; a causal-lm run has none (its data is text only).
 
     Raises:
         DataError: one line naming the mismatch and what is accepted.
         BundleError: `sim.bundle` is not a bundle.
     """
+    if run_task(sim) == CAUSAL_LM:
+        if sim.data != "bbc":
+            check_task(Path(sim.data), CAUSAL_LM, [])
+        return []
     if sim.bundle is None:
         labels = bbc_labels() if sim.data == "bbc" else file_labels(Path(sim.data))
         commas = [label for label in labels if "," in label]
@@ -78,26 +104,35 @@ def run_labels(sim: SimulationConfig) -> list[str]:
 
 
 def build_bundle_if_needed(sim: SimulationConfig, labels: list[str]) -> Path:
-    """`sim.bundle`, or a bundle built into the run folder for `labels` (rebuilt if its labels differ)."""
+    """`sim.bundle`, or a bundle built into the run folder for `labels` (rebuilt if its task or labels
+    differ); a causal-lm run builds `--task causal-lm` without labels."""
     if sim.bundle is not None:
         return sim.bundle
+    task = run_task(sim)
     split = f"-top{sim.train_layers}" if sim.train_layers else ""
-    bundle = sim.out / f"bundle-{sim.quant}{split}"
-    if not (bundle / MANIFEST).is_file() or read_manifest(bundle).labels != labels:
+    bundle = sim.out / f"bundle-{'lm-' if task == CAUSAL_LM else ''}{sim.quant}{split}"
+    built = read_manifest(bundle) if (bundle / MANIFEST).is_file() else None
+    if built is None or built.task != task or built.labels != labels:
         extra = ["--train-layers", str(sim.train_layers)] if sim.train_layers else []
-        extra += ["--model", str(sim.model)] if sim.model else []
-        subprocess.run([sys.executable, "-m", "edgeftl.device.cli", "build", "--quant", sim.quant,
-                        "--labels", ",".join(labels), "--out", str(bundle), "--force", *extra], check=True)
+        model = sim.model or (DEFAULT_LM if task == CAUSAL_LM else None)
+        extra += ["--model", str(model)] if model else []
+        extra += ["--labels", ",".join(labels)] if task == CLASSIFY else []
+        subprocess.run([sys.executable, "-m", "edgeftl.device.cli", "build", "--quant", sim.quant, "--task", task,
+                        "--out", str(bundle), "--force", *extra], check=True)
     return bundle
 
 
-def split_data(sim: SimulationConfig, label_names: list[str]) -> tuple[list[Path], Path]:
-    """Write one CSV per device (Dirichlet(alpha) over labels) and the held-out test CSV."""
+def split_data(sim: SimulationConfig, label_names: list[str], task: str = CLASSIFY) -> tuple[list[Path], Path]:
+    """Write one CSV per device (Dirichlet(alpha) over labels) and the held-out test CSV (stratified).
+
+    A causal-lm run splits BBC articles the same way by topic and writes the text alone; a text-only
+    file has no topics, so only the devices' shares of it differ.
+    """
     if sim.data == "bbc":
         texts, labels, _ = load_bbc()
     else:
-        examples = read_examples(Path(sim.data), CLASSIFY, label_names)
-        texts, labels = [e.text for e in examples], [e.label for e in examples]
+        examples = read_examples(Path(sim.data), task, label_names if task == CLASSIFY else None)
+        texts, labels = [e.text for e in examples], [e.label or "" for e in examples]
     train_idx, test_idx = stratified_split(labels, sim.test_fraction, sim.seed)
     rng = np.random.default_rng(sim.seed)
     if sim.max_test:
@@ -110,9 +145,13 @@ def split_data(sim: SimulationConfig, label_names: list[str]) -> tuple[list[Path
         rows = train_idx[part]
         if sim.max_per_device:
             rows = rng.permutation(rows)[: sim.max_per_device]
-        files.append(write_csv(folder / f"device{device:02d}.csv", [texts[i] for i in rows], [labels[i] for i in rows]))
-    test = write_csv(folder / "test.csv", [texts[i] for i in test_idx], [labels[i] for i in test_idx])
-    return files, test
+        files.append(_write_split(folder / f"device{device:02d}.csv", rows, texts, labels, task))
+    return files, _write_split(folder / "test.csv", test_idx, texts, labels, task)
+
+
+def _write_split(path: Path, rows: np.ndarray, texts: list[str], labels: list[str], task: str) -> Path:
+    """The rows' texts, with their labels for classify (a causal LM trains on the text alone)."""
+    return write_csv(path, [texts[i] for i in rows], [labels[i] for i in rows] if task == CLASSIFY else None)
 
 
 @contextlib.contextmanager
@@ -174,7 +213,7 @@ def simulate(sim: SimulationConfig, rounds: CoordinatorConfig, on_round: Callabl
     sim.out.mkdir(parents=True, exist_ok=True)
     bundle = build_bundle_if_needed(sim, labels)
     manifest = verify_bundle(bundle)
-    files, test = split_data(sim, manifest.labels)
+    files, test = split_data(sim, manifest.labels, manifest.task)
     (sim.out / "config.json").write_text(json.dumps(
         {"simulation": {k: str(v) for k, v in vars(sim).items()},
          "rounds": {k: str(v) for k, v in vars(rounds).items()},
