@@ -6,7 +6,14 @@ import torch
 from torch import nn
 
 from edgeftl.device.protocol.manifest import CLASSIFY, TASKS
-from edgeftl.models.adapters.head import MeanPoolClassifier, causal_lm_loss, classification_loss
+from edgeftl.models.adapters.head import (
+    LM_HEAD_CHUNKS,
+    ChunkedLMHead,
+    MeanPoolClassifier,
+    causal_lm_loss,
+    chunked_causal_lm_loss,
+    classification_loss,
+)
 from edgeftl.models.families import Backbone
 
 
@@ -39,6 +46,10 @@ class UpperModel(nn.Module):
         if self.task == CLASSIFY:
             logits = self.head(hidden, attention_mask)
             return classification_loss(logits, labels) * loss_weight, logits
+        if isinstance(self.head, ChunkedLMHead):
+            blocks = self.head.logit_blocks(hidden)
+            loss = chunked_causal_lm_loss(blocks, self.head.offsets, labels)
+            return loss * loss_weight, torch.cat(blocks, dim=-1)
         logits = self.head(hidden)
         return causal_lm_loss(logits, labels) * loss_weight, logits
 
@@ -64,4 +75,7 @@ def make_head(task: str, hidden_size: int, num_labels: int, lm_head: nn.Module |
         return MeanPoolClassifier(hidden_size, num_labels)
     if lm_head is None:
         raise ValueError("task causal-lm needs a decoder model with an LM head")
+    if isinstance(lm_head, nn.Linear):
+        # the training loss then never holds (batch, seq, vocabulary) logits
+        return ChunkedLMHead(lm_head, min(LM_HEAD_CHUNKS, lm_head.out_features))
     return lm_head
