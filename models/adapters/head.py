@@ -86,14 +86,19 @@ def chunked_causal_lm_loss(blocks: list[torch.Tensor], offsets: list[int], label
     """
     ignored = torch.full_like(labels[:, :1], IGNORE_INDEX)
     targets = torch.cat([labels[:, 1:], ignored], dim=1)  # (batch, seq)
-    lse_parts, target_logit = [], torch.zeros(targets.shape, dtype=blocks[0].dtype)
+    pairs = []
     for logits, start in zip(blocks, offsets):
         rows = logits.shape[-1]
         # keepdim: ORT Training 1.19.2's ReduceLogSumExp gradient writes an invalid Unsqueeze otherwise
-        lse_parts.append(torch.logsumexp(logits, dim=-1, keepdim=True))
-        inside = ((targets >= start) & (targets < start + rows)).to(logits.dtype)
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        inside = ((targets >= start) & (targets < start + rows)).to(logits.dtype).unsqueeze(-1)
         index = (targets - start).clamp(0, rows - 1).unsqueeze(-1)
-        target_logit = target_logit + torch.gather(logits, -1, index).squeeze(-1) * inside
-    lse = torch.logsumexp(torch.cat(lse_parts, dim=-1), dim=-1, keepdim=True).squeeze(-1)
+        # One tensor per block holding both of its reductions: the graph then finishes a block
+        # (and frees its logits) before it starts the next one.
+        pairs.append(torch.cat([lse, torch.gather(logits, -1, index) * inside], dim=-1))  # (batch, seq, 2)
+    both = torch.stack(pairs, dim=-2)  # (batch, seq, blocks, 2)
+    pick_lse = torch.tensor([1.0, 0.0], dtype=both.dtype)  # a product with 1 and 0 selects exactly
+    lse = torch.logsumexp((both * pick_lse).sum(-1), dim=-1, keepdim=True).squeeze(-1)
+    target_logit = (both * (1.0 - pick_lse)).sum(dim=(-2, -1))
     valid = (targets != IGNORE_INDEX).to(lse.dtype)
     return ((lse - target_logit) * valid).sum() / valid.sum()
