@@ -314,8 +314,8 @@ def _markdown(results: dict) -> str:
              *_table(results)]
     if "before" in results:
         b = results["before"]
-        lines += ["", f"Before this change (commit {b['source']['commit']}, same settings, {b['settings']['repeats']} "
-                      f"repeats, run just before on the same machine): {results.get('before_note', '')}", "",
+        lines += ["", f"Before ({results.get('before_note', '')}; same settings, {b['settings']['repeats']} repeats, "
+                      f"run just before on the same machine, {b['machine']['date']}):", "",
                   *_table(b)[2:]]
     lines += ["", "Targets (int8 bundle against (a)):", ""]
     lines += [f"- {'PASS' if t['passed'] else 'MISS'} {t['target']}: {t['ratio']:.2f}x ({t['by']:+.2f}x)"
