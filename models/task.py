@@ -25,6 +25,10 @@ class UpperModel(nn.Module):
     micro-batches passes each one's share (its samples / the batch's, or tokens for causal-LM),
     so the accumulated gradient equals the full batch's exactly while activations are only
     held for one micro-batch. Pass 1.0 otherwise. Returns (loss, logits).
+
+    A causal LM's head is a `ChunkedLMHead` (`make_head`): the loss is computed one vocabulary
+    block at a time and `logits` concatenates the blocks. The training graph drops `logits`, so
+    its (batch, seq, vocabulary) tensor exists only in the evaluation graph.
     """
 
     def __init__(self, backbone: Backbone, head: nn.Module, task: str, first_block: int) -> None:
