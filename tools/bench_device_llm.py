@@ -311,6 +311,27 @@ def _growth_line(results: dict) -> str:
     return text + "."
 
 
+def _quiet_line(results: dict) -> str:
+    """Step times from the runs that had the machine to themselves (a shared machine slows (a) the most)."""
+    def quiet(case: str, micro: int, key: str) -> float | None:
+        steps = [r[key] for r in results["runs"] if r["case"] == case and r["micro_batch"] == micro
+                 and r["others_cpu_share"] < bd.QUIET_SHARE and key in r]
+        return statistics.median(steps) if steps else None
+
+    a = quiet("a", BATCH, "median_step_time_s")
+    if a is None:
+        return f"No run of (a) had the machine to itself (other processes under {100 * bd.QUIET_SHARE:.0f}%)."
+    parts = []
+    for case, micro in PLAN[1:]:
+        cached, first = quiet(case, micro, "median_step_time_s"), quiet(case, micro, "first_epoch_step_s")
+        if cached is not None and first is not None:
+            parts.append(f"({case}) micro-batch {micro}: cached {cached:.2f} s ({cached / a:.2f}x), "
+                         f"epoch 1 {first:.2f} s ({first / a:.2f}x)")
+    return (f"Undisturbed runs only (other processes under {100 * bd.QUIET_SHARE:.0f}% of the CPUs), median step: "
+            f"(a) {a:.2f} s; " + ("; ".join(parts) or "no undisturbed bundle runs") + ". The medians above mix in "
+            "runs on a busy machine, which slowed (a) more than the bundles.")
+
+
 def _markdown(results: dict) -> str:
     s = results["settings"]
     lines = [f"<!-- {SECTION}:start -->", "## Device: training a real LLM, memory and step time "
@@ -338,7 +359,7 @@ def _markdown(results: dict) -> str:
     lines += ["", "Targets (int8 bundle against (a)):", ""]
     lines += [f"- {'PASS' if t['passed'] else 'MISS'} {t['target']}: {t['ratio']:.2f}x ({t['by']:+.2f}x)"
               for t in results["targets"]]
-    lines += ["", _growth_line(results)]
+    lines += ["", _growth_line(results), "", _quiet_line(results)]
     spread = "; ".join(f"({r['case']}) mb {r['micro_batch']}: peak {r['peak_rss_mib_range'][0]:.0f}-"
                        f"{r['peak_rss_mib_range'][1]:.0f} MiB, step {r['median_step_time_s_range'][0]:.2f}-"
                        f"{r['median_step_time_s_range'][1]:.2f} s" for r in results["cases"].values())
