@@ -6,7 +6,14 @@ import torch
 from torch import nn
 
 from edgeftl.device.protocol.manifest import CLASSIFY, TASKS
-from edgeftl.models.adapters.head import MeanPoolClassifier, causal_lm_loss, classification_loss
+from edgeftl.models.adapters.head import (
+    LM_HEAD_CHUNKS,
+    ChunkedLMHead,
+    MeanPoolClassifier,
+    causal_lm_loss,
+    chunked_causal_lm_loss,
+    classification_loss,
+)
 from edgeftl.models.families import Backbone
 
 
@@ -18,6 +25,10 @@ class UpperModel(nn.Module):
     micro-batches passes each one's share (its samples / the batch's, or tokens for causal-LM),
     so the accumulated gradient equals the full batch's exactly while activations are only
     held for one micro-batch. Pass 1.0 otherwise. Returns (loss, logits).
+
+    A causal LM's head is a `ChunkedLMHead` (`make_head`): the loss is computed one vocabulary
+    block at a time and `logits` concatenates the blocks. The training graph drops `logits`, so
+    its (batch, seq, vocabulary) tensor exists only in the evaluation graph.
     """
 
     def __init__(self, backbone: Backbone, head: nn.Module, task: str, first_block: int) -> None:
@@ -39,6 +50,10 @@ class UpperModel(nn.Module):
         if self.task == CLASSIFY:
             logits = self.head(hidden, attention_mask)
             return classification_loss(logits, labels) * loss_weight, logits
+        if isinstance(self.head, ChunkedLMHead):
+            blocks = self.head.logit_blocks(hidden)
+            loss = chunked_causal_lm_loss(blocks, self.head.offsets, labels)
+            return loss * loss_weight, torch.cat(blocks, dim=-1)
         logits = self.head(hidden)
         return causal_lm_loss(logits, labels) * loss_weight, logits
 
@@ -64,4 +79,7 @@ def make_head(task: str, hidden_size: int, num_labels: int, lm_head: nn.Module |
         return MeanPoolClassifier(hidden_size, num_labels)
     if lm_head is None:
         raise ValueError("task causal-lm needs a decoder model with an LM head")
+    if isinstance(lm_head, nn.Linear):
+        # the training loss then never holds (batch, seq, vocabulary) logits
+        return ChunkedLMHead(lm_head, min(LM_HEAD_CHUNKS, lm_head.out_features))
     return lm_head

@@ -413,7 +413,11 @@ def test_llama_causal_lm_bundle_has_lora_on_q_v_and_a_frozen_int8_lm_head(
     assert manifest.task == "causal-lm" and manifest.labels == [] and manifest.model_type == "llama"
     assert {p.name: p.shape for p in manifest.trainable} == expected
     assert manifest.trainable_count == 2 * (256 + 256 + 256 + 128)
-    assert params["head.weight_q"] == (np.dtype("int8"), (33, HIDDEN), False)  # vocab 33 x hidden
+    head = {name: spec for name, spec in params.items()
+            if name.startswith("head.parts.") and name.endswith(".weight_q")}
+    assert len(head) == 16 and sum(shape[0] for _, shape, _ in head.values()) == 33  # vocab 33 in 16 row blocks
+    assert {(dtype, shape[1], trainable) for dtype, shape, trainable in head.values()} == {
+        (np.dtype("int8"), HIDDEN, False)}
     assert params["backbone.model.layers.1.mlp.down_proj.weight_q"][0] == np.dtype("int8")
 
 

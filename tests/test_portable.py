@@ -107,6 +107,13 @@ CASES = [
     pytest.param("Scale", {"X": _f(3, 5)}, ["Y"], {"scale": np.array(0.25, np.float32)}, {}, id="Scale-float"),
     pytest.param("ReduceSumTraining", {"X": _f(3, 5, 2)}, ["Y"], {"axes": _i64(1)}, {"keepdims": 0},
                  id="ReduceSumTraining"),
+    # a causal LM's chunked loss gathers each position's target logit (repeated indices add up)
+    pytest.param("GatherElementsGrad", {"dY": _f(2, 5, 2)}, ["dX"],
+                 {"shape": _i64(2, 5, 7), "indices": RNG.integers(0, 3, (2, 5, 2)).astype(np.int64)}, {"axis": -1},
+                 id="GatherElementsGrad-last-axis"),
+    pytest.param("GatherElementsGrad", {"dY": _f(3, 4)}, ["dX"],
+                 {"shape": _i64(6, 4), "indices": RNG.integers(0, 6, (3, 4)).astype(np.int64)}, {"axis": 0},
+                 id="GatherElementsGrad-axis-0"),
 ]
 
 

@@ -244,7 +244,7 @@ def test_bench_rejects_unknown_names(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_cli.main(["--only", "build,gpu", "--root", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert "accepted names are build, device, federation, coordinator" in capsys.readouterr().err
+    assert "accepted names are build, device, device_llm, federation, coordinator" in capsys.readouterr().err
 
 
 def test_bench_header_is_rewritten_and_every_section_kept(tmp_path):

@@ -34,6 +34,7 @@ class Benchmark:
 BENCHMARKS = {
     "build": Benchmark("bench_build.py", ("--quick",), "bundle size, build time, fidelity"),
     "device": Benchmark("bench_device.py", ("--quick",), "device training memory and step time"),
+    "device_llm": Benchmark("bench_device_llm.py", ("--quick",), "LLM (SmolLM2) device training vs PyTorch + PEFT"),
     "federation": Benchmark("bench_federation.py", ("--devices", "3", "--rounds", "3", "--steps", "3",
                                                     "--max-per-device", "48", "--codecs", "none,topk:0.02+int4"),
                             "federated vs centralized LoRA, codec sweep"),

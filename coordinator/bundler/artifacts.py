@@ -3,7 +3,8 @@
 1. ONNX Runtime Training generates the training, eval and AdamW graphs and a checkpoint (in a
    training-build process, `training_build.py`), into a reference folder.
 2. edgeftl's memory rewrites go into its training graph: LayerNorm input gradients as plain ops
-   (`layernorm_grad.py`, always), dequantized weights (`recompute.py`, quantized bundles) and
+   (`layernorm_grad.py`, always), a causal LM's logits per vocabulary block
+   (`logits_recompute.py`), dequantized weights (`recompute.py`, quantized bundles) and
    attention probabilities (`attention_recompute.py`) recomputed for the backward pass. The
    reference folder then holds what bundles trained on before they became portable.
 3. `portable.py` turns a copy into the bundle's training graph (standard ops, raw gradients
@@ -27,6 +28,7 @@ from onnx import helper, numpy_helper
 from edgeftl.coordinator.bundler.attention_recompute import recompute_attention_probs
 from edgeftl.coordinator.bundler.config import BuildError
 from edgeftl.coordinator.bundler.layernorm_grad import decompose_layernorm_grads
+from edgeftl.coordinator.bundler.logits_recompute import recompute_logit_blocks
 from edgeftl.coordinator.bundler.portable import PortabilityError, make_portable
 from edgeftl.coordinator.bundler.recompute import recompute_dequantized_weights
 from edgeftl.coordinator.bundler.reference import EVAL_MODEL as REF_EVAL
@@ -69,6 +71,7 @@ def generate(model: onnx.ModelProto, trainable: list[str], out: Path, reference:
 
     training = onnx.load(str(reference / REF_TRAINING))
     frozen = set(names) - set(trainable)
+    recompute_logit_blocks(training)  # before the weights' pass: its copies get recomputed weights too
     if recompute:
         recompute_dequantized_weights(training, frozen)
     if recompute_attention:

@@ -16,13 +16,15 @@ Each is replaced by standard ONNX ops computing the same values (float rounding 
       TanhGrad
     Scale                       Mul (or Div with scale_down) by the scale cast to the input's type
     ReduceSumTraining           ReduceSum (axes as an input since opset 13, as here)
+    GatherElementsGrad          ScatterElements add of dY into zeros of the gathered input's shape
     InPlaceAccumulatorV2        removed: the gradient itself becomes a graph output `<param>_grad`;
                                 devices accumulate micro-batches and run AdamW in numpy
 
 The training graph keeps every parameter (trainable and frozen) as a graph input, so one copy
 of the frozen weights in the device process serves the training and the evaluation graph.
 Its `logits` output is dropped: training reads only the loss, and an output must stay
-allocated to the end of the run (a causal LM's logits are (batch, seq, vocabulary)).
+allocated to the end of the run (a causal LM's logits are (batch, seq, vocabulary)); the
+nodes that only computed it go too.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ def make_portable(model: onnx.ModelProto) -> dict[str, str]:
     """
     accumulated = rewrite_training_ops(model.graph)
     gradients = _rewire_io(model.graph, accumulated)
+    prune_dead_nodes(model.graph)
     _prune_opsets(model)
     check_portable(model)
     return gradients
@@ -157,6 +160,28 @@ def _rewire_io(graph: onnx.GraphProto, gradients: dict[str, str]) -> dict[str, s
     for info in stale:
         graph.value_info.remove(info)
     return {param: param + GRAD_SUFFIX for param in gradients}
+
+
+def prune_dead_nodes(graph: onnx.GraphProto) -> int:
+    """Remove nodes (in place) none of whose outputs reaches a graph output; returns how many.
+
+    A causal LM's training graph computes the concatenated logits only for the dropped `logits`
+    output: left in, that (batch, seq, vocabulary) tensor would be built every step.
+    """
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):  # topological order: readers come after producers
+        if any(out in needed for out in node.output):
+            keep.append(node)
+            needed.update(name for name in node.input if name)
+    removed = len(graph.node) - len(keep)
+    if removed:
+        graph.ClearField("node")
+        graph.node.extend(reversed(keep))
+        produced = {out for node in graph.node for out in node.output}
+        for info in [v for v in graph.value_info if v.name not in produced]:
+            graph.value_info.remove(info)
+    return removed
 
 
 def _prune_opsets(model: onnx.ModelProto) -> None:
@@ -324,6 +349,12 @@ def _reduce_sum(node, emit: _Emitter, values, read) -> None:
 
 
 Rewrite = Callable[[onnx.NodeProto, _Emitter, dict, set], None]
+def _gather_elements_grad(node, emit: _Emitter, values, read) -> None:
+    dy, shape, indices = node.input[:3]
+    zeros = emit.op("ConstantOfShape", [shape], value=numpy_helper.from_array(np.array([0.0], dtype=np.float32)))
+    emit.op("ScatterElements", [zeros, indices, dy], node.output[0], axis=_attr(node, "axis", 0), reduction="add")
+
+
 REWRITES: dict[tuple[str, str], Rewrite] = {
     (MS, "ConcatTraining"): _concat,
     (MS, "SplitTraining"): _split,
@@ -340,4 +371,5 @@ REWRITES: dict[tuple[str, str], Rewrite] = {
     (MS, "TanhGrad"): _tanh_grad,
     (MS, "Scale"): _scale,
     (MS, "ReduceSumTraining"): _reduce_sum,
+    (MS, "GatherElementsGrad"): _gather_elements_grad,
 }

@@ -14,9 +14,12 @@ rewrite changes the order of float32 operations, never the math, so they agree t
 are compared relative to the most AdamW can move them (lr per step, times the steps): AdamW
 divides each gradient entry by its own running magnitude, so an entry that cancels to almost
 nothing, and so differs relatively more between the two runtimes, still moves its parameter by
-up to lr. MiniLM's parameters after the probe differed by up to 4.8e-4 of that bound; 1e-2
-catches any optimizer that does not compute what ORT's AdamW computes (a wrong bias
-correction alone is a factor 2-3 in the first steps).
+up to lr. MiniLM's parameters after the probe differed by up to 4.8e-4 of that bound, but
+SmolLM2 (135M, top-2 LoRA, 49,152-word vocabulary) by 1.97e-2 (fp32) and 1.04e-2 (int8, LM
+loss in vocabulary blocks) with its gradients within 1e-4: an entry whose gradient nearly
+cancels moves by up to lr on either side. 5e-2 still catches any optimizer that does not
+compute what ORT's AdamW computes (a wrong bias correction alone is a factor 2-3 in the first
+steps, ~1 of the bound).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from edgeftl.coordinator.bundler.config import BuildError
 from edgeftl.coordinator.bundler.training_build import run_job
 from edgeftl.coordinator.bundler.training_job import run_plan
 
-TOLERANCE = {"loss": 1e-4, "gradients": 1e-4, "parameters": 1e-2, "eval logits": 1e-4}
+TOLERANCE = {"loss": 1e-4, "gradients": 1e-4, "parameters": 5e-2, "eval logits": 1e-4}
 PROBE_ROWS, PROBE_SEQ, PROBE_LR = 4, 16, 1e-2
 
 
