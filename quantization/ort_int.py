@@ -38,12 +38,18 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgeftl.device.protocol import blockquant
+
 from .int4 import quantize_int4
 from .int8 import quantize_int8
 from .schemes import QuantScheme
 
 MS_DOMAIN = "com.microsoft"
 MIN_NBITS_BLOCK = 16  # MatMulNBits accepts power-of-two blocks from 16 up
+# int8 MatMul weights: one scale per 64 values of a column (6 % over 1 byte a weight). 64 divides
+# MiniLM's 384 / 1536 and SmolLM2's 576 / 1536, so no padding; per whole column was the old
+# per-channel layout, and smaller blocks only cost bytes.
+INT8_BLOCK = 64
 
 
 def quantize_onnx_inference(src: Path, dst: Path, scheme: QuantScheme) -> None:
@@ -71,9 +77,11 @@ def quantize_onnx_inference(src: Path, dst: Path, scheme: QuantScheme) -> None:
     fold_weight_transposes(model.graph)
     quantize_gathers_int8(model.graph)
     if scheme.name == "int4":
-        matmuls_to_nbits(model, scheme.block_size)
+        matmuls_to_nbits(model, scheme.block_size, bits=4)
+    else:
+        matmuls_to_nbits(model, INT8_BLOCK, bits=8)
     remove_unused_initializers(model.graph)
-    _quantize_dynamic_int8(model, dst, ["MatMul", "Gemm"] if scheme.name == "int8" else ["Gemm"])
+    _quantize_dynamic_int8(model, dst, ["Gemm"])
 
 
 def _quantize_dynamic_int8(model: onnx.ModelProto, dst: Path, op_types: list[str]) -> None:
@@ -180,11 +188,14 @@ def quantize_gathers_int8(graph: onnx.GraphProto) -> int:
     return count
 
 
-def matmuls_to_nbits(model: onnx.ModelProto, block_size: int) -> int:
-    """Replace MatMul(x, W) with a 2-D float initializer W (K, N) by MatMulNBits, 4 bits.
+def matmuls_to_nbits(model: onnx.ModelProto, block_size: int, bits: int = 4) -> int:
+    """Replace MatMul(x, W) with a 2-D float initializer W (K, N) by weight-only MatMulNBits.
 
-    MatMulNBits takes B as uint8 (N, n_blocks, block_size // 2): row n is column n of W,
-    i.e. `quantize_int4(W.T)`, whose packing and symmetric zero point 8 are its format.
+    MatMulNBits takes B as uint8 (N, n_blocks, block_size * bits // 8): row n is column n of W.
+    4 bits: `quantize_int4(W.T)`, whose packing and symmetric zero point 8 are its format.
+    8 bits: `quantize_int8` of each block of a row (symmetric, codes + 128: its default zero
+    point). Without an `accuracy_level` the CPU kernel dequantizes B and multiplies in fp32, so
+    activations are never quantized.
 
     Returns:
         Number of MatMul nodes replaced.
@@ -193,7 +204,6 @@ def matmuls_to_nbits(model: onnx.ModelProto, block_size: int) -> int:
     inits = _initializers(graph)
     done: dict[str, tuple[str, str]] = {}  # weight name -> (packed name, scales name)
     new_nodes: list[onnx.NodeProto] = []
-    count = 0
     for node in graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" else None
         if weight is None or len(weight.dims) != 2 or weight.data_type != onnx.TensorProto.FLOAT:
@@ -201,21 +211,32 @@ def matmuls_to_nbits(model: onnx.ModelProto, block_size: int) -> int:
             continue
         k, n = weight.dims
         if weight.name not in done:
-            packed, scale = quantize_int4(numpy_helper.to_array(weight).T, block_size)
-            names = (f"{weight.name}_q4", f"{weight.name}_q4_scale")
-            graph.initializer.append(numpy_helper.from_array(packed.reshape(n, -1, block_size // 2), names[0]))
+            packed, scale = _pack_nbits(numpy_helper.to_array(weight).T, block_size, bits)
+            names = (f"{weight.name}_q{bits}", f"{weight.name}_q{bits}_scale")
+            graph.initializer.append(numpy_helper.from_array(packed.reshape(n, -1, block_size * bits // 8), names[0]))
             graph.initializer.append(numpy_helper.from_array(scale.reshape(-1), names[1]))
             done[weight.name] = names
         new_nodes.append(helper.make_node(
             "MatMulNBits", [node.input[0], *done[weight.name]], list(node.output),
-            name=f"{node.name}_q4", domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=block_size,
+            name=f"{node.name}_q{bits}", domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block_size,
         ))
-        count += 1
+    count = sum(1 for node in new_nodes if node.op_type == "MatMulNBits")
     graph.ClearField("node")
     graph.node.extend(new_nodes)
     if done and not any(op.domain == MS_DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return count
+
+
+def _pack_nbits(rows: np.ndarray, block_size: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(packed uint8 (N, padded K * bits // 8), scales (N, n_blocks)) of `rows` (N, K) for MatMulNBits."""
+    if bits == 4:
+        return quantize_int4(rows, block_size)
+    n, k = rows.shape
+    padded = np.zeros((n, blockquant.padded_size(k, block_size)), dtype=rows.dtype)
+    padded[:, :k] = rows
+    codes, scale = quantize_int8(padded.reshape(-1, block_size))  # one int8 scale per block
+    return (codes.astype(np.int16) + 128).astype(np.uint8).reshape(n, -1), scale.reshape(n, -1)
 
 
 def remove_unused_initializers(graph: onnx.GraphProto) -> int:

@@ -14,9 +14,13 @@ rewrite changes the order of float32 operations, never the math, so they agree t
 are compared relative to the most AdamW can move them (lr per step, times the steps): AdamW
 divides each gradient entry by its own running magnitude, so an entry that cancels to almost
 nothing, and so differs relatively more between the two runtimes, still moves its parameter by
-up to lr. MiniLM's parameters after the probe differed by up to 4.8e-4 of that bound; 1e-2
-catches any optimizer that does not compute what ORT's AdamW computes (a wrong bias
-correction alone is a factor 2-3 in the first steps).
+up to lr. MiniLM's parameters after the probe differed by up to 4.8e-4 of that bound, but
+SmolLM2-135M's fp32 bundles (LoRA in the top 2 or all 30 blocks) by 2.0e-2 and 1.7e-2 with
+their gradients agreeing to 9.8e-6: an entry whose gradient is within float32 noise of zero
+can take AdamW's sign-like first step either way. 5e-2 still catches any optimizer that does
+not compute what ORT's AdamW computes (a wrong bias correction alone is a factor 2-3 in the
+first steps). The eval logits come after those two steps and inherit that spread (SmolLM2:
+7.0e-5 and 1.1e-4), so they get 1e-3; a wrong forward or gradient shows up at 1e-2 or more.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from edgeftl.coordinator.bundler.config import BuildError
 from edgeftl.coordinator.bundler.training_build import run_job
 from edgeftl.coordinator.bundler.training_job import run_plan
 
-TOLERANCE = {"loss": 1e-4, "gradients": 1e-4, "parameters": 1e-2, "eval logits": 1e-4}
+TOLERANCE = {"loss": 1e-4, "gradients": 1e-4, "parameters": 5e-2, "eval logits": 1e-3}
 PROBE_ROWS, PROBE_SEQ, PROBE_LR = 4, 16, 1e-2
 
 
