@@ -36,6 +36,7 @@ from edgeftl.quantization import (
     tensor_report,
     unpack_nibbles,
 )
+from edgeftl.quantization.ort_int import INT8_BLOCK
 
 
 def _gaussian(rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -424,7 +425,7 @@ def fp32_lower(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Modul
 
 
 @pytest.mark.parametrize(("scheme", "matmul_op", "max_rel"), [
-    (QuantScheme("int8"), "MatMulInteger", 0.05),
+    (QuantScheme("int8"), "MatMulNBits", 0.02),
     (QuantScheme("int4", 32), "MatMulNBits", 0.25),
 ], ids=["int8", "int4"])
 def test_quantize_onnx_inference_runs_shrinks_and_stays_close(
@@ -448,6 +449,51 @@ def test_quantize_onnx_inference_runs_shrinks_and_stays_close(
     ref = module(torch.from_numpy(ids)).detach().numpy()
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < max_rel
     assert dst.stat().st_size < 0.4 * src.stat().st_size
+
+
+class _OutlierLinear(nn.Module):
+    """A Linear whose input channel 5 is 1000x the others: a language model's activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(128, 32, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.ones(128)
+        scale[5] = 1000.0
+        return self.linear(x * scale)
+
+
+def test_int8_lower_stack_keeps_activations_fp32_under_an_outlier_channel(tmp_path: Path) -> None:
+    """The int8 lower stack quantizes weights only: its output is the fp32 product with the int8
+    weights however wide the activations' range. (Its old scheme, ONNX Runtime's dynamic
+    quantization, rounded activations per tensor: +0.40 nats per token on SmolLM2, whose hidden
+    states carry such channels; see docs/BENCHMARKS.md bench_build_llm.)"""
+    import onnxruntime as ort
+
+    # Prepare
+    module = _OutlierLinear().eval()
+    x = torch.randn(1, 16, 128, generator=torch.Generator().manual_seed(1))
+    src, dst = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x,), src, dynamo=False, do_constant_folding=False, opset_version=17,
+                          input_names=["x"], output_names=["out"])
+    weight = module.linear.weight.detach().numpy()  # (out, in): MatMulNBits' rows, blocks along `in`
+    int8_weight = dequantize_int8(*quantize_int8(weight.reshape(-1, INT8_BLOCK))).reshape(weight.shape)
+    scaled = (x * torch.tensor([1000.0 if i == 5 else 1.0 for i in range(128)])).numpy()
+    with_int8_weights = scaled @ int8_weight.T
+
+    # Execute
+    quantize_onnx_inference(src, dst, QuantScheme("int8"))
+
+    out = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+
+    # Assert
+    assert {n.op_type for n in onnx.load(str(dst)).graph.node} >= {"MatMulNBits"}
+    assert "MatMulInteger" not in {n.op_type for n in onnx.load(str(dst)).graph.node}
+    np.testing.assert_allclose(out, with_int8_weights, rtol=1e-4, atol=1e-4 * np.abs(with_int8_weights).max())
 
 
 def test_quantize_onnx_inference_none_copies(fp32_lower: tuple[Path, nn.Module], tmp_path: Path) -> None:
