@@ -3,11 +3,16 @@
 Unlike `modules.py`, whose graphs must stay trainable above the quantized weights, this graph
 is never differentiated, so it may use ONNX Runtime's integer kernels:
 
-- MatMul / Gemm, "int8": `onnxruntime.quantization.quantize_dynamic` with int8 per-channel
-  weights -> DynamicQuantizeLinear + MatMulInteger (fused to DynamicQuantizeMatMul when a
-  session loads it). `reduce_range=True` (7-bit weights): on x86 CPUs without VNNI
-  (this AVX2 host) the u8 x s8 kernel saturates its int16 pair sums, and with full-range
-  int8 weights a test Linear's output was off by 10-15 % (1.4 % with reduce_range).
+- MatMul, "int8": weight-only, ONNX Runtime's MatMulNBits contrib op with bits=8 (stock
+  onnxruntime 1.32's CPU kernel dequantizes B and multiplies in fp32): per column of W, one
+  symmetric int8 scale per `INT8_BLOCK` values. Activations stay fp32. The previous scheme,
+  `quantize_dynamic` (DynamicQuantizeLinear per TENSOR on activations + MatMulInteger), kept
+  MiniLM's logits at 0.999 cosine but not a language model: SmolLM2-135M's hidden states
+  carry a few channels far larger than the rest, and an int8 top-2 bundle's evaluation loss
+  was +0.40 nats per token over fp32 PyTorch (+0.006 with this scheme; the fp32 lower stack
+  under the same int8 top blocks: +0.005). Gemm nodes (2-D inputs, none in the BERT or Llama
+  exports) still go through `quantize_dynamic`: int8 per-channel weights, `reduce_range=True`
+  (7-bit weights: on x86 CPUs without VNNI the u8 x s8 kernel saturates its int16 pair sums).
 - MatMul, "int4": ONNX Runtime's MatMulNBits contrib op, packed by this package's `int4.py`
   (same nibble order, zero point 8 = its default). ORT's own `MatMul4BitsQuantizer` cannot
   be imported from onnxruntime-training-cpu 1.19.2: its native `quantize_matmul_4bits` is
@@ -17,10 +22,10 @@ is never differentiated, so it may use ONNX Runtime's integer kernels:
   Gather quantization is per tensor: on MiniLM's word embeddings its error was 3.2 % (worst
   row 14 %) against 0.7 % per row. (int4 Gather, GatherBlockQuantized, is not in this build.)
 
-Measured once on real MiniLM-L6 (4 sentences, last hidden state over real tokens, vs fp32):
-int8 here 14 % relative error (mean-pooled cosine >= 0.991), almost all of it from the dynamic
-per-tensor quantization of activations (weight-only int8 in `modules.py`: 3 %, cosine 0.9996);
-int4 here 26 % (cosine >= 0.958), the same as weight-only int4 in `modules.py`.
+Measured once on real MiniLM-L6 (4 sentences, last hidden state over real tokens, vs fp32) with
+the previous int8 scheme: 14 % relative error (mean-pooled cosine >= 0.991), almost all of it
+from the dynamic per-tensor quantization of activations (weight-only int8 in `modules.py`: 3 %,
+cosine 0.9996); int4 here 26 % (cosine >= 0.958), the same as weight-only int4 in `modules.py`.
 
 Host-side only: `onnxruntime.quantization` imports `onnx`, and in this environment importing
 `onnxruntime` at all imports torch (onnxruntime-training's start-up check loads ORTModule

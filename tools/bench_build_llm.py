@@ -84,7 +84,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=None, help="keep the bundles here (default: a temp dir, removed)")
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
     p.add_argument("--quants", default=",".join(QUANTS), help=f"comma-separated, of {', '.join(QUANTS)}")
-    p.add_argument("--reuse", action="store_true", help="reuse bundles already in --out-dir (no rebuild)")
+    p.add_argument("--reuse", action="store_true", help="reuse cases already measured in --out-dir")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for builds, torch and ORT")
     p.add_argument("--no-write", action="store_true", help="print the table; write nothing under docs/")
     p.add_argument("--worker", choices=sorted(_WORKERS), help=argparse.SUPPRESS)  # child processes
@@ -107,28 +107,36 @@ def _choices(value: str, accepted, parser: argparse.ArgumentParser) -> list[str]
 def _run_cases(out_dir: Path, args: argparse.Namespace) -> list[dict]:
     from tqdm import tqdm
 
-    texts = out_dir / "texts.json"
     plan = [(setting, quant) for setting in args.settings for quant in args.quants]
     cases = []
     for setting, quant in tqdm(plan, desc="bench_build_llm", unit="bundle"):
-        bundle = out_dir / f"{quant_label(quant)}-{setting}"
-        case = {"setting": setting, "quant": quant, "train_layers": SETTINGS[setting]}
-        if not (args.reuse and bundle.exists()):
-            case["build_time_s"] = build_bundle(bundle, [*BUILD_FLAGS, "--quant", quant], SETTINGS[setting],
-                                                args.threads)
-        case.update(bundle_facts(bundle))
-        reference = out_dir / "reference.npz"  # one model for every setting: computed once
-        if not reference.exists():
-            run_worker(Path(__file__), "reference", bundle, texts, reference, args.threads)
-        nll = out_dir / f"nll-{quant_label(quant)}-{setting}.npz"
-        run_worker(Path(__file__), "bundle", bundle, texts, nll, args.threads)
-        case.update(_fidelity(np.load(reference), np.load(nll)))
-        if SETTINGS[setting] is not None:
-            case.update(lower_cost(Path(__file__), bundle, texts, args.threads))
+        saved = out_dir / f"case-{quant_label(quant)}-{setting}.json"
+        if args.reuse and saved.exists():
+            cases.append(json.loads(saved.read_text(encoding="utf-8")))
+            continue
+        case = _run_case(out_dir, setting, quant, args)
+        saved.write_text(json.dumps(case), encoding="utf-8")
         cases.append(case)
         tqdm.write(f"{quant_label(quant)} {setting}: {case['loss_per_token']:.4f} nats/token, "
                    f"{case['delta_nats']:+.4f} vs fp32 PyTorch")
     return cases
+
+
+def _run_case(out_dir: Path, setting: str, quant: str, args: argparse.Namespace) -> dict:
+    """Build one bundle (fresh process), then measure it and, once, the reference (fresh processes)."""
+    texts, bundle = out_dir / "texts.json", out_dir / f"{quant_label(quant)}-{setting}"
+    case = {"setting": setting, "quant": quant, "train_layers": SETTINGS[setting]}
+    case["build_time_s"] = build_bundle(bundle, [*BUILD_FLAGS, "--quant", quant], SETTINGS[setting], args.threads)
+    case.update(bundle_facts(bundle))
+    reference = out_dir / "reference.npz"  # one model for every setting: computed once
+    if not reference.exists():
+        run_worker(Path(__file__), "reference", bundle, texts, reference, args.threads)
+    nll = out_dir / f"nll-{quant_label(quant)}-{setting}.npz"
+    run_worker(Path(__file__), "bundle", bundle, texts, nll, args.threads)
+    case.update(_fidelity(np.load(reference), np.load(nll)))
+    if SETTINGS[setting] is not None:
+        case.update(lower_cost(Path(__file__), bundle, texts, args.threads))
+    return case
 
 
 def _fidelity(reference, bundle) -> dict:
@@ -268,10 +276,10 @@ def _markdown(results: dict) -> str:
              "| worst text delta | lower RSS MiB | lower ms/example |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in results["cases"]:
-        build = f"{c['build_time_s']:.0f}" if "build_time_s" in c else "-"
         lower = (f"{c['lower_session_rss_mib']:.0f} | {1000 * c['lower_s_per_example']:.0f}"
                  if "lower_session_rss_mib" in c else "- | -")
-        lines.append(f"| {quant_label(c['quant'])} {c['setting']} | {c['bundle_bytes'] / mib:.0f} | {build} | "
+        lines.append(f"| {quant_label(c['quant'])} {c['setting']} | {c['bundle_bytes'] / mib:.0f} | "
+                     f"{c['build_time_s']:.0f} | "
                      f"{c['tokens']} | {c['loss_per_token']:.4f} | {c['reference_loss_per_token']:.4f} | "
                      f"{c['delta_nats']:+.4f} | {c['ppl_ratio']:.4f} | {c['delta_nats_per_text_max']:+.4f} | "
                      f"{lower} |")
