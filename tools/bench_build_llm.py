@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -250,6 +251,7 @@ def _summarise(cases: list[dict], wall_s: float, args) -> dict:
         "cases": cases,
         "targets": _targets(cases),
         "total_wall_s": wall_s,
+        "load_average_1_5_15_min": list(os.getloadavg()),  # other jobs on the CPUs skew the times
         "machine": benchdoc.machine(),
         "source": benchdoc.git_state(),
     }
@@ -297,7 +299,10 @@ def _markdown(results: dict) -> str:
               f"{graph:.2g} nats.", "",
               benchdoc.machine_line(results["machine"])
               + f" Commit {src['commit']}{' + uncommitted changes' if src['dirty'] else ''}."
-              + f" Whole run: {results['total_wall_s']:.0f} s. Raw numbers: `docs/bench_build_llm.json`.", END]
+              + f" Whole run: {results['total_wall_s']:.0f} s. Load average at the end (1/5/15 min): "
+              + "/".join(f"{x:.1f}" for x in results["load_average_1_5_15_min"])
+              + " (build times and lower ms/example depend on what else ran). "
+              + "Raw numbers: `docs/bench_build_llm.json`.", END]
     return "\n".join(lines)
 
 
