@@ -55,6 +55,11 @@ MIN_NBITS_BLOCK = 16  # MatMulNBits accepts power-of-two blocks from 16 up
 # MiniLM's 384 / 1536 and SmolLM2's 576 / 1536, so no padding; per whole column was the old
 # per-channel layout, and smaller blocks only cost bytes.
 INT8_BLOCK = 64
+# MatMulNBits' accuracy_level for int8: 0 multiplies in fp32 after dequantizing the weights
+# (SmolLM2 int8 top-2: +0.0057 nats, 230 ms per 128-token example on this host's AVX2); 4
+# quantizes activations to int8 per token and per block of 64 channels (+0.0099 nats, 108 ms;
+# the old per-tensor scheme: +0.398 nats, 59 ms). See docs/BENCHMARKS.md bench_build_llm.
+INT8_ACCURACY_LEVEL = 4
 
 
 def quantize_onnx_inference(src: Path, dst: Path, scheme: QuantScheme) -> None:
@@ -221,9 +226,10 @@ def matmuls_to_nbits(model: onnx.ModelProto, block_size: int, bits: int = 4) -> 
             graph.initializer.append(numpy_helper.from_array(packed.reshape(n, -1, block_size * bits // 8), names[0]))
             graph.initializer.append(numpy_helper.from_array(scale.reshape(-1), names[1]))
             done[weight.name] = names
+        accuracy = {"accuracy_level": INT8_ACCURACY_LEVEL} if bits == 8 and INT8_ACCURACY_LEVEL else {}
         new_nodes.append(helper.make_node(
             "MatMulNBits", [node.input[0], *done[weight.name]], list(node.output),
-            name=f"{node.name}_q{bits}", domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block_size,
+            name=f"{node.name}_q{bits}", domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block_size, **accuracy,
         ))
     count = sum(1 for node in new_nodes if node.op_type == "MatMulNBits")
     graph.ClearField("node")
