@@ -3,14 +3,15 @@
 Unlike `modules.py`, whose graphs must stay trainable above the quantized weights, this graph
 is never differentiated, so it may use ONNX Runtime's integer kernels:
 
-- MatMul, "int8": weight-only, ONNX Runtime's MatMulNBits contrib op with bits=8 (stock
-  onnxruntime 1.32's CPU kernel dequantizes B and multiplies in fp32): per column of W, one
-  symmetric int8 scale per `INT8_BLOCK` values. Activations stay fp32. The previous scheme,
-  `quantize_dynamic` (DynamicQuantizeLinear per TENSOR on activations + MatMulInteger), kept
-  MiniLM's logits at 0.999 cosine but not a language model: SmolLM2-135M's hidden states
-  carry a few channels far larger than the rest, and an int8 top-2 bundle's evaluation loss
-  was +0.40 nats per token over fp32 PyTorch (+0.006 with this scheme; the fp32 lower stack
-  under the same int8 top blocks: +0.005). Gemm nodes (2-D inputs, none in the BERT or Llama
+- MatMul, "int8": ONNX Runtime's MatMulNBits contrib op with bits=8: per column of W, one
+  symmetric int8 scale per `INT8_BLOCK` values; with `INT8_ACCURACY_LEVEL` 4 the CPU kernel
+  also quantizes activations to int8, per token and per block of `INT8_BLOCK` channels, so an
+  outlier token or channel only coarsens its own block. The previous scheme, `quantize_dynamic`
+  (DynamicQuantizeLinear per TENSOR on activations + MatMulInteger), kept MiniLM's logits at
+  0.994 cosine but not a language model: SmolLM2-135M's hidden states carry a few values far
+  larger than the rest, and an int8 top-2 bundle's evaluation loss was +0.40 nats per token
+  over fp32 PyTorch (+0.0099 with this scheme; fp32 activations: +0.0057; an fp32 lower stack
+  under the same int8 top blocks: +0.0045). Gemm nodes (2-D inputs, none in the BERT or Llama
   exports) still go through `quantize_dynamic`: int8 per-channel weights, `reduce_range=True`
   (7-bit weights: on x86 CPUs without VNNI the u8 x s8 kernel saturates its int16 pair sums).
 - MatMul, "int4": ONNX Runtime's MatMulNBits contrib op, packed by this package's `int4.py`
