@@ -115,7 +115,7 @@ def _run_cases(out_dir: Path, args: argparse.Namespace) -> list[dict]:
     for setting, quant in tqdm(plan, desc="bench_build_llm", unit="bundle"):
         saved = out_dir / f"case-{quant_label(quant)}-{setting}.json"
         if args.reuse and saved.exists():
-            cases.append(json.loads(saved.read_text(encoding="utf-8")))
+            cases.append({**json.loads(saved.read_text(encoding="utf-8")), "reused": True})
             continue
         case = _run_case(out_dir, setting, quant, args)
         saved.write_text(json.dumps(case), encoding="utf-8")
@@ -294,12 +294,15 @@ def _markdown(results: dict) -> str:
     ids = all(c["same_ids"] for c in results["cases"])
     torch_free = not any(c["bundle_process_imported_torch"] for c in results["cases"])
     graph = max(c["graph_loss_vs_numpy_max_abs"] for c in results["cases"])
+    reused = sum(1 for c in results["cases"] if c.get("reused"))
     lines += ["", f"Checks: same token ids on both sides: {'yes' if ids else 'NO'}; bundle processes torch-free: "
               f"{'yes' if torch_free else 'NO'}; the eval graph's own loss vs this per-token mean: max "
               f"{graph:.2g} nats.", "",
               benchdoc.machine_line(results["machine"])
               + f" Commit {src['commit']}{' + uncommitted changes' if src['dirty'] else ''}."
-              + f" Whole run: {results['total_wall_s']:.0f} s. Load average at the end (1/5/15 min): "
+              + f" Whole run: {results['total_wall_s']:.0f} s"
+              + (f" ({reused} of the cases measured by earlier runs, --reuse)" if reused else "")
+              + ". Load average at the end (1/5/15 min): "
               + "/".join(f"{x:.1f}" for x in results["load_average_1_5_15_min"])
               + " (build times and lower ms/example depend on what else ran). "
               + "Raw numbers: `docs/bench_build_llm.json`.", END]
