@@ -13,9 +13,10 @@ Choices, and why:
 - float32, not float16: the cached path then gives the same numbers as running the lower model
   (bit-identical at micro-batch 1); disk is cheaper than RAM on the boards we target, and fp16
   would both round the activations and overflow on outliers.
-- One example per lower-model call, stored at its true length: int8 lower models quantize their
-  activations per tensor, so a batched call makes an example's features depend on its batch
-  neighbours and on padding. Per example they do not; micro-batches are padded at use.
+- One example per lower-model call, stored at its true length, so an example's features never
+  depend on its batch neighbours or on padding (lower models built before the int8 lower stack
+  became weight-only quantized activations per tensor, where a batched call did). Micro-batches
+  are padded at use.
 - Reads use `pread` into a fresh array rather than `mmap`: resident file pages of a mapping
   count in RSS, and the device's memory figure should not grow with the cache size.
 - Entries are written to a temporary folder and renamed into place; a reader re-hashes every

@@ -3,11 +3,17 @@
 Unlike `modules.py`, whose graphs must stay trainable above the quantized weights, this graph
 is never differentiated, so it may use ONNX Runtime's integer kernels:
 
-- MatMul / Gemm, "int8": `onnxruntime.quantization.quantize_dynamic` with int8 per-channel
-  weights -> DynamicQuantizeLinear + MatMulInteger (fused to DynamicQuantizeMatMul when a
-  session loads it). `reduce_range=True` (7-bit weights): on x86 CPUs without VNNI
-  (this AVX2 host) the u8 x s8 kernel saturates its int16 pair sums, and with full-range
-  int8 weights a test Linear's output was off by 10-15 % (1.4 % with reduce_range).
+- MatMul, "int8": ONNX Runtime's MatMulNBits contrib op with bits=8: per column of W, one
+  symmetric int8 scale per `INT8_BLOCK` values; with `INT8_ACCURACY_LEVEL` 4 the CPU kernel
+  also quantizes activations to int8, per token and per block of `INT8_BLOCK` channels, so an
+  outlier token or channel only coarsens its own block. The previous scheme, `quantize_dynamic`
+  (DynamicQuantizeLinear per TENSOR on activations + MatMulInteger), kept MiniLM's logits at
+  0.994 cosine but not a language model: SmolLM2-135M's hidden states carry a few values far
+  larger than the rest, and an int8 top-2 bundle's evaluation loss was +0.40 nats per token
+  over fp32 PyTorch (+0.0099 with this scheme; fp32 activations: +0.0057; an fp32 lower stack
+  under the same int8 top blocks: +0.0045). Gemm nodes (2-D inputs, none in the BERT or Llama
+  exports) still go through `quantize_dynamic`: int8 per-channel weights, `reduce_range=True`
+  (7-bit weights: on x86 CPUs without VNNI the u8 x s8 kernel saturates its int16 pair sums).
 - MatMul, "int4": ONNX Runtime's MatMulNBits contrib op, packed by this package's `int4.py`
   (same nibble order, zero point 8 = its default). ORT's own `MatMul4BitsQuantizer` cannot
   be imported from onnxruntime-training-cpu 1.19.2: its native `quantize_matmul_4bits` is
@@ -17,10 +23,10 @@ is never differentiated, so it may use ONNX Runtime's integer kernels:
   Gather quantization is per tensor: on MiniLM's word embeddings its error was 3.2 % (worst
   row 14 %) against 0.7 % per row. (int4 Gather, GatherBlockQuantized, is not in this build.)
 
-Measured once on real MiniLM-L6 (4 sentences, last hidden state over real tokens, vs fp32):
-int8 here 14 % relative error (mean-pooled cosine >= 0.991), almost all of it from the dynamic
-per-tensor quantization of activations (weight-only int8 in `modules.py`: 3 %, cosine 0.9996);
-int4 here 26 % (cosine >= 0.958), the same as weight-only int4 in `modules.py`.
+Measured once on real MiniLM-L6 (4 sentences, last hidden state over real tokens, vs fp32) with
+the previous int8 scheme: 14 % relative error (mean-pooled cosine >= 0.991), almost all of it
+from the dynamic per-tensor quantization of activations (weight-only int8 in `modules.py`: 3 %,
+cosine 0.9996); int4 here 26 % (cosine >= 0.958), the same as weight-only int4 in `modules.py`.
 
 Host-side only: `onnxruntime.quantization` imports `onnx`, and in this environment importing
 `onnxruntime` at all imports torch (onnxruntime-training's start-up check loads ORTModule
@@ -38,12 +44,23 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgeftl.device.protocol import blockquant
+
 from .int4 import quantize_int4
 from .int8 import quantize_int8
 from .schemes import QuantScheme
 
 MS_DOMAIN = "com.microsoft"
 MIN_NBITS_BLOCK = 16  # MatMulNBits accepts power-of-two blocks from 16 up
+# int8 MatMul weights: one scale per 64 values of a column (6 % over 1 byte a weight). 64 divides
+# MiniLM's 384 / 1536 and SmolLM2's 576 / 1536, so no padding; per whole column was the old
+# per-channel layout, and smaller blocks only cost bytes.
+INT8_BLOCK = 64
+# MatMulNBits' accuracy_level for int8: 0 multiplies in fp32 after dequantizing the weights
+# (SmolLM2 int8 top-2: +0.0057 nats, 230 ms per 128-token example on this host's AVX2); 4
+# quantizes activations to int8 per token and per block of 64 channels (+0.0099 nats, 108 ms;
+# the old per-tensor scheme: +0.398 nats, 59 ms). See docs/BENCHMARKS.md bench_build_llm.
+INT8_ACCURACY_LEVEL = 4
 
 
 def quantize_onnx_inference(src: Path, dst: Path, scheme: QuantScheme) -> None:
@@ -71,9 +88,11 @@ def quantize_onnx_inference(src: Path, dst: Path, scheme: QuantScheme) -> None:
     fold_weight_transposes(model.graph)
     quantize_gathers_int8(model.graph)
     if scheme.name == "int4":
-        matmuls_to_nbits(model, scheme.block_size)
+        matmuls_to_nbits(model, scheme.block_size, bits=4)
+    else:
+        matmuls_to_nbits(model, INT8_BLOCK, bits=8)
     remove_unused_initializers(model.graph)
-    _quantize_dynamic_int8(model, dst, ["MatMul", "Gemm"] if scheme.name == "int8" else ["Gemm"])
+    _quantize_dynamic_int8(model, dst, ["Gemm"])
 
 
 def _quantize_dynamic_int8(model: onnx.ModelProto, dst: Path, op_types: list[str]) -> None:
@@ -180,11 +199,14 @@ def quantize_gathers_int8(graph: onnx.GraphProto) -> int:
     return count
 
 
-def matmuls_to_nbits(model: onnx.ModelProto, block_size: int) -> int:
-    """Replace MatMul(x, W) with a 2-D float initializer W (K, N) by MatMulNBits, 4 bits.
+def matmuls_to_nbits(model: onnx.ModelProto, block_size: int, bits: int = 4) -> int:
+    """Replace MatMul(x, W) with a 2-D float initializer W (K, N) by weight-only MatMulNBits.
 
-    MatMulNBits takes B as uint8 (N, n_blocks, block_size // 2): row n is column n of W,
-    i.e. `quantize_int4(W.T)`, whose packing and symmetric zero point 8 are its format.
+    MatMulNBits takes B as uint8 (N, n_blocks, block_size * bits // 8): row n is column n of W.
+    4 bits: `quantize_int4(W.T)`, whose packing and symmetric zero point 8 are its format.
+    8 bits: `quantize_int8` of each block of a row (symmetric, codes + 128: its default zero
+    point). Without an `accuracy_level` the CPU kernel dequantizes B and multiplies in fp32, so
+    activations are never quantized.
 
     Returns:
         Number of MatMul nodes replaced.
@@ -193,7 +215,6 @@ def matmuls_to_nbits(model: onnx.ModelProto, block_size: int) -> int:
     inits = _initializers(graph)
     done: dict[str, tuple[str, str]] = {}  # weight name -> (packed name, scales name)
     new_nodes: list[onnx.NodeProto] = []
-    count = 0
     for node in graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" else None
         if weight is None or len(weight.dims) != 2 or weight.data_type != onnx.TensorProto.FLOAT:
@@ -201,21 +222,33 @@ def matmuls_to_nbits(model: onnx.ModelProto, block_size: int) -> int:
             continue
         k, n = weight.dims
         if weight.name not in done:
-            packed, scale = quantize_int4(numpy_helper.to_array(weight).T, block_size)
-            names = (f"{weight.name}_q4", f"{weight.name}_q4_scale")
-            graph.initializer.append(numpy_helper.from_array(packed.reshape(n, -1, block_size // 2), names[0]))
+            packed, scale = _pack_nbits(numpy_helper.to_array(weight).T, block_size, bits)
+            names = (f"{weight.name}_q{bits}", f"{weight.name}_q{bits}_scale")
+            graph.initializer.append(numpy_helper.from_array(packed.reshape(n, -1, block_size * bits // 8), names[0]))
             graph.initializer.append(numpy_helper.from_array(scale.reshape(-1), names[1]))
             done[weight.name] = names
+        accuracy = {"accuracy_level": INT8_ACCURACY_LEVEL} if bits == 8 and INT8_ACCURACY_LEVEL else {}
         new_nodes.append(helper.make_node(
             "MatMulNBits", [node.input[0], *done[weight.name]], list(node.output),
-            name=f"{node.name}_q4", domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=block_size,
+            name=f"{node.name}_q{bits}", domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block_size, **accuracy,
         ))
-        count += 1
+    count = sum(1 for node in new_nodes if node.op_type == "MatMulNBits")
     graph.ClearField("node")
     graph.node.extend(new_nodes)
     if done and not any(op.domain == MS_DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return count
+
+
+def _pack_nbits(rows: np.ndarray, block_size: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(packed uint8 (N, padded K * bits // 8), scales (N, n_blocks)) of `rows` (N, K) for MatMulNBits."""
+    if bits == 4:
+        return quantize_int4(rows, block_size)
+    n, k = rows.shape
+    padded = np.zeros((n, blockquant.padded_size(k, block_size)), dtype=rows.dtype)
+    padded[:, :k] = rows
+    codes, scale = quantize_int8(padded.reshape(-1, block_size))  # one int8 scale per block
+    return (codes.astype(np.int16) + 128).astype(np.uint8).reshape(n, -1), scale.reshape(n, -1)
 
 
 def remove_unused_initializers(graph: onnx.GraphProto) -> int:

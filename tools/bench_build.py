@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="bench_build-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        texts, label_names = _bbc_sample()
+        texts, label_names = bbc_sample()
         (out_dir / "texts.json").write_text(json.dumps(texts), encoding="utf-8")
         cases = _run_cases(out_dir, label_names, args)
     finally:
@@ -82,7 +82,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _bbc_sample() -> tuple[list[str], list[str]]:
+def bbc_sample() -> tuple[list[str], list[str]]:
     """32 test articles of a seeded stratified split, labels taken in turn (7/7/6/6/6)."""
     from edgeftl.device.data import load_bbc, stratified_split
 
@@ -100,55 +100,74 @@ def _run_cases(out_dir: Path, label_names: list[str], args: argparse.Namespace) 
     plan = [(setting, quant) for setting in settings for quant in QUANTS]  # fp32 first per setting
     cases = []
     for setting, quant in tqdm(plan, desc="bench_build", unit="bundle"):
-        bundle = out_dir / f"{_label(quant)}-{setting}"
+        bundle = out_dir / f"{quant_label(quant)}-{setting}"
         case = {"setting": setting, "quant": quant, "train_layers": settings[setting]}
         case["build_time_s"] = _build(bundle, label_names, quant, settings[setting], args)
-        case.update(_bundle_facts(bundle))
+        case.update(bundle_facts(bundle))
         reference = out_dir / f"reference-{setting}.npz"
         if quant == "none":  # this setting's fp32 bundle carries the shared head
             _worker("reference", bundle, out_dir, reference, args)
-        logits = out_dir / f"logits-{_label(quant)}-{setting}.npz"
+        logits = out_dir / f"logits-{quant_label(quant)}-{setting}.npz"
         _worker("bundle", bundle, out_dir, logits, args)
         case.update(_fidelity(np.load(reference), np.load(logits)))
+        if settings[setting] is not None:
+            case.update(lower_cost(Path(__file__), bundle, out_dir / "texts.json", args.threads))
         cases.append(case)
     return cases
 
 
 def _build(out: Path, labels: list[str], quant: str, train_layers: int | None, args) -> float:
-    """Wall-clock seconds of one `edgeftl build` in a fresh process."""
-    cmd = [sys.executable, "-m", "edgeftl.device.cli", "build", "--quiet", "--force",
-           "--labels", ",".join(labels), "--quant", quant, "--out", str(out), *BUILD_FLAGS]
+    """Wall-clock seconds of one `edgeftl build` of MiniLM in a fresh process."""
+    flags = ["--labels", ",".join(labels), "--quant", quant, *BUILD_FLAGS]
+    return build_bundle(out, flags, train_layers, args.threads)
+
+
+def build_bundle(out: Path, flags: list[str], train_layers: int | None, threads: int) -> float:
+    """Wall-clock seconds of one `edgeftl build --out OUT FLAGS` in a fresh process."""
+    cmd = [sys.executable, "-m", "edgeftl.device.cli", "build", "--quiet", "--force", "--out", str(out), *flags]
     if train_layers is not None:
         cmd += ["--train-layers", str(train_layers)]
     started = time.perf_counter()
-    _check(subprocess.run(cmd, env=_env(args.threads), capture_output=True, text=True), cmd)
+    check(subprocess.run(cmd, env=thread_env(threads), capture_output=True, text=True), cmd)
     return time.perf_counter() - started
 
 
 def _worker(kind: str, bundle: Path, out_dir: Path, save: Path, args) -> None:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--bundle", str(bundle),
-           "--texts", str(out_dir / "texts.json"), "--save", str(save), "--threads", str(args.threads)]
-    _check(subprocess.run(cmd, env=_env(args.threads), capture_output=True, text=True), cmd)
+    run_worker(Path(__file__), kind, bundle, out_dir / "texts.json", save, args.threads)
 
 
-def _env(threads: int) -> dict[str, str]:
+def run_worker(script: Path, kind: str, bundle: Path, texts: Path, save: Path, threads: int) -> None:
+    """`script --worker KIND` on one bundle in a fresh process (the scripts' hidden worker flags)."""
+    cmd = [sys.executable, str(script.resolve()), "--worker", kind, "--bundle", str(bundle),
+           "--texts", str(texts), "--save", str(save), "--threads", str(threads)]
+    check(subprocess.run(cmd, env=thread_env(threads), capture_output=True, text=True), cmd)
+
+
+def lower_cost(script: Path, bundle: Path, texts: Path, threads: int) -> dict:
+    """`lower_worker`'s numbers for a split bundle, from a fresh process."""
+    save = bundle.with_name(f"lower-{bundle.name}.json")
+    run_worker(script, "lower", bundle, texts, save, threads)
+    return json.loads(save.read_text(encoding="utf-8"))
+
+
+def thread_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return env
 
 
-def _check(proc: subprocess.CompletedProcess, cmd: list[str]) -> None:
+def check(proc: subprocess.CompletedProcess, cmd: list[str]) -> None:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
 
 
-def _label(quant: str) -> str:
+def quant_label(quant: str) -> str:
     return "fp32" if quant == "none" else quant
 
 
 # ---- per-bundle facts (stdlib + numpy) -----------------------------------------------------
 
-def _bundle_facts(bundle: Path) -> dict:
+def bundle_facts(bundle: Path) -> dict:
     from edgeftl.device.protocol.manifest import read_manifest
 
     manifest = read_manifest(bundle)
@@ -274,7 +293,37 @@ def _torch_logits(model, lower, ids: np.ndarray, mask: np.ndarray) -> np.ndarray
         return model(inputs, mask_t, torch.zeros(len(ids), dtype=torch.int64), torch.ones(()))[1].numpy()
 
 
-_WORKERS = {"bundle": _bundle_worker, "reference": _reference_worker}
+def lower_worker(args: argparse.Namespace) -> int:
+    """The split bundle's frozen lower stack alone, as `BundleRuntime.features` runs it (torch-free).
+
+    Saves its session's resident memory (RSS after loading minus before, and the process peak)
+    and the mean wall time per example over the texts, one unpadded example at a time.
+    """
+    import onnxruntime as ort
+
+    from edgeftl.device.measure import peak_rss_mib, rss_mib
+    from edgeftl.device.ort import session_options
+    from edgeftl.device.protocol.manifest import LOWER_MODEL, read_manifest
+    from edgeftl.device.runtime import open_tokenizer
+
+    tokenizer = open_tokenizer(args.bundle, read_manifest(args.bundle))
+    ids = [e.ids for e in tokenizer.encode_batch(json.loads(args.texts.read_text(encoding="utf-8")))]
+    before = rss_mib()
+    session = ort.InferenceSession(str(args.bundle / LOWER_MODEL), session_options(args.threads),
+                                   providers=["CPUExecutionProvider"])
+    loaded = rss_mib()
+    started = time.perf_counter()
+    for tokens in ids:
+        row = np.array([tokens], dtype=np.int64)
+        session.run(None, {"input_ids": row, "attention_mask": np.ones_like(row)})
+    per_example = (time.perf_counter() - started) / len(ids)
+    stats = {"lower_session_rss_mib": loaded - before, "lower_peak_rss_mib": peak_rss_mib(),
+             "lower_s_per_example": per_example, "lower_tokens_per_example": float(np.mean([len(t) for t in ids]))}
+    args.save.write_text(json.dumps(stats), encoding="utf-8")
+    return 0
+
+
+_WORKERS = {"bundle": _bundle_worker, "reference": _reference_worker, "lower": lower_worker}
 
 
 # ---- results, table, targets ---------------------------------------------------------------
@@ -303,7 +352,7 @@ def _summarise(cases: list[dict], label_names: list[str], wall_s: float, args) -
 def _targets(cases: list[dict]) -> list[dict]:
     rows = []
     for case in cases:
-        quant, name = case["quant"], f"{_label(case['quant'])} {case['setting']}"
+        quant, name = case["quant"], f"{quant_label(case['quant'])} {case['setting']}"
         if quant in BYTES_TARGET and case["setting"] == "full":
             limit = 100 * BYTES_TARGET[quant]
             rows.append({"target": f"{name} bytes <= {limit:.0f}% of fp32 full", "value": case["pct_of_fp32_full"],
@@ -331,7 +380,7 @@ def _markdown(results: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in results["cases"]:
         same = f"{c['pct_of_fp32_same_setting']:.1f}%" if "pct_of_fp32_same_setting" in c else "-"
-        lines.append(f"| {_label(c['quant'])} {c['setting']} | {c['bundle_bytes'] / mib:.1f} | "
+        lines.append(f"| {quant_label(c['quant'])} {c['setting']} | {c['bundle_bytes'] / mib:.1f} | "
                      f"{c['pct_of_fp32_full']:.1f}% | {same} | {c['trainable_params']:,} | "
                      f"{c['trainable_bytes'] / 1024:.1f} | {c['build_time_s']:.1f} | {c['cosine_mean']:.5f} | "
                      f"{c['cosine_min']:.5f} | {c['cosine_flat']:.5f} | {c['argmax_agree']}/{N_TEXTS} |")

@@ -15,11 +15,13 @@ are compared relative to the most AdamW can move them (lr per step, times the st
 divides each gradient entry by its own running magnitude, so an entry that cancels to almost
 nothing, and so differs relatively more between the two runtimes, still moves its parameter by
 up to lr. MiniLM's parameters after the probe differed by up to 4.8e-4 of that bound, but
-SmolLM2 (135M, top-2 LoRA, 49,152-word vocabulary) by 1.97e-2 (fp32) and 1.04e-2 (int8, LM
-loss in vocabulary blocks) with its gradients within 1e-4: an entry whose gradient nearly
-cancels moves by up to lr on either side. 5e-2 still catches any optimizer that does not
-compute what ORT's AdamW computes (a wrong bias correction alone is a factor 2-3 in the first
-steps, ~1 of the bound).
+SmolLM2-135M (49,152-word vocabulary) by 2.0e-2 (fp32, LoRA in the top 2 blocks), 1.7e-2 (fp32,
+all 30 blocks) and 1.04e-2 (int8 top 2, LM loss in vocabulary blocks), with gradients agreeing
+to 9.8e-6: an entry whose gradient is within float32 noise of zero can take AdamW's sign-like
+first step either way. 5e-2 still catches any optimizer that does not compute what ORT's AdamW
+computes (a wrong bias correction alone is a factor 2-3 in the first steps, ~1 of the bound).
+The eval logits come after those two steps and inherit that spread (SmolLM2: 7.0e-5 and
+1.1e-4), so they get 1e-3; a wrong forward or gradient shows up at 1e-2 or more.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from edgeftl.coordinator.bundler.config import BuildError
 from edgeftl.coordinator.bundler.training_build import run_job
 from edgeftl.coordinator.bundler.training_job import run_plan
 
-TOLERANCE = {"loss": 1e-4, "gradients": 1e-4, "parameters": 5e-2, "eval logits": 1e-4}
+TOLERANCE = {"loss": 1e-4, "gradients": 1e-4, "parameters": 5e-2, "eval logits": 1e-3}
 PROBE_ROWS, PROBE_SEQ, PROBE_LR = 4, 16, 1e-2
 
 

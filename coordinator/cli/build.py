@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"{' | '.join(QUANT_SCHEMES)} (frozen backbone weights; default int8)")
     p.add_argument("--block-size", type=int, default=32, help="int4 block size (default 32)")
     p.add_argument("--int4-int8-top", type=int, default=2, dest="int8_top_blocks",
-                   help="int4 only: keep the linear weights of the top N blocks int8 (default 2; 0 = all int4)")
+                   help="int4 only: keep the linear weights of the top N blocks int8, and a causal LM's head and "
+                        "embedding when N > 0 (default 2; 0 = all int4)")
     p.add_argument("--max-seq-len", type=int, default=128, help="tokens per sample on device (default 128)")
     p.add_argument("--keep-attention", action="store_false", dest="recompute_attention",
                    help="hold attention probabilities for the backward pass instead of recomputing them "
