@@ -47,7 +47,7 @@ def lm_run(tmp_path_factory, mosquitto_broker) -> tuple[Path, subprocess.Complet
     result = edgeftl("simulate", "--task", "causal-lm", "--model", str(tiny_model(tmp_path_factory, "llama")),
                      "--data", str(data), "--devices", "2", "--alpha", "100", "--rounds", str(ROUNDS),
                      "--steps", "4", "--batch", "8", "--lr", "0.01", "--broker", f"mqtt://{host}:{port}",
-                     "--out", str(out))
+                     "--max-seq-len", "24", "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     return out, result
 
@@ -64,6 +64,7 @@ def test_causal_lm_federation_records_perplexity_each_round(lm_run):
     assert records[-1]["perplexity"] < records[0]["perplexity"]
     manifest = json.loads((out / "bundle-lm-int8" / "manifest.json").read_text())
     assert manifest["task"] == "causal-lm" and manifest["labels"] == []
+    assert manifest["max_seq_len"] == 24  # simulate --max-seq-len reaches the build
     assert (out / "data" / "device00.csv").read_text().splitlines()[0] == "text"
     lines = result.stdout.splitlines()  # the build's line, a line per round, then the JSON summary
     summary = json.loads("\n".join(lines[lines.index("{"):]))
@@ -122,6 +123,7 @@ def test_bbc_for_a_causal_lm_is_text_split_by_topic(tmp_path):
     ("bert-int8", ("--task", "causal-lm"), "--task causal-lm, but bundle"),
     ("llama-int8", ("--task", "classify"), "--task classify, but bundle"),
     (None, ("--task", "causal-lm", "--data", "LABELLED"), "has labels, but the bundle is causal-lm"),
+    (None, ("--task", "causal-lm", "--max-seq-len", "4"), "--max-seq-len must be in 8..8192"),
 ])
 def test_a_task_that_does_not_fit_is_one_line(tmp_path, tmp_path_factory, bundle_name, extra, problem):
     labelled = tmp_path / "labelled.csv"

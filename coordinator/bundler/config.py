@@ -7,6 +7,8 @@ from pathlib import Path
 
 from edgeftl.device.protocol.manifest import ADAPTERS, CAUSAL_LM, CLASSIFY, HEAD, LORA, QUANT_SCHEMES, TASKS
 
+SEQ_LEN_RANGE = (8, 8192)  # accepted --max-seq-len: tokens per sample
+
 
 class BuildError(ValueError):
     """Bad build input; the message names the value and what is accepted."""
@@ -59,8 +61,9 @@ class BuildConfig:
             raise BuildError(f"--block-size must be a power of two >= 8, got {self.block_size}")
         if self.int8_top_blocks < 0:
             raise BuildError(f"--int4-int8-top must be >= 0, got {self.int8_top_blocks}")
-        if not 8 <= self.max_seq_len <= 8192:
-            raise BuildError(f"--max-seq-len must be in 8..8192, got {self.max_seq_len}")
+        low, high = SEQ_LEN_RANGE
+        if not low <= self.max_seq_len <= high:
+            raise BuildError(f"--max-seq-len must be in {low}..{high}, got {self.max_seq_len}")
         if self.train_layers is not None and self.train_layers <= 0:
             raise BuildError(f"--train-layers must be a positive integer, got {self.train_layers}")
         self._check_labels()

@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default="int8")
     p.add_argument("--train-layers", type=int, default=None,
                    help="build with LoRA in the top K blocks only; devices cache the frozen lower stack's outputs")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="tokens per text of the bundle built here (default: the build's, 128); ignored with --bundle")
     p.add_argument("--device-threads", type=int, default=1)
     p.add_argument("--out", type=Path, required=True, help="run folder")
     add_round_flags(p)
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         sim = SimulationConfig(out=args.out, devices=args.devices, data=args.data, task=args.task, alpha=args.alpha,
                                max_per_device=args.max_per_device, max_test=args.max_test, broker=args.broker,
                                bundle=args.bundle, model=args.model, quant=args.quant,
-                               train_layers=args.train_layers,
+                               train_layers=args.train_layers, max_seq_len=args.max_seq_len,
                                device_threads=args.device_threads,
                                seed=args.seed)
         labels = run_labels(sim)  # a data/bundle mismatch is one line before any work

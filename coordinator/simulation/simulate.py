@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeftl.coordinator.bundler.config import SEQ_LEN_RANGE
 from edgeftl.coordinator.rounds.config import CoordinatorConfig
 from edgeftl.coordinator.simulation.partition import dirichlet_split
 from edgeftl.device.data import (
@@ -49,12 +50,16 @@ class SimulationConfig:
     model: Path | None = None  # Hugging Face folder to build from; None = the packaged MiniLM (classify) or SmolLM2
     quant: str = "int8"
     train_layers: int | None = None  # build with LoRA only in the top K blocks (cached lower stack)
+    max_seq_len: int | None = None  # tokens per text of a bundle built here (default: the build's)
     device_threads: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.task is not None and self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; accepted tasks: {', '.join(TASKS)}")
+        low, high = SEQ_LEN_RANGE
+        if self.max_seq_len is not None and not low <= self.max_seq_len <= high:
+            raise ValueError(f"--max-seq-len must be in {low}..{high} (tokens per text), got {self.max_seq_len}")
 
 
 def run_task(sim: SimulationConfig) -> str:
@@ -112,8 +117,10 @@ def build_bundle_if_needed(sim: SimulationConfig, labels: list[str]) -> Path:
     split = f"-top{sim.train_layers}" if sim.train_layers else ""
     bundle = sim.out / f"bundle-{'lm-' if task == CAUSAL_LM else ''}{sim.quant}{split}"
     built = read_manifest(bundle) if (bundle / MANIFEST).is_file() else None
-    if built is None or built.task != task or built.labels != labels:
+    seq_differs = built is not None and sim.max_seq_len is not None and built.max_seq_len != sim.max_seq_len
+    if built is None or built.task != task or built.labels != labels or seq_differs:
         extra = ["--train-layers", str(sim.train_layers)] if sim.train_layers else []
+        extra += ["--max-seq-len", str(sim.max_seq_len)] if sim.max_seq_len else []
         model = sim.model or (DEFAULT_LM if task == CAUSAL_LM else None)
         extra += ["--model", str(model)] if model else []
         extra += ["--labels", ",".join(labels)] if task == CLASSIFY else []
