@@ -118,15 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_common_args(p: argparse.ArgumentParser, quick_help: str) -> None:
+    """Flags both device benchmarks (this one and bench_device_llm.py) take."""
     p.add_argument("--threads", type=int, default=2, help="torch threads / ORT intra-op threads (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="round-robin passes over all cases (default 3)")
-    p.add_argument("--steps", type=int, default=6, help=f"timed steps per run after {WARMUP} warmup (default 6)")
-    p.add_argument("--quick", action="store_true", help="1 repeat, 3 steps")
+    p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--work-dir", default=None, help="bundles and data here (default: a temp dir, removed)")
     p.add_argument("--reuse", action="store_true", help="keep bundles already in --work-dir")
     p.add_argument("--no-write", action="store_true", help="print the table; write nothing under docs/")
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, "1 repeat, 3 steps")
+    p.add_argument("--steps", type=int, default=6, help=f"timed steps per run after {WARMUP} warmup (default 6)")
     p.add_argument("--arm64", action="store_true", help="also time (c) and (e) on an emulated ARM64 board (root)")
     p.add_argument("--worker", choices=sorted(_WORKERS), help=argparse.SUPPRESS)  # child processes
     p.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)

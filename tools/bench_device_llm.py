@@ -85,13 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2, help="torch threads / ORT intra-op threads (default 2)")
-    p.add_argument("--repeats", type=int, default=3, help="round-robin passes over all cases (default 3)")
+    bd.add_common_args(p, "1 repeat")
     p.add_argument("--epochs", type=int, default=3, help=f"(e): epochs of {EPOCH_BATCHES} batches (default 3)")
-    p.add_argument("--quick", action="store_true", help="1 repeat")
-    p.add_argument("--work-dir", default=None, help="bundles and data here (default: a temp dir, removed)")
-    p.add_argument("--reuse", action="store_true", help="keep bundles already in --work-dir")
-    p.add_argument("--no-write", action="store_true", help="print the table; write nothing under docs/")
     p.add_argument("--raw", type=Path, help="also write the raw results (JSON) here")
     p.add_argument("--before", type=Path, help="raw results of an earlier run (--raw) to show beside this one")
     p.add_argument("--before-note", default="", help="what changed since --before (one sentence)")
