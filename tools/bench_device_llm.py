@@ -349,7 +349,7 @@ def _markdown(results: dict) -> str:
     if "before" in results:
         b = results["before"]
         lines += ["", f"Before ({results.get('before_note', '')}; same settings, {b['settings']['repeats']} repeats, "
-                      f"run just before on the same machine, {b['machine']['date']}):", "",
+                      f"run earlier on the same machine, {b['machine']['date']}):", "",
                   *_table(b)[2:]]
     lines += ["", "Targets (int8 bundle against (a)):", ""]
     lines += [f"- {'PASS' if t['passed'] else 'MISS'} {t['target']}: {t['ratio']:.2f}x ({t['by']:+.2f}x)"
