@@ -25,6 +25,8 @@ BUNDLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "bert-head": ("bert", ("--quant", "int8", "--adapter", "head")),
     "llama-int8": ("llama", ("--task", "causal-lm", "--quant", "int8")),
     "llama-int8-top1": ("llama", ("--task", "causal-lm", "--quant", "int8", "--train-layers", "1")),
+    # block 0 int4, block 1 (the top) and the LM head int8
+    "llama-int4": ("llama", ("--task", "causal-lm", "--quant", "int4", "--block-size", "16", "--int4-int8-top", "1")),
 }
 
 _cache: dict[str, Path] = {}

@@ -322,6 +322,21 @@ def test_params_file_stores_frozen_linear_weights_as_integers(
     assert set(trainable.values()) == {np.dtype("float32")}
 
 
+def test_an_int4_causal_lm_keeps_its_lm_head_int8_with_the_top_blocks(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # Execute: int4 with the top block int8 (--int4-int8-top 1); the head is a ChunkedLMHead
+    params = checkpoint_params(bundle(tmp_path_factory, "llama-int4"))
+
+    # Assert: every row block of the head is int8 (int4 cost SmolLM2 +0.10 nats per token),
+    # block 0's frozen linears are int4 (two codes per byte), the top block's int8
+    head = [dt for n, (dt, _, _) in params.items() if n.startswith("head.parts.") and n.endswith(".weight_q")]
+    assert head and set(head) == {np.dtype("int8")}
+    block = {i: {dt for n, (dt, _, _) in params.items() if f"layers.{i}." in n and n.endswith(".weight_q")}
+             for i in (0, 1)}
+    assert block == {0: {np.dtype("uint8")}, 1: {np.dtype("int8")}}
+
+
 def test_unquantized_bundle_keeps_fp32_weights(tmp_path_factory: pytest.TempPathFactory) -> None:
     # Execute
     params = checkpoint_params(bundle(tmp_path_factory, "bert-none"))

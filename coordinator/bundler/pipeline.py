@@ -242,11 +242,12 @@ def _quantize_upper(model: UpperModel, pre: Pretrained, first: int, config: Buil
         int8 = QuantScheme("int8", config.block_size)
         blocks = pre.backbone.blocks()
         if config.task == CAUSAL_LM:
-            # The LM head (SmolLM2's is tied to the 49,152 x 576 embedding) and the input
-            # embedding too: in an int4 SmolLM2 top-2 bundle the int4 head and top blocks cost
-            # +0.10 nats per token of its +0.32 (bench_build_llm).
+            # The LM head (SmolLM2's is tied to the 49,152 x 576 embedding; in the model, the
+            # ChunkedLMHead's row blocks) and the input embedding too: in an int4 SmolLM2 top-2
+            # bundle the int4 head and top blocks cost +0.10 nats per token of its +0.32
+            # (bench_build_llm).
             quantize_module_(model, int8, lambda name, m: skip(name, m) or not (
-                m is pre.lm_head or isinstance(m, nn.Embedding)), report_rows=rows)
+                _inside(m, model.head) or isinstance(m, nn.Embedding)), report_rows=rows)
         for index in range(max(first, len(blocks) - config.int8_top_blocks), len(blocks)):
             quantize_module_(model, int8, lambda name, m, b=blocks[index]: skip(name, m) or not _inside(m, b),
                              report_rows=rows)
