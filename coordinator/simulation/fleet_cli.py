@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -59,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     shared = Shared(args.prefix, bundle_sha256(args.bundle), manifest.trainable_count, args.seed)
     counts = run_fleet(config, shared)
+    for helper in helpers:  # this process was told to stop (or its duration ended): so are they
+        if helper.poll() is None:
+            helper.send_signal(signal.SIGTERM)
     print(json.dumps({"first": args.first, **counts}), flush=True)
-    return max([0, *(helper.wait() for helper in helpers)])
+    return max([0, *(helper.wait(timeout=60) for helper in helpers)])
 
 
 def _without_slice(argv: list[str]) -> list[str]:

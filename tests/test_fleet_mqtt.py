@@ -1,0 +1,54 @@
+"""A fleet of 1,000 light devices (tools/fleet_load.py, two processes) on the real Mosquitto fixture, and
+the coordinator sampling 50 of them per round for 3 rounds."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgeftl.coordinator.simulation.fleet import raise_open_files
+from edgeftl.device.cli import main
+
+from fixtures_build import bundle
+
+FLEET, SAMPLED, ROUNDS = 1000, 50, 3
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "fleet_load.py"
+# At import, before the session's Mosquitto starts: the broker inherits this process's open-file limit and
+# needs a descriptor per client (CI runners often default to a soft limit of 1,024).
+raise_open_files(FLEET + 256)
+
+
+@pytest.mark.slow
+def test_thousand_light_devices_partial_participation(mosquitto_broker, tmp_path_factory, tmp_path):
+    host, port = mosquitto_broker
+    url, folder, prefix = f"mqtt://{host}:{port}", bundle(tmp_path_factory, "bert-int8"), "fleet1k"
+    fleet = subprocess.Popen(
+        [sys.executable, str(TOOL), "--broker", url, "--bundle", str(folder), "--devices", str(FLEET), "--procs", "2",
+         "--prefix", prefix, "--name-prefix", "fl", "--delay-s", "0.02", "--spread", "10", "--quiet"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        rc = main(["coordinator", "--broker", url, "--bundle", str(folder), "--out", str(tmp_path / "run"),
+                   "--prefix", prefix, "--rounds", str(ROUNDS), "--devices-per-round", str(SAMPLED),
+                   "--wait-devices", str(FLEET), "--wait-devices-s", "180", "--deadline-s", "60",
+                   "--codec", "topk:0.1+int8"])
+    finally:
+        fleet.send_signal(signal.SIGTERM)
+        out, _ = fleet.communicate(timeout=60)
+    assert rc == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == list(range(ROUNDS))
+    for record in records:
+        assert record["devices_selected"] == SAMPLED and record["updates_received"] == SAMPLED
+        assert record["aggregated"] and record["updates_rejected"] == 0 and not record["failures"]
+        assert FLEET - 10 <= record["devices_online"] <= FLEET
+        assert all(name.startswith("fl-") for name in record["devices"])
+    assert len({frozenset(r["devices"]) for r in records}) == ROUNDS  # a fresh sample each round
+    counts = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert fleet.returncode == 0 and len(counts) == 2  # both processes left cleanly and reported
+    assert sum(c["devices"] for c in counts) == FLEET
+    assert sum(c["updates_sent"] for c in counts) == SAMPLED * ROUNDS
