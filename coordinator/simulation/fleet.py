@@ -79,7 +79,7 @@ class _Client:
         self.device = LightDevice(device_id, shared, behaviour, self)
         self.paho.on_connect = lambda c, u, f, rc, p: self._on_connect(rc)
         self.paho.on_disconnect = lambda c, u, f, rc, p: self._on_disconnect()
-        self.paho.on_message = lambda c, u, m: self.device.on_frame(m.topic, m.payload, time.monotonic())
+        self.paho.on_message = lambda c, u, m: self._on_message(m)
         self.paho.on_socket_open = lambda c, u, s: fleet.selector.register(s, selectors.EVENT_READ, self)
         self.paho.on_socket_close = lambda c, u, s: fleet.forget(s)
         self.paho.on_socket_register_write = lambda c, u, s: fleet.selector.modify(
@@ -101,6 +101,11 @@ class _Client:
             return
         self.connected = True
         self.device.on_connect()
+
+    def _on_message(self, message: mqtt.MQTTMessage) -> None:
+        self.device.on_frame(message.topic, message.payload, time.monotonic())
+        if self.device.next_due() is not None:
+            self.fleet.busy.add(self)
 
     def _on_disconnect(self) -> None:
         self.connected = False
@@ -134,6 +139,7 @@ class Fleet:
         names = [f"{config.name_prefix}-{i}" for i in range(config.first, config.first + config.devices)]
         self.clients = [_Client(self, name, shared, config.behaviour) for name in names]
         self._timers: list[tuple[float, int, _Client]] = []
+        self.busy: set[_Client] = set()  # devices with a task pending: only they are ticked
         self._stop = False
 
     def forget(self, sock: socket.socket) -> None:
@@ -177,12 +183,12 @@ class Fleet:
         return self.counts()
 
     def _clocks(self, now: float) -> None:
-        """Tick the devices with something pending (cheap: a device with nothing due is skipped) and
-        bring back those whose offline period ended."""
-        for client in self.clients:
-            device = client.device
-            if device.waiting is not None or device.due is not None:
-                device.tick(now)
+        """Tick the devices with a task pending (the sampled ones, not the fleet) and bring back those
+        whose offline period ended."""
+        for client in list(self.busy):
+            client.device.tick(now)
+            if client.device.next_due() is None:
+                self.busy.discard(client)
         while self._timers and self._timers[0][0] <= now:
             _, _, client = heapq.heappop(self._timers)
             if not client.connected and client.back_at <= now:
