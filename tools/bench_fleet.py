@@ -65,7 +65,7 @@ class Peak(threading.Thread):
             self.cpu_s = max(self.cpu_s, cpu_s(self.pid))
 
 
-def one_run(bundle: Path, devices: int, sampled: int, rounds: int, codec: str, procs: int) -> dict:
+def one_run(bundle: Path, devices: int, sampled: int, rounds: int, codec: str, downlink: str, procs: int) -> dict:
     raise_open_files(devices + 256)  # the broker started below inherits it
     with MosquittoBroker() as broker, tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         began = time.monotonic()
@@ -75,7 +75,8 @@ def one_run(bundle: Path, devices: int, sampled: int, rounds: int, codec: str, p
         coordinator = subprocess.Popen([*CLI, "coordinator", "--broker", broker.url, "--bundle", str(bundle),
                                         "--out", str(Path(tmp) / "run"), "--rounds", str(rounds),
                                         "--devices-per-round", str(sampled), "--wait-devices", str(devices),
-                                        "--wait-devices-s", "600", "--deadline-s", "120", "--codec", codec],
+                                        "--wait-devices-s", "600", "--deadline-s", "120", "--codec", codec,
+                                        "--downlink", downlink],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         peak = Peak(coordinator.pid)
         peak.start()
@@ -90,7 +91,8 @@ def one_run(bundle: Path, devices: int, sampled: int, rounds: int, codec: str, p
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     counts = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     walls = [r["wall_s"] for r in records]
-    return {"devices": devices, "sampled": sampled, "rounds": rounds, "codec": codec, "fleet_procs": procs,
+    return {"devices": devices, "sampled": sampled, "rounds": rounds, "codec": codec, "downlink": downlink,
+            "fleet_procs": procs, "trainable": records[0].get("trainable"),
             "devices_online": [r["devices_online"] for r in records],
             "updates_received": [r["updates_received"] for r in records],
             "coordinator_link_dropped": [r.get("link_dropped", 0) for r in records],
@@ -117,7 +119,8 @@ def main() -> int:
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--runs", type=parse_runs, default=parse_runs("100:50,1000:50,1000:500"))
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--codec", default="topk:0.1+int8")
+    p.add_argument("--codec", default="topk:0.1+int8", help="uplink codec (default: topk:0.1+int8)")
+    p.add_argument("--downlink", default="none", help="codec of the per-round global delta (default: none)")
     p.add_argument("--procs", type=int, default=0, help="load generator processes; 0: 1 below 2,000 devices, else 2")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -125,7 +128,7 @@ def main() -> int:
     for devices, sampled in args.runs:
         print(f"run: {devices} devices, {sampled} sampled, {args.rounds} rounds ...", file=sys.stderr, flush=True)
         procs = args.procs or (1 if devices < 2000 else 2)
-        results.append(one_run(args.bundle, devices, sampled, args.rounds, args.codec, procs))
+        results.append(one_run(args.bundle, devices, sampled, args.rounds, args.codec, args.downlink, procs))
         print(json.dumps(results[-1]), flush=True)
     if args.out is not None:
         atomic_write(args.out, json.dumps(results, indent=1).encode())
