@@ -38,7 +38,11 @@ def test_thousand_light_devices_partial_participation(mosquitto_broker, tmp_path
                    "--codec", "topk:0.1+int8"])
     finally:
         fleet.send_signal(signal.SIGTERM)
-        out, _ = fleet.communicate(timeout=60)
+        try:
+            out, _ = fleet.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            fleet.kill()  # its helper notices its parent is gone and leaves too
+            raise
     assert rc == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == list(range(ROUNDS))

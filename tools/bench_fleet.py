@@ -14,6 +14,7 @@ and, with --out, all of them in a JSON file (written atomically).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import signal
 import statistics
@@ -53,16 +54,25 @@ def cpu_s(pid: int) -> float:
 
 
 class Peak(threading.Thread):
-    """Polls a process's VmHWM and CPU until stopped; keeps the last values seen."""
+    """Polls a process's VmHWM and CPU until stopped, and its CPU each time a round record appears in
+    `metrics` (rounds run back to back: the CPU between two records is one round's, +-0.1 s)."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, metrics: Path) -> None:
         super().__init__(daemon=True)
-        self.pid, self.hwm_kib, self.cpu_s, self.done = pid, 0, 0.0, threading.Event()
+        self.pid, self.metrics, self.hwm_kib, self.cpu_s, self.done = pid, metrics, 0, 0.0, threading.Event()
+        self.cpu_at_record: list[float] = []
 
     def run(self) -> None:
-        while not self.done.wait(0.2):
+        while not self.done.wait(0.1):
             self.hwm_kib = max(self.hwm_kib, proc_kib(self.pid, "VmHWM"))
             self.cpu_s = max(self.cpu_s, cpu_s(self.pid))
+            lines = self.metrics.read_bytes().count(b"\n") if self.metrics.exists() else 0
+            self.cpu_at_record += [self.cpu_s] * (lines - len(self.cpu_at_record))
+
+    def cpu_per_round(self) -> list[float]:
+        """CPU seconds of rounds 1.. (round 0's start is not marked)."""
+        marks = self.cpu_at_record
+        return [round(b - a, 2) for a, b in itertools.pairwise(marks)]
 
 
 def one_run(bundle: Path, devices: int, sampled: int, rounds: int, codec: str, downlink: str, procs: int) -> dict:
@@ -78,7 +88,7 @@ def one_run(bundle: Path, devices: int, sampled: int, rounds: int, codec: str, d
                                         "--wait-devices-s", "600", "--deadline-s", "120", "--codec", codec,
                                         "--downlink", downlink],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        peak = Peak(coordinator.pid)
+        peak = Peak(coordinator.pid, Path(tmp) / "run" / "metrics.jsonl")
         peak.start()
         _, err = coordinator.communicate(timeout=1800)
         peak.done.set()
@@ -98,6 +108,7 @@ def one_run(bundle: Path, devices: int, sampled: int, rounds: int, codec: str, d
             "coordinator_link_dropped": [r.get("link_dropped", 0) for r in records],
             "round_s_median": round(statistics.median(walls), 3), "round_s_max": round(max(walls), 3),
             "coordinator_peak_rss_mib": round(peak.hwm_kib / 1024, 1), "coordinator_cpu_s_total": peak.cpu_s,
+            "coordinator_cpu_s_rounds": peak.cpu_per_round(),
             "broker_peak_rss_mib": round(broker_hwm / 1024, 1),
             "fleet_peak_rss_mib": sum(c["peak_rss_mib"] for c in counts),
             "wall_s_total": round(time.monotonic() - began, 1)}

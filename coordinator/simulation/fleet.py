@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
 import resource
 import selectors
 import signal
@@ -159,6 +160,7 @@ class Fleet:
         began = time.monotonic()
         end = began + self.config.duration_s if self.config.duration_s else float("inf")
         pending, next_misc, next_report = list(reversed(self.clients)), began, began + REPORT_EVERY_S
+        parent = os.getppid()
         while not self._stop and time.monotonic() < end:
             now = time.monotonic()
             allowed = int((now - began) * self.config.connect_rate) + 1 - (len(self.clients) - len(pending))
@@ -173,6 +175,7 @@ class Fleet:
             self._clocks(now)
             if now >= next_misc:
                 next_misc = now + 1.0
+                self._stop = self._stop or os.getppid() != parent  # whoever started us is gone: so are we
                 for client in self.clients:
                     if client.connected:
                         client.paho.loop_misc()
