@@ -56,3 +56,34 @@ def test_thousand_light_devices_partial_participation(mosquitto_broker, tmp_path
     assert fleet.returncode == 0 and len(counts) == 2  # both processes left cleanly and reported
     assert sum(c["devices"] for c in counts) == FLEET
     assert sum(c["updates_sent"] for c in counts) == SAMPLED * ROUNDS
+
+
+def test_dropouts_and_failures_are_accounted_for(mosquitto_broker, tmp_path_factory, tmp_path):
+    """Light devices that vanish (the broker sends their will) or send train_failed: every sampled device
+    ends each round as an update, an error reply or an offline failure (their return is not waited for)."""
+    host, port = mosquitto_broker
+    url, folder, prefix = f"mqtt://{host}:{port}", bundle(tmp_path_factory, "bert-int8"), "fleetdrop"
+    fleet = subprocess.Popen(
+        [sys.executable, str(TOOL), "--broker", url, "--bundle", str(folder), "--devices", "30", "--prefix", prefix,
+         "--name-prefix", "dr", "--dropout", "0.3", "--fail", "0.2", "--offline-s", "1", "--quiet"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        rc = main(["coordinator", "--broker", url, "--bundle", str(folder), "--out", str(tmp_path / "run"),
+                   "--prefix", prefix, "--rounds", "3", "--devices-per-round", "10", "--wait-devices", "30",
+                   "--wait-devices-s", "60", "--deadline-s", "30", "--codec", "int8"])
+    finally:
+        fleet.send_signal(signal.SIGTERM)
+        try:
+            out, _ = fleet.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            fleet.kill()
+            raise
+    assert rc == 0 and fleet.returncode == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    codes = [f["code"] for r in records for f in r["failures"].values()]
+    for record in records:
+        assert record["updates_received"] + len(record["failures"]) == record["devices_selected"] == 10
+    assert {"offline", "train_failed"} <= set(codes)
+    (counts,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert counts["errors_sent"] == codes.count("train_failed")
+    assert counts["updates_sent"] == sum(r["updates_received"] for r in records)

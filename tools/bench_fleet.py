@@ -28,6 +28,7 @@ from pathlib import Path
 from edgeftl.coordinator.simulation.broker import MosquittoBroker
 from edgeftl.coordinator.simulation.fleet import raise_open_files
 from edgeftl.device.files import atomic_write
+from edgeftl.device.protocol.manifest import read_manifest
 
 TOOL = Path(__file__).resolve().parent / "fleet_load.py"
 CLI = [sys.executable, "-m", "edgeftl.device.cli"]
@@ -102,7 +103,7 @@ def one_run(bundle: Path, devices: int, sampled: int, rounds: int, codec: str, d
     counts = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     walls = [r["wall_s"] for r in records]
     return {"devices": devices, "sampled": sampled, "rounds": rounds, "codec": codec, "downlink": downlink,
-            "fleet_procs": procs, "trainable": records[0].get("trainable"),
+            "fleet_procs": procs, "trainable": read_manifest(bundle).trainable_count,
             "devices_online": [r["devices_online"] for r in records],
             "updates_received": [r["updates_received"] for r in records],
             "coordinator_link_dropped": [r.get("link_dropped", 0) for r in records],

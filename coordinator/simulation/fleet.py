@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import paho.mqtt.client as mqtt
 
@@ -81,11 +82,10 @@ class _Client:
         self.paho.on_connect = lambda c, u, f, rc, p: self._on_connect(rc)
         self.paho.on_disconnect = lambda c, u, f, rc, p: self._on_disconnect()
         self.paho.on_message = lambda c, u, m: self._on_message(m)
-        self.paho.on_socket_open = lambda c, u, s: fleet.selector.register(s, selectors.EVENT_READ, self)
+        self.paho.on_socket_open = lambda c, u, s: fleet.watch(s, self, write=False)
         self.paho.on_socket_close = lambda c, u, s: fleet.forget(s)
-        self.paho.on_socket_register_write = lambda c, u, s: fleet.selector.modify(
-            s, selectors.EVENT_READ | selectors.EVENT_WRITE, self)
-        self.paho.on_socket_unregister_write = lambda c, u, s: fleet.selector.modify(s, selectors.EVENT_READ, self)
+        self.paho.on_socket_register_write = lambda c, u, s: fleet.watch(s, self, write=True)
+        self.paho.on_socket_unregister_write = lambda c, u, s: fleet.watch(s, self, write=False)
 
     def start(self, host: str, port: int) -> None:
         topic, _, will = self.device.presence()
@@ -104,7 +104,7 @@ class _Client:
         self.device.on_connect()
 
     def _on_message(self, message: mqtt.MQTTMessage) -> None:
-        self.device.on_frame(message.topic, message.payload, time.monotonic())
+        self.device.on_frame(message.topic, cast(bytes, message.payload), time.monotonic())  # bytes in paho 2
         if self.device.next_due() is not None:
             self.fleet.busy.add(self)
 
@@ -124,7 +124,7 @@ class _Client:
     def drop(self, offline_s: float) -> None:
         sock = self.paho.socket()
         if sock is not None:  # a TCP close without DISCONNECT, as a crash looks to the broker: the will goes out;
-            sock.shutdown(socket.SHUT_RDWR)  # paho reads the EOF next and closes its side
+            cast(socket.socket, sock).shutdown(socket.SHUT_RDWR)  # paho reads the EOF next and closes its side
         self.connected, self.back_at = False, time.monotonic() + offline_s
         self.fleet.later(self.back_at, self)
 
@@ -143,7 +143,15 @@ class Fleet:
         self.busy: set[_Client] = set()  # devices with a task pending: only they are ticked
         self._stop = False
 
-    def forget(self, sock: socket.socket) -> None:
+    def watch(self, sock: Any, client: _Client, write: bool) -> None:
+        """Select `sock` for reading, and for writing while paho has bytes queued."""
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if write else 0)
+        try:
+            self.selector.modify(sock, events, client)
+        except KeyError:
+            self.selector.register(sock, events, client)
+
+    def forget(self, sock: Any) -> None:
         try:
             self.selector.unregister(sock)
         except (KeyError, ValueError):
