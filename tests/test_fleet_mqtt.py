@@ -14,7 +14,7 @@ import pytest
 from edgeftl.coordinator.simulation.fleet import raise_open_files
 from edgeftl.device.cli import main
 
-from fixtures_build import bundle
+from fixtures_build import bundle, keyword_dataset
 
 FLEET, SAMPLED, ROUNDS = 1000, 50, 3
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "fleet_load.py"
@@ -87,3 +87,34 @@ def test_dropouts_and_failures_are_accounted_for(mosquitto_broker, tmp_path_fact
     (counts,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert counts["errors_sent"] == codes.count("train_failed")
     assert counts["updates_sent"] == sum(r["updates_received"] for r in records)
+
+
+@pytest.mark.slow
+def test_a_real_device_joins_a_light_fleet(mosquitto_broker, tmp_path_factory, tmp_path):
+    """`edgeftl device run` (training for real) and 20 light devices in one run, on the same topics."""
+    host, port = mosquitto_broker
+    url, folder, prefix = f"mqtt://{host}:{port}", bundle(tmp_path_factory, "bert-int8"), "fleetmix"
+    texts, labels = keyword_dataset(24, seed=1)
+    data = tmp_path / "real.csv"
+    data.write_text("text,label\n" + "".join(f"{t},{label}\n" for t, label in zip(texts, labels, strict=True)))
+    real = subprocess.Popen([sys.executable, "-m", "edgeftl.device.cli", "device", "run", "--broker", url, "--bundle",
+                             str(folder), "--data", str(data), "--id", "real-0", "--prefix", prefix, "--rounds", "2",
+                             "--threads", "1"])
+    fleet = subprocess.Popen([sys.executable, str(TOOL), "--broker", url, "--bundle", str(folder), "--devices", "20",
+                              "--prefix", prefix, "--name-prefix", "mx", "--quiet"], stdout=subprocess.PIPE, text=True)
+    try:
+        rc = main(["coordinator", "--broker", url, "--bundle", str(folder), "--out", str(tmp_path / "run"),
+                   "--prefix", prefix, "--rounds", "2", "--wait-devices", "21", "--wait-devices-s", "120",
+                   "--deadline-s", "120", "--steps", "2", "--batch", "4", "--codec", "topk:0.1+int8"])
+        assert real.wait(timeout=60) == 0
+    finally:
+        fleet.send_signal(signal.SIGTERM)
+        fleet.communicate(timeout=60)
+        if real.poll() is None:
+            real.kill()
+    assert rc == 0 and fleet.returncode == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        assert record["updates_received"] == record["devices_selected"] == 21
+        assert record["devices"]["real-0"]["platform_machine"] != "light"  # trained: real loss, real machine
+        assert record["devices"]["real-0"]["last_loss"] > 0 and record["devices"]["mx-3"]["platform_machine"] == "light"
