@@ -16,6 +16,7 @@ from __future__ import annotations
 import heapq
 import logging
 import os
+import random
 import resource
 import selectors
 import signal
@@ -49,13 +50,19 @@ class FleetConfig:
     prefix: str = "edgeftl"
     connect_rate: float = 500.0  # new connections per second
     duration_s: float = 0.0  # 0: until SIGTERM / SIGINT
+    churn_per_min: float = 0.0  # drops per connected device per minute (each offline for behaviour.offline_s)
     behaviour: Behaviour = field(default_factory=Behaviour)
 
     def __post_init__(self) -> None:
         if self.devices < 1 or self.first < 0 or not self.connect_rate > 0 or self.duration_s < 0:
             raise ValueError(f"need devices >= 1, first >= 0, connect_rate > 0, duration_s >= 0; got {self.devices}, "
                              f"{self.first}, {self.connect_rate}, {self.duration_s}")
-        parse_url(self.url)  # raises naming the accepted forms
+        if not 0 <= self.churn_per_min <= 60:
+            raise ValueError(f"churn_per_min is drops per device per minute in 0..60 (0.1: one every 10 minutes; "
+                             f"at most one a second), got {self.churn_per_min}")
+        _, _, tls, version, _ = parse_url(self.url)  # raises naming the accepted forms
+        if tls or version != "3.1.1":
+            raise ValueError(f"the fleet speaks plain MQTT 3.1.1: give an mqtt://host[:port] URL, got {self.url!r}")
 
 
 def raise_open_files(needed: int) -> int:
@@ -142,6 +149,7 @@ class Fleet:
         self._timers: list[tuple[float, int, _Client]] = []
         self.busy: set[_Client] = set()  # devices with a task pending: only they are ticked
         self._stop = False
+        self.rng = random.Random(config.first)
 
     def watch(self, sock: Any, client: _Client, write: bool) -> None:
         """Select `sock` for reading, and for writing while paho has bytes queued."""
@@ -184,6 +192,7 @@ class Fleet:
             if now >= next_misc:
                 next_misc = now + 1.0
                 self._stop = self._stop or os.getppid() != parent  # whoever started us is gone: so are we
+                self._churn()
                 for client in self.clients:
                     if client.connected:
                         client.paho.loop_misc()
@@ -192,6 +201,14 @@ class Fleet:
                 log.info("fleet %s", self.counts())
         self._leave()
         return self.counts()
+
+    def _churn(self) -> None:
+        """Once a second: each connected device goes offline (will sent) with chance churn_per_min / 60."""
+        chance = self.config.churn_per_min / 60
+        if chance:
+            for client in self.clients:
+                if client.connected and self.rng.random() < chance:
+                    client.drop(self.config.behaviour.offline_s)
 
     def _clocks(self, now: float) -> None:
         """Tick the devices with a task pending (the sampled ones, not the fleet) and bring back those

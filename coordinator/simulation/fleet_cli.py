@@ -21,7 +21,7 @@ from edgeftl.device.protocol.manifest import bundle_sha256, read_manifest
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fleet_load", description=__doc__.split("\n")[0])
-    p.add_argument("--broker", required=True, help="mqtt://host[:port] or mqtt5://host[:port]")
+    p.add_argument("--broker", required=True, help="mqtt://host[:port] (plain MQTT 3.1.1)")
     p.add_argument("--bundle", type=Path, required=True, help="the run's bundle: its hash and trainable size")
     p.add_argument("--devices", type=int, required=True, help="light devices (across all --procs)")
     p.add_argument("--procs", type=int, default=1, help="processes sharing the devices (default: 1)")
@@ -33,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fail", type=float, default=0.0, help="chance of an error reply per sampled task")
     p.add_argument("--dropout", type=float, default=0.0, help="chance of vanishing (will sent) per sampled task")
     p.add_argument("--offline-s", type=float, default=30.0, help="how long a vanished device stays away")
+    p.add_argument("--churn-per-min", type=float, default=0.0,
+                   help="drops per connected device per minute, each for --offline-s (0.1: one per 10 min; default: 0)")
     p.add_argument("--samples", type=int, default=32, help="samples each update claims (default: 32)")
     p.add_argument("--connect-rate", type=float, default=500.0, help="new connections per second per process")
     p.add_argument("--duration-s", type=float, default=0.0, help="run this long; 0: until SIGTERM (default)")
@@ -51,10 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         behaviour = Behaviour(args.delay_s, args.spread, args.fail, args.dropout, args.offline_s, args.samples)
         manifest = read_manifest(args.bundle)
+        FleetConfig(args.broker, args.devices, churn_per_min=args.churn_per_min)  # bad flags fail before helpers start
         helpers, mine = spawn_helpers(_without_slice(argv), args.devices, args.procs) if args.procs > 1 \
             else ([], args.devices)
         config = FleetConfig(args.broker, mine, args.first, args.name_prefix, args.prefix, args.connect_rate,
-                             args.duration_s, behaviour)
+                             args.duration_s, args.churn_per_min, behaviour)
     except (ValueError, OSError) as exc:
         print(f"fleet_load: {exc}", file=sys.stderr)
         return 2
