@@ -99,6 +99,11 @@ class MosquittoBroker:
         _wait_port(self.port, 10)
         return self
 
+    @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs (for measuring its memory), else None."""
+        return self._process.pid if self._process is not None and self._process.poll() is None else None
+
     def __exit__(self, *exc: object) -> None:
         if self._process is not None:
             self._process.terminate()
