@@ -133,3 +133,16 @@ def test_live_view_polls_a_real_coordinator_during_rounds(tmp_path, tmp_path_fac
     progress = view.progress()
     assert progress.online == 2 and progress.round == 2
     assert progress.bytes_up >= sum(r["bytes_up"] for r in records)
+
+
+def test_a_round_line_without_evaluation_names_no_loss() -> None:
+    # Prepare: a round of a run without --eval (no accuracy, no held-out loss in its record)
+    record = _record(0, 0.5)
+    del record["accuracy"], record["loss"]
+
+    # Execute
+    line = round_line(record)
+
+    # Assert: no "loss nan"; the evaluated round shows its loss
+    assert "loss" not in line and "nan" not in line, line
+    assert " loss 1.5000 " in round_line(_record(0, 0.5))

@@ -84,10 +84,11 @@ def round_line(record: dict) -> str:
     measured = "accuracy" in record or "perplexity" in record
     acc = " " + measure_text(record.get("accuracy"), record.get("perplexity")) if measured else ""
     acc += f" eps {record['dp_epsilon']:.2f}" if "dp_epsilon" in record else ""
+    acc += f" loss {record['loss']:.4f}" if "loss" in record else ""  # held-out loss: only with --eval
     failed = failed_suffix(record.get("updates_failed", 0))  # records written before error replies lack it
     return (f"round {record['round']:3d}: {record['updates_received']}/{record['devices_selected']} updates"
             f" ({record['updates_late']} late, {record['updates_rejected']} rejected{failed}){acc}"
-            f" loss {record.get('loss', float('nan')):.4f} up {record['bytes_up'] / 1024:.1f} KiB"
+            f" up {record['bytes_up'] / 1024:.1f} KiB"
             f" device peak {record['device_peak_rss_mib']:.0f} MiB  {record['wall_s']:.1f} s")
 
 
