@@ -215,6 +215,7 @@ def matmuls_to_nbits(model: onnx.ModelProto, block_size: int, bits: int = 4) -> 
     inits = _initializers(graph)
     done: dict[str, tuple[str, str]] = {}  # weight name -> (packed name, scales name)
     new_nodes: list[onnx.NodeProto] = []
+    count = 0
     for node in graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" else None
         if weight is None or len(weight.dims) != 2 or weight.data_type != onnx.TensorProto.FLOAT:
@@ -232,7 +233,7 @@ def matmuls_to_nbits(model: onnx.ModelProto, block_size: int, bits: int = 4) -> 
             "MatMulNBits", [node.input[0], *done[weight.name]], list(node.output),
             name=f"{node.name}_q{bits}", domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block_size, **accuracy,
         ))
-    count = sum(1 for node in new_nodes if node.op_type == "MatMulNBits")
+        count += 1
     graph.ClearField("node")
     graph.node.extend(new_nodes)
     if done and not any(op.domain == MS_DOMAIN for op in model.opset_import):
