@@ -61,6 +61,14 @@ class AgentConfig:
     secure_aggregation: bool = False  # send updates only masked (docs/SECAGG.md), never in the clear
     peers: Path | None = None  # allowlist.json: the devices whose signed keys a secure-aggregation roster may hold
     package_id: str | None = None  # the release it runs (flash passes it); None: the package beside the bundle
+    # Simulation only (benchmarks of heterogeneous fleets on one machine): after training, sleep
+    # (simulated_slowdown - 1) x the training time, so this device looks that many times slower.
+    simulated_slowdown: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= self.simulated_slowdown <= 1000.0:
+            raise ValueError(f"--simulated-slowdown must be in 1..1000 (x the real training time), "
+                             f"got {self.simulated_slowdown}")
 
 
 class DeviceAgent:
@@ -197,7 +205,10 @@ class DeviceAgent:
         return self.acted is not None and self.acted[0] == task.run_id and task.round <= self.acted[1]
 
     def _holds_start_of(self, task: Task) -> bool:
-        return task.run_id == self.run_id and self.global_round == task.round - 1
+        """Sync: it holds global round - 1. Async (FedBuff): round - 1 or any newer version."""
+        if task.run_id != self.run_id or self.global_round is None:
+            return False
+        return self.global_round >= task.round - 1 if task.is_async else self.global_round == task.round - 1
 
     def _run_waiting(self) -> int:
         """Run the waiting task once its global is held; reply no_global when the wait runs out."""
@@ -221,9 +232,10 @@ class DeviceAgent:
         it), while the round is still open as far as this device knows: a coordinator resumed after
         a kill, or a broker restarted, may have lost it; retraining would break error feedback."""
         reply = self.reply
-        if reply is None or (reply.run_id, reply.round) != (task.run_id, task.round):
+        if reply is None or reply.run_id != task.run_id or not (
+                reply.round == task.round or (task.is_async and reply.round > task.round)):
             return
-        if self.global_round is not None and self.global_round >= task.round:
+        if self.global_round is not None and self.global_round >= reply.round:
             return  # the round has closed: its global is here
         log.info("%s: round %d's task came again; sending the same reply again", self.config.device_id, task.round)
         self._send(reply)
@@ -276,6 +288,8 @@ class DeviceAgent:
         began = time.perf_counter()
         summary = train(self.runtime, self.examples, config, progress=False, inputs=self.inputs)
         train_time = time.perf_counter() - began
+        if self.config.simulated_slowdown > 1.0:  # simulation only: see AgentConfig
+            time.sleep((self.config.simulated_slowdown - 1.0) * train_time)
         delta = self.runtime.get_flat() - self.reference
         if self.secagg is not None:
             return self.secagg.submit(task, delta, max(1, len(self.examples)))
@@ -294,7 +308,9 @@ class DeviceAgent:
             self._platform_sent = True
         self._received_mark = received
         self._seq += 1
-        self.reply = Update(task.run_id, task.round, self.bundle_sha256, self.config.device_id,
+        # async: the update names the version it was trained on (+ 1), the newest this device held
+        trained_on = task.round if not task.is_async or self.global_round is None else self.global_round + 1
+        self.reply = Update(task.run_id, trained_on, self.bundle_sha256, self.config.device_id,
                             max(1, len(self.examples)), self._seq, encoded, metrics)
         self._save_state()  # before sending: a device killed in between sends this same update again
         self.link.send(self.reply)

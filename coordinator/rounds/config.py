@@ -13,6 +13,7 @@ from edgeftl.coordinator.rounds.strategy.trimmed import check_trim_fraction
 from edgeftl.device.protocol.codecs import parse_codec
 
 DEFAULT_STEPS = 10
+MODES = ("sync", "async")
 
 
 @dataclass
@@ -48,6 +49,9 @@ class CoordinatorConfig:
     prefix: str = "edgeftl"
     resume: bool = False  # continue after the checkpoint in `out`
     force: bool = False  # replace the run already in `out` (without it, a non-empty `out` is refused)
+    mode: str = "sync"  # sync rounds, or async buffered aggregation (FedBuff: coordinator/rounds/fedbuff.py)
+    buffer: int = 10  # async: updates aggregated into each new global version
+    max_staleness: int = 10  # async: refuse updates trained on a version older than current - this
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -75,6 +79,7 @@ class CoordinatorConfig:
                              f"--clip-norm (the coordinator sees only the sum), got {self.strategy!r}, "
                              f"clip norm {self.clip_norm}")
         self._check_dp()
+        self._check_async()
         if not self.run_id:
             import uuid
 
@@ -100,6 +105,27 @@ class CoordinatorConfig:
                              f"--devices-per-round is {self.devices_per_round}")
         if self.krum_select and self.devices_per_round and self.krum_select > self.devices_per_round:
             raise ValueError(f"--krum-select {self.krum_select} exceeds --devices-per-round {self.devices_per_round}")
+
+    def _check_async(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown --mode {self.mode!r}; accepted: {', '.join(MODES)}")
+        if self.buffer < 1 or self.max_staleness < 0:
+            raise ValueError(f"--buffer must be >= 1 and --max-staleness >= 0, got {self.buffer} and "
+                             f"{self.max_staleness}")
+        if self.mode != "async":
+            return
+        if self.secure_aggregation:
+            raise ValueError("--mode async cannot use --secure-aggregation: masks cancel only in the sum of one "
+                             "round's fixed roster, and a FedBuff buffer mixes devices trained on different versions")
+        if self.dp_noise > 0:
+            raise ValueError("--mode async cannot use --dp-noise: the privacy accountant assumes sampled rounds, "
+                             "not a buffer of updates from different versions")
+        if self.resume:
+            raise ValueError("--mode async cannot --resume: the devices training on older versions are not "
+                             "checkpointed; start over with --force")
+        if self.devices_per_round and self.buffer > self.devices_per_round:
+            raise ValueError(f"--buffer {self.buffer} exceeds --devices-per-round {self.devices_per_round}: at most "
+                             "that many devices train at a time, so a version could never collect its buffer")
 
     def _check_dp(self) -> None:
         if not (0 <= self.dp_noise < float("inf")):

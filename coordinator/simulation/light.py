@@ -128,6 +128,7 @@ class LightDevice:
         self.waiting: tuple[Task, float] | None = None  # a task whose global has not arrived, and until when
         self.due: tuple[Task, float] | None = None  # a task being "trained", and when its reply goes out
         self.acted: tuple[str, int] | None = None
+        self.trained_on: int | None = None  # the global version the task being "trained" started from
         self.reply: Update | ErrorReply | None = None
         self.seq = self.updates_sent = self.errors_sent = 0
 
@@ -187,8 +188,9 @@ class LightDevice:
             return
         if self.acted is not None and self.acted[0] == task.run_id and task.round <= self.acted[1]:
             reply = self.reply  # the retained task again (after a reconnect): the same reply, if the round is open
-            if reply is not None and (reply.run_id, reply.round) == (task.run_id, task.round) and \
-                    (self.global_round is None or self.global_round < task.round):
+            if reply is not None and reply.run_id == task.run_id and \
+                    (reply.round == task.round or (task.is_async and reply.round > task.round)) and \
+                    (self.global_round is None or self.global_round < reply.round):
                 self._send(reply)
             return
         if task.bundle_sha256 != self.shared.bundle_sha256:
@@ -209,14 +211,21 @@ class LightDevice:
         """Start a waiting task once its global is held (or give up: no_global); send a reply that is due."""
         if self.waiting is not None:
             task, until = self.waiting
-            if task.run_id == self.run_id and self.global_round == task.round - 1:
+            if self._holds_start_of(task):
                 self.waiting, self.due = None, (task, now + self.delay_s)
+                self.trained_on = self.global_round
             elif now >= until:
                 self.waiting = None
                 self._error(task, "no_global", f"the global parameters of round {task.round - 1} did not arrive")
         if self.due is not None and now >= self.due[1]:
             task, self.due = self.due[0], None
             self._answer(task)
+
+    def _holds_start_of(self, task: Task) -> bool:
+        """Sync: global round - 1 is held. Async (FedBuff): round - 1 or any newer version."""
+        if task.run_id != self.run_id or self.global_round is None:
+            return False
+        return self.global_round >= task.round - 1 if task.is_async else self.global_round == task.round - 1
 
     def _answer(self, task: Task) -> None:
         draw = self.rng.random()
@@ -241,7 +250,9 @@ class LightDevice:
         if self.seq == 0:
             metrics["platform_machine"] = "light"
         self.seq += 1
-        self.reply = Update(task.run_id, task.round, self.shared.bundle_sha256, self.device_id,
+        # async: the update names the version it was "trained" on (+ 1), the newest held when it started
+        trained_on = task.round if not task.is_async or self.trained_on is None else self.trained_on + 1
+        self.reply = Update(task.run_id, trained_on, self.shared.bundle_sha256, self.device_id,
                             self.behaviour.samples, self.seq, encoded, metrics)
         return self.reply
 
