@@ -1,0 +1,190 @@
+"""Synchronous rounds against FedBuff (`--mode async`) on BBC News, with device speeds spread 10x.
+
+    nice -n 10 .venv/bin/python tools/bench_async.py                  # 10 devices, 6 sync rounds = 60 updates
+    nice -n 10 .venv/bin/python tools/bench_async.py --rounds 4 --buffer 5
+
+Both cases are real `edgeftl simulate` runs (embedded broker, one torch-free process per device)
+on the same bundle (packaged MiniLM int8, LoRA in the top 2 blocks), data split and seed, with
+`--simulated-speed-spread 10`: device i of n sleeps after each local training so that it looks
+10^(i/(n-1)) times slower (SIMULATION ONLY: a fleet of mixed speeds on one machine). The sync case
+runs `--rounds` rounds of every device; the async case produces versions of `--buffer` updates
+until it has used the same number of updates (rounds x devices). Accuracy on the same held-out
+articles is plotted against the run's wall time (the sum of its records' wall_s: rounds or versions,
+evaluation included). Results: docs/bench_async.json, docs/bench_async.png and the `bench_async`
+section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from edgeftl.device.protocol.manifest import MANIFEST
+
+import benchdoc
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "edgeftl.device.cli"]
+PNG = ROOT / "docs" / "bench_async.png"
+WITHIN_PT = 1.0  # "reaches sync's final accuracy": within this many points of it
+
+
+def simulate(work: Path, case: str, args: argparse.Namespace) -> list[dict]:
+    """One `edgeftl simulate` run: `sync` rounds, or `async` versions with the same updates in all."""
+    out = work / case
+    mode = ["--rounds", str(args.rounds)] if case == "sync" else [
+        "--mode", "async", "--buffer", str(args.buffer), "--max-staleness", str(args.max_staleness),
+        "--rounds", str(args.rounds * args.devices // args.buffer)]
+    command = [*CLI, "simulate", "--devices", str(args.devices), "--alpha", str(args.alpha), "--steps", str(args.steps),
+               "--lr", str(args.lr), "--train-layers", "2", "--bundle", str(args.bundle), "--out", str(out),
+               "--seed", "0", "--deadline-s", "600", "--simulated-speed-spread", str(args.spread),
+               "--max-test", str(args.max_test), *mode]
+    subprocess.run(command, check=True, stdout=sys.stderr)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def curve(records: list[dict]) -> list[tuple[float, float, int]]:
+    """(wall seconds since the run's first round began, accuracy, updates used so far) per record."""
+    points, wall, used = [], 0.0, 0
+    for record in records:
+        wall += record["wall_s"]
+        used += record["updates_received"]
+        points.append((round(wall, 2), record["accuracy"], used))
+    return points
+
+
+def reach(points: list[tuple[float, float, int]], accuracy: float) -> tuple[float, int] | None:
+    """(wall time, updates) when a curve first reaches `accuracy`, or None."""
+    return next(((t, n) for t, a, n in points if a >= accuracy), None)
+
+
+def plot(curves: dict[str, list[tuple[float, float, int]]], spread: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for (case, points), style in zip(curves.items(), ("o-", "s-"), strict=False):
+        ax.plot([t for t, _, _ in points], [100 * a for _, a, _ in points], style, label=case, markersize=4)
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title(f"BBC News, 10 devices, speeds spread {spread:g}x: sync rounds vs FedBuff")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = PNG.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(PNG)
+
+
+def verdicts(curves: dict[str, list[tuple[float, float, int]]]) -> list[str]:
+    sync, fedbuff = curves["sync"], curves["fedbuff"]
+    target = sync[-1][1] - WITHIN_PT / 100
+    got = reach(fedbuff, target)
+    lines = []
+    if got is None:
+        lines.append(f"- MISS FedBuff reaches sync's final accuracy ({sync[-1][1]:.1%}, within {WITHIN_PT:g} pt) "
+                     f"in less wall time: its best is {max(a for _, a, _ in fedbuff):.1%}")
+    else:
+        ok = got[0] < sync[-1][0]
+        lines.append(f"- {'PASS' if ok else 'MISS'} FedBuff reaches sync's final accuracy ({sync[-1][1]:.1%}, within "
+                     f"{WITHIN_PT:g} pt) in less wall time: {got[0]:.0f} s ({got[1]} updates) vs sync's "
+                     f"{sync[-1][0]:.0f} s ({sync[-1][2]} updates), {sync[-1][0] / got[0]:.1f}x faster")
+    delta = (fedbuff[-1][1] - sync[-1][1]) * 100
+    lines.append(f"- {'PASS' if delta >= -WITHIN_PT else 'MISS'} with the same total updates, FedBuff's final "
+                 f"accuracy is within {WITHIN_PT:g} pt of sync's: {fedbuff[-1][1]:.1%} vs {sync[-1][1]:.1%} "
+                 f"({delta:+.1f} pt)")
+    return lines
+
+
+def table(curves: dict[str, list[tuple[float, float, int]]], records: dict[str, list[dict]]) -> str:
+    lines = ["| case | records | updates used | wall s | final accuracy | staleness max | stale refused |",
+             "|---|---|---|---|---|---|---|"]
+    for case, points in curves.items():
+        recs = records[case]
+        stale = max((r.get("staleness", {}).get("max", 0) for r in recs), default=0)
+        refused = sum(r.get("refused_stale", 0) for r in recs)
+        lines.append(f"| {case} | {len(recs)} | {points[-1][2]} | {points[-1][0]:.0f} | {points[-1][1]:.1%} | "
+                     f"{stale if case == 'fedbuff' else '-'} | {refused if case == 'fedbuff' else '-'} |")
+    lines += ["", "| case | accuracy at 25% / 50% / 75% / 100% of sync's wall time |", "|---|---|"]
+    horizon = curves["sync"][-1][0]
+    for case, points in curves.items():
+        cells = []
+        for share in (0.25, 0.5, 0.75, 1.0):
+            seen = [a for t, a, _ in points if t <= share * horizon]
+            cells.append(f"{seen[-1]:.1%}" if seen else "-")
+        lines.append(f"| {case} | {' / '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def write_doc(results: dict) -> None:
+    s, curves = results["settings"], results["curves"]
+    section = "\n".join([
+        "<!-- bench_async:start -->",
+        "## Synchronous rounds vs FedBuff with 10x device speed spread (`tools/bench_async.py`)",
+        "",
+        f"{s['devices']} devices (real `edgeftl device run` processes, embedded broker), BBC News, Dirichlet alpha "
+        f"{s['alpha']}, packaged MiniLM int8 with LoRA r=8 in the top 2 blocks, {s['steps']} local steps of batch 16, "
+        f"lr {s['lr']}, FedAvg. Device i of n sleeps after training so that it looks {s['spread']:g}^(i/(n-1)) times "
+        "slower (`--simulated-speed-spread`, simulation only). Sync: "
+        f"{s['rounds']} rounds of all {s['devices']} devices. FedBuff: `--mode async --buffer {s['buffer']} "
+        f"--max-staleness {s['max_staleness']}`, every device invited whenever idle, until the same "
+        f"{s['rounds'] * s['devices']} updates are used. Accuracy on {s['max_test']} held-out articles after each "
+        "round / version; wall time is the sum of the records' wall_s (evaluation included: FedBuff evaluates "
+        f"{s['devices'] // s['buffer']}x as often). Run on {s['machine']}, `nice -n 10`, "
+        f"{results['wall_s']:.0f} s in all.",
+        "",
+        "![accuracy against wall time](bench_async.png)",
+        "",
+        table(curves, results["records"]),
+        "",
+        *verdicts(curves),
+        "<!-- bench_async:end -->",
+    ])
+    benchdoc.write_section("bench_async", section)
+    tmp = ROOT / "docs" / "bench_async.json.tmp"
+    tmp.write_text(json.dumps({k: v for k, v in results.items() if k != "records"}, indent=1, sort_keys=True) + "\n")
+    tmp.replace(ROOT / "docs" / "bench_async.json")
+    print(section)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    benchdoc.add_federation_args(parser, "bench_async", rounds=6)
+    parser.add_argument("--buffer", type=int, default=5, help="FedBuff: updates per global version")
+    parser.add_argument("--max-staleness", type=int, default=10)
+    parser.add_argument("--spread", type=float, default=10.0, help="slowest device / fastest (simulated)")
+    parser.add_argument("--max-test", type=int, default=300, help="held-out articles evaluated per round/version")
+    args = parser.parse_args()
+    if args.rounds * args.devices % args.buffer:
+        parser.error(f"--buffer {args.buffer} must divide rounds x devices ({args.rounds * args.devices}): "
+                     "both cases use the same number of updates")
+    began = time.monotonic()
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.bundle = args.work / "bundle-int8-top2"
+    if not (args.bundle / MANIFEST).is_file():
+        subprocess.run([*CLI, "build", "--quant", "int8", "--train-layers", "2", "--out", str(args.bundle),
+                        "--force", "--quiet"], check=True)
+    records = {"sync": simulate(args.work, "sync", args), "fedbuff": simulate(args.work, "fedbuff", args)}
+    curves = {case: curve(recs) for case, recs in records.items()}
+    from edgeftl.device.measure import platform_info
+
+    info = platform_info()
+    settings = {k: getattr(args, k) for k in ("devices", "alpha", "rounds", "steps", "lr", "buffer", "max_staleness",
+                                              "spread", "max_test")}
+    settings["machine"] = f"{info['platform_machine']}, {info['platform_cpu_count']} CPUs"
+    results = {"settings": settings, "curves": curves, "records": records, "wall_s": time.monotonic() - began,
+               "machine": benchdoc.machine(), "git": benchdoc.git_state(),
+               "staleness": [r.get("staleness", {}) for r in records["fedbuff"]]}
+    plot(curves, args.spread)
+    write_doc(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
