@@ -3,6 +3,8 @@
 It reads typed messages from its link, one at a time on its own thread (ORT is only ever
 touched from there): globals update the parameters it holds, a task for this device runs once
 the global it starts from is held, or gets an error reply when that global does not arrive.
+An async task (FedBuff, docs/PROTOCOL.md section 6.1.1) is an invitation to train once on the
+newest global held; the device is idle again after its update until a newer task names it.
 """
 
 from __future__ import annotations

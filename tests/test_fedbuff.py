@@ -185,6 +185,29 @@ def test_a_light_device_trains_an_async_task_on_the_newest_global_it_holds():
 # ---- real device agents ----------------------------------------------------------------------------
 
 
+def test_a_device_agent_trains_an_async_task_on_the_newest_global_and_a_sync_one_on_its_round(tmp_path,
+                                                                                                tmp_path_factory):
+    from edgeftl.device.protocol.manifest import bundle_sha256
+
+    folder = bundle(tmp_path_factory, "bert-int8")
+    texts, labels = keyword_dataset(16, seed=3)
+    broker = InProcessBroker()
+    agent = DeviceAgent(device_link(broker, "dev0"), AgentConfig("dev0", folder, write_csv(tmp_path / "d.csv", texts,
+                                                                                              labels), threads=1))
+    coordinator = coordinator_link(broker, "coordinator")
+    agent.start()
+    coordinator.connect()
+    sha, params = bundle_sha256(folder), agent.runtime.get_flat()
+    agent.handle(Global("run", 6, sha, Encoded("none", params.size, {"values": params})))  # holds version 6
+    assert agent.handle(Task("run", 4, sha, ("dev0",), 60.0, 1e-3, "none", steps=1, batch=4, mode="async")) == 1
+    assert agent.handle(Task("run", 5, sha, ("dev0",), 60.0, 1e-3, "none", steps=1, batch=4)) == 0  # sync: waits
+    replies = [coordinator.receive(timeout_s=0.5) for _ in range(4)]  # its birth, its update, nothing more
+    rounds = [r.message.round for r in replies if r is not None and isinstance(r.message, Update)]
+    assert rounds == [7]  # trained on version 6, the newest held, not the task's 3
+    agent.close()
+    coordinator.close()
+
+
 def test_real_devices_of_mixed_speeds_federate_in_async_mode(tmp_path, tmp_path_factory):
     """Four in-process device agents (two simulated 4x slower), at most three training at a time,
     a version every two updates: versions advance, each from two updates, staleness within the limit."""

@@ -41,8 +41,8 @@ def simulate(work: Path, case: str, args: argparse.Namespace) -> list[dict]:
         "--rounds", str(args.rounds * args.devices // args.buffer)]
     command = [*CLI, "simulate", "--devices", str(args.devices), "--alpha", str(args.alpha), "--steps", str(args.steps),
                "--lr", str(args.lr), "--train-layers", "2", "--bundle", str(args.bundle), "--out", str(out),
-               "--seed", "0", "--deadline-s", "600", "--simulated-speed-spread", str(args.spread),
-               "--max-test", str(args.max_test), *mode]
+               "--seed", "0", "--deadline-s", "600", "--wait-devices-s", "900",  # devices cache their data first
+               "--simulated-speed-spread", str(args.spread), "--max-test", str(args.max_test), *mode]
     subprocess.run(command, check=True, stdout=sys.stderr)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

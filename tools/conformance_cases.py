@@ -129,6 +129,7 @@ def typed_messages() -> list[tuple[str, str, messages.Message]]:
         ("status_offline", "status", Status(DEVICE, False)),
         ("status_online_card", "status", Status(DEVICE, True, CARD)),
         ("status_will_card", "status", Status(DEVICE, False, {**CARD, "will": 1})),
+        ("task_async", "task", Task(RUN, 7, BUNDLE, (DEVICE,), 300.0, 0.002, "int8:8", None, 5, 16, "async")),
     ]
 
 

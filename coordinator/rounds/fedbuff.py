@@ -67,6 +67,7 @@ class FedBuffCoordinator(Coordinator):
                                 config.max_staleness)
         self.async_inbox: AsyncInbox = self.inbox  # type: ignore[assignment]
         self.began = time.monotonic()
+        self._warned_slots = False
 
     def run(self) -> list[dict]:
         self.began = time.monotonic()
@@ -105,6 +106,10 @@ class FedBuffCoordinator(Coordinator):
         The task's round is `version`: it asks for an update on global version - 1 or newer."""
         online = [d for d, up in self.online.items() if up]
         slots = self.config.devices_per_round or len(online)
+        if slots < self.config.buffer and not self._warned_slots:
+            self._warned_slots = True
+            log.warning("only %d device(s) can train at a time for a buffer of %d: each version waits for the "
+                        "deadline (%g s)", slots, self.config.buffer, self.config.deadline_s)
         free = slots - self.async_inbox.training()
         idle = self.async_inbox.idle(online)
         if free <= 0 or not idle:

@@ -4,10 +4,11 @@ A `LightDevice` does what `device/agent.py` does on the wire (birth and will sta
 task and global-delta subscriptions, the retained full global while it catches up, one reply per
 sampled round, error replies, the same reply again when the retained task comes again) but its
 update is a precomputed synthetic delta of the bundle's trainable size, encoded with the task's
-codec. It tracks which global round it holds from the globals' headers (no vector arithmetic, so
-no params_sha256 check: its update does not depend on the parameters). It owns no socket: a `Port`
-moves its frames (fleet.py drives thousands of them over paho-mqtt clients in one selectors loop;
-tests use a recording port). `Shared` holds what every
+codec (an async task, docs/PROTOCOL.md section 6.1.1: "trained" on the newest global held,
+and named so in the update's round). It tracks which global round it holds from the globals'
+headers (no vector arithmetic, so no params_sha256 check: its update does not depend on the
+parameters). It owns no socket: a `Port` moves its frames (fleet.py drives thousands of them over
+paho-mqtt clients in one selectors loop; tests use a recording port). `Shared` holds what every
 light device of a process has in common: the bundle's identity, decoded messages (each distinct
 task or global is checked and decoded once per process, not once per client) and encoded deltas.
 """
