@@ -208,6 +208,48 @@ def test_a_device_agent_trains_an_async_task_on_the_newest_global_and_a_sync_one
     coordinator.close()
 
 
+def test_a_version_closes_at_the_deadline_and_a_silent_device_loses_its_slot(tmp_path, tmp_path_factory):
+    """A scripted device that answers every invitation at once and one that never answers: each version
+    aggregates the one update it got by the deadline; the silent device's invitation lapses (code deadline)."""
+    from edgeftl.device.protocol.manifest import bundle_sha256, read_manifest
+
+    folder = bundle(tmp_path_factory, "bert-int8")
+    manifest, sha = read_manifest(folder), bundle_sha256(folder)
+    broker, stop = InProcessBroker(), threading.Event()
+    fast, mute = device_link(broker, "fast"), device_link(broker, "mute")
+    fast.connect()
+    mute.connect()
+
+    def answer() -> None:
+        seq = 0
+        while not stop.is_set():
+            item = fast.receive(timeout_s=0.1)
+            task = getattr(item, "message", None)
+            if isinstance(task, Task) and "fast" in task.devices:
+                seq += 1
+                zeros = Encoded("none", manifest.trainable_count, {"values": np.zeros(manifest.trainable_count,
+                                                                                      np.float32)})
+                fast.send(Update(task.run_id, task.round, sha, "fast", 10, seq, zeros))
+
+    worker = threading.Thread(target=answer, daemon=True)
+    worker.start()
+    config = CoordinatorConfig(out=tmp_path / "run", rounds=2, deadline_s=1.0, wait_devices=2, wait_devices_s=10,
+                               mode="async", buffer=2, devices_per_round=2)
+    coordinator = FedBuffCoordinator(coordinator_link(broker, "coordinator"), folder, manifest,
+                                     np.zeros(manifest.trainable_count, np.float32), config)
+    try:
+        coordinator.connect()
+        assert coordinator.wait_for_devices() == 2
+        records = coordinator.run()
+    finally:
+        stop.set()
+        worker.join(timeout=10)
+    assert [r["updates_used"] for r in records] == [1, 1] and all(r["aggregated"] for r in records)
+    assert [r["staleness"]["max"] for r in records] == [0, 0]
+    assert records[0]["devices_selected"] == 2 and records[1]["devices_selected"] == 1  # fast again; mute still held
+    assert records[0]["failures"] == {} and records[1]["failures"]["mute"]["code"] == LAPSED
+
+
 def test_real_devices_of_mixed_speeds_federate_in_async_mode(tmp_path, tmp_path_factory):
     """Four in-process device agents (two simulated 4x slower), at most three training at a time,
     a version every two updates: versions advance, each from two updates, staleness within the limit."""

@@ -127,14 +127,16 @@ class FedBuffCoordinator(Coordinator):
         failures seen meanwhile (error replies, wills, invitations past the deadline)."""
         buffer: list[tuple[ReceivedUpdate, int]] = []
         failed: list[DeviceFailure] = []
-        connects = self.link.connects
+        connects, next_expiry = self.link.connects, 0.0
         while len(buffer) < self.config.buffer and time.monotonic() < deadline:
             if self.link.connects != connects:  # a broker restart lost the retained messages: publish them again
                 connects = self.link.connects
                 self._publish_full(self.async_inbox.version)
                 if hasattr(self, "task"):
                     self.link.send(self.task)
-            failed += self.async_inbox.expire(time.monotonic(), self.config.deadline_s)
+            if time.monotonic() >= next_expiry:  # a pass over the open invitations, twice a second at most
+                failed += self.async_inbox.expire(time.monotonic(), self.config.deadline_s)
+                next_expiry = time.monotonic() + 0.5
             reply = self._take(self.link.receive(timeout_s=max(0.0, min(0.5, deadline - time.monotonic()))))
             if isinstance(reply, DeviceFailure):
                 failed.append(reply)
