@@ -71,8 +71,9 @@ def test_an_invited_device_update_frees_its_slot_and_knows_its_staleness():
     assert isinstance(taken, ReceivedUpdate) and inbox.staleness(taken.update) == 2
     assert inbox.training() == 1 and inbox.idle(["a", "b", "c"]) == ["a", "c"]
     assert inbox.take(_update("a", 4, seq=1), 100) is None  # a QoS 1 redelivery: dropped quietly
+    assert inbox.progress() == {"round": 6, "selected": 2, "received": 1, "late": 0, "rejected": 0, "failed": 0}
     counted = inbox.close_round()
-    assert counted.redelivered == 1 and counted.rejected == {}
+    assert counted.redelivered == 1 and counted.rejected == {} and inbox.progress()["received"] == 0
 
 
 def test_an_update_staler_than_the_limit_is_refused_and_counted_and_frees_the_slot():

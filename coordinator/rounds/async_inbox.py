@@ -39,6 +39,7 @@ class AsyncInbox:
         self.rejected: Counter[str] = Counter()
         self.rejected_places: Counter[str] = Counter()
         self.late = self.redelivered = 0
+        self._taken = self._failed = 0  # updates and failures taken this version (live display)
 
     # ---- invitations ----------------------------------------------------------------------
     def invite(self, devices: Iterable[str], task_round: int, now: float) -> None:
@@ -110,6 +111,7 @@ class AsyncInbox:
                 return None
             del self.invited[device]
             self._last_seq[device] = update.seq
+            self._taken += 1
         return ReceivedUpdate(update, delta, nbytes)
 
     def _failure(self, reply: ErrorReply) -> DeviceFailure | None:
@@ -118,6 +120,7 @@ class AsyncInbox:
             if self._is_late(device, reply.round, "error reply"):
                 return None
             del self.invited[device]
+            self._failed += 1
         log.warning("device %s failed its async task (round %d): %s: %s", device, reply.round, reply.code,
                     reply.reason)
         return DeviceFailure(device, reply.code, reply.reason, reply)
@@ -155,9 +158,11 @@ class AsyncInbox:
         with self._lock:
             counted = Counted(self.late, self.redelivered, dict(self.rejected), dict(self.rejected_places))
             self.late, self.redelivered, self.rejected, self.rejected_places = 0, 0, Counter(), Counter()
+            self._taken = self._failed = 0
             return counted
 
     def progress(self) -> dict:
         with self._lock:
-            return {"round": self.version + 1, "selected": len(self.invited), "received": 0, "late": self.late,
-                    "rejected": sum(self.rejected.values()), "failed": 0}
+            return {"round": self.version + 1, "selected": len(self.invited) + self._taken + self._failed,
+                    "received": self._taken, "late": self.late, "rejected": sum(self.rejected.values()),
+                    "failed": self._failed}
