@@ -147,12 +147,13 @@ def test_async_configurations_that_cannot_work_are_refused_in_one_line(tmp_path,
 class _Port:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes]] = []
+        self.subscribed: list[str] = []
 
     def publish(self, topic: str, payload: bytes, retain: bool) -> None:
         self.sent.append((topic, payload))
 
     def subscribe(self, filters: list[str]) -> None:
-        pass
+        self.subscribed = filters
 
     def unsubscribe(self, filters: list[str]) -> None:
         pass
@@ -181,6 +182,25 @@ def test_a_light_device_trains_an_async_task_on_the_newest_global_it_holds():
     _frame(device, topics.task, Task("run", 8, SHA, ("l-1",), 60.0, 1e-3, "none"))  # sync: needs exactly 7
     device.tick(now=2.0)
     assert not [t for t, _ in port.sent if "/update/" in t]
+
+
+def test_a_light_device_fetches_the_full_global_for_a_new_runs_task():
+    """A fleet that outlives a run: the next run's task comes before any global it can use (its first
+    delta comes only after updates), so the device reads the retained full global, as the agent does."""
+    shared, port = Shared("p", SHA, SIZE), _Port()
+    device = LightDevice("l-1", shared, Behaviour(), port)
+    device.on_connect()
+    topics = Topics("p")
+    _frame(device, topics.global_params, Global("run", 6, SHA, Encoded("none", SIZE, {"values": np.zeros(SIZE,
+                                                                                                       np.float32)})))
+    port.subscribed = []
+    _frame(device, topics.task, Task("run-2", 0, SHA, ("l-1",), 60.0, 1e-3, "none", mode="async"))
+    assert any(f.startswith(topics.global_params) for f in port.subscribed)
+    _frame(device, topics.global_params, Global("run-2", -1, SHA, Encoded("none", SIZE, {"values": np.zeros(
+        SIZE, np.float32)})))
+    device.tick(now=1.0)
+    (update,) = [decode(p, 1 << 20) for t, p in port.sent if "/update/" in t]
+    assert isinstance(update, Update) and (update.run_id, update.round) == ("run-2", 0)
 
 
 # ---- real device agents ----------------------------------------------------------------------------

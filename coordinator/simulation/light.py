@@ -200,6 +200,8 @@ class LightDevice:
             return
         self.acted, self.waiting = (task.run_id, task.round), (task, now + GLOBAL_WAIT_S)
         self.tick(now)
+        if self.waiting is not None:  # as the agent does: fetch the retained full global (a new run's, say)
+            self._sync(True)
 
     # ---- the clock ------------------------------------------------------------------------------
     def next_due(self) -> float | None:
