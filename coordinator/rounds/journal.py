@@ -47,6 +47,11 @@ def keep(out: Path, reply: Update | ErrorReply) -> None:
     atomic_write(Path(out) / FOLDER / f"{reply.device_id}{SUFFIX}", encode(reply))
 
 
+def reply(out: Path, device_id: str) -> bytes:
+    """The journaled reply of one device of the open round, as kept (OSError when there is none)."""
+    return (Path(out) / FOLDER / f"{device_id}{SUFFIX}").read_bytes()
+
+
 def read(out: Path, run_id: str, round_index: int) -> Journaled | None:
     """The journal of `round_index` of `run_id`, or None when there is none (or it is another's).
     Its updates are untrusted bytes again: the caller passes them through the inbox."""

@@ -55,10 +55,15 @@ def guard_updates(updates: list[Update], max_norm: float, max_weight_ratio: floa
     """
     clipped, norms = clip_updates(updates, max_norm)
     capped, weights_capped = cap_weights(clipped, max_weight_ratio)
-    report = {
+    return capped, guard_report(norms, max_norm, weights_capped)
+
+
+def guard_report(norms: list[float], max_norm: float, weights_capped: int) -> dict:
+    """The guards' part of the round record, from the norms the updates arrived with (the streaming
+    accumulator keeps only those, coordinator/rounds/accumulate.py)."""
+    return {
         "update_norm_max": round(max(norms), 6) if norms else 0.0,
         "update_norm_median": round(float(np.median(norms)), 6) if norms else 0.0,
         "updates_clipped": sum(max_norm > 0 and n > max_norm for n in norms),
         "weights_capped": weights_capped,
     }
-    return capped, report
