@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import tracemalloc
 
 import numpy as np
@@ -11,6 +12,7 @@ from edgeftl.coordinator.rounds.accumulate import KeptUpdates, StreamingMean
 from edgeftl.coordinator.rounds.inbox import Inbox, ReceivedUpdate
 from edgeftl.coordinator.rounds.privacy.mechanism import ClientDp
 from edgeftl.coordinator.rounds.strategy import STRATEGIES, make_strategy
+from edgeftl.coordinator.rounds.strategy.guard import clip_l2
 from edgeftl.device.protocol.codecs import parse_codec
 from edgeftl.device.protocol.messages import Update as UpdateMessage
 
@@ -167,3 +169,67 @@ def test_streaming_memory_stays_at_a_few_vectors_while_the_list_grows():
     # as float64) and the test's own float64 draw, against every decoded update kept
     assert streamed < 10 * vector_bytes, f"streaming peak {streamed} B for a {vector_bytes} B vector"
     assert listed > count * vector_bytes
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    from fixtures_build import bundle
+
+    return bundle(tmp_path_factory, "bert-int8")
+
+
+def test_the_round_loop_streams_and_rereads_a_capped_update_from_its_journal(tiny, tmp_path):
+    # Prepare: four devices through an in-process broker; the first to reply claims 1000 samples
+    from edgeftl.coordinator.rounds.config import CoordinatorConfig
+    from edgeftl.coordinator.rounds.loop import Coordinator
+    from edgeftl.device.link import InProcessBroker
+    from edgeftl.device.protocol.codecs import Encoded
+    from edgeftl.device.protocol.manifest import read_manifest
+    from edgeftl.device.protocol.messages import Task
+    from edgeftl.device.runtime import trainable_vector
+
+    from fixtures_build import coordinator_link, device_link
+
+    broker = InProcessBroker()
+    manifest = read_manifest(tiny)
+    initial = trainable_vector(tiny, manifest)
+    config = CoordinatorConfig(out=tmp_path / "run", rounds=1, deadline_s=60, wait_devices=4, wait_devices_s=20,
+                               run_id="r1", max_weight_ratio=2.0, clip_norm=5.0)
+    coordinator = Coordinator(coordinator_link(broker), tiny, manifest, initial, config)
+    devices = [device_link(broker, f"dev{i}") for i in range(4)]
+    for link in devices:
+        link.connect()
+    coordinator.connect()
+    assert coordinator.wait_for_devices() == 4 and isinstance(coordinator._gathering(), StreamingMean)
+    reads: list[str] = []
+    reload = coordinator._reload
+    coordinator._reload = lambda device: reads.append(device) or reload(device)  # type: ignore[method-assign]
+    records: list[dict] = []
+    runner = threading.Thread(target=lambda: records.extend(coordinator.run()), daemon=True)
+    runner.start()
+    rng = np.random.default_rng(4)
+    deltas = [(rng.normal(size=initial.size) * 0.01).astype(np.float32) for _ in devices]
+    deltas[3] *= 1000  # beyond the clip norm too
+    samples = [10, 10, 10, 1000]
+    # Execute: each device waits for the task and replies, the inflated claim first
+    for i in (3, 0, 1, 2):
+        task = _task_for(devices[i], Task)
+        vector = Encoded("none", initial.size, {"values": deltas[i]})
+        devices[i].send(UpdateMessage("r1", task.round, task.bundle_sha256, f"dev{i}", samples[i], 0, vector))
+    runner.join(timeout=60)
+    # Assert: the list-based FedAvg of the clipped deltas with the capped weight (2 x median 10)
+    clipped = [clip_l2(d, 5.0)[0].astype(np.float64) for d in deltas]
+    weights = [10, 10, 10, 20]
+    expected = initial + (sum(w * d for w, d in zip(weights, clipped)) / sum(weights)).astype(np.float32)
+    np.testing.assert_allclose(coordinator.params, expected, rtol=1e-5, atol=1e-6)
+    record = records[0]
+    assert (record["weights_capped"], record["updates_clipped"], record["updates_received"]) == (1, 1, 4)
+    assert record["sample_mode"] == "uniform" and record["aggregated"] and reads == ["dev3"]
+
+
+def _task_for(link, task_type):
+    for _ in range(200):
+        item = link.receive(timeout_s=0.1)
+        if item is not None and isinstance(getattr(item, "message", None), task_type):
+            return item.message
+    raise AssertionError("no task within 20 s")
