@@ -109,12 +109,25 @@ class Coordinator:
         journaled = journal.read(out, self.config.run_id, self.start_round)
         if journaled is not None:  # open it now: replies queued by the broker arrive as soon as we connect
             self.reopened = journaled.devices
-            self.sampler.note_sampled(journaled.devices, self.start_round)
+            self._restore_sampler(journaled)
             self.inbox.open_round(self.start_round, journaled.devices)
             self.pending = [r for r in map(self._take_journaled, journaled.updates) if r is not None]
         log.warning("resuming after round %d (%d record restored from the checkpoint, %s)", last, appended,
                     f"{len(self.pending)} journaled replies of round {self.start_round}"
                     if journaled else "no open round")
+
+    def _restore_sampler(self, journaled: journal.Journaled) -> None:
+        """The sampling state as it was once the reopened round's devices were drawn, so the rounds
+        after it draw what an uninterrupted run would have (a journal without it: the devices
+        are at least remembered as sampled)."""
+        try:
+            if journaled.sampler is not None:
+                self.rng.bit_generator.state = journaled.sampler["rng"]
+                self.sampler.load_state(journaled.sampler)
+                return
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("journaled sampler state unusable (%s); sampling goes on from the checkpoint's", exc)
+        self.sampler.note_sampled(journaled.devices, self.start_round)
 
     def wait_for_devices(self) -> int:
         """Read statuses until `wait_devices` devices are online or the wait runs out (replies to a
@@ -216,7 +229,8 @@ class Coordinator:
             return selected
         selected = self.sampler.sample(self.online, self.config.devices_per_round, round_index)
         self.inbox.open_round(round_index, selected)
-        journal.open_round(self.config.out, self.config.run_id, round_index, selected)
+        journal.open_round(self.config.out, self.config.run_id, round_index, selected,
+                           {"rng": self.rng.bit_generator.state, **self.sampler.state()})
         return selected
 
     def _collect(self, selected: list[str], deadline: float,
