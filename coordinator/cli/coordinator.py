@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from edgeftl.coordinator.rounds.config import DEFAULT_STEPS, CoordinatorConfig
+from edgeftl.coordinator.rounds.sampling import SAMPLE_MODES
 from edgeftl.coordinator.rounds.strategy import STRATEGIES
 from edgeftl.device.cli.common import add_security_flags, fail, security_from
 
@@ -35,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 ROUND_FLAGS = {
     "rounds": "federated rounds to run",
     "devices_per_round": "devices sampled per round; 0 = every online device",
+    "sample": f"how they are drawn: {' | '.join(SAMPLE_MODES)} (uniform; by reported free memory; "
+              "least recently sampled first)",
     "min_updates": "updates a round needs to aggregate",
     "deadline_s": "seconds a round waits for updates",
     "wait_devices": "online devices needed before round 0",

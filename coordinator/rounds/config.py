@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeftl.coordinator.rounds.privacy.mechanism import DP_STRATEGIES
+from edgeftl.coordinator.rounds.sampling import check_sample_mode
 from edgeftl.coordinator.rounds.secure import STRATEGIES as SECURE_STRATEGIES
 from edgeftl.coordinator.rounds.strategy import KRUM_STRATEGIES, STRATEGIES
 from edgeftl.coordinator.rounds.strategy.guard import DEFAULT_MAX_WEIGHT_RATIO
@@ -23,6 +24,7 @@ class CoordinatorConfig:
     out: Path
     rounds: int = 20
     devices_per_round: int = 0  # 0 = every online device
+    sample: str = "uniform"  # how the devices_per_round are drawn (sampling.SAMPLE_MODES)
     min_updates: int = 1
     deadline_s: float = 120.0
     wait_devices: int = 1  # online devices needed before round 0 starts
@@ -62,6 +64,7 @@ class CoordinatorConfig:
             raise ValueError("give --resume to continue the run in --out or --force to replace it, not both")
         if self.devices_per_round < 0:
             raise ValueError(f"--devices-per-round must be >= 0, got {self.devices_per_round}")
+        check_sample_mode(self.sample)
         if self.epochs is not None and self.steps is not None:
             raise ValueError("give --epochs or --steps for local training, not both")
         if self.epochs is None and self.steps is None:

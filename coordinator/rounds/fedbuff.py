@@ -26,10 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from edgeftl.coordinator.rounds import checkpoint
+from edgeftl.coordinator.rounds.accumulate import Accepted, KeptUpdates
 from edgeftl.coordinator.rounds.async_inbox import AsyncInbox
 from edgeftl.coordinator.rounds.config import CoordinatorConfig
 from edgeftl.coordinator.rounds.inbox import DeviceFailure, ReceivedUpdate
 from edgeftl.coordinator.rounds.loop import Coordinator
+from edgeftl.coordinator.rounds.sampling import OnlineDevices
 from edgeftl.coordinator.rounds.strategy import Update as StrategyUpdate
 from edgeftl.device.link import Link
 from edgeftl.device.protocol.manifest import Manifest
@@ -84,11 +86,11 @@ class FedBuffCoordinator(Coordinator):
         counted = self.inbox.close_round()
         self.guarded = {}
         aggregated, refused_globals = len(buffer) >= self.config.min_updates, None
-        if aggregated:
-            refused_globals = self._aggregate(buffered_updates(buffer), version, len(invited), online)
+        if aggregated:  # the buffer is K updates at most: kept whole (StreamingMean's cap needs the journal)
+            refused_globals = self._aggregate(KeptUpdates(buffered_updates(buffer)), version, len(invited), online)
             aggregated = refused_globals is None
         delta = self._advance_reference()
-        received = [r for r, _ in buffer]
+        received = [Accepted(r.update.device_id, dict(r.update.metrics), r.payload_bytes) for r, _ in buffer]
         record = self._record(version, invited, received, failed, counted, aggregated,
                               self.link.bytes_sent - sent_before, time.monotonic() - started)
         record.update(self._async_fields(version, buffer, counted.rejected.get("stale", 0)))
@@ -104,7 +106,7 @@ class FedBuffCoordinator(Coordinator):
     def _refill(self, version: int) -> list[str]:
         """Invite idle online devices into the free slots with one task (none when no slot is free).
         The task's round is `version`: it asks for an update on global version - 1 or newer."""
-        online = [d for d, up in self.online.items() if up]
+        online = self.online.online
         slots = self.config.devices_per_round or len(online)
         if slots < self.config.buffer and not self._warned_slots:
             self._warned_slots = True
@@ -114,7 +116,7 @@ class FedBuffCoordinator(Coordinator):
         idle = self.async_inbox.idle(online)
         if free <= 0 or not idle:
             return []
-        chosen = idle if len(idle) <= free else sorted(self.rng.choice(idle, size=free, replace=False).tolist())
+        chosen = self.sampler.sample(idle_view(idle, self.online), free, version)  # --sample's mode
         c = self.config
         self.task = Task(c.run_id, version, self.bundle_sha256, tuple(chosen), c.deadline_s, c.lr, c.codec,
                          c.epochs, c.steps, c.batch, mode="async")
@@ -149,6 +151,13 @@ class FedBuffCoordinator(Coordinator):
         return {"mode": "async", "version": version, "updates_used": len(buffer),
                 "staleness": staleness_summary([s for _, s in buffer]), "refused_stale": refused_stale,
                 "devices_training": self.async_inbox.training(), "elapsed_s": round(time.monotonic() - self.began, 3)}
+
+
+def idle_view(idle: list[str], online: OnlineDevices) -> OnlineDevices:
+    """The idle online devices as the sampler reads a fleet (their ids and reported memory)."""
+    view = OnlineDevices()
+    view.online, view.memory_mib = set(idle), online.memory_mib
+    return view
 
 
 def make_coordinator(link: Link, bundle: Path, manifest: Manifest, initial: np.ndarray, config: CoordinatorConfig,

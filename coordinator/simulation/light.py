@@ -122,7 +122,7 @@ class LightDevice:
         self.delay_s = behaviour.delay_s * float(behaviour.spread ** self.rng.random())
         self.framer = Framer(DEFAULT_MAX_CHUNK, DEFAULT_MAX_MESSAGE_BYTES)
         self.card: dict[str, str | int | float] = {"platform_machine": "light", "bundle_sha256": shared.bundle_sha256,
-                                                   "rounds_done": 0}
+                                                   "rounds_done": 0, "mem_available_mib": self.memory_mib()}
         self.run_id: str | None = None
         self.global_round: int | None = None
         self.syncing = False
@@ -132,6 +132,11 @@ class LightDevice:
         self.trained_on: int | None = None  # the global version the task being "trained" started from
         self.reply: Update | ErrorReply | None = None
         self.seq = self.updates_sent = self.errors_sent = 0
+
+    def memory_mib(self) -> int:
+        """The free memory this light device claims, spread log-uniformly over 256-4096 MiB (fixed
+        per device id), so that `--sample memory` has a fleet of phones and boards to choose from."""
+        return int(256 * 16 ** float(np.random.default_rng(zlib.crc32(b"mem:" + self.device_id.encode())).random()))
 
     # ---- presence -----------------------------------------------------------------------------
     def presence(self) -> tuple[str, bytes, bytes]:

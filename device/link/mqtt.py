@@ -104,7 +104,7 @@ class MqttConnection:
         self._client.on_unsubscribe = self._on_unsubscribe
         self._client.on_message = self._on_message
         self._lock = threading.Lock()
-        self._filters: list[str] = []  # subscribed (again after every reconnect)
+        self._filters: dict[str, int] = {}  # filter -> QoS, subscribed (again after every reconnect)
         self._stale: set[str] = set()  # unsubscribed while disconnected: sent at the next connect
         self._birth: tuple[str, bytes] | None = None  # published (retained) after every connect
         self._farewell: tuple[str, bytes] | None = None  # published by close() (a clean DISCONNECT drops the will)
@@ -221,20 +221,21 @@ class MqttConnection:
             with self._lock:
                 self._pending.append(info)
 
-    def subscribe(self, filters: list[str]) -> None:
-        """Add filters; once connected, returns after the broker acknowledged them."""
+    def subscribe(self, filters: list[str], qos: int = 1) -> None:
+        """Add filters at `qos` (0 for retained state: Link's state_subscriptions); once connected,
+        returns after the broker acknowledged them."""
         for topic_filter in filters:
             validate_filter(topic_filter)
         with self._lock:
-            self._filters += [f for f in filters if f not in self._filters]
+            self._filters.update(dict.fromkeys(filters, qos))
         if self.connected:
-            self._subscribe_now(filters)
+            self._subscribe_now([(f, qos) for f in filters])
 
     def unsubscribe(self, filters: list[str]) -> None:
         """Drop filters; once connected, returns after the broker acknowledged it, so nothing
         published after this call arrives through them (paho sends from its own thread)."""
         with self._lock:
-            self._filters = [f for f in self._filters if f not in filters]
+            self._filters = {f: q for f, q in self._filters.items() if f not in filters}
             if not self.connected:  # a persistent session keeps them: drop them at the next connect
                 self._stale.update(filters)
                 return
@@ -243,8 +244,8 @@ class MqttConnection:
         except LinkError as exc:  # harmless: what still arrives through them is ignored by the reader
             log.warning("%s: %s", self.client_id, exc)
 
-    def _subscribe_now(self, filters: list[str]) -> None:
-        self._acknowledged(*self._client.subscribe([(f, 1) for f in filters]), f"subscribe {filters}", "SUBACK")
+    def _subscribe_now(self, filters: list[tuple[str, int]]) -> None:
+        self._acknowledged(*self._client.subscribe(filters), f"subscribe {[f for f, _ in filters]}", "SUBACK")
 
     def _acknowledged(self, rc: int, mid: int | None, what: str, ack: str, timeout_s: float = 10.0) -> None:
         """Wait for the SUBACK/UNSUBACK of request `mid`. Raises LinkError if it fails or never comes."""
@@ -272,12 +273,12 @@ class MqttConnection:
             self.connects += 1
             log.info("%s: connected to %s (session present: %s)", self.client_id, self.url, flags.session_present)
             with self._lock:
-                filters, stale = list(self._filters), sorted(self._stale - set(self._filters))
+                filters, stale = list(self._filters.items()), sorted(self._stale - set(self._filters))
                 self._stale.clear()
             if stale:
                 client.unsubscribe(stale)
             if filters:
-                rc, mid = client.subscribe([(f, 1) for f in filters])
+                rc, mid = client.subscribe(filters)
                 if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
                     self._last_error = f"resubscribe failed: {mqtt.error_string(rc)}"
                     return
