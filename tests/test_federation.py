@@ -268,6 +268,7 @@ def test_a_device_whose_training_fails_replies_with_an_error_and_the_round_goes_
     assert record["failures"]["dev1"]["code"] == "out_of_memory"
     assert "Failed to allocate memory" in record["failures"]["dev1"]["reason"]
     assert record["wall_s"] < config.deadline_s  # it ended when every sampled device had replied
+    assert isinstance(record["close_s"], float) and record["close_s"] >= 0  # closing, timed apart from the wait
 
 
 def test_error_replies_are_checked_like_updates(tmp_path):

@@ -163,6 +163,7 @@ class Coordinator:
             gathered = self._gathering()
             received, failed = self._collect(selected, started + self.config.deadline_s, gathered)
             count = len(received)
+        collected = time.monotonic()  # the round's last reply (or its deadline): the rest is the coordinator's
         counted = self.inbox.close_round()
         refused_globals = None
         self.guarded = {}
@@ -172,8 +173,10 @@ class Coordinator:
             aggregated = refused_globals is None
         failpoint("before_checkpoint", round_index)
         delta = self._advance_reference()
+        recording = time.monotonic()
         record = self._record(round_index, selected, received, failed, counted, aggregated,
                               self.link.bytes_sent - sent_before, time.monotonic() - started)
+        evaluating_s = time.monotonic() - recording  # the held-out evaluation, mostly
         if refused_globals:
             record["global_refused"] = refused_globals
         if secure is not None:
@@ -185,6 +188,8 @@ class Coordinator:
         journal.clear(self.config.out)
         failpoint("after_checkpoint", round_index)
         record["bytes_published"] += self._publish_global(round_index, delta)
+        # Closing the round without its evaluation: aggregate, checkpoint, publish the global
+        record["close_s"] = round(time.monotonic() - collected - evaluating_s, 3)
         self._log(record)
         return record
 
