@@ -22,6 +22,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from edgeftl.coordinator.report.summary import fmt_bytes
+from edgeftl.coordinator.report.targets import Reached, final_accuracy, ratio, reach, reference_target
 from edgeftl.device.protocol.manifest import MANIFEST
 
 import benchdoc
@@ -119,6 +121,63 @@ def codec_rows(results: dict) -> tuple[str, list[str]]:
     return "\n".join(lines), verdicts
 
 
+# Issue 16's targets against fp32 FedAvg, at its final accuracy minus 1 point.
+TARGET_UP_X, TARGET_ROUNDS_X, TARGET_FINAL_PT, TARGET_DOWN_X = 100.0, 1.2, 0.5, 10.0
+
+
+def _reached_cell(hit: Reached | None) -> str:
+    if hit is None:
+        return "not reached"
+    return f"{hit.rounds} r · {fmt_bytes(hit.bytes_up)} up · {fmt_bytes(hit.bytes_down)} down"
+
+
+def target_rows(results: dict) -> tuple[str, list[str]]:
+    """Bytes-to-target table (90%, 95%, fp32's final - 1 pt) and issue 16's verdicts per case.
+
+    Per-round bytes say how small one message is; bytes to a target say what reaching an accuracy
+    costs, which is what a slow-learning codec loses. Cells: rounds, cumulative upload and download
+    (all devices) up to and including the first round at or above the target.
+    """
+    fed = results["federated"]
+    base = fed.get("none")
+    goal = reference_target(base) if base else None
+    targets = [("90%", 0.90), ("95%", 0.95)] + ([(f"fp32 final - 1 pt ({goal:.1%})", goal)] if goal else [])
+    lines = ["| case | upload per device per round | " + " | ".join(f"to {name}" for name, _ in targets)
+             + " | final |", "|---|---|" + "---|" * len(targets) + "---|"]
+    for case, records in fed.items():
+        per_device = sum(r["bytes_up"] for r in records) / max(1, sum(r["updates_received"] for r in records))
+        cells = [_reached_cell(reach(records, value)) for _, value in targets]
+        lines.append(f"| {case} | {fmt_bytes(per_device)} | " + " | ".join(cells)
+                     + f" | {final_accuracy(records) or 0:.1%} |")
+    verdicts = []
+    if goal is not None and base is not None:
+        lines.append("")
+        lines.append(f"Against fp32 FedAvg at {goal:.1%} (its final {final_accuracy(base):.1%} minus 1 point):")
+        verdicts = [line for case in fed if case != "none" for line in _issue16_verdicts(case, fed[case], base, goal)]
+    return "\n".join(lines), verdicts
+
+
+def _mark(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def _issue16_verdicts(case: str, records: list[dict], base: list[dict], goal: float) -> list[str]:
+    """PASS/MISS per issue 16 target, with by how much."""
+    ours, ref = reach(records, goal), reach(base, goal)
+    # Rounded: accuracies are fractions of a test set, and -0.5000000000000004 is -0.5 points.
+    delta = round(((final_accuracy(records) or 0) - (final_accuracy(base) or 0)) * 100, 6)
+    final = (f"final {delta:+.1f} pt vs fp32 (target within {TARGET_FINAL_PT} pt): "
+             f"{'PASS' if delta >= -TARGET_FINAL_PT else 'MISS'}")
+    if ours is None or ref is None:
+        return [f"- {case}: never reached {goal:.1%}: MISS upload, rounds and downlink; {final}"]
+    up, down = ratio(ref.bytes_up, ours.bytes_up) or 0, ratio(ref.bytes_down, ours.bytes_down) or 0
+    rounds = ours.rounds / ref.rounds
+    return [f"- {case}: upload {up:.1f}x fewer (target >= {TARGET_UP_X:.0f}x): {_mark(up >= TARGET_UP_X)}; "
+            f"rounds {ours.rounds} vs {ref.rounds} = {rounds:.2f}x (target <= {TARGET_ROUNDS_X}x): "
+            f"{_mark(rounds <= TARGET_ROUNDS_X)}; downlink {down:.1f}x fewer (target >= {TARGET_DOWN_X:.0f}x): "
+            f"{_mark(down >= TARGET_DOWN_X)}; {final}"]
+
+
 def _walls(results: dict) -> str:
     walls = results.get("wall_s", {})
     if not walls:
@@ -141,6 +200,7 @@ def write_doc(results: dict) -> None:
         verdicts.append(f"- {'PASS' if abs(gap) <= 1 else 'MISS'} within 1 point of centralized LoRA: "
                         f"{accs[-1]:.1%} vs {central[-1]['accuracy']:.1%} ({-gap:+.1f} pt)")
     codec_table, codec_verdicts = codec_rows(results)
+    reach_table, reach_verdicts = target_rows(results)
     s = results["settings"]
     section = "\n".join([
         "<!-- bench_federation:start -->",
@@ -153,7 +213,12 @@ def write_doc(results: dict) -> None:
         "every device its own process. Held-out: 20% of BBC, stratified. Centralized: one process, the union of "
         f"the devices' data, the same total steps. Run on {s['machine']}; {_walls(results)}.",
         "",
-        table(results), "", codec_table, "", *verdicts, *codec_verdicts,
+        table(results), "", codec_table, "", *verdicts, *codec_verdicts, "",
+        "### Bytes to reach a target accuracy", "",
+        "Rounds (r) and the upload and download bytes of all devices together, summed up to and including the "
+        "first round whose held-out accuracy is at or above the target (round 0's downlink includes each device's "
+        "first full sync).", "",
+        reach_table, "", *reach_verdicts,
         "<!-- bench_federation:end -->",
     ])
     benchdoc.write_section("bench_federation", section)
@@ -173,7 +238,12 @@ def main() -> int:
     parser.add_argument("--merge", action="store_true",
                         help="keep the other codecs and the centralized run of docs/bench_federation.json "
                              "(same settings) and add or replace only the codecs run now")
+    parser.add_argument("--doc-only", action="store_true",
+                        help="run nothing: rewrite the docs/BENCHMARKS.md section from docs/bench_federation.json")
     args = parser.parse_args()
+    if args.doc_only:
+        write_doc(json.loads((ROOT / "docs" / "bench_federation.json").read_text()))
+        return 0
     began = time.monotonic()
     args.work.mkdir(parents=True, exist_ok=True)
     args.bundle = args.work / "bundle-int8-top2"
