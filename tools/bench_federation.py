@@ -187,6 +187,20 @@ def _walls(results: dict) -> str:
     return text + (f" ({', '.join(missing)}: run before per-case times were recorded)" if missing else "")
 
 
+PLOT = ROOT / "docs" / "bench_federation-accuracy-bytes.png"
+
+
+def draw_accuracy_bytes(results: dict) -> None:
+    """docs/bench_federation-accuracy-bytes.png: every case's accuracy against cumulative bytes, as
+    `edgeftl report` draws several runs (its figure, fed the benchmark's records)."""
+    from edgeftl.coordinator.report.load import Run
+    from edgeftl.coordinator.report.plots import STYLE, measure_against_bytes, plt
+
+    runs = [Run(Path(case), records, {"rounds": {"codec": case}}) for case, records in results["federated"].items()]
+    with plt.rc_context(STYLE):
+        measure_against_bytes(runs, PLOT)
+
+
 def write_doc(results: dict) -> None:
     fed, central = results["federated"], results["centralized"]
     verdicts = []
@@ -218,9 +232,11 @@ def write_doc(results: dict) -> None:
         "Rounds (r) and the upload and download bytes of all devices together, summed up to and including the "
         "first round whose held-out accuracy is at or above the target (round 0's downlink includes each device's "
         "first full sync).", "",
-        reach_table, "", *reach_verdicts,
+        reach_table, "", *reach_verdicts, "",
+        f"![accuracy against cumulative bytes]({PLOT.name})",
         "<!-- bench_federation:end -->",
     ])
+    draw_accuracy_bytes(results)
     benchdoc.write_section("bench_federation", section)
     (ROOT / "docs" / "bench_federation.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     print(section)

@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display, no GUI toolkit
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from edgeftl.coordinator.report.load import Run
 from edgeftl.coordinator.report.summary import fmt_bytes, fp32_update_bytes, platform_label
@@ -103,8 +103,10 @@ def measure_against_bytes(runs: list[Run], path: Path, language_model: bool = Fa
     for ax, what in ((up, "uploaded (devices → coordinator)"), (down, "downloaded (to the devices)")):
         _axes(ax, f"Held-out {key} against bytes {what.split(' ')[0]}", label, xlabel=f"bytes {what}, cumulative")
         if ax.lines and any(len(line.get_xdata()) for line in ax.lines):
-            ax.set_xscale("log")
+            ax.set_xscale("log", base=2)  # ticks at powers of 2: whole KiB / MiB labels
+            ax.xaxis.set_major_locator(LogLocator(base=2, numticks=8))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_bytes(v)))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         else:
             ax.text(0.5, 0.5, "not evaluated (coordinator ran without --eval)", ha="center", transform=ax.transAxes)
     _legend_below(fig, up)
