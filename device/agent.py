@@ -102,7 +102,8 @@ class DeviceAgent:
 
     # ---- the loop ---------------------------------------------------------------------------
     def start(self, timeout_s: float = 30.0) -> None:
-        self._resync()
+        # No full global yet: the first task may start from the bundle's own values (start_sha256),
+        # and a task or delta it cannot start from fetches the full vector then (_on_task, _on_global).
         self.link.announce(self.card)  # its birth, will and offline status carry the card
         self.link.connect(timeout_s)
 
