@@ -44,7 +44,8 @@ def case_downlink(case: str) -> str:
 
 
 def case_folder(work: Path, case: str) -> Path:
-    return work / ("fed-" + case.replace(":", "_").replace("+", "_").replace("@", "_").replace("/", "_down_").replace("#", "_"))
+    name = case.replace(":", "_").replace("+", "_").replace("@", "_").replace("/", "_down_").replace("#", "_")
+    return work / ("fed-" + name)
 
 
 def simulate(work: Path, case: str, args: argparse.Namespace, extra: Sequence[str] = ()) -> list[dict]:
@@ -158,7 +159,7 @@ def target_rows(results: dict) -> tuple[str, list[str]]:
     for case, records in fed.items():  # each against fp32 FedAvg on the same seed (data split)
         seed = case.partition("#")[2]
         reference = fed.get("none#" + seed if seed else "none")
-        if parse_case(case) == ("none", "fedavg") and case_downlink(case) == "none" or reference is None:
+        if (parse_case(case) == ("none", "fedavg") and case_downlink(case) == "none") or reference is None:
             continue
         aim = reference_target(reference)
         if aim is not None:
