@@ -19,6 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edgeftl.coordinator.report.summary import fmt_bytes
+from edgeftl.coordinator.report.targets import final_accuracy, reach
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -53,6 +56,11 @@ def main() -> int:
     down = sum(r["bytes_down"] for r in records)
     print(f"downlink {down / 1024:.0f} KiB to {args.devices} devices over {len(records)} rounds, the first full "
           f"global included ({args.downlink} deltas; fp32 would be {fp32 * sent / 1024:.0f} KiB at least)")
+    final = final_accuracy(records)
+    cost = reach(records, final) if final is not None else None
+    if cost is not None:  # what users pay for: the bytes until the model was as good as it got
+        print(f"to reach its final accuracy ({final:.1%}): {cost.rounds} rounds, {fmt_bytes(cost.bytes_up)} up, "
+              f"{fmt_bytes(cost.bytes_down)} down")
     print(f"device peak memory {max(r['device_peak_rss_mib'] for r in records):.0f} MiB; "
           f"per-round records in {args.out / 'metrics.jsonl'}")
     report = subprocess.run([sys.executable, "-m", "edgeftl.device.cli", "report", str(args.out)])
