@@ -75,3 +75,16 @@ def test_bench_federation_table_gives_rounds_bytes_and_issue16_verdicts():
     assert verdicts == ["- topk:0.01+int8: upload 160.0x fewer (target >= 100x): PASS; rounds 5 vs 4 = 1.25x "
                         "(target <= 1.2x): MISS; downlink 1.7x fewer (target >= 10x): MISS; final -0.5 pt vs fp32 "
                         "(target within 0.5 pt): PASS"]
+
+
+def test_bench_federation_proxy_table_sets_short_runs_against_fp32s_first_rounds():
+    import bench_federation
+
+    fp32 = _records([0.80, 0.90, 0.95, 0.96, 0.97], up=200_000, down=200_000)
+    short = _records([0.70, 0.91], up=1_000, down=1_000)
+    short[-1]["loss"], fp32[1]["loss"] = 0.5, 0.4
+    text = bench_federation.proxy_rows({"federated": {"none": fp32}, "proxy": {"sign/sign": short}})
+    # fp32's row is cut to the proxy's 2 rounds; both reach 90% after round 1
+    assert "| none (first rounds of the full run) | 19.5 KiB | 2 r · 391 KiB up · 586 KiB down |" in text
+    assert "| sign/sign | 100 B | 2 r · 1.95 KiB up · 2.93 KiB down | not reached | not reached | 91.0% | 0.500 |" in text
+    assert bench_federation.proxy_rows({"federated": {"none": fp32}}) == ""
