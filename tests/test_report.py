@@ -340,3 +340,20 @@ def test_device_supplied_garbage_in_records_never_breaks_the_report(tmp_path, ca
     assert last["bytes_down"] == 0 and last["updates_received"] == 0 and "accuracy" not in last
     assert {"peak_rss_mib", "train_time_s", "bytes_down", "note"}.isdisjoint(last["devices"]["dev00"])
     assert t["final_accuracy"] == pytest.approx(0.6)
+
+
+def test_a_language_model_run_plots_perplexity_against_bytes(tmp_path):
+    # Prepare: a causal-LM run's records carry perplexity, not accuracy
+    folder = _run(tmp_path / "lm")
+    lines = []
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        record["perplexity"] = 60.0 - 5 * record.pop("accuracy") * 10
+        lines.append(json.dumps(record))
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    # Execute
+    report = write_report([folder])
+    # Assert
+    html = report.html.read_text()
+    assert "Held-out perplexity against bytes sent" in html and (folder / "report-accuracy-bytes.png").is_file()
+    assert html.count("data:image/png;base64,") == FIGURES
