@@ -262,8 +262,9 @@ def write_doc(results: dict) -> None:
         table(results), "", codec_table, "", *verdicts, *codec_verdicts, "",
         "### Bytes to reach a target accuracy", "",
         "Rounds (r) and the upload and download bytes of all devices together, summed up to and including the "
-        "first round whose held-out accuracy is at or above the target (round 0's downlink includes each device's "
-        "first full sync).", "",
+        "first round whose held-out accuracy is at or above the target. Round 0's downlink includes each device's "
+        "full sync (~2 x 104 KiB) in runs made before tasks carried `start_sha256` (seed 0's fp32 and top-k rows).",
+        "",
         reach_table, "", *reach_verdicts, "",
         "Techniques for issue 16 (each a codec or protocol option; older options unchanged):", "",
         "- `sign` uplink (docs/PROTOCOL.md 6.5): 1 bit per value plus a mean-magnitude scale per 256 values, with the "

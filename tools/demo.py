@@ -31,8 +31,9 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=5, help="local steps per device per round")
-    parser.add_argument("--codec", default="topk:0.02+int4", help="uplink codec (error feedback on devices)")
-    parser.add_argument("--downlink", default="int8", help="codec of the per-round global delta (error feedback on "
+    # sign up and down: the fewest bytes to fp32's accuracy measured on BBC (docs/BENCHMARKS.md, bench_federation)
+    parser.add_argument("--codec", default="sign", help="uplink codec (error feedback on devices)")
+    parser.add_argument("--downlink", default="sign", help="codec of the per-round global delta (error feedback on "
                                                            "the coordinator)")
     args = parser.parse_args()
     command = [sys.executable, "-m", "edgeftl.device.cli", "simulate", "--devices", str(args.devices),
