@@ -55,8 +55,8 @@ def main() -> int:
     print(f"uplink {up / 1024:.0f} KiB in {sent} updates: {up / max(1, sent) / 1024:.1f} KiB each, "
           f"{fp32 * sent / max(1, up):.0f}x less than fp32 ({args.codec})")
     down = sum(r["bytes_down"] for r in records)
-    print(f"downlink {down / 1024:.0f} KiB to {args.devices} devices over {len(records)} rounds, the first full "
-          f"global included ({args.downlink} deltas; fp32 would be {fp32 * sent / 1024:.0f} KiB at least)")
+    print(f"downlink {down / 1024:.0f} KiB to {args.devices} devices over {len(records)} rounds ({args.downlink} "
+          f"deltas; round 0 starts from the bundle's own values; fp32 would be {fp32 * sent / 1024:.0f} KiB)")
     final = final_accuracy(records)
     cost = reach(records, final) if final is not None else None
     if cost is not None:  # what users pay for: the bytes until the model was as good as it got
