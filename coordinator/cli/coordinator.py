@@ -46,7 +46,7 @@ ROUND_FLAGS = {
     "steps": f"local steps per round ({DEFAULT_STEPS} when neither --steps nor --epochs is given)",
     "batch": "local batch size",
     "lr": "local learning rate",
-    "codec": "uplink codec, e.g. none | fp16 | int8 | topk:0.01+int8",
+    "codec": "uplink codec, e.g. none | fp16 | int8 | sign | topk:0.01+int8",
     "downlink": "codec of the per-round global delta",
     "strategy": f"aggregation: {' | '.join(STRATEGIES)}",
     "server_lr": "server learning rate (strategy default when not given)",

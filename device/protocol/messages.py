@@ -81,6 +81,9 @@ class Task:
     steps: int | None = None
     batch: int = 16
     mode: str = "sync"
+    # params_sha256 of the global the round starts from (optional): a device whose bundle's own
+    # trainable values hash to it starts from them, and downloads no full vector (round 0).
+    start_sha256: str | None = None
 
     @property
     def is_async(self) -> bool:
@@ -253,7 +256,8 @@ FIELDS: dict[str, dict[str, tuple[bool, Any]]] = {
              "devices": (True, _devices), "deadline_s": (True, _positive(MAX_DEADLINE_S)),
              "lr": (True, _positive(MAX_LR)), "codec": (True, _text()), "epochs": (False, _int(1, MAX_EPOCHS)),
              "steps": (False, _int(1, MAX_STEPS)), "batch": (True, _int(1, MAX_BATCH)),
-             "mode": (False, lambda v: v in TASK_MODES)},
+             "mode": (False, lambda v: v in TASK_MODES),
+             "start_sha256": (False, _SHA)},
     "global": {"run_id": (True, _text()), "round": (True, _int(-1)), "bundle_sha256": (True, _SHA),
                "codec": (True, _text()), "size": (True, _int(0)), "base_round": (False, _int(-1)),
                "params_sha256": (False, _SHA)},
@@ -297,6 +301,8 @@ def encode(message: Message, sig: str | None = None) -> bytes:
             header["devices"] = list(message.devices)
             if not message.is_async:  # a sync task encodes as it did before `mode` existed
                 del header["mode"]
+            if message.start_sha256 is None:  # a task without it encodes as before the field existed
+                del header["start_sha256"]
         if isinstance(message, (Global, Update)):
             header.update(codec=message.vector.codec, size=message.vector.size)
             arrays = message.vector.arrays
@@ -372,7 +378,8 @@ def _build(kind: str, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> 
     if kind == "task":
         _codec(h["codec"])  # refused here, not after the device trained a round
         return Task(h["run_id"], h["round"], h["bundle_sha256"], tuple(h["devices"]), float(h["deadline_s"]),
-                    float(h["lr"]), h["codec"], h.get("epochs"), h.get("steps"), h["batch"], h.get("mode") or "sync")
+                    float(h["lr"]), h["codec"], h.get("epochs"), h.get("steps"), h["batch"], h.get("mode") or "sync",
+                    h.get("start_sha256"))
     if kind == "error":
         return ErrorReply(h["run_id"], h["round"], h["bundle_sha256"], h["device_id"], h["code"], h["reason"])
     if kind == "status":
