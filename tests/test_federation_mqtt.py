@@ -31,10 +31,13 @@ def test_every_kind_of_bad_update_is_rejected_and_counted(mosquitto_broker, tmp_
     folder = bundle(tmp_path_factory, "bert-int8")
     manifest, sha = read_manifest(folder), bundle_sha256(folder)
     n = manifest.trainable_count
-    topics = Topics("edgeftl")
+    # A prefix of its own: the statuses this test fakes stay retained on the session's broker, and under
+    # the default prefix a later simulation counted them as its devices (and sampled them, not its own)
+    prefix = "bad-updates"
+    topics = Topics(prefix)
     config = CoordinatorConfig(out=tmp_path / "run", rounds=1, deadline_s=15, wait_devices=2, wait_devices_s=10,
-                               run_id="r1")
-    link = Link.coordinator(MqttConnection(url, "coord"), "edgeftl", max_chunk=64 * 1024,
+                               run_id="r1", prefix=prefix)
+    link = Link.coordinator(MqttConnection(url, "coord"), prefix, max_chunk=64 * 1024,
                             max_message_bytes=256 * 1024)
     coordinator = Coordinator(link, folder, manifest, BundleRuntime(folder).get_flat(), config)
     rogue, framer = MqttConnection(url, "rogue"), Framer(64 * 1024, 64 * 1024 * 1024)
