@@ -139,12 +139,14 @@ class LightDevice:
         return self.shared.topics.status(self.device_id), birth, will
 
     def on_connect(self) -> None:
-        """Birth (retained) and subscriptions; the retained full global is read until it arrives."""
-        topic, birth, _ = self.presence()
-        self.port.publish(topic, birth, True)
+        """Subscriptions, then the birth (retained): a broker handles one client's packets in order, so
+        whoever sees this device online can reach it (a NATS node creates the subscriptions' stream
+        consumers first). The retained full global is read until it arrives."""
         t = self.shared.topics
         self.port.subscribe([f for name in (t.task, t.global_delta, t.global_params) for f in Framer.filters(name)])
         self.syncing = True
+        topic, birth, _ = self.presence()
+        self.port.publish(topic, birth, True)
 
     def goodbye(self) -> bytes:
         """The offline status a graceful leave publishes (retained)."""
@@ -196,6 +198,8 @@ class LightDevice:
                         f"for bundle {task.bundle_sha256}")
             return
         self.acted, self.waiting = (task.run_id, task.round), (task, now + GLOBAL_WAIT_S)
+        if task.run_id != self.run_id or self.global_round != task.round - 1:
+            self._sync(True)  # as the agent does: read the retained full global (a delta may have been lost)
         self.tick(now)
 
     # ---- the clock ------------------------------------------------------------------------------

@@ -114,7 +114,9 @@ class MqttConnection:
         for every attempt, the first included: with a cluster, each one after the first goes to the next node."""
         if self._attempts and len(self.ring) > 1:
             broker = self.ring.advance()
-            self._client.host, self._client.port = broker.host, broker.port  # paho allows it while unconnected
+            # paho's host/port setters refuse while its state says "connecting" (after a failed attempt); reconnect()
+            # reads these two, and no socket is open here
+            self._client._host, self._client._port = broker.host, broker.port
             self.url, self.host, self.port = broker.url, broker.host, broker.port
         self._attempts += 1
         try:
