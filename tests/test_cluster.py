@@ -70,6 +70,28 @@ def test_a_connection_moves_on_from_a_dead_node(mosquitto_broker):
         connection.close()
 
 
+def test_a_stale_will_is_answered_with_the_birth(mosquitto_broker):
+    """Another client (standing in for a broker that publishes a replaced connection's will late) puts an
+    offline status on a connected device's topic: the device publishes its birth again, which stays retained."""
+    host, port = mosquitto_broker
+    url, topic = f"mqtt://{host}:{port}", "stale/status/dev-1"
+    device = MqttConnection(url, "stale-dev-1", clean_start=True)
+    device.presence(topic, b"online", b"offline")
+    other = MqttConnection(url, "stale-other", clean_start=True)
+    device.connect(10.0)
+    other.connect(10.0)
+    try:
+        other.send(topic, b"offline (late will)", 1, True)
+        assert other.flush(10.0)
+        end, last = time.monotonic() + 10, _retained(url, topic)
+        while last != b"online" and time.monotonic() < end:
+            last = _retained(url, topic)
+        assert last == b"online"  # without the device's answer it stays b"offline (late will)"
+    finally:
+        other.close()
+        device.close()
+
+
 @pytest.mark.slow
 def test_killing_a_cluster_node_mid_round_loses_no_acknowledged_update(nats_cluster, tmp_path_factory, tmp_path):
     """The node killed is the coordinator's (and about a third of the devices'): the hardest case, since the
@@ -116,6 +138,18 @@ def test_killing_a_cluster_node_mid_round_loses_no_acknowledged_update(nats_clus
     assert across & owed, "no update crossed the failover (acknowledged after the kill, in the open round)"
     (counts,) = [json.loads(line) for line in fleet_out.splitlines() if line.startswith("{")]
     assert fleet.returncode == 0 and counts["devices"] == DEVICES
+
+
+def _retained(url: str, topic: str) -> bytes | None:
+    """The retained payload on `topic`, as a fresh subscriber reads it."""
+    seen: list[bytes] = []
+    watcher = MqttConnection(url, f"stale-watch-{time.monotonic_ns()}", clean_start=True)
+    watcher.on_frame = lambda _, payload: seen.append(payload)
+    watcher.subscribe([topic])
+    watcher.connect(10.0)
+    time.sleep(0.2)
+    watcher.close()
+    return seen[-1] if seen else None
 
 
 def _watch(metrics: Path, process: subprocess.Popen[bytes], kill: object) -> tuple[list[float], float]:

@@ -38,7 +38,7 @@ class RecordingPort:
     def publish(self, topic: str, payload: bytes, retain: bool) -> None:
         self.published.append((topic, payload, retain))
 
-    def subscribe(self, filters: list[str]) -> None:
+    def subscribe(self, filters: list[str], qos: int = 1) -> None:
         self.subscribed += filters
 
     def unsubscribe(self, filters: list[str]) -> None:
@@ -91,7 +91,18 @@ def test_birth_will_and_subscriptions_follow_the_protocol():
     assert not gone.online and gone.info["will"] == 1 and gone.info["bundle_sha256"] == SHA
     t = shared.topics
     assert set(port.subscribed) == {*Framer.filters(t.task), *Framer.filters(t.global_delta),
-                                    *Framer.filters(t.global_params)}
+                                    *Framer.filters(t.global_params), topic}
+
+
+def test_a_stale_will_on_its_own_status_is_answered_with_its_birth():
+    """A NATS node may publish a device's will after the device already reconnected elsewhere; the device
+    sees its own status and publishes its birth again (its own birth coming back is left alone)."""
+    light, port, _ = device()
+    topic, birth, will = light.presence()
+    light.on_frame(topic, birth, 0.0)
+    assert port.on(topic) == [birth]
+    light.on_frame(topic, will, 0.0)
+    assert port.on(topic) == [birth, birth]
 
 
 def test_update_decodes_with_the_coordinators_inbox():

@@ -69,7 +69,7 @@ class Port(Protocol):
 
     def publish(self, topic: str, payload: bytes, retain: bool) -> None: ...
 
-    def subscribe(self, filters: list[str]) -> None: ...
+    def subscribe(self, filters: list[str], qos: int = 1) -> None: ...
 
     def unsubscribe(self, filters: list[str]) -> None: ...
 
@@ -146,6 +146,7 @@ class LightDevice:
         self.port.subscribe([f for name in (t.task, t.global_delta, t.global_params) for f in Framer.filters(name)])
         self.syncing = True
         topic, birth, _ = self.presence()
+        self.port.subscribe([topic], qos=0)  # its own status: a stale will there is answered (on_frame)
         self.port.publish(topic, birth, True)
 
     def goodbye(self) -> bytes:
@@ -154,6 +155,11 @@ class LightDevice:
 
     # ---- incoming -----------------------------------------------------------------------------
     def on_frame(self, topic: str, frame: bytes, now: float) -> None:
+        own, birth, _ = self.presence()
+        if topic == own:  # connected, yet something else is our status (a will the broker sent late): birth again
+            if frame and frame != birth:
+                self.port.publish(own, birth, True)
+            return
         try:
             done = self.framer.receive(topic, frame)
         except ValueError:  # a bad chunk: a device ignores it, the deadline covers the rest

@@ -107,6 +107,7 @@ class MqttConnection:
         self._started = self._closed = False
         self._attempts = 0  # connection attempts so far (the first goes to the ring's start node)
         self._resubscribe_tries = 0
+        self._watch_mid: int | None = None  # the SUBSCRIBE to our own status, acknowledged by nobody's wait
         self.connects = 0  # CONNACKs so far: more than 1 after a reconnect (the broker may have lost state)
 
     def _reconnect(self) -> mqtt.MQTTErrorCode:
@@ -280,6 +281,8 @@ class MqttConnection:
             else:
                 self._ready.set()
             if self._birth is not None:
+                self._watch_mid = client.subscribe(self._birth[0], 0)[1]  # our own status: see _on_message (QoS 0:
+                # nothing queued for it while we are away; a broker's ACL may refuse it, which only costs the check)
                 self.send(self._birth[0], self._birth[1], 1, True)
         except Exception as exc:
             self._last_error = f"{type(exc).__name__}: {exc}"
@@ -324,6 +327,8 @@ class MqttConnection:
     def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,
                       reasons: list[mqtt.ReasonCode], properties: Properties | None) -> None:
         try:
+            if mid == self._watch_mid:
+                return
             failures = [str(r) for r in reasons if r.is_failure]
             with self._ack_cond:
                 if self._acks.get(mid) == ["ready"]:
@@ -349,5 +354,14 @@ class MqttConnection:
             topic = message.topic
         except UnicodeDecodeError:
             log.warning("%s: dropped a message whose topic is not UTF-8", self.client_id)
+            return
+        birth = self._birth
+        if birth is not None and topic == birth[0]:
+            # Our own status, never passed on. While we are connected, anything but our birth there is stale: a
+            # will the broker published late for a connection we already replaced (a NATS node does so after a
+            # failover, once its JetStream answers); published again, the birth has the last word.
+            if message.payload != birth[1] and self.connected:
+                log.info("%s: a stale status replaced our birth on %s; publishing it again", self.client_id, topic)
+                self.send(birth[0], birth[1], 1, True)
             return
         self.on_frame(topic, bytes(message.payload))
