@@ -1,9 +1,10 @@
 """Broker clusters: --broker lists, failover between nodes, and a 3-node NATS cluster losing a node mid-round.
 
-The kill test runs the coordinator (`edgeftl coordinator`) and 30 light devices (tools/fleet_load.py) over
-3 NATS nodes, every client given the whole list, and SIGKILLs the node the coordinator is on during round
-1: the coordinator and that node's devices must reconnect to the other nodes, find their sessions there
-(JetStream, replicated to all 3), and every update the broker acknowledged must reach the coordinator.
+The kill test runs the coordinator (`edgeftl coordinator`), 30 light devices (tools/fleet_load.py) and one
+real device (training) over 3 NATS nodes, every client given the whole list, and SIGKILLs the node the
+coordinator is on during round 1: the coordinator and that node's devices must reconnect to the other nodes,
+find their sessions there (JetStream, replicated to all 3), and every update the broker acknowledged while its
+round was open must reach the coordinator.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import pytest
 
 from edgeftl.device.link import MqttConnection
 from edgeftl.device.link.brokers import BrokerRing, parse_brokers
-from edgeftl.device.protocol.topics import coordinator_client_id
+from edgeftl.device.protocol.topics import coordinator_client_id, device_client_id
 
-from fixtures_build import bundle
+from fixtures_build import bundle, keyword_dataset
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "fleet_load.py"
 DEVICES, ROUNDS, KILLED_ROUND = 30, 4, 1
@@ -96,11 +97,22 @@ def test_a_stale_will_is_answered_with_the_birth(mosquitto_broker):
 def test_killing_a_cluster_node_mid_round_loses_no_acknowledged_update(nats_cluster, tmp_path_factory, tmp_path):
     """The node killed is the coordinator's (and about a third of the devices'): the hardest case, since the
     updates acknowledged by the other nodes while the coordinator reconnects wait in its session's stream
-    consumer, which must move with it. Light devices log each update whose PUBACK they got (--ack-log)."""
+    consumer, which must move with it. Light devices log each update whose PUBACK they got (--ack-log); one
+    real device (`edgeftl device run`, training), starting on that node too, moves with its persistent session."""
     folder, prefix, out, acks = bundle(tmp_path_factory, "bert-int8"), "cluster", tmp_path / "run", tmp_path / "acks"
     brokers = nats_cluster.broker_list
     ring = BrokerRing(parse_brokers(brokers), coordinator_client_id(prefix))
     killed = nats_cluster.urls.index(ring.current.url)
+    real = next(name for name in (f"real-{i}" for i in range(100))
+                if BrokerRing(parse_brokers(brokers), device_client_id(name)).current.url == ring.current.url)
+    texts, labels = keyword_dataset(24, seed=1)
+    data = tmp_path / "real.csv"
+    data.write_text("text,label\n" + "".join(f"{t},{label}\n" for t, label in zip(texts, labels, strict=True)))
+    with (tmp_path / "device.log").open("w") as log:
+        device = subprocess.Popen(
+            [sys.executable, "-m", "edgeftl.device.cli", "device", "run", "--broker", brokers, "--bundle", str(folder),
+             "--data", str(data), "--id", real, "--prefix", prefix, "--rounds", str(ROUNDS), "--threads", "1"],
+            stdout=subprocess.DEVNULL, stderr=log)
     fleet = subprocess.Popen(
         [sys.executable, str(TOOL), "--broker", brokers, "--bundle", str(folder), "--devices", str(DEVICES),
          "--prefix", prefix, "--name-prefix", "cl", "--delay-s", "1", "--spread", "4", "--ack-log", str(acks),
@@ -108,14 +120,16 @@ def test_killing_a_cluster_node_mid_round_loses_no_acknowledged_update(nats_clus
     with (tmp_path / "coordinator.log").open("w") as log:
         coordinator = subprocess.Popen(
             [sys.executable, "-m", "edgeftl.device.cli", "coordinator", "--broker", brokers, "--bundle", str(folder),
-             "--out", str(out), "--prefix", prefix, "--rounds", str(ROUNDS), "--wait-devices", str(DEVICES),
-             "--wait-devices-s", "120", "--deadline-s", "120", "--codec", "int8"],
+             "--out", str(out), "--prefix", prefix, "--rounds", str(ROUNDS), "--wait-devices", str(DEVICES + 1),
+             "--wait-devices-s", "120", "--deadline-s", "120", "--codec", "int8", "--steps", "2", "--batch", "4"],
             stdout=subprocess.DEVNULL, stderr=log)
     try:
         closed, killed_at = _watch(out / "metrics.jsonl", coordinator, lambda: nats_cluster.kill(killed))
+        device_rc = device.wait(timeout=120)
     finally:
-        if coordinator.poll() is None:
-            coordinator.kill()
+        for process in (coordinator, device):
+            if process.poll() is None:
+                process.kill()
         fleet.send_signal(signal.SIGTERM)
         try:
             fleet_out, _ = fleet.communicate(timeout=60)
@@ -128,6 +142,7 @@ def test_killing_a_cluster_node_mid_round_loses_no_acknowledged_update(nats_clus
     for record in records:  # every sampled device answered (an update or an error reply); the run went on
         assert record["aggregated"] and record["updates_received"] + record["updates_failed"] == \
             record["devices_selected"], record
+    assert device_rc == 0 and records[-1]["devices"][real]["platform_machine"] != "light"  # it trained to the end
     received = {(name, r["round"]) for r in records for name in r["devices"]}
     # An update acknowledged while its round was open must be in that round's record. A round's close is
     # taken as when its record appeared (polled every 0.1 s), less a margin for writing it.
