@@ -38,7 +38,7 @@ class RecordingPort:
     def publish(self, topic: str, payload: bytes, retain: bool) -> None:
         self.published.append((topic, payload, retain))
 
-    def subscribe(self, filters: list[str], qos: int = 1) -> None:
+    def subscribe(self, filters: list[str]) -> None:
         self.subscribed += filters
 
     def unsubscribe(self, filters: list[str]) -> None:

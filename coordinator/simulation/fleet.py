@@ -166,9 +166,9 @@ class _Client:
         if self.fleet.ack_file is not None and isinstance(reply, Update) and topic.startswith(self.update_topic):
             self.unacked[info.mid] = (reply.run_id, reply.round, reply.seq)
 
-    def subscribe(self, filters: list[str], qos: int = 1) -> None:
-        rc, mid = self.paho.subscribe([(f, qos) for f in filters])
-        if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None and qos:
+    def subscribe(self, filters: list[str]) -> None:
+        rc, mid = self.paho.subscribe([(f, 1) for f in filters])
+        if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
             self.subscribing[mid] = filters
 
     def unsubscribe(self, filters: list[str]) -> None:

@@ -69,7 +69,7 @@ class Port(Protocol):
 
     def publish(self, topic: str, payload: bytes, retain: bool) -> None: ...
 
-    def subscribe(self, filters: list[str], qos: int = 1) -> None: ...
+    def subscribe(self, filters: list[str]) -> None: ...
 
     def unsubscribe(self, filters: list[str]) -> None: ...
 
@@ -146,7 +146,7 @@ class LightDevice:
         self.port.subscribe([f for name in (t.task, t.global_delta, t.global_params) for f in Framer.filters(name)])
         self.syncing = True
         topic, birth, _ = self.presence()
-        self.port.subscribe([topic], qos=0)  # its own status: a stale will there is answered (on_frame)
+        self.port.subscribe([topic])  # its own status: a stale will there is answered (on_frame)
         self.port.publish(topic, birth, True)
 
     def goodbye(self) -> bytes:

@@ -281,8 +281,9 @@ class MqttConnection:
             else:
                 self._ready.set()
             if self._birth is not None:
-                self._watch_mid = client.subscribe(self._birth[0], 0)[1]  # our own status: see _on_message (QoS 0:
-                # nothing queued for it while we are away; a broker's ACL may refuse it, which only costs the check)
+                # Our own status (see _on_message), at QoS 1: a NATS node hands QoS 1 subscribers messages in the
+                # order its stream stored them, the order the coordinator reads them in. An ACL may refuse it.
+                self._watch_mid = client.subscribe(self._birth[0], 1)[1]
                 self.send(self._birth[0], self._birth[1], 1, True)
         except Exception as exc:
             self._last_error = f"{type(exc).__name__}: {exc}"
