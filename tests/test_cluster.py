@@ -73,7 +73,8 @@ def test_a_connection_moves_on_from_a_dead_node(mosquitto_broker):
 
 def test_a_stale_will_is_answered_with_the_birth(mosquitto_broker):
     """Another client (standing in for a broker that publishes a replaced connection's will late) puts an
-    offline status on a connected device's topic: the device publishes its birth again, which stays retained."""
+    offline status on a connected device's topic: the device publishes its birth again, which stays retained;
+    its farewell at a clean close stays too."""
     host, port = mosquitto_broker
     url, topic = f"mqtt://{host}:{port}", "stale/status/dev-1"
     device = MqttConnection(url, "stale-dev-1", clean_start=True)
@@ -88,6 +89,8 @@ def test_a_stale_will_is_answered_with_the_birth(mosquitto_broker):
         while last != b"online" and time.monotonic() < end:
             last = _retained(url, topic)
         assert last == b"online"  # without the device's answer it stays b"offline (late will)"
+        device.close()  # a clean leave: its own farewell coming back is not answered
+        assert _retained(url, topic) == b"offline"
     finally:
         other.close()
         device.close()

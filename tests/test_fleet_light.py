@@ -103,6 +103,8 @@ def test_a_stale_will_on_its_own_status_is_answered_with_its_birth():
     assert port.on(topic) == [birth]
     light.on_frame(topic, will, 0.0)
     assert port.on(topic) == [birth, birth]
+    light.on_frame(topic, light.goodbye(), 0.0)  # leaving: its own farewell stays
+    assert port.on(topic) == [birth, birth]
 
 
 def test_update_decodes_with_the_coordinators_inbox():

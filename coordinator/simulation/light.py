@@ -130,6 +130,7 @@ class LightDevice:
         self.acted: tuple[str, int] | None = None
         self.reply: Update | ErrorReply | None = None
         self.seq = self.updates_sent = self.errors_sent = 0
+        self.leaving = False  # goodbye() said: its own offline status coming back is not answered
 
     # ---- presence -----------------------------------------------------------------------------
     def presence(self) -> tuple[str, bytes, bytes]:
@@ -150,14 +151,15 @@ class LightDevice:
         self.port.publish(topic, birth, True)
 
     def goodbye(self) -> bytes:
-        """The offline status a graceful leave publishes (retained)."""
+        """The offline status a graceful leave publishes (retained); from now on it is not answered."""
+        self.leaving = True
         return status_payload(Status(self.device_id, False, self.card))
 
     # ---- incoming -----------------------------------------------------------------------------
     def on_frame(self, topic: str, frame: bytes, now: float) -> None:
         own, birth, _ = self.presence()
         if topic == own:  # connected, yet something else is our status (a will the broker sent late): birth again
-            if frame and frame != birth:
+            if frame and frame != birth and not self.leaving:
                 self.port.publish(own, birth, True)
             return
         try:

@@ -104,7 +104,7 @@ class MqttConnection:
         self._last_error = ""
         self._connacked = False  # a CONNACK accepted us at least once
         self._refused = threading.Event()  # the broker said no (credentials, ACL) or TLS failed: stop waiting
-        self._started = self._closed = False
+        self._started = self._closed = self._leaving = False
         self._attempts = 0  # connection attempts so far (the first goes to the ring's start node)
         self._resubscribe_tries = 0
         self._watch_mid: int | None = None  # the SUBSCRIBE to our own status, acknowledged by nobody's wait
@@ -181,6 +181,7 @@ class MqttConnection:
     def close(self, abrupt: bool = False) -> None:
         if self._closed:
             return
+        self._leaving = True  # our farewell coming back is no stale status to answer
         if not abrupt and self.connected:
             if self._farewell is not None:
                 self.send(self._farewell[0], self._farewell[1], 1, True)
@@ -361,7 +362,7 @@ class MqttConnection:
             # Our own status, never passed on. While we are connected, anything but our birth there is stale: a
             # will the broker published late for a connection we already replaced (a NATS node does so after a
             # failover, once its JetStream answers); published again, the birth has the last word.
-            if message.payload != birth[1] and self.connected:
+            if message.payload != birth[1] and self.connected and not self._leaving:
                 log.info("%s: a stale status replaced our birth on %s; publishing it again", self.client_id, topic)
                 self.send(birth[0], birth[1], 1, True)
             return
