@@ -72,8 +72,8 @@ def test_a_connection_moves_on_from_a_dead_node(mosquitto_broker):
 
 
 def test_a_stale_will_is_answered_with_the_birth(mosquitto_broker):
-    """Another client (standing in for a broker that publishes a replaced connection's will late) puts an
-    offline status on a connected device's topic: the device publishes its birth again, which stays retained;
+    """Another client (standing in for a broker that publishes a replaced connection's will late) puts the
+    device's will on its topic while it is connected: the device publishes its birth again, which stays retained;
     its farewell at a clean close stays too."""
     host, port = mosquitto_broker
     url, topic = f"mqtt://{host}:{port}", "stale/status/dev-1"
@@ -83,12 +83,12 @@ def test_a_stale_will_is_answered_with_the_birth(mosquitto_broker):
     device.connect(10.0)
     other.connect(10.0)
     try:
-        other.send(topic, b"offline (late will)", 1, True)
+        other.send(topic, b"offline", 1, True)  # the device's will, as a broker would publish it
         assert other.flush(10.0)
         end, last = time.monotonic() + 10, _retained(url, topic)
         while last != b"online" and time.monotonic() < end:
             last = _retained(url, topic)
-        assert last == b"online"  # without the device's answer it stays b"offline (late will)"
+        assert last == b"online"  # without the device's answer it stays b"offline"
         device.close()  # a clean leave: its own farewell coming back is not answered
         assert _retained(url, topic) == b"offline"
     finally:

@@ -112,7 +112,7 @@ class _Client:
         self.paho.on_socket_unregister_write = lambda c, u, s: fleet.watch(s, self, write=False)
 
     def start(self) -> None:
-        topic, _, will = self.device.presence()
+        topic, will = self.device.will()
         self.paho.will_set(topic, will, qos=1, retain=True)
         broker = self.ring.current
         self.subscribing.clear()

@@ -15,7 +15,7 @@ task or global is checked and decoded once per process, not once per client) and
 from __future__ import annotations
 
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -131,6 +131,7 @@ class LightDevice:
         self.reply: Update | ErrorReply | None = None
         self.seq = self.updates_sent = self.errors_sent = 0
         self.leaving = False  # goodbye() said: its own offline status coming back is not answered
+        self.wills: deque[bytes] = deque(maxlen=16)  # the wills its connections were given (will())
 
     # ---- presence -----------------------------------------------------------------------------
     def presence(self) -> tuple[str, bytes, bytes]:
@@ -150,6 +151,13 @@ class LightDevice:
         self.port.subscribe([topic])  # its own status: a stale will there is answered (on_frame)
         self.port.publish(topic, birth, True)
 
+    def will(self) -> tuple[str, bytes]:
+        """(status topic, will) for the next connection, remembered: that will coming back while this device
+        is connected is stale (a broker published it late for a connection already replaced)."""
+        topic, _, will = self.presence()
+        self.wills.append(will)
+        return topic, will
+
     def goodbye(self) -> bytes:
         """The offline status a graceful leave publishes (retained); from now on it is not answered."""
         self.leaving = True
@@ -158,8 +166,8 @@ class LightDevice:
     # ---- incoming -----------------------------------------------------------------------------
     def on_frame(self, topic: str, frame: bytes, now: float) -> None:
         own, birth, _ = self.presence()
-        if topic == own:  # connected, yet something else is our status (a will the broker sent late): birth again
-            if frame and frame != birth and not self.leaving:
+        if topic == own:  # connected, yet one of its wills is its status (the broker sent it late): birth again
+            if frame in self.wills and not self.leaving:
                 self.port.publish(own, birth, True)
             return
         try:

@@ -15,6 +15,7 @@ import logging
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
@@ -107,6 +108,7 @@ class MqttConnection:
         self._started = self._closed = self._leaving = False
         self._attempts = 0  # connection attempts so far (the first goes to the ring's start node)
         self._resubscribe_tries = 0
+        self._wills: deque[bytes] = deque(maxlen=16)  # the wills this connection set (one per card it had)
         self._watch_mid: int | None = None  # the SUBSCRIBE to our own status, acknowledged by nobody's wait
         self.connects = 0  # CONNACKs so far: more than 1 after a reconnect (the broker may have lost state)
 
@@ -151,7 +153,8 @@ class MqttConnection:
 
     def _set_presence(self, topic: str, online: bytes, offline: bytes, will: bytes | None) -> None:
         self._birth, self._farewell = (topic, online), (topic, offline)
-        self._client.will_set(topic, offline if will is None else will, qos=1, retain=True)
+        self._wills.append(offline if will is None else will)
+        self._client.will_set(topic, self._wills[-1], qos=1, retain=True)
 
     @property
     def connected(self) -> bool:
@@ -359,10 +362,11 @@ class MqttConnection:
             return
         birth = self._birth
         if birth is not None and topic == birth[0]:
-            # Our own status, never passed on. While we are connected, anything but our birth there is stale: a
-            # will the broker published late for a connection we already replaced (a NATS node does so after a
-            # failover, once its JetStream answers); published again, the birth has the last word.
-            if message.payload != birth[1] and self.connected and not self._leaving:
+            # Our own status, never passed on. One of our own wills arriving while we are connected is stale: the
+            # broker published it late for a connection we already replaced (a NATS node does so after a failover,
+            # once its JetStream answers); published again, the birth has the last word. Other statuses (another
+            # process with our id, a clean farewell) are not ours to overrule.
+            if message.payload in self._wills and self.connected and not self._leaving:
                 log.info("%s: a stale status replaced our birth on %s; publishing it again", self.client_id, topic)
                 self.send(birth[0], birth[1], 1, True)
             return
