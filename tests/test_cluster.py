@@ -144,8 +144,7 @@ def test_killing_a_cluster_node_mid_round_loses_no_acknowledged_update(nats_clus
     for record in records:  # every sampled device answered (an update or an error reply); the run went on
         assert record["aggregated"] and record["updates_received"] + record["updates_failed"] == \
             record["devices_selected"], record
-    # It trained across the failover, its persistent session moved to another node. (Whether it is sampled
-    # afterwards depends on the status the coordinator last saw: docs/BROKERS.md, known gaps.)
+    # It trained across the failover: its persistent session moved to another node.
     assert real in records[KILLED_ROUND]["devices"] and records[KILLED_ROUND]["devices"][real]["last_loss"] > 0
     received = {(name, r["round"]) for r in records for name in r["devices"]}
     # An update acknowledged while its round was open must be in that round's record. A round's close is

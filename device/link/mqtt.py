@@ -108,6 +108,8 @@ class MqttConnection:
         self._started = self._closed = self._leaving = False
         self._attempts = 0  # connection attempts so far (the first goes to the ring's start node)
         self._resubscribe_tries = 0
+        self._granted: set[str] = set()  # filters the broker acknowledged in the current session
+        self._resubscribing: dict[int, list[str]] = {}  # a resubscription's mid -> its filters
         self._wills: deque[bytes] = deque(maxlen=16)  # the wills this connection set (one per card it had)
         self._watch_mid: int | None = None  # the SUBSCRIBE to our own status, acknowledged by nobody's wait
         self.connects = 0  # CONNACKs so far: more than 1 after a reconnect (the broker may have lost state)
@@ -238,6 +240,7 @@ class MqttConnection:
         published after this call arrives through them (paho sends from its own thread)."""
         with self._lock:
             self._filters = [f for f in self._filters if f not in filters]
+            self._granted.difference_update(filters)
             if not self.connected:  # a persistent session keeps them: drop them at the next connect
                 self._stale.update(filters)
                 return
@@ -248,6 +251,8 @@ class MqttConnection:
 
     def _subscribe_now(self, filters: list[str]) -> None:
         self._acknowledged(*self._client.subscribe([(f, 1) for f in filters]), f"subscribe {filters}", "SUBACK")
+        with self._lock:
+            self._granted.update(filters)
 
     def _acknowledged(self, rc: int, mid: int | None, what: str, ack: str, timeout_s: float = 10.0) -> None:
         """Wait for the SUBACK/UNSUBACK of request `mid`. Raises LinkError if it fails or never comes."""
@@ -275,7 +280,13 @@ class MqttConnection:
             self.connects += 1
             log.info("%s: connected to %s (session present: %s)", self.client_id, self.url, flags.session_present)
             with self._lock:
-                filters, stale = list(self._filters), sorted(self._stale - set(self._filters))
+                # With the session present the broker kept what it granted: subscribing again would only make it
+                # send every retained message again, and a NATS node whose copy of them lags behind sends stale
+                # ones (a device's will after its new birth). Only what it never granted goes out.
+                if not flags.session_present:
+                    self._granted.clear()
+                filters = [f for f in self._filters if f not in self._granted]
+                stale = sorted(self._stale - set(self._filters))
                 self._stale.clear()
             if stale:
                 client.unsubscribe(stale)
@@ -287,7 +298,8 @@ class MqttConnection:
             if self._birth is not None:
                 # Our own status (see _on_message), at QoS 1: a NATS node hands QoS 1 subscribers messages in the
                 # order its stream stored them, the order the coordinator reads them in. An ACL may refuse it.
-                self._watch_mid = client.subscribe(self._birth[0], 1)[1]
+                if not (flags.session_present and self._birth[0] in self._granted):
+                    self._watch_mid = client.subscribe(self._birth[0], 1)[1]
                 self.send(self._birth[0], self._birth[1], 1, True)
         except Exception as exc:
             self._last_error = f"{type(exc).__name__}: {exc}"
@@ -301,6 +313,7 @@ class MqttConnection:
             return
         with self._ack_cond:
             self._acks.setdefault(mid, []).append("ready")  # marks the resubscription
+            self._resubscribing[mid] = filters
 
     def _resubscription_refused(self, failures: list[str]) -> None:
         """A node of a cluster may refuse while it elects stream leaders (NATS: 0x80 while a consumer
@@ -309,7 +322,7 @@ class MqttConnection:
         if len(self.ring) > 1 and self._resubscribe_tries < RESUBSCRIBE_TRIES and self.connected:
             log.warning("%s: %s refused resubscription (%s); retrying in 1 s", self.client_id, self.url, failures)
             with self._lock:
-                filters = list(self._filters)
+                filters = [f for f in self._filters if f not in self._granted]
             timer = threading.Timer(1.0, lambda: self._resubscribe(filters) if self.connected else None)
             timer.daemon = True
             timer.start()
@@ -333,11 +346,18 @@ class MqttConnection:
                       reasons: list[mqtt.ReasonCode], properties: Properties | None) -> None:
         try:
             if mid == self._watch_mid:
+                if self._birth is not None and not any(r.is_failure for r in reasons):
+                    with self._lock:
+                        self._granted.add(self._birth[0])
                 return
             failures = [str(r) for r in reasons if r.is_failure]
             with self._ack_cond:
                 if self._acks.get(mid) == ["ready"]:
                     del self._acks[mid]
+                    filters = self._resubscribing.pop(mid, [])
+                    if not failures:
+                        with self._lock:
+                            self._granted.update(filters)
                     if failures:
                         self._resubscription_refused(failures)
                     else:
