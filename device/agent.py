@@ -3,6 +3,8 @@
 It reads typed messages from its link, one at a time on its own thread (ORT is only ever
 touched from there): globals update the parameters it holds, a task for this device runs once
 the global it starts from is held, or gets an error reply when that global does not arrive.
+An async task (FedBuff, docs/PROTOCOL.md section 6.1.1) is an invitation to train once on the
+newest global held; the device is idle again after its update until a newer task names it.
 """
 
 from __future__ import annotations
@@ -61,6 +63,14 @@ class AgentConfig:
     secure_aggregation: bool = False  # send updates only masked (docs/SECAGG.md), never in the clear
     peers: Path | None = None  # allowlist.json: the devices whose signed keys a secure-aggregation roster may hold
     package_id: str | None = None  # the release it runs (flash passes it); None: the package beside the bundle
+    # Simulation only (benchmarks of heterogeneous fleets on one machine): after training, sleep
+    # (simulated_slowdown - 1) x the training time, so this device looks that many times slower.
+    simulated_slowdown: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= self.simulated_slowdown <= 1000.0:
+            raise ValueError(f"--simulated-slowdown must be in 1..1000 (x the real training time), "
+                             f"got {self.simulated_slowdown}")
 
 
 class DeviceAgent:
@@ -74,6 +84,8 @@ class DeviceAgent:
         self.inputs, self._closers = data_inputs(self.runtime, self.examples, config.data, config.cache_dir,
                                                  progress=False)
         self.reference = self.runtime.get_flat()  # the global parameters this device holds
+        self.bundle_start = self.reference.copy()  # the bundle's own trainable values, and their hash
+        self.bundle_start_sha256 = params_sha256(self.bundle_start)
         self.global_round: int | None = None
         self.run_id: str | None = None
         self.feedback: ErrorFeedback | None = None
@@ -100,7 +112,8 @@ class DeviceAgent:
 
     # ---- the loop ---------------------------------------------------------------------------
     def start(self, timeout_s: float = 30.0) -> None:
-        self._resync()
+        # No full global yet: the first task may start from the bundle's own values (start_sha256),
+        # and a task or delta it cannot start from fetches the full vector then (_on_task, _on_global).
         self.link.announce(self.card)  # its birth, will and offline status carry the card
         self.link.connect(timeout_s)
 
@@ -186,6 +199,7 @@ class DeviceAgent:
             log.warning("%s: refused round %d: %s", self.config.device_id, task.round, breach)
             self._reply_error(task, "task_limits", breach)
             return 0
+        self._start_from_bundle(task)
         if not self._holds_start_of(task):
             if not self._syncing:
                 self._resync()
@@ -193,11 +207,27 @@ class DeviceAgent:
             return 0
         return self._run(task)
 
+    def _start_from_bundle(self, task: Task) -> None:
+        """Hold the bundle's own trainable values as the global of `task.round - 1` when the task says
+        the round starts from values with their hash (round 0 of a run: the initial parameters are
+        the bundle's), instead of downloading the full vector: 4 bytes per parameter per device saved.
+        The hash makes it exact: a device holds these bits, or fetches the vector as before."""
+        if task.start_sha256 != self.bundle_start_sha256 or self._holds_start_of(task):
+            return
+        if task.run_id != self.run_id:  # as a global of a new run would (_on_global)
+            self.run_id, self.feedback = task.run_id, None
+            self._restore_state()
+        self.reference, self.global_round = self.bundle_start.copy(), task.round - 1
+        self._stop_sync()
+
     def _acted_on(self, task: Task) -> bool:
         return self.acted is not None and self.acted[0] == task.run_id and task.round <= self.acted[1]
 
     def _holds_start_of(self, task: Task) -> bool:
-        return task.run_id == self.run_id and self.global_round == task.round - 1
+        """Sync: it holds global round - 1. Async (FedBuff): round - 1 or any newer version."""
+        if task.run_id != self.run_id or self.global_round is None:
+            return False
+        return self.global_round >= task.round - 1 if task.is_async else self.global_round == task.round - 1
 
     def _run_waiting(self) -> int:
         """Run the waiting task once its global is held; reply no_global when the wait runs out."""
@@ -221,9 +251,10 @@ class DeviceAgent:
         it), while the round is still open as far as this device knows: a coordinator resumed after
         a kill, or a broker restarted, may have lost it; retraining would break error feedback."""
         reply = self.reply
-        if reply is None or (reply.run_id, reply.round) != (task.run_id, task.round):
+        if reply is None or reply.run_id != task.run_id or not (
+                reply.round == task.round or (task.is_async and reply.round > task.round)):
             return
-        if self.global_round is not None and self.global_round >= task.round:
+        if self.global_round is not None and self.global_round >= reply.round:
             return  # the round has closed: its global is here
         log.info("%s: round %d's task came again; sending the same reply again", self.config.device_id, task.round)
         self._send(reply)
@@ -276,6 +307,8 @@ class DeviceAgent:
         began = time.perf_counter()
         summary = train(self.runtime, self.examples, config, progress=False, inputs=self.inputs)
         train_time = time.perf_counter() - began
+        if self.config.simulated_slowdown > 1.0:  # simulation only: see AgentConfig
+            time.sleep((self.config.simulated_slowdown - 1.0) * train_time)
         delta = self.runtime.get_flat() - self.reference
         if self.secagg is not None:
             return self.secagg.submit(task, delta, max(1, len(self.examples)))
@@ -294,7 +327,9 @@ class DeviceAgent:
             self._platform_sent = True
         self._received_mark = received
         self._seq += 1
-        self.reply = Update(task.run_id, task.round, self.bundle_sha256, self.config.device_id,
+        # async: the update names the version it was trained on (+ 1), the newest this device held
+        trained_on = task.round if not task.is_async or self.global_round is None else self.global_round + 1
+        self.reply = Update(task.run_id, trained_on, self.bundle_sha256, self.config.device_id,
                             max(1, len(self.examples)), self._seq, encoded, metrics)
         self._save_state()  # before sending: a device killed in between sends this same update again
         self.link.send(self.reply)

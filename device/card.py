@@ -19,7 +19,7 @@ import re
 import time
 from pathlib import Path
 
-from edgeftl.device.measure import peak_rss_mib, platform_info
+from edgeftl.device.measure import available_memory_mib, peak_rss_mib, platform_info
 from edgeftl.device.protocol.messages import MAX_TEXT, StatusInfo
 
 log = logging.getLogger("edgeftl.device")
@@ -53,7 +53,14 @@ def device_card(bundle: Path, bundle_sha256: str, package_id: str | None = None)
     package = package_id if package_id is not None else package_id_of(bundle)
     if package is not None:
         card["package_id"] = check_package_id(package)
-    return card
+    return with_memory(card)
+
+
+def with_memory(card: Card) -> Card:
+    """The card with the machine's available memory now (what `--sample memory` weighs by); left
+    out where it is not known."""
+    free = available_memory_mib()
+    return {**card, "mem_available_mib": free} if free is not None else card
 
 
 def check_package_id(package_id: str) -> str:
@@ -107,8 +114,8 @@ def onnxruntime_version() -> str:
 
 def with_progress(card: Card, last_round: int, rounds_done: int) -> Card:
     """The card after the device answered `last_round` (an update or an error reply), having sent
-    `rounds_done` updates; the peak memory is this process's so far."""
-    return {**card, "last_round": last_round, "rounds_done": rounds_done, "peak_rss_mib": peak_rss_mib()}
+    `rounds_done` updates; the peak memory is this process's so far, the available memory the machine's now."""
+    return with_memory({**card, "last_round": last_round, "rounds_done": rounds_done, "peak_rss_mib": peak_rss_mib()})
 
 
 def _text(value: object) -> str:

@@ -66,6 +66,18 @@ def total_memory_mib() -> float | None:
         return None
 
 
+def available_memory_mib() -> float | None:
+    """Memory the machine can still give a new process without swapping, MiB (/proc/meminfo's
+    MemAvailable), or None where that is not known (off Linux)."""
+    try:
+        for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines():
+            if line.startswith("MemAvailable:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def platform_info() -> dict[str, object]:
     """Where the numbers were measured: CPU architecture, OS, core count, memory.
 

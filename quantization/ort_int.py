@@ -95,6 +95,39 @@ def quantize_onnx_inference(src: Path, dst: Path, scheme: QuantScheme) -> None:
     _quantize_dynamic_int8(model, dst, ["Gemm"])
 
 
+def int8_lower_as_before(src: Path, dst: Path) -> int:
+    """Write `src`, an int8 lower stack of this module (8-bit MatMulNBits), with the scheme int8
+    lower stacks had before it: each MatMulNBits back to MatMul on its dequantized weights, then
+    `quantize_dynamic` (per-tensor activations, MatMulInteger). ONNX Runtime Training 1.19.2's
+    MatMulNBits runs only 4 bits, so the benchmark twin that trains a bundle as devices did on
+    that build (tools/bench_device.py) needs this form. Returns the MatMulNBits nodes rewritten."""
+    model = onnx.load(str(src))
+    inits = _initializers(model.graph)
+    nodes: list[onnx.NodeProto] = []
+    count = 0
+    for node in model.graph.node:
+        bits = next((a.i for a in node.attribute if a.name == "bits"), 0)
+        if node.op_type != "MatMulNBits" or bits != 8:
+            nodes.append(node)
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
+        codes = numpy_helper.to_array(inits[node.input[1]]).reshape(n, -1, block).astype(np.float32) - 128.0
+        scale = numpy_helper.to_array(inits[node.input[2]]).reshape(n, -1, 1)
+        weight = (codes * scale).reshape(n, -1)[:, :k].T  # (K, N), as MatMul(x, W) reads it
+        name = f"{node.input[1]}_dequantized"
+        if name not in inits:
+            inits[name] = numpy_helper.from_array(np.ascontiguousarray(weight, dtype=np.float32), name)
+            model.graph.initializer.append(inits[name])
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], list(node.output), name=node.name))
+        count += 1
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    remove_unused_initializers(model.graph)
+    _quantize_dynamic_int8(model, Path(dst), ["MatMul", "Gemm"])
+    return count
+
+
 def _quantize_dynamic_int8(model: onnx.ModelProto, dst: Path, op_types: list[str]) -> None:
     """int8 per-channel weights for `op_types` nodes with constant weights, written to `dst`."""
     # Imported here: this pulls in the quantization tool chain, which callers of the

@@ -72,7 +72,8 @@ def test_error_feedback_eventually_sends_everything():
     assert np.linalg.norm(feedback.residual) < 0.5 * np.linalg.norm(true)
 
 
-@pytest.mark.parametrize("spec", ["", "int3", "topk:0", "topk:1.5", "topk:0.1+topk:0.1", "fp16:8", "int8:7", "zstd"])
+@pytest.mark.parametrize("spec", ["", "int3", "topk:0", "topk:1.5", "topk:0.1+topk:0.1", "fp16:8", "int8:7", "zstd",
+                                  "sign:7", "sign:x"])
 def test_bad_specs_name_the_spec_and_the_accepted_forms(spec):
     with pytest.raises(CodecError, match="accepted"):
         parse_codec(spec)
@@ -104,3 +105,54 @@ def test_hostile_topk_indices_raise_codec_error():
         payload = Encoded(codec.spec, 8, {"gaps": np.array(gaps, np.uint16), "v.values": np.ones(2, np.float32)})
         with pytest.raises(CodecError):
             codec.decode(payload)
+
+
+def test_sign_codec_hand_computed_one_bit_per_value_and_the_mean_magnitude_per_block():
+    # Prepare: two blocks of 8, the second cut to 2 values; scales mean|block| = 0.8 / 8 = 0.1 and 0.5
+    codec = parse_codec("sign:8")
+    v = np.array([0.1, -0.2, 0.0, 0.3, -0.1, 0.05, -0.05, 0.0, 0.4, -0.6], dtype=np.float32)
+    # Execute
+    encoded, decoded = codec.roundtrip(v)
+    # Assert: bits (x >= 0) 1,0,1,1,0,1,0,1 | 1,0 -> 0b10110101 = 181, 0b10000000 = 128
+    assert encoded.arrays["bits"].tolist() == [181, 128]
+    assert encoded.arrays["scale"].tolist() == pytest.approx([0.1, 0.5])
+    assert encoded.nbytes == 2 + 2 * 4
+    np.testing.assert_allclose(decoded, [0.1, -0.1, 0.1, 0.1, -0.1, 0.1, -0.1, 0.1, 0.5, -0.5], atol=1e-7)
+    assert codec.spec == "sign:8" and parse_codec("SIGN").spec == "sign:256"
+
+
+def test_sign_bytes_and_the_energy_it_keeps_of_an_adam_like_update_against_topk():
+    # An Adam update moves every coordinate by about the learning rate: signs keep it, top-1% cannot.
+    rng = np.random.default_rng(0)
+    n = 26501  # the BBC bundle's trainable count
+    update = (np.sign(rng.normal(size=n)) * 0.01 * rng.uniform(0.5, 1.0, size=n)).astype(np.float32)
+    encoded, decoded = parse_codec("sign").roundtrip(update)
+    assert encoded.nbytes == -(-n // 8) + 4 * -(-n // 256)  # 3,313 + 416
+    kept = lambda d: 1 - np.linalg.norm(update - d) ** 2 / np.linalg.norm(update) ** 2
+    assert kept(decoded) > 0.95
+    assert kept(parse_codec("topk:0.01+int8").roundtrip(update)[1]) < 0.05
+
+
+def test_sign_with_error_feedback_tracks_the_sum_of_updates_and_nests_in_topk():
+    rng = np.random.default_rng(2)
+    for spec in ("sign:16", "topk:0.25+sign:16"):
+        feedback = ErrorFeedback(parse_codec(spec), 200)
+        sent, true = np.zeros(200, np.float32), np.zeros(200, np.float32)
+        for _ in range(60):
+            update = rng.normal(size=200).astype(np.float32)
+            true += update
+            sent += feedback.encode(update)[1]
+        np.testing.assert_allclose(true - sent, feedback.residual, atol=1e-3)
+        assert np.linalg.norm(feedback.residual) < 0.5 * np.linalg.norm(true), spec
+
+
+@pytest.mark.parametrize("arrays", [
+    {"bits": np.zeros(1, np.uint8)},  # no scale
+    {"bits": np.zeros(1, np.uint8), "scale": np.ones(2, np.float32)},  # 8 values are one block
+    {"bits": np.zeros(2, np.uint8), "scale": np.ones(1, np.float32)},  # 16 bits for 8 values
+    {"bits": np.zeros(1, np.uint8), "scale": np.array([-1.0], np.float32)},  # a negative magnitude
+    {"bits": np.zeros(1, np.uint8), "scale": np.array([np.nan], np.float32)},
+])
+def test_hostile_sign_payloads_raise_codec_error(arrays):
+    with pytest.raises(CodecError):
+        parse_codec("sign:8").decode(Encoded("sign:8", 8, arrays))

@@ -71,7 +71,8 @@ def typed(case: dict) -> Message:
         return Status(h["device_id"], h["state"] == "online", h.get("info", {}))
     if h["kind"] == "task":
         return Task(h["run_id"], h["round"], h["bundle_sha256"], tuple(h["devices"]), float(h["deadline_s"]),
-                    float(h["lr"]), h["codec"], h.get("epochs"), h.get("steps"), h["batch"])
+                    float(h["lr"]), h["codec"], h.get("epochs"), h.get("steps"), h["batch"], h.get("mode", "sync"),
+                    h.get("start_sha256"))
     if h["kind"] == "error":
         return ErrorReply(h["run_id"], h["round"], h["bundle_sha256"], h["device_id"], h["code"], h["reason"])
     vector = Encoded(h["codec"], h["size"], arrays_of(case["arrays"]))

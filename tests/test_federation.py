@@ -201,6 +201,28 @@ def test_agent_waiting_for_a_global_skips_a_bad_message_and_runs_the_task_once_i
     one.close()
 
 
+def test_a_task_that_starts_from_the_bundles_own_values_needs_no_full_global(tmp_path, tmp_path_factory):
+    # Prepare: round 0's task names the hash of what the bundle holds; no global is ever published
+    from edgeftl.device.protocol.messages import Task, Update, params_sha256
+
+    one = _one_device(tmp_path, tmp_path_factory)
+    agent, listener, sender = one.agent, one.listener, one.sender
+    start = params_sha256(agent.runtime.get_flat())
+    # Execute
+    sender.send(Task("run", 0, one.sha, ("dev0",), 60.0, 1e-2, "none", steps=1, start_sha256=start))
+    sent = agent.run(max_rounds=1, stop_after_s=60)
+    # Assert: trained at once from the bundle's values (the global of round -1), nothing downloaded
+    replies = [listener.receive(0.0) for _ in range(3)]
+    updates = [r.message for r in replies if r is not None and isinstance(r.message, Update)]
+    assert sent == 1 and agent.global_round == -1 and agent.run_id == "run"
+    assert len(updates) == 1 and updates[0].round == 0
+    assert updates[0].metrics["bytes_down"] < 1000  # the task only, no 4-bytes-per-parameter vector
+    # ... while another hash (a run resumed from trained values) still waits for the full vector
+    sender.send(Task("run2", 0, one.sha, ("dev0",), 60.0, 1e-2, "none", steps=1, start_sha256="0" * 64))
+    assert agent.run(stop_after_s=0.5) == 0 and agent.waiting is not None
+    one.close()
+
+
 def test_a_task_whose_global_never_arrives_gets_a_no_global_reply(tmp_path, tmp_path_factory, monkeypatch):
     # Prepare: an agent that holds no global of the run its task belongs to, and a short wait
     from edgeftl.device import agent as agent_module
@@ -226,6 +248,7 @@ def test_a_device_whose_parameters_drift_from_the_coordinators_fetches_the_full_
 
     one = _one_device(tmp_path, tmp_path_factory)
     agent, sender, sha, truth = one.agent, one.sender, one.sha, one.agent.runtime.get_flat()
+    agent._resync()  # catching up, as a task or delta it cannot start from makes it do
     sender.send(Global("run", 0, sha, Encoded("none", truth.size, {"values": truth})))
     agent.run(stop_after_s=0.3)
     assert agent.global_round == 0
@@ -268,6 +291,7 @@ def test_a_device_whose_training_fails_replies_with_an_error_and_the_round_goes_
     assert record["failures"]["dev1"]["code"] == "out_of_memory"
     assert "Failed to allocate memory" in record["failures"]["dev1"]["reason"]
     assert record["wall_s"] < config.deadline_s  # it ended when every sampled device had replied
+    assert isinstance(record["close_s"], float) and record["close_s"] >= 0  # closing, timed apart from the wait
 
 
 def test_error_replies_are_checked_like_updates(tmp_path):

@@ -91,6 +91,8 @@ def test_birth_will_and_subscriptions_follow_the_protocol():
     assert status_from_payload(birth, "light-0", 1 << 16).online
     gone = status_from_payload(will, "light-0", 1 << 16)
     assert not gone.online and gone.info["will"] == 1 and gone.info["bundle_sha256"] == SHA
+    memory = status_from_payload(birth, "light-0", 1 << 16).info["mem_available_mib"]
+    assert 256 <= memory <= 4096 and memory == light.memory_mib()  # fixed per id, for --sample memory
     t = shared.topics
     assert set(port.subscribed) == {*Framer.filters(t.task), *Framer.filters(t.global_delta),
                                     *Framer.filters(t.global_params), topic}

@@ -102,6 +102,7 @@ def test_a_device_card_names_the_package_beside_its_bundle_and_fits_a_status(tmp
     assert (flashed["package_id"], flashed["edgeftl_version"]) == (manifest_id, "1.2.3+gabcdefabcdef")
     assert broken["edgeftl_version"] == installed and given["package_id"] == "fedcba9876543210"
     assert (later["last_round"], later["rounds_done"]) == (3, 2) and later["peak_rss_mib"] >= flashed["peak_rss_mib"]
+    assert alone["mem_available_mib"] > 0 and later["mem_available_mib"] > 0  # Linux: /proc/meminfo MemAvailable
     assert decode(encode(Status("dev-1", True, later)), 1 << 20).info == later
     with pytest.raises(ValueError, match="bad package id 'a b'"):
         device_card(tmp_path, SHA, package_id="a b")

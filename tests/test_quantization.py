@@ -36,6 +36,7 @@ from edgeftl.quantization import (
     tensor_report,
     unpack_nibbles,
 )
+from edgeftl.quantization.ort_int import int8_lower_as_before
 
 
 def _gaussian(rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -538,3 +539,24 @@ def test_bnb_nf4_classifier_loads_and_runs(tmp_path: Path) -> None:
     assert logits.shape == (2, 3) and logits.dtype == torch.float32
     with torch.no_grad():
         torch.testing.assert_close(logits, reference(input_ids=ids).logits, atol=0.05, rtol=0)
+
+
+def test_int8_lower_as_before_rebuilds_the_dynamic_scheme_for_the_training_build_twin(
+        fp32_lower: tuple[Path, nn.Module], tmp_path: Path) -> None:
+    """ONNX Runtime Training 1.19.2 runs only 4-bit MatMulNBits: the benchmark twin gets the int8
+    lower stack as it was before (MatMulInteger on the same int8 weights), computing the same model."""
+    # Prepare
+    src, module = fp32_lower
+    nbits, legacy = tmp_path / "lower_int8.onnx", tmp_path / "lower_legacy.onnx"
+    quantize_onnx_inference(src, nbits, QuantScheme("int8"))
+    ids = np.random.default_rng(2).integers(0, 64, (3, 7), dtype=np.int64)
+
+    # Execute
+    rewritten = int8_lower_as_before(nbits, legacy)
+
+    # Assert: both MatMuls rewritten, no MatMulNBits left, the output still the model's
+    ops = [n.op_type for n in onnx.load(str(legacy)).graph.node]
+    assert rewritten == 2 and "MatMulNBits" not in ops and ops.count("MatMulInteger") == 2
+    ref = module(torch.from_numpy(ids)).detach().numpy()
+    out = _ort_run(str(legacy), ids)
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.05

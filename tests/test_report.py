@@ -19,7 +19,7 @@ from edgeftl.device.cli import main
 from conftest import in_ci
 
 TRAINABLE = 1000  # fp32 update = 4,000 bytes
-FIGURES = 5
+FIGURES = 6
 
 
 def _device(train_time_s: float, peak: float) -> dict:
@@ -95,7 +95,9 @@ def test_report_is_one_self_contained_html_with_its_pngs_beside_it(tmp_path, cap
     assert not re.search(r"(src|href)=['\"]?(https?:)?//", html), "the report must not fetch anything"
     assert len(list(folder.glob("report-*.png"))) == FIGURES
     for text in ("10.0x less than fp32", "70.0%", "tiny/bert", "lora r=8 alpha=16.0 on query, value", "int8",
-                 "aarch64 Linux 5.15.0, 6 CPUs, 7.4 GiB", "2.34 KiB"):
+                 "aarch64 Linux 5.15.0, 6 CPUs, 7.4 GiB", "2.34 KiB",
+                 # final 70% first reached after round 2: 3 rounds, 3 x 800 B up, 3 x 8,400 B down
+                 "3 rounds, 2.34 KiB up / 24.6 KiB down"):
         assert text in html, text
 
 
@@ -110,6 +112,7 @@ def test_two_runs_with_different_codecs_overlay_in_one_report(tmp_path):
     assert "fp16-run (fp16)" in html and "topk-run (topk:0.01+int8)" in html
     assert html.count("data:image/png;base64,") == FIGURES
     assert not (a / "report.html").exists()
+    assert "Held-out accuracy against bytes sent" in html and (a / "report-compare-accuracy-bytes.png").is_file()
 
 
 def test_truncated_last_line_reports_the_complete_rounds_with_a_warning(tmp_path, capsys):
@@ -337,3 +340,20 @@ def test_device_supplied_garbage_in_records_never_breaks_the_report(tmp_path, ca
     assert last["bytes_down"] == 0 and last["updates_received"] == 0 and "accuracy" not in last
     assert {"peak_rss_mib", "train_time_s", "bytes_down", "note"}.isdisjoint(last["devices"]["dev00"])
     assert t["final_accuracy"] == pytest.approx(0.6)
+
+
+def test_a_language_model_run_plots_perplexity_against_bytes(tmp_path):
+    # Prepare: a causal-LM run's records carry perplexity, not accuracy
+    folder = _run(tmp_path / "lm")
+    lines = []
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        record["perplexity"] = 60.0 - 5 * record.pop("accuracy") * 10
+        lines.append(json.dumps(record))
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    # Execute
+    report = write_report([folder])
+    # Assert
+    html = report.html.read_text()
+    assert "Held-out perplexity against bytes sent" in html and (folder / "report-accuracy-bytes.png").is_file()
+    assert html.count("data:image/png;base64,") == FIGURES

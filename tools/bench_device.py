@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         labels = _label_names()
         builds = {name: _build(work / name, labels, flags, args) for name, flags in BUNDLES.items()}
+        for name in BUNDLES:
+            _legacy_lower(work / name)
         data = _prepare_data(work, work / "fp32" / "tokenizer.json", labels)
         runs = _run_all(work, data, args)
         runtime_alone = _runtime_alone(work, data, args)
@@ -259,6 +261,22 @@ def _arm64_emulated(work: Path, data: Path, args) -> list[dict]:
 
 def _reference(bundle: Path) -> Path:
     return bundle.with_name(bundle.name + ".reference")
+
+
+def _legacy_lower(bundle: Path) -> None:
+    """Give a split int8 bundle's training-build twin the lower stack devices ran on that build
+    (quantize_dynamic): ONNX Runtime Training 1.19.2's MatMulNBits runs only 4 bits, not the 8-bit
+    lower stack bundles carry now, so the twin could not load the bundle's own."""
+    from edgeftl.device.protocol.manifest import LOWER_MODEL, read_manifest
+    from edgeftl.quantization.ort_int import int8_lower_as_before
+
+    lower, legacy = bundle / LOWER_MODEL, _reference(bundle) / LOWER_MODEL
+    if read_manifest(bundle).split and lower.is_file() and not legacy.is_file():
+        partial = legacy.with_name(legacy.name + ".partial")
+        if int8_lower_as_before(lower, partial):
+            partial.replace(legacy)
+        else:  # an int4 (or fp32) lower stack: the training build runs the bundle's own
+            partial.unlink(missing_ok=True)
 
 
 def _cpu_seconds() -> tuple[float, float]:
@@ -451,7 +469,9 @@ class _TrainingBuild:
 
         self.manifest = read_manifest(bundle)
         self.reference = ReferenceRuntime(_reference(bundle), threads, shared_arena=True)
-        self.lower = (ort.InferenceSession(str(bundle / LOWER_MODEL), session_options(threads, shared_arena=True),
+        lower = _reference(bundle) / LOWER_MODEL  # the lower stack as before (see _legacy_lower)
+        self.lower = (ort.InferenceSession(str(lower if lower.is_file() else bundle / LOWER_MODEL),
+                                           session_options(threads, shared_arena=True),
                                            providers=["CPUExecutionProvider"]) if self.manifest.split else None)
         self.tokenizer = open_tokenizer(bundle, self.manifest)
         self.set_learning_rate, self.accumulate = self.reference.set_learning_rate, self.reference.accumulate

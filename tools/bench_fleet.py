@@ -108,6 +108,7 @@ def one_run(bundle: Path, devices: int, sampled: int, rounds: int, codec: str, d
             "updates_received": [r["updates_received"] for r in records],
             "coordinator_link_dropped": [r.get("link_dropped", 0) for r in records],
             "round_s_median": round(statistics.median(walls), 3), "round_s_max": round(max(walls), 3),
+            "close_s": [r.get("close_s") for r in records],  # last reply -> global published, the coordinator's
             "coordinator_peak_rss_mib": round(peak.hwm_kib / 1024, 1), "coordinator_cpu_s_total": peak.cpu_s,
             "coordinator_cpu_s_rounds": peak.cpu_per_round(),
             "broker_peak_rss_mib": round(broker_hwm / 1024, 1),

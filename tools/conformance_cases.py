@@ -129,6 +129,10 @@ def typed_messages() -> list[tuple[str, str, messages.Message]]:
         ("status_offline", "status", Status(DEVICE, False)),
         ("status_online_card", "status", Status(DEVICE, True, CARD)),
         ("status_will_card", "status", Status(DEVICE, False, {**CARD, "will": 1})),
+        ("task_async", "task", Task(RUN, 7, BUNDLE, (DEVICE,), 300.0, 0.002, "int8:8", None, 5, 16, "async")),
+        # last, so the refusals' indexes into this list stay as they were
+        ("task_start_sha256", "task", Task(RUN, 0, BUNDLE, (DEVICE,), 30.0, 0.002, "sign:256", None, 5, 16,
+                                           start_sha256=messages.params_sha256(normals(1, N, 0.1)))),
     ]
 
 
@@ -259,6 +263,11 @@ def codec_cases() -> list[dict]:
         codec_case("topk_all", "topk:1+int8:8", normals(29, 9, 1.0)),  # k = n
         codec_case("topk_at_least_one", "topk:0.01", normals(30, 10, 1.0)),  # round(0.1) = 0, k = 1
         codec_case("topk_index_positions", "topk:0.00003", far),  # k = round(2.1) = 2
+        # sign: bit 1 for x >= 0 (-0.0 too), first value in the high bit; the short last block's scale is the
+        # mean over its own 3 values; block 1 all zero (scale 0, every bit 1)
+        codec_case("sign_blocks", "sign:8", [*normals(31, 8, 1.0), *[0.0] * 8, -0.0, 2.5, -3.5]),
+        codec_case("sign_default_block", "sign", normals(32, 9, 1.0)),
+        codec_case("topk_sign", "topk:0.3+sign:8", normals(33, 21, 1.0)),  # k = 6: 6 bits in one byte
         codec_case("topk_index_small_gaps", "topk:0.25", [0, 4.0, 0, 0, 0, 0, -1.0, 0],
                    {"index": np.array([1, 6], np.uint32), "v.values": f32([4.0, -1.0])}),
     ]

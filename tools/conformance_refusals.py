@@ -133,6 +133,7 @@ def message_refusals() -> list[dict]:
         refusal("devices_repeated", m, "bad header", reheader(task, devices=[DEVICE, DEVICE])),
         refusal("device_id_bad_form", m, "bad header", reheader(task, devices=["-dev"])),
         refusal("epochs_and_steps", m, "bad header", reheader(task, epochs=1, steps=20)),
+        refusal("task_mode_unknown", m, "bad header", reheader(task, mode="fedbuff")),
         refusal("run_id_too_long", m, "bad header", reheader(task, run_id="r" * 257)),
         refusal("run_id_control_character", m, "bad header", reheader(task, run_id="run\n1")),
         refusal("base_round_not_round_minus_1", m, "bad header", reheader(

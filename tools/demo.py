@@ -19,6 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edgeftl.coordinator.report.summary import fmt_bytes
+from edgeftl.coordinator.report.targets import final_accuracy, reach
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -28,8 +31,9 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=5, help="local steps per device per round")
-    parser.add_argument("--codec", default="topk:0.02+int4", help="uplink codec (error feedback on devices)")
-    parser.add_argument("--downlink", default="int8", help="codec of the per-round global delta (error feedback on "
+    # sign up and down: the fewest bytes to fp32's accuracy measured on BBC (docs/BENCHMARKS.md, bench_federation)
+    parser.add_argument("--codec", default="sign", help="uplink codec (error feedback on devices)")
+    parser.add_argument("--downlink", default="sign", help="codec of the per-round global delta (error feedback on "
                                                            "the coordinator)")
     args = parser.parse_args()
     command = [sys.executable, "-m", "edgeftl.device.cli", "simulate", "--devices", str(args.devices),
@@ -51,8 +55,13 @@ def main() -> int:
     print(f"uplink {up / 1024:.0f} KiB in {sent} updates: {up / max(1, sent) / 1024:.1f} KiB each, "
           f"{fp32 * sent / max(1, up):.0f}x less than fp32 ({args.codec})")
     down = sum(r["bytes_down"] for r in records)
-    print(f"downlink {down / 1024:.0f} KiB to {args.devices} devices over {len(records)} rounds, the first full "
-          f"global included ({args.downlink} deltas; fp32 would be {fp32 * sent / 1024:.0f} KiB at least)")
+    print(f"downlink {down / 1024:.0f} KiB to {args.devices} devices over {len(records)} rounds ({args.downlink} "
+          f"deltas; round 0 starts from the bundle's own values; fp32 would be {fp32 * sent / 1024:.0f} KiB)")
+    final = final_accuracy(records)
+    cost = reach(records, final) if final is not None else None
+    if cost is not None:  # what users pay for: the bytes until the model was as good as it got
+        print(f"to reach its final accuracy ({final:.1%}): {cost.rounds} rounds, {fmt_bytes(cost.bytes_up)} up, "
+              f"{fmt_bytes(cost.bytes_down)} down")
     print(f"device peak memory {max(r['device_peak_rss_mib'] for r in records):.0f} MiB; "
           f"per-round records in {args.out / 'metrics.jsonl'}")
     report = subprocess.run([sys.executable, "-m", "edgeftl.device.cli", "report", str(args.out)])

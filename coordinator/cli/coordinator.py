@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from edgeftl.coordinator.rounds.config import DEFAULT_STEPS, CoordinatorConfig
+from edgeftl.coordinator.rounds.sampling import SAMPLE_MODES
 from edgeftl.coordinator.rounds.strategy import STRATEGIES
 from edgeftl.device.cli.common import add_security_flags, fail, security_from
 
@@ -35,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 ROUND_FLAGS = {
     "rounds": "federated rounds to run",
     "devices_per_round": "devices sampled per round; 0 = every online device",
+    "sample": f"how they are drawn: {' | '.join(SAMPLE_MODES)} (uniform; by reported free memory; "
+              "least recently sampled first)",
     "min_updates": "updates a round needs to aggregate",
     "deadline_s": "seconds a round waits for updates",
     "wait_devices": "online devices needed before round 0",
@@ -43,7 +46,7 @@ ROUND_FLAGS = {
     "steps": f"local steps per round ({DEFAULT_STEPS} when neither --steps nor --epochs is given)",
     "batch": "local batch size",
     "lr": "local learning rate",
-    "codec": "uplink codec, e.g. none | fp16 | int8 | topk:0.01+int8",
+    "codec": "uplink codec, e.g. none | fp16 | int8 | sign | topk:0.01+int8",
     "downlink": "codec of the per-round global delta",
     "strategy": f"aggregation: {' | '.join(STRATEGIES)}",
     "server_lr": "server learning rate (strategy default when not given)",
@@ -59,6 +62,11 @@ ROUND_FLAGS = {
     "seed": "seed of the device sampling and of the DP noise",
     "run_id": "federation run id; default: a fresh one (--resume keeps the checkpoint's)",
     "prefix": "MQTT topic prefix",
+    "mode": "sync: rounds that wait for every sampled device; async: FedBuff, a new global version every "
+            "--buffer updates, devices training on the latest global they hold (--rounds counts versions, "
+            "--devices-per-round caps the devices training at a time)",
+    "buffer": "async: updates aggregated into each global version",
+    "max_staleness": "async: refuse an update trained on a version more than this many versions old",
 }
 _TYPES = {"int": int, "float": float, "str": str}
 
@@ -86,16 +94,28 @@ def round_line(record: dict) -> str:
     acc += f" eps {record['dp_epsilon']:.2f}" if "dp_epsilon" in record else ""
     acc += f" loss {record['loss']:.4f}" if "loss" in record else ""  # held-out loss: only with --eval
     failed = failed_suffix(record.get("updates_failed", 0))  # records written before error replies lack it
+    if record.get("mode") == "async":
+        return version_line(record, acc, failed)
     return (f"round {record['round']:3d}: {record['updates_received']}/{record['devices_selected']} updates"
             f" ({record['updates_late']} late, {record['updates_rejected']} rejected{failed}){acc}"
             f" up {record['bytes_up'] / 1024:.1f} KiB"
             f" device peak {record['device_peak_rss_mib']:.0f} MiB  {record['wall_s']:.1f} s")
 
 
+def version_line(record: dict, measured: str, failed: str) -> str:
+    """An async run's line per global version: updates used, their staleness, refusals."""
+    stale = record.get("staleness") or {}
+    spread = f"staleness {stale.get('min')}..{stale.get('max')}" if stale else "no updates"
+    return (f"version {record['round']:3d}: {record['updates_received']} updates ({spread}, "
+            f"{record.get('refused_stale', 0)} stale refused, {record['updates_late']} late, "
+            f"{record['updates_rejected']} rejected{failed}, {record.get('devices_training', 0)} training){measured}"
+            f" up {record['bytes_up'] / 1024:.1f} KiB  {record.get('elapsed_s', 0.0):.1f} s")
+
+
 def run(args: argparse.Namespace) -> int:
     from edgeftl.coordinator.cli.live import LiveView
     from edgeftl.coordinator.rounds.evaluate import make_evaluator
-    from edgeftl.coordinator.rounds.loop import Coordinator
+    from edgeftl.coordinator.rounds.fedbuff import make_coordinator
     from edgeftl.device.link import Link, LinkError, MqttConnection
     from edgeftl.device.protocol.auth import coordinator_keys
     from edgeftl.device.protocol.manifest import BundleError, verify_bundle
@@ -112,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         connection = MqttConnection(args.broker, coordinator_client_id(args.prefix), security=security_from(args))
         link = Link.coordinator(connection, args.prefix, keys=keys)
         view = LiveView(config.rounds, config.deadline_s, round_line)  # plain lines when not a terminal
-        coordinator = Coordinator(link, args.bundle, manifest, initial, config, evaluate, on_round=view.on_round)
+        coordinator = make_coordinator(link, args.bundle, manifest, initial, config, evaluate, on_round=view.on_round)
         view.attach(coordinator)
         coordinator.connect()
     except (ValueError, BundleError, LinkError) as exc:

@@ -49,11 +49,7 @@ class Progress:
 
 def snapshot(coordinator) -> dict:
     """The coordinator's intra-round counters (`Inbox.progress()`), online devices and bytes."""
-    try:
-        online = sum(bool(v) for v in list(coordinator.online.values()))
-    except RuntimeError:  # the status callback resized the dict mid-copy; next poll will do
-        online = -1
-    return {**coordinator.inbox.progress(), "online": online,
+    return {**coordinator.inbox.progress(), "online": coordinator.online.count,
             "bytes_up": int(coordinator.link.bytes_received), "bytes_down": int(coordinator.link.bytes_sent)}
 
 

@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="tokens per text of the bundle built here (default: the build's, 128); ignored with --bundle")
     p.add_argument("--device-threads", type=int, default=1)
+    p.add_argument("--simulated-speed-spread", type=float, default=1.0,
+                   help="SIMULATION ONLY: device i of n is slowed down spread^(i/(n-1)) times (each sleeps after "
+                        "training; see `device run --simulated-slowdown`), for fleets of mixed speeds; default 1")
     p.add_argument("--out", type=Path, required=True, help="run folder")
     add_round_flags(p)
 
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
                                bundle=args.bundle, model=args.model, quant=args.quant,
                                train_layers=args.train_layers, max_seq_len=args.max_seq_len,
                                device_threads=args.device_threads,
-                               seed=args.seed)
+                               simulated_speed_spread=args.simulated_speed_spread, seed=args.seed)
         labels = run_labels(sim)  # a data/bundle mismatch is one line before any work
     except ValueError as exc:
         return fail(str(exc))

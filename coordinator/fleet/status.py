@@ -122,7 +122,8 @@ def read_statuses(connection: Connection, prefix: str, wait_s: float, keys: Keys
     Raises:
         LinkError: the broker cannot be reached or refused us.
     """
-    link = Link(connection, prefix, [Topics(prefix).status_filter], keys=keys)
+    link = Link(connection, prefix, [], keys=keys)
+    link.subscribe_state(Topics(prefix).status_filter)
     link.connect(connect_timeout_s)  # returns once the SUBACK is in
     latest: dict[str, Status] = {}
     refused: list[Refused] = []

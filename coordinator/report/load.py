@@ -40,8 +40,8 @@ class Run:
 
     @property
     def label(self) -> str:
-        """Legend text: run folder name and uplink codec."""
-        return f"{self.name} ({self.codec})"
+        """Legend text: run folder name and uplink codec (once, when the folder is named after it)."""
+        return self.name if self.name == self.codec else f"{self.name} ({self.codec})"
 
     @property
     def trainable_params(self) -> int | None:

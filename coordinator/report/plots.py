@@ -16,10 +16,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display, no GUI toolkit
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from edgeftl.coordinator.report.load import Run
-from edgeftl.coordinator.report.summary import fp32_update_bytes, platform_label
+from edgeftl.coordinator.report.summary import fmt_bytes, fp32_update_bytes, platform_label
+from edgeftl.coordinator.report.targets import curve
 
 DPI = 110
 STYLE = {"font.size": 12, "axes.titlesize": 14, "axes.labelsize": 12, "legend.fontsize": 10,
@@ -49,6 +50,7 @@ def all_figures(runs: list[Run], stem: Path, budget_mib: float | None) -> list[F
         measured = (perplexity_loss(runs, out / f"{stem.name}-perplexity.png") if language_model
                     else accuracy_loss(runs, out / f"{stem.name}-accuracy.png"))
         return [measured,
+                measure_against_bytes(runs, out / f"{stem.name}-accuracy-bytes.png", language_model),
                 cumulative_bytes(runs, out / f"{stem.name}-bytes-cumulative.png"),
                 device_bytes(runs, out / f"{stem.name}-bytes-per-device.png"),
                 peak_memory(runs, out / f"{stem.name}-memory.png", budget_mib),
@@ -83,6 +85,34 @@ def perplexity_loss(runs: list[Run], path: Path) -> Figure:
     _legend_below(fig, ppl)
     return _save(fig, path, "Held-out perplexity and loss",
                  "The global language model on the held-out texts after each round; lower is better.")
+
+
+def measure_against_bytes(runs: list[Run], path: Path, language_model: bool = False) -> Figure:
+    """Accuracy (perplexity for a language model) against cumulative upload and download bytes.
+
+    The comparison issue 16 asks for: a codec that learns slowly moves right as it sends more
+    rounds, so the run whose curve is further left reaches an accuracy for fewer bytes.
+    """
+    key, label = ("perplexity", "perplexity") if language_model else ("accuracy", "accuracy (%)")
+    scale = 1 if language_model else 100
+    fig, (up, down) = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
+    for color, style, run in zip(COLORS, MARKERS * 10, runs):
+        for ax, direction in ((up, "bytes_up"), (down, "bytes_down")):
+            points = [(sent, score) for sent, score in curve(run.records, direction, key) if sent > 0]  # log axis
+            ax.plot([x for x, _ in points], [scale * y for _, y in points], color=color, label=run.label, **style)
+    for ax, what in ((up, "uploaded (devices → coordinator)"), (down, "downloaded (to the devices)")):
+        _axes(ax, f"Held-out {key} against bytes {what.split(' ')[0]}", label, xlabel=f"bytes {what}, cumulative")
+        if ax.lines and any(len(line.get_xdata()) for line in ax.lines):
+            ax.set_xscale("log", base=2)  # ticks at powers of 2: whole KiB / MiB labels
+            ax.xaxis.set_major_locator(LogLocator(base=2, numticks=8))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_bytes(v)))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        else:
+            ax.text(0.5, 0.5, "not evaluated (coordinator ran without --eval)", ha="center", transform=ax.transAxes)
+    _legend_below(fig, up)
+    return _save(fig, path, f"Held-out {key} against bytes sent",
+                 "Each point is a round: the global model's score after it, against the bytes all devices had sent "
+                 "(left) and received (right) by then, log scale. Further left is cheaper for the same score.")
 
 
 def cumulative_bytes(runs: list[Run], path: Path) -> Figure:

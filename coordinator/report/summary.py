@@ -6,6 +6,7 @@ Pure functions of loaded runs; plots and HTML format what these return.
 from __future__ import annotations
 
 from edgeftl.coordinator.report.load import Run
+from edgeftl.coordinator.report.targets import final_accuracy, reach
 
 FP32_BYTES = 4  # an uncompressed update sends every trainable value as float32
 KIB, MIB = 1024, 1024 * 1024
@@ -35,6 +36,9 @@ def totals(run: Run) -> dict[str, float | int | None]:
     fp32 = fp32_update_bytes(run)
     accuracy = [r["accuracy"] for r in records if isinstance(r.get("accuracy"), (int, float))]
     perplexity = [r["perplexity"] for r in records if isinstance(r.get("perplexity"), (int, float))]
+    final = final_accuracy(records)
+    # What reaching the final accuracy cost: a run that gets there early could have stopped there.
+    to_final = reach(records, final) if final is not None else None
     return {
         "rounds": len(records),
         "final_accuracy": accuracy[-1] if accuracy else None,
@@ -50,6 +54,9 @@ def totals(run: Run) -> dict[str, float | int | None]:
         "bytes_down": sum(r.get("bytes_down", 0) for r in records),
         "bytes_up_per_update": bytes_up / updates if updates else None,
         "fp32_bytes_up": fp32 * updates if fp32 else None,
+        "rounds_to_final_accuracy": to_final.rounds if to_final else None,
+        "bytes_up_to_final_accuracy": to_final.bytes_up if to_final else None,
+        "bytes_down_to_final_accuracy": to_final.bytes_down if to_final else None,
         "compression_ratio": fp32 * updates / bytes_up if fp32 and bytes_up else None,
         "max_device_peak_rss_mib": max((r.get("device_peak_rss_mib", 0.0) for r in records), default=0.0),
         "wall_s": sum(r.get("wall_s", 0.0) for r in records),
@@ -70,10 +77,19 @@ def summary_rows(run: Run) -> list[tuple[str, str]]:
         ("total bytes up (devices → coordinator)", fmt_bytes(t["bytes_up"])),
         ("total bytes down (to devices)", fmt_bytes(t["bytes_down"])),
         ("bytes per update (uplink)", per_update),
+        ("to reach the final accuracy: rounds, bytes up / down", to_final_text(t)),
         ("uplink compression vs fp32", ratio),
         ("max device peak memory", f"{t['max_device_peak_rss_mib']:.0f} MiB"),
         ("wall time of the rounds", f"{t['wall_s']:.1f} s"),
     ]
+
+
+def to_final_text(t: dict) -> str:
+    """'4 rounds, 1.2 MiB up / 3.4 MiB down': what the first round at the final accuracy had cost."""
+    if t["rounds_to_final_accuracy"] is None:
+        return "-"
+    return (f"{t['rounds_to_final_accuracy']} rounds, {fmt_bytes(t['bytes_up_to_final_accuracy'])} up / "
+            f"{fmt_bytes(t['bytes_down_to_final_accuracy'])} down")
 
 
 def measure_rows(t: dict) -> list[tuple[str, str]]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeftl.coordinator.rounds.privacy.mechanism import DP_STRATEGIES
+from edgeftl.coordinator.rounds.sampling import check_sample_mode
 from edgeftl.coordinator.rounds.secure import STRATEGIES as SECURE_STRATEGIES
 from edgeftl.coordinator.rounds.strategy import KRUM_STRATEGIES, STRATEGIES
 from edgeftl.coordinator.rounds.strategy.guard import DEFAULT_MAX_WEIGHT_RATIO
@@ -13,6 +14,7 @@ from edgeftl.coordinator.rounds.strategy.trimmed import check_trim_fraction
 from edgeftl.device.protocol.codecs import parse_codec
 
 DEFAULT_STEPS = 10
+MODES = ("sync", "async")
 
 
 @dataclass
@@ -22,6 +24,7 @@ class CoordinatorConfig:
     out: Path
     rounds: int = 20
     devices_per_round: int = 0  # 0 = every online device
+    sample: str = "uniform"  # how the devices_per_round are drawn (sampling.SAMPLE_MODES)
     min_updates: int = 1
     deadline_s: float = 120.0
     wait_devices: int = 1  # online devices needed before round 0 starts
@@ -48,6 +51,9 @@ class CoordinatorConfig:
     prefix: str = "edgeftl"
     resume: bool = False  # continue after the checkpoint in `out`
     force: bool = False  # replace the run already in `out` (without it, a non-empty `out` is refused)
+    mode: str = "sync"  # sync rounds, or async buffered aggregation (FedBuff: coordinator/rounds/fedbuff.py)
+    buffer: int = 10  # async: updates aggregated into each new global version
+    max_staleness: int = 10  # async: refuse updates trained on a version older than current - this
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -58,6 +64,7 @@ class CoordinatorConfig:
             raise ValueError("give --resume to continue the run in --out or --force to replace it, not both")
         if self.devices_per_round < 0:
             raise ValueError(f"--devices-per-round must be >= 0, got {self.devices_per_round}")
+        check_sample_mode(self.sample)
         if self.epochs is not None and self.steps is not None:
             raise ValueError("give --epochs or --steps for local training, not both")
         if self.epochs is None and self.steps is None:
@@ -75,6 +82,7 @@ class CoordinatorConfig:
                              f"--clip-norm (the coordinator sees only the sum), got {self.strategy!r}, "
                              f"clip norm {self.clip_norm}")
         self._check_dp()
+        self._check_async()
         if not self.run_id:
             import uuid
 
@@ -100,6 +108,27 @@ class CoordinatorConfig:
                              f"--devices-per-round is {self.devices_per_round}")
         if self.krum_select and self.devices_per_round and self.krum_select > self.devices_per_round:
             raise ValueError(f"--krum-select {self.krum_select} exceeds --devices-per-round {self.devices_per_round}")
+
+    def _check_async(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown --mode {self.mode!r}; accepted: {', '.join(MODES)}")
+        if self.buffer < 1 or self.max_staleness < 0:
+            raise ValueError(f"--buffer must be >= 1 and --max-staleness >= 0, got {self.buffer} and "
+                             f"{self.max_staleness}")
+        if self.mode != "async":
+            return
+        if self.secure_aggregation:
+            raise ValueError("--mode async cannot use --secure-aggregation: masks cancel only in the sum of one "
+                             "round's fixed roster, and a FedBuff buffer mixes devices trained on different versions")
+        if self.dp_noise > 0:
+            raise ValueError("--mode async cannot use --dp-noise: the privacy accountant assumes sampled rounds, "
+                             "not a buffer of updates from different versions")
+        if self.resume:
+            raise ValueError("--mode async cannot --resume: the devices training on older versions are not "
+                             "checkpointed; start over with --force")
+        if self.devices_per_round and self.buffer > self.devices_per_round:
+            raise ValueError(f"--buffer {self.buffer} exceeds --devices-per-round {self.devices_per_round}: at most "
+                             "that many devices train at a time, so a version could never collect its buffer")
 
     def _check_dp(self) -> None:
         if not (0 <= self.dp_noise < float("inf")):

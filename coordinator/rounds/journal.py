@@ -7,7 +7,7 @@ and error reply (`messages.encode`, atomically, one file per device) as it accep
 reopens that round with the same devices, takes the journaled updates through the inbox again,
 and waits only for the rest. The journal is dropped once the round's checkpoint is written.
 
-    journal/round.json          {"run_id", "round", "devices"}
+    journal/round.json          {"run_id", "round", "devices", "sampler"}
     journal/<device_id>.reply   an accepted update or error reply, as received
 """
 
@@ -32,19 +32,27 @@ class Journaled:
     round: int
     devices: list[str]
     updates: list[bytes]
+    sampler: dict | None = None  # the sampler's state once it drew `devices` (None: a journal from before)
 
 
-def open_round(out: Path, run_id: str, round_index: int, devices: list[str]) -> None:
-    """Start the round's journal (an older round's is dropped: its checkpoint exists)."""
+def open_round(out: Path, run_id: str, round_index: int, devices: list[str], sampler: dict | None = None) -> None:
+    """Start the round's journal (an older round's is dropped: its checkpoint exists). `sampler` is
+    the sampling state after drawing `devices`, so that a resumed run goes on drawing as this one."""
     clear(out)
     folder = Path(out) / FOLDER
     folder.mkdir(parents=True)
-    atomic_write(folder / ROUND, json.dumps({"run_id": run_id, "round": round_index, "devices": devices}))
+    head = {"run_id": run_id, "round": round_index, "devices": devices, "sampler": sampler}
+    atomic_write(folder / ROUND, json.dumps(head))
 
 
 def keep(out: Path, reply: Update | ErrorReply) -> None:
     """Journal one accepted reply (device ids are safe file names: [A-Za-z0-9_.-], no leading dot)."""
     atomic_write(Path(out) / FOLDER / f"{reply.device_id}{SUFFIX}", encode(reply))
+
+
+def reply(out: Path, device_id: str) -> bytes:
+    """The journaled reply of one device of the open round, as kept (OSError when there is none)."""
+    return (Path(out) / FOLDER / f"{device_id}{SUFFIX}").read_bytes()
 
 
 def read(out: Path, run_id: str, round_index: int) -> Journaled | None:
@@ -59,7 +67,8 @@ def read(out: Path, run_id: str, round_index: int) -> Journaled | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     updates = [path.read_bytes() for path in sorted(folder.glob(f"*{SUFFIX}")) if path.stem in devices]
-    return Journaled(round_index, devices, updates)
+    sampler = head.get("sampler")
+    return Journaled(round_index, devices, updates, sampler if isinstance(sampler, dict) else None)
 
 
 def clear(out: Path) -> None:

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from edgeftl.coordinator.rounds import checkpoint, journal, records
+from edgeftl.coordinator.rounds.accumulate import Accepted, KeptUpdates, StreamingMean
 from edgeftl.coordinator.rounds.config import CoordinatorConfig
 from edgeftl.coordinator.rounds.inbox import Counted, DeviceFailure, Inbox, ReceivedUpdate
 from edgeftl.coordinator.rounds.privacy.mechanism import ClientDp
+from edgeftl.coordinator.rounds.sampling import OnlineDevices, Sampler
 from edgeftl.coordinator.rounds.secure import SecureRounds
-from edgeftl.coordinator.rounds.strategy import Update as StrategyUpdate
 from edgeftl.coordinator.rounds.strategy import make_strategy
-from edgeftl.coordinator.rounds.strategy.guard import guard_updates
 from edgeftl.device.failpoint import failpoint
 from edgeftl.device.link import Incoming, Link, Refused
 from edgeftl.device.protocol.codecs import Encoded, ErrorFeedback, parse_codec
@@ -38,6 +38,7 @@ from edgeftl.device.protocol.messages import (
     largest_update_bytes,
     one_line,
     params_sha256,
+    vector_of,
 )
 
 log = logging.getLogger("edgeftl.coordinator")
@@ -62,9 +63,10 @@ class Coordinator:
         self.reference = self.params.copy()  # what devices hold (differs when the downlink is lossy)
         self.downlink = ErrorFeedback(parse_codec(config.downlink), self.params.size)
         self.inbox = Inbox(config.run_id, self.bundle_sha256, self.params.size)
-        self.online: dict[str, bool] = {}
+        self.online = OnlineDevices()
         self.platforms: dict[str, dict] = {}  # device -> its platform_* metrics
         self.rng = np.random.default_rng(config.seed)
+        self.sampler = Sampler(config.sample, self.rng)
         self.privacy = (ClientDp(config.clip_norm, config.dp_noise, config.dp_delta, config.seed)
                         if config.dp_noise > 0 else None)  # None: not one step of the round changes
         self.start_round = 0
@@ -94,6 +96,7 @@ class Coordinator:
             self.strategy.load_state(state)
             if isinstance(meta.get("sampler"), dict):  # the same device sampling as an uninterrupted run
                 self.rng.bit_generator.state = meta["sampler"]
+            self.sampler.load_state(meta)
             if self.privacy is not None:  # the budget already spent
                 self.privacy.load_state(meta)
         except (ValueError, KeyError, TypeError) as exc:
@@ -106,11 +109,25 @@ class Coordinator:
         journaled = journal.read(out, self.config.run_id, self.start_round)
         if journaled is not None:  # open it now: replies queued by the broker arrive as soon as we connect
             self.reopened = journaled.devices
+            self._restore_sampler(journaled)
             self.inbox.open_round(self.start_round, journaled.devices)
             self.pending = [r for r in map(self._take_journaled, journaled.updates) if r is not None]
         log.warning("resuming after round %d (%d record restored from the checkpoint, %s)", last, appended,
                     f"{len(self.pending)} journaled replies of round {self.start_round}"
                     if journaled else "no open round")
+
+    def _restore_sampler(self, journaled: journal.Journaled) -> None:
+        """The sampling state as it was once the reopened round's devices were drawn, so the rounds
+        after it draw what an uninterrupted run would have (a journal without it: the devices
+        are at least remembered as sampled)."""
+        try:
+            if journaled.sampler is not None:
+                self.rng.bit_generator.state = journaled.sampler["rng"]
+                self.sampler.load_state(journaled.sampler)
+                return
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("journaled sampler state unusable (%s); sampling goes on from the checkpoint's", exc)
+        self.sampler.note_sampled(journaled.devices, self.start_round)
 
     def wait_for_devices(self) -> int:
         """Read statuses until `wait_devices` devices are online or the wait runs out (replies to a
@@ -123,7 +140,7 @@ class Coordinator:
         return self._online_count()
 
     def _online_count(self) -> int:
-        return sum(self.online.values())
+        return self.online.count
 
     # ---- the rounds ---------------------------------------------------------------------
     def run(self) -> list[dict]:
@@ -138,46 +155,70 @@ class Coordinator:
         sent_before = self.link.bytes_sent
         self._publish_task(round_index, selected)
         secure = self.secure.run(round_index, selected, started + self.config.deadline_s) if self.secure else None
-        received: list[ReceivedUpdate] = []
+        received: list[Accepted] = []
+        gathered: KeptUpdates | StreamingMean
         if secure is not None:  # only the survivors' mean is known: one update
-            failed, updates, count = secure.failed, secure.updates, secure.count
+            failed, gathered, count = secure.failed, KeptUpdates(secure.updates), secure.count
         else:
-            received, failed = self._collect(selected, started + self.config.deadline_s)
-            updates, count = [StrategyUpdate(r.delta, float(r.update.samples)) for r in received], len(received)
+            gathered = self._gathering()
+            received, failed = self._collect(selected, started + self.config.deadline_s, gathered)
+            count = len(received)
+        collected = time.monotonic()  # the round's last reply (or its deadline): the rest is the coordinator's
         counted = self.inbox.close_round()
         refused_globals = None
         self.guarded = {}
-        aggregated = count >= self.config.min_updates and bool(updates)
+        aggregated = count >= self.config.min_updates and len(gathered) > 0
         if aggregated:
-            refused_globals = self._aggregate(updates, round_index, len(selected), online)
+            refused_globals = self._aggregate(gathered, round_index, len(selected), online)
             aggregated = refused_globals is None
         failpoint("before_checkpoint", round_index)
         delta = self._advance_reference()
+        recording = time.monotonic()
         record = self._record(round_index, selected, received, failed, counted, aggregated,
                               self.link.bytes_sent - sent_before, time.monotonic() - started)
+        evaluating_s = time.monotonic() - recording  # the held-out evaluation, mostly
         if refused_globals:
             record["global_refused"] = refused_globals
         if secure is not None:
             record.update(updates_received=secure.count, bytes_up=secure.bytes_up, secure_aggregation=secure.report)
         checkpoint.save(self.config.out, round_index, self.params, self.reference, self.strategy.state(),
                         {"run_id": self.config.run_id, "bundle_sha256": self.bundle_sha256,
-                         "sampler": self.rng.bit_generator.state,
+                         "sampler": self.rng.bit_generator.state, **self.sampler.state(),
                          **(self.privacy.state() if self.privacy is not None else {})}, record)
         journal.clear(self.config.out)
         failpoint("after_checkpoint", round_index)
         record["bytes_published"] += self._publish_global(round_index, delta)
+        # Closing the round without its evaluation: aggregate, checkpoint, publish the global
+        record["close_s"] = round(time.monotonic() - collected - evaluating_s, 3)
         self._log(record)
         return record
 
-    def _aggregate(self, updates: list[StrategyUpdate], round_index: int, sampled: int, online: int) -> str | None:
+    def _gathering(self) -> KeptUpdates | StreamingMean:
+        """Where the round's updates go as they arrive: one running sum when the strategy (or DP's
+        noisy mean, which stands in for it) needs only their mean, else the list of them all."""
+        c = self.config
+        if self.strategy.streams_mean or self.privacy is not None:
+            return StreamingMean(self.params.size, c.clip_norm, c.max_weight_ratio, self.privacy is not None,
+                                 self._reload)
+        return KeptUpdates()
+
+    def _reload(self, device_id: str) -> np.ndarray:
+        """An accepted update's delta read back from the round's journal (the weight cap's correction)."""
+        message = decode(journal.reply(self.config.out, device_id), self.link.max_message_bytes)
+        if not isinstance(message, Update):
+            raise MessageError(f"journaled reply of {device_id!r} is not its update")
+        return vector_of(message, self.params.size)
+
+    def _aggregate(self, gathered: KeptUpdates | StreamingMean, round_index: int, sampled: int,
+                   online: int) -> str | None:
         """Aggregate the round's updates into self.params; None, or why the new global was refused
         (not finite, out of range, or a step above --max-step-norm), in which case params and the
         strategy's state stay as they were and the round counts as not aggregated."""
-        updates, self.guarded = guard_updates(updates, self.config.clip_norm, self.config.max_weight_ratio)
-        if self.privacy is not None:  # the strategy sees one noisy mean, never a device's update
-            updates = [self.privacy.noisy_mean(updates, round_index, sampled, online)]
+        closed = gathered.close(self.config.clip_norm, self.config.max_weight_ratio, self.privacy, round_index,
+                                sampled, online)
+        self.guarded = closed.guarded
         saved = {k: v.copy() for k, v in self.strategy.state().items()}
-        candidate = self.strategy.aggregate(self.reference, updates)
+        candidate = self.strategy.aggregate(self.reference, closed.updates)
         problem = global_problem(candidate, self.reference, self.config.max_step_norm)
         if problem is None:
             self.params = candidate
@@ -186,30 +227,25 @@ class Coordinator:
         log.error("round's new global refused: %s; keeping the previous one", problem)
         return problem
 
-    def _sample(self) -> list[str]:
-        online = sorted(d for d, up in self.online.items() if up)
-        count = self.config.devices_per_round or len(online)
-        if len(online) <= count:
-            return online
-        return sorted(self.rng.choice(online, size=count, replace=False).tolist())
-
     def _open_round(self, round_index: int) -> list[str]:
         """The round's devices: a fresh sample, journaled, or those of the round `connect()` reopened."""
         if self.reopened is not None:
             selected, self.reopened = self.reopened, None
             return selected
-        selected = self._sample()
+        selected = self.sampler.sample(self.online, self.config.devices_per_round, round_index)
         self.inbox.open_round(round_index, selected)
-        journal.open_round(self.config.out, self.config.run_id, round_index, selected)
+        journal.open_round(self.config.out, self.config.run_id, round_index, selected,
+                           {"rng": self.rng.bit_generator.state, **self.sampler.state()})
         return selected
 
-    def _collect(self, selected: list[str], deadline: float) -> tuple[list[ReceivedUpdate], list[DeviceFailure]]:
-        """Updates and error replies (those taken before the round, then new ones) until every
-        sampled device has replied (or gone offline) or the deadline passes."""
-        received: list[ReceivedUpdate] = []
+    def _collect(self, selected: list[str], deadline: float,
+                 gathered: KeptUpdates | StreamingMean) -> tuple[list[Accepted], list[DeviceFailure]]:
+        """Updates (into `gathered`) and error replies (those taken before the round, then new ones)
+        until every sampled device has replied (or gone offline) or the deadline passes."""
+        received: list[Accepted] = []
         failed: list[DeviceFailure] = []
         for early in self.pending:
-            self._add(early, received, failed)
+            self._add(early, received, failed, gathered)
         self.pending = []
         connects = self.link.connects
         while len(received) + len(failed) < len(selected) and time.monotonic() < deadline:
@@ -219,20 +255,23 @@ class Coordinator:
                 self.link.send(self.task)
             reply = self._take(self.link.receive(timeout_s=min(0.5, deadline - time.monotonic())))
             if reply is not None:
-                self._add(reply, received, failed)
+                self._add(reply, received, failed, gathered)
         return received, failed
 
-    def _add(self, reply: ReceivedUpdate | DeviceFailure, received: list[ReceivedUpdate],
-             failed: list[DeviceFailure]) -> None:
-        """Count one accepted reply and journal it (a resumed coordinator reloads the journal)."""
-        if isinstance(reply, DeviceFailure):
-            failed.append(reply)
-        else:  # an update after the device's will replaces its failure: it came back in time
-            failed[:] = [f for f in failed if f.device_id != reply.update.device_id]
-            received.append(reply)
+    def _add(self, reply: ReceivedUpdate | DeviceFailure, received: list[Accepted], failed: list[DeviceFailure],
+             gathered: KeptUpdates | StreamingMean) -> None:
+        """Journal one accepted reply (a resumed coordinator reloads the journal) and count it; an
+        update's vector goes to `gathered`, and only what the record needs of it is kept here."""
         kept = reply.update if isinstance(reply, ReceivedUpdate) else reply.reply  # None: its will
         if kept is not None:
             journal.keep(self.config.out, kept)
+        if isinstance(reply, DeviceFailure):
+            failed.append(reply)
+            return
+        device = reply.update.device_id  # an update after the device's will replaces its failure: back in time
+        failed[:] = [f for f in failed if f.device_id != device]
+        gathered.add(device, reply.delta, float(reply.update.samples))
+        received.append(Accepted(device, dict(reply.update.metrics), reply.payload_bytes))
 
     def _take_journaled(self, payload: bytes) -> ReceivedUpdate | DeviceFailure | None:
         try:
@@ -252,7 +291,7 @@ class Coordinator:
             return None
         message = item.message
         if isinstance(message, Status):
-            self.online[message.device_id] = message.online
+            self.online.note(message)
             return None if message.online else self.inbox.offline(message.device_id)
         if isinstance(message, (Update, ErrorReply)):
             return self.inbox.take(message, item.nbytes)
@@ -262,7 +301,7 @@ class Coordinator:
     def _publish_task(self, round_index: int, selected: list[str]) -> None:
         c = self.config
         self.task = Task(c.run_id, round_index, self.bundle_sha256, tuple(selected), c.deadline_s, c.lr, c.codec,
-                         c.epochs, c.steps, c.batch)
+                         c.epochs, c.steps, c.batch, start_sha256=params_sha256(self.reference))
         self.link.send(self.task)
 
     def _publish_full(self, round_index: int) -> int:
@@ -284,18 +323,19 @@ class Coordinator:
         return sent + self._publish_full(round_index)
 
     # ---- records ----------------------------------------------------------------------------
-    def _record(self, round_index: int, selected: list[str], received: list[ReceivedUpdate],
+    def _record(self, round_index: int, selected: list[str], received: list[Accepted],
                 failed: list[DeviceFailure], counted: Counted, aggregated: bool, sent: int, wall_s: float) -> dict:
         metrics: dict[str, dict] = {}
         for r in received:  # devices describe their platform once; every record carries it
-            known = self.platforms.setdefault(r.update.device_id, {})
-            known.update({k: v for k, v in r.update.metrics.items() if k.startswith("platform_")})
-            metrics[r.update.device_id] = {**known, **r.update.metrics}
+            known = self.platforms.setdefault(r.device_id, {})
+            known.update({k: v for k, v in r.metrics.items() if k.startswith("platform_")})
+            metrics[r.device_id] = {**known, **r.metrics}
         record = {
             "format": records.METRICS_FORMAT,
             "round": round_index,
             "devices_online": self._online_count(),
             "devices_selected": len(selected),
+            "sample_mode": self.sampler.mode,
             "updates_received": len(received),
             "updates_late": counted.late,
             "updates_redelivered": counted.redelivered,

@@ -20,7 +20,8 @@ METRICS_FORMAT = 1  # the `format` field of every record; readers refuse records
 # Record fields that readers sum or take maxima of; `clean` turns anything else found there into 0.
 COUNTERS = ("devices_online", "devices_selected", "updates_received", "updates_late", "updates_redelivered",
             "updates_rejected", "updates_failed", "link_dropped", "chunks_evicted",
-            "bytes_up", "bytes_down", "bytes_published", "device_peak_rss_mib", "wall_s")
+            "bytes_up", "bytes_down", "bytes_published", "device_peak_rss_mib", "wall_s", "close_s",
+            "updates_used", "refused_stale", "devices_training", "elapsed_s")  # the last four: async versions
 MEASURES = ("accuracy", "loss", "perplexity")  # evaluation results: dropped when not numbers
 
 

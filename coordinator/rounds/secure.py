@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edgeftl.coordinator.rounds.inbox import DeviceFailure, Inbox, ReceivedUpdate
+from edgeftl.coordinator.rounds.sampling import OnlineDevices
 from edgeftl.coordinator.rounds.strategy import Update as StrategyUpdate
 from edgeftl.device.link import Incoming, Link, Refused
 from edgeftl.device.protocol.messages import SecAgg
@@ -45,12 +46,12 @@ class SecureRounds:
         link: the coordinator's link.
         take: the loop's handler for everything that is not a secagg message (statuses, error replies).
         inbox: counts refusals in the round record; its run id is the run's.
-        online: device -> online, kept current by `take`.
+        online: the registered devices, kept current by `take`.
         grace_s: how long a stage still waits once the round's deadline has passed.
     """
 
     def __init__(self, link: Link, take: Callable[[Incoming | Refused | None], ReceivedUpdate | DeviceFailure | None],
-                 inbox: Inbox, online: dict[str, bool], bundle_sha256: str, size: int, grace_s: float) -> None:
+                 inbox: Inbox, online: OnlineDevices, bundle_sha256: str, size: int, grace_s: float) -> None:
         self.link, self.take, self.inbox, self.online = link, take, inbox, online
         self.bundle_sha256, self.size, self.grace_s = bundle_sha256, size, grace_s
 
@@ -115,7 +116,7 @@ class SecureRounds:
             outcome.bytes_up += item.nbytes
 
     def _gone(self, outcome: SecureOutcome) -> set[str]:
-        return {f.device_id for f in outcome.failed} | {d for d, up in self.online.items() if not up}
+        return {f.device_id for f in outcome.failed} | self.online.offline
 
     def _send(self, round_index: int, device: str, answer: Stage) -> None:
         name, payload, masked = to_payload(answer)

@@ -8,10 +8,11 @@ the broker's listen backlog is not flooded. `--procs P` starts P - 1 more proces
 each with its slice of the device ids. Each process raises its open-file limit (soft to hard) and
 says so: a client is one file descriptor here and one in the broker (which inherits the limit of
 whoever starts it). Mosquitto queues at most max_queued_messages (default 1,000) + max_inflight_messages
-(20) QoS 1 messages per client: a coordinator that subscribes after N devices are online gets only that
-many of their retained statuses (measured: 1,020 of 12,000 online), so raise it for large fleets. Given a
-broker cluster's nodes (`--broker mqtt://a:1,mqtt://b:2,...`), each device starts at one chosen by a hash
-of its id and moves to the next when its connection is lost (docs/BROKERS.md).
+(20) QoS 1 messages per client: a coordinator that subscribed to statuses at QoS 1 after N devices were
+online got only that many of their retained statuses (measured: 1,020 of 12,000 online); it now reads
+them at QoS 0 (Link.subscribe_state), and sees them all (tests/test_fleet_late.py).
+Given a broker cluster's nodes (`--broker mqtt://a:1,mqtt://b:2,...`), each device starts at one chosen by
+a hash of its id and moves to the next when its connection is lost (docs/BROKERS.md).
 
     python tools/fleet_load.py --broker mqtt://127.0.0.1:1883 --bundle b/ --devices 1000 --procs 2
 """

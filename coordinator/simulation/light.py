@@ -4,10 +4,11 @@ A `LightDevice` does what `device/agent.py` does on the wire (birth and will sta
 task and global-delta subscriptions, the retained full global while it catches up, one reply per
 sampled round, error replies, the same reply again when the retained task comes again) but its
 update is a precomputed synthetic delta of the bundle's trainable size, encoded with the task's
-codec. It tracks which global round it holds from the globals' headers (no vector arithmetic, so
-no params_sha256 check: its update does not depend on the parameters). It owns no socket: a `Port`
-moves its frames (fleet.py drives thousands of them over paho-mqtt clients in one selectors loop;
-tests use a recording port). `Shared` holds what every
+codec (an async task, docs/PROTOCOL.md section 6.1.1: "trained" on the newest global held,
+and named so in the update's round). It tracks which global round it holds from the globals'
+headers (no vector arithmetic, so no params_sha256 check: its update does not depend on the
+parameters). It owns no socket: a `Port` moves its frames (fleet.py drives thousands of them over
+paho-mqtt clients in one selectors loop; tests use a recording port). `Shared` holds what every
 light device of a process has in common: the bundle's identity, decoded messages (each distinct
 task or global is checked and decoded once per process, not once per client) and encoded deltas.
 """
@@ -121,17 +122,23 @@ class LightDevice:
         self.delay_s = behaviour.delay_s * float(behaviour.spread ** self.rng.random())
         self.framer = Framer(DEFAULT_MAX_CHUNK, DEFAULT_MAX_MESSAGE_BYTES)
         self.card: dict[str, str | int | float] = {"platform_machine": "light", "bundle_sha256": shared.bundle_sha256,
-                                                   "rounds_done": 0}
+                                                   "rounds_done": 0, "mem_available_mib": self.memory_mib()}
         self.run_id: str | None = None
         self.global_round: int | None = None
         self.syncing = False
         self.waiting: tuple[Task, float] | None = None  # a task whose global has not arrived, and until when
         self.due: tuple[Task, float] | None = None  # a task being "trained", and when its reply goes out
         self.acted: tuple[str, int] | None = None
+        self.trained_on: int | None = None  # the global version the task being "trained" started from
         self.reply: Update | ErrorReply | None = None
         self.seq = self.updates_sent = self.errors_sent = 0
         self.leaving = False  # goodbye() said: its own offline status coming back is not answered
         self.wills: deque[bytes] = deque(maxlen=16)  # the wills its connections were given (will())
+
+    def memory_mib(self) -> int:
+        """The free memory this light device claims, spread log-uniformly over 256-4096 MiB (fixed
+        per device id), so that `--sample memory` has a fleet of phones and boards to choose from."""
+        return int(256 * 16 ** float(np.random.default_rng(zlib.crc32(b"mem:" + self.device_id.encode())).random()))
 
     # ---- presence -----------------------------------------------------------------------------
     def presence(self) -> tuple[str, bytes, bytes]:
@@ -205,8 +212,9 @@ class LightDevice:
             return
         if self.acted is not None and self.acted[0] == task.run_id and task.round <= self.acted[1]:
             reply = self.reply  # the retained task again (after a reconnect): the same reply, if the round is open
-            if reply is not None and (reply.run_id, reply.round) == (task.run_id, task.round) and \
-                    (self.global_round is None or self.global_round < task.round):
+            if reply is not None and reply.run_id == task.run_id and \
+                    (reply.round == task.round or (task.is_async and reply.round > task.round)) and \
+                    (self.global_round is None or self.global_round < reply.round):
                 self._send(reply)
             return
         if task.bundle_sha256 != self.shared.bundle_sha256:
@@ -217,6 +225,8 @@ class LightDevice:
         if task.run_id != self.run_id or self.global_round != task.round - 1:
             self._sync(True)  # as the agent does: read the retained full global (a delta may have been lost)
         self.tick(now)
+        if self.waiting is not None:  # as the agent does: fetch the retained full global (a new run's, say)
+            self._sync(True)
 
     # ---- the clock ------------------------------------------------------------------------------
     def next_due(self) -> float | None:
@@ -229,14 +239,21 @@ class LightDevice:
         """Start a waiting task once its global is held (or give up: no_global); send a reply that is due."""
         if self.waiting is not None:
             task, until = self.waiting
-            if task.run_id == self.run_id and self.global_round == task.round - 1:
+            if self._holds_start_of(task):
                 self.waiting, self.due = None, (task, now + self.delay_s)
+                self.trained_on = self.global_round
             elif now >= until:
                 self.waiting = None
                 self._error(task, "no_global", f"the global parameters of round {task.round - 1} did not arrive")
         if self.due is not None and now >= self.due[1]:
             task, self.due = self.due[0], None
             self._answer(task)
+
+    def _holds_start_of(self, task: Task) -> bool:
+        """Sync: global round - 1 is held. Async (FedBuff): round - 1 or any newer version."""
+        if task.run_id != self.run_id or self.global_round is None:
+            return False
+        return self.global_round >= task.round - 1 if task.is_async else self.global_round == task.round - 1
 
     def _answer(self, task: Task) -> None:
         draw = self.rng.random()
@@ -261,7 +278,9 @@ class LightDevice:
         if self.seq == 0:
             metrics["platform_machine"] = "light"
         self.seq += 1
-        self.reply = Update(task.run_id, task.round, self.shared.bundle_sha256, self.device_id,
+        # async: the update names the version it was "trained" on (+ 1), the newest held when it started
+        trained_on = task.round if not task.is_async or self.trained_on is None else self.trained_on + 1
+        self.reply = Update(task.run_id, trained_on, self.shared.bundle_sha256, self.device_id,
                             self.behaviour.samples, self.seq, encoded, metrics)
         return self.reply
 

@@ -52,9 +52,12 @@ class SimulationConfig:
     train_layers: int | None = None  # build with LoRA only in the top K blocks (cached lower stack)
     max_seq_len: int | None = None  # tokens per text of a bundle built here (default: the build's)
     device_threads: int = 1
+    simulated_speed_spread: float = 1.0  # simulation only: device i of n sleeps to look spread^(i/(n-1)) x slower
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not 1.0 <= self.simulated_speed_spread <= 1000.0:
+            raise ValueError(f"--simulated-speed-spread must be in 1..1000, got {self.simulated_speed_spread}")
         if self.task is not None and self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; accepted tasks: {', '.join(TASKS)}")
         low, high = SEQ_LEN_RANGE
@@ -191,7 +194,7 @@ def device_processes(sim: SimulationConfig, url: str, bundle: Path, files: list[
             command = [*program, "--broker", url,
                        "--bundle", str(bundle), "--data", str(data), "--id", name, "--prefix", prefix,
                        "--threads", str(sim.device_threads), "--state", str(logs / name),
-                       "--cache-dir", str(sim.out / "cache")]
+                       "--cache-dir", str(sim.out / "cache"), *slowdown_flag(sim, device, len(files))]
             log = open(logs / f"{name}.log", "w")
             processes.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
         yield [p for p, _ in processes]
@@ -206,11 +209,19 @@ def device_processes(sim: SimulationConfig, url: str, bundle: Path, files: list[
             log.close()
 
 
+def slowdown_flag(sim: SimulationConfig, device: int, devices: int) -> list[str]:
+    """Simulation only: device `device` of `devices` looks spread^(device / (devices - 1)) times slower."""
+    if sim.simulated_speed_spread == 1.0:
+        return []
+    slowdown = sim.simulated_speed_spread ** (device / max(1, devices - 1))
+    return ["--simulated-slowdown", f"{slowdown:.4f}"]
+
+
 def simulate(sim: SimulationConfig, rounds: CoordinatorConfig, on_round: Callable[[dict], None],
              on_start: Callable[[object], None] | None = None,
              programs: dict[str, list[str]] | None = None) -> list[dict]:
     from edgeftl.coordinator.rounds.evaluate import make_evaluator
-    from edgeftl.coordinator.rounds.loop import Coordinator
+    from edgeftl.coordinator.rounds.fedbuff import make_coordinator
     from edgeftl.device.link import Link, MqttConnection
     from edgeftl.device.protocol.manifest import verify_bundle
     from edgeftl.device.protocol.topics import coordinator_client_id
@@ -233,7 +244,7 @@ def simulate(sim: SimulationConfig, rounds: CoordinatorConfig, on_round: Callabl
     initial = trainable_vector(bundle, manifest)
     with broker_for(sim) as url, device_processes(sim, url, bundle, files, rounds.prefix, programs) as processes:
         link = Link.coordinator(MqttConnection(url, coordinator_client_id(rounds.prefix)), rounds.prefix)
-        coordinator = Coordinator(link, bundle, manifest, initial, rounds, evaluate, on_round)
+        coordinator = make_coordinator(link, bundle, manifest, initial, rounds, evaluate, on_round)
         if on_start is not None:
             on_start(coordinator)
         try:

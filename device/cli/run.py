@@ -28,6 +28,9 @@ def add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=None, help="exit after sending this many updates")
     p.add_argument("--package-id", default=None, help="the release this device runs, shown by `edgeftl fleet "
                    "status` (edgeftl flash passes it; default: the id of the edgeftl-package.json beside the bundle)")
+    p.add_argument("--simulated-slowdown", type=float, default=1.0,
+                   help="SIMULATION ONLY: after each local training, sleep (X - 1) x its duration, so this device "
+                        "looks X times slower (benchmarks of fleets with mixed speeds on one machine; default 1)")
     limits = TaskLimits()
     for name in ("steps", "epochs", "batch"):
         p.add_argument(f"--max-{name}", type=int, default=getattr(limits, f"max_{name}"),
@@ -63,7 +66,7 @@ def make_agent(args: argparse.Namespace) -> DeviceAgent:
     limits = TaskLimits(args.max_steps, args.max_epochs, args.max_batch)
     return DeviceAgent(link, AgentConfig(args.id, args.bundle, args.data, args.state, args.cache_dir, args.threads,
                                          args.micro_batch, limits, args.secure_aggregation, args.peers,
-                                         args.package_id))
+                                         args.package_id, args.simulated_slowdown))
 
 
 def serve(agent: DeviceAgent, args: argparse.Namespace) -> dict:

@@ -168,7 +168,7 @@ class InProcessConnection:
         else:
             raise LinkError(f"{self.client_id!r} is not connected; a QoS 0 message would be lost")
 
-    def subscribe(self, filters: list[str]) -> None:
+    def subscribe(self, filters: list[str], qos: int = 1) -> None:
         for topic_filter in filters:
             validate_filter(topic_filter)
         self._filters += [f for f in filters if f not in self._filters]

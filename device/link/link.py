@@ -84,7 +84,7 @@ class Connection(Protocol):
 
     def send(self, topic: str, payload: bytes, qos: int, retain: bool) -> None: ...
 
-    def subscribe(self, filters: list[str]) -> None: ...
+    def subscribe(self, filters: list[str], qos: int = 1) -> None: ...
 
     def unsubscribe(self, filters: list[str]) -> None: ...
 
@@ -159,8 +159,19 @@ class Link:
     def coordinator(cls, connection: Connection, prefix: str, keys: Keys | None = None, **limits: int) -> Link:
         """The coordinator's link: reads updates, error replies and statuses of every device."""
         topics = Topics(prefix)
-        return cls(connection, prefix, [topics.updates_filter, topics.status_filter, topics.secagg_up_filter],
-                   keys=keys, **limits)
+        link = cls(connection, prefix, [topics.updates_filter, topics.secagg_up_filter], keys=keys, **limits)
+        link.subscribe_state(topics.status_filter)
+        return link
+
+    def subscribe_state(self, topic_filter: str) -> None:
+        """Read a filter of retained state (device statuses) at QoS 0. The broker then writes the
+        retained messages straight out instead of queueing QoS 1 copies per client, which Mosquitto
+        caps at max_queued_messages (1,000 by default: a coordinator that subscribed at QoS 1 after
+        2,000 or 10,000 devices were online learned of 1,020). QoS 0 drops a live status only when
+        the broker's queue to this client is full anyway; the reader then holds a stale state for
+        that device (at worst it samples one that does not reply, which the round's deadline already
+        handles) until the retained copy, always the latest, comes again at the next (re)subscribe."""
+        self.connection.subscribe(self.framer.filters(topic_filter), qos=0)
 
     # ---- the interface ----------------------------------------------------------------------
 

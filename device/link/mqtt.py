@@ -93,7 +93,7 @@ class MqttConnection:
         self._client.on_unsubscribe = self._on_unsubscribe
         self._client.on_message = self._on_message
         self._lock = threading.Lock()
-        self._filters: list[str] = []  # subscribed (again after every reconnect)
+        self._filters: dict[str, int] = {}  # filter -> QoS, subscribed (again after every reconnect)
         self._stale: set[str] = set()  # unsubscribed while disconnected: sent at the next connect
         self._birth: tuple[str, bytes] | None = None  # published (retained) after every connect
         self._farewell: tuple[str, bytes] | None = None  # published by close() (a clean DISCONNECT drops the will)
@@ -226,20 +226,21 @@ class MqttConnection:
             with self._lock:
                 self._pending.append(info)
 
-    def subscribe(self, filters: list[str]) -> None:
-        """Add filters; once connected, returns after the broker acknowledged them."""
+    def subscribe(self, filters: list[str], qos: int = 1) -> None:
+        """Add filters at `qos` (0 for retained state: Link's state_subscriptions); once connected,
+        returns after the broker acknowledged them."""
         for topic_filter in filters:
             validate_filter(topic_filter)
         with self._lock:
-            self._filters += [f for f in filters if f not in self._filters]
+            self._filters.update(dict.fromkeys(filters, qos))
         if self.connected:
-            self._subscribe_now(filters)
+            self._subscribe_now([(f, qos) for f in filters])
 
     def unsubscribe(self, filters: list[str]) -> None:
         """Drop filters; once connected, returns after the broker acknowledged it, so nothing
         published after this call arrives through them (paho sends from its own thread)."""
         with self._lock:
-            self._filters = [f for f in self._filters if f not in filters]
+            self._filters = {f: q for f, q in self._filters.items() if f not in filters}
             self._granted.difference_update(filters)
             if not self.connected:  # a persistent session keeps them: drop them at the next connect
                 self._stale.update(filters)
@@ -249,10 +250,10 @@ class MqttConnection:
         except LinkError as exc:  # harmless: what still arrives through them is ignored by the reader
             log.warning("%s: %s", self.client_id, exc)
 
-    def _subscribe_now(self, filters: list[str]) -> None:
-        self._acknowledged(*self._client.subscribe([(f, 1) for f in filters]), f"subscribe {filters}", "SUBACK")
+    def _subscribe_now(self, filters: list[tuple[str, int]]) -> None:
+        self._acknowledged(*self._client.subscribe(filters), f"subscribe {[f for f, _ in filters]}", "SUBACK")
         with self._lock:
-            self._granted.update(filters)
+            self._granted.update(f for f, _ in filters)
 
     def _acknowledged(self, rc: int, mid: int | None, what: str, ack: str, timeout_s: float = 10.0) -> None:
         """Wait for the SUBACK/UNSUBACK of request `mid`. Raises LinkError if it fails or never comes."""
@@ -285,7 +286,7 @@ class MqttConnection:
                 # ones (a device's will after its new birth). Only what it never granted goes out.
                 if not flags.session_present:
                     self._granted.clear()
-                filters = [f for f in self._filters if f not in self._granted]
+                filters = [(f, q) for f, q in self._filters.items() if f not in self._granted]
                 stale = sorted(self._stale - set(self._filters))
                 self._stale.clear()
             if stale:
@@ -305,15 +306,15 @@ class MqttConnection:
             self._last_error = f"{type(exc).__name__}: {exc}"
             log.exception("%s: on_connect failed", self.client_id)
 
-    def _resubscribe(self, filters: list[str]) -> None:
-        """Subscribe `filters` again after a connect; the SUBACK marks the connection ready."""
-        rc, mid = self._client.subscribe([(f, 1) for f in filters])
+    def _resubscribe(self, filters: list[tuple[str, int]]) -> None:
+        """Subscribe `filters` ((filter, QoS)) again after a connect; the SUBACK marks the connection ready."""
+        rc, mid = self._client.subscribe(filters)
         if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
             self._last_error = f"resubscribe failed: {mqtt.error_string(rc)}"
             return
         with self._ack_cond:
             self._acks.setdefault(mid, []).append("ready")  # marks the resubscription
-            self._resubscribing[mid] = filters
+            self._resubscribing[mid] = [f for f, _ in filters]
 
     def _resubscription_refused(self, failures: list[str]) -> None:
         """A node of a cluster may refuse while it elects stream leaders (NATS: 0x80 while a consumer
@@ -322,7 +323,7 @@ class MqttConnection:
         if len(self.ring) > 1 and self._resubscribe_tries < RESUBSCRIBE_TRIES and self.connected:
             log.warning("%s: %s refused resubscription (%s); retrying in 1 s", self.client_id, self.url, failures)
             with self._lock:
-                filters = [f for f in self._filters if f not in self._granted]
+                filters = [(f, q) for f, q in self._filters.items() if f not in self._granted]
             timer = threading.Timer(1.0, lambda: self._resubscribe(filters) if self.connected else None)
             timer.daemon = True
             timer.start()

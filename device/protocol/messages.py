@@ -64,7 +64,11 @@ class MessageError(ValueError):
 
 @dataclass(frozen=True)
 class Task:
-    """What the coordinator asks of the devices sampled for one round (retained, no arrays)."""
+    """What the coordinator asks of the devices sampled for one round (retained, no arrays).
+
+    `mode` "async" (FedBuff, PROTOCOL.md section 6.1): each named device trains once on the
+    latest global it holds (version round - 1 or newer) and names that version + 1 as its
+    update's round; "sync" (the default, never written on the wire) trains on global round - 1."""
 
     run_id: str
     round: int
@@ -76,6 +80,17 @@ class Task:
     epochs: int | None = None
     steps: int | None = None
     batch: int = 16
+    mode: str = "sync"
+    # params_sha256 of the global the round starts from (optional): a device whose bundle's own
+    # trainable values hash to it starts from them, and downloads no full vector (round 0).
+    start_sha256: str | None = None
+
+    @property
+    def is_async(self) -> bool:
+        return self.mode == "async"
+
+
+TASK_MODES = ("sync", "async")
 
 
 @dataclass(frozen=True)
@@ -240,7 +255,9 @@ FIELDS: dict[str, dict[str, tuple[bool, Any]]] = {
     "task": {"run_id": (True, _text()), "round": (True, _ROUND), "bundle_sha256": (True, _SHA),
              "devices": (True, _devices), "deadline_s": (True, _positive(MAX_DEADLINE_S)),
              "lr": (True, _positive(MAX_LR)), "codec": (True, _text()), "epochs": (False, _int(1, MAX_EPOCHS)),
-             "steps": (False, _int(1, MAX_STEPS)), "batch": (True, _int(1, MAX_BATCH))},
+             "steps": (False, _int(1, MAX_STEPS)), "batch": (True, _int(1, MAX_BATCH)),
+             "mode": (False, lambda v: v in TASK_MODES),
+             "start_sha256": (False, _SHA)},
     "global": {"run_id": (True, _text()), "round": (True, _int(-1)), "bundle_sha256": (True, _SHA),
                "codec": (True, _text()), "size": (True, _int(0)), "base_round": (False, _int(-1)),
                "params_sha256": (False, _SHA)},
@@ -255,6 +272,7 @@ FIELDS: dict[str, dict[str, tuple[bool, Any]]] = {
                "device_id": (True, _DEVICE), "stage": (True, lambda v: v in SECAGG_STAGES)},
 }
 FIELDS["status"]["state"][1].__doc__ = "'online' or 'offline'"
+FIELDS["task"]["mode"][1].__doc__ = "'sync' or 'async'"
 FIELDS["secagg"]["stage"][1].__doc__ = f"one of {', '.join(SECAGG_STAGES)}"
 _WITH_ARRAYS = ("global", "update", "secagg")
 
@@ -281,6 +299,10 @@ def encode(message: Message, sig: str | None = None) -> bytes:
         header.update({name: getattr(message, name) for name in FIELDS[kind] if name not in carried})
         if isinstance(message, Task):
             header["devices"] = list(message.devices)
+            if not message.is_async:  # a sync task encodes as it did before `mode` existed
+                del header["mode"]
+            if message.start_sha256 is None:  # a task without it encodes as before the field existed
+                del header["start_sha256"]
         if isinstance(message, (Global, Update)):
             header.update(codec=message.vector.codec, size=message.vector.size)
             arrays = message.vector.arrays
@@ -356,7 +378,8 @@ def _build(kind: str, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> 
     if kind == "task":
         _codec(h["codec"])  # refused here, not after the device trained a round
         return Task(h["run_id"], h["round"], h["bundle_sha256"], tuple(h["devices"]), float(h["deadline_s"]),
-                    float(h["lr"]), h["codec"], h.get("epochs"), h.get("steps"), h["batch"])
+                    float(h["lr"]), h["codec"], h.get("epochs"), h.get("steps"), h["batch"], h.get("mode") or "sync",
+                    h.get("start_sha256"))
     if kind == "error":
         return ErrorReply(h["run_id"], h["round"], h["bundle_sha256"], h["device_id"], h["code"], h["reason"])
     if kind == "status":

@@ -52,8 +52,15 @@ def gaussian_mean(deltas: list[np.ndarray], clip_norm: float, noise: float, deno
     total = np.zeros(deltas[0].shape, dtype=np.float64)
     for delta in deltas:
         total += clip_l2(delta, clip_norm)[0].astype(np.float64)
-    total += rng.normal(0.0, noise * clip_norm, size=total.shape)
-    return (total / denominator).astype(np.float32)
+    return noisy_mean_of_sum(total, clip_norm, noise, denominator, rng)
+
+
+def noisy_mean_of_sum(total: np.ndarray, clip_norm: float, noise: float, denominator: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """(total + N(0, (noise * clip_norm)^2 I)) / denominator, float32: gaussian_mean's release once
+    the clipped deltas are summed (the streaming accumulator sums them as they arrive)."""
+    noisy = total.astype(np.float64) + rng.normal(0.0, noise * clip_norm, size=total.shape)
+    return (noisy / denominator).astype(np.float32)
 
 
 class ClientDp:
@@ -73,11 +80,27 @@ class ClientDp:
             sampled: devices sampled for the round (the fixed denominator n).
             online: devices that could have been sampled; q = sampled / online.
         """
-        rng = np.random.default_rng([self.seed, round_index, _NOISE_STREAM])
-        mean = gaussian_mean([u.delta for u in updates], self.clip_norm, self.noise, sampled, rng)
+        mean = gaussian_mean([u.delta for u in updates], self.clip_norm, self.noise, sampled, self._rng(round_index))
+        self._compose(sampled, online)
+        return Update(mean, 1.0)
+
+    def noisy_mean_of_sum(self, total: np.ndarray, count: int, round_index: int, sampled: int,
+                          online: int) -> Update:
+        """As noisy_mean, from the float64 sum of `count` deltas each already clipped to clip_norm
+        (coordinator/rounds/accumulate.py StreamingMean): the same noise, the same release."""
+        if not self.clip_norm > 0 or count < 1 or sampled < count:
+            raise ValueError(f"need clip_norm > 0, at least one delta and denominator >= {max(1, count)}, "
+                             f"got clip_norm={self.clip_norm}, {count} deltas, denominator={sampled}")
+        mean = noisy_mean_of_sum(total, self.clip_norm, self.noise, sampled, self._rng(round_index))
+        self._compose(sampled, online)
+        return Update(mean, 1.0)
+
+    def _rng(self, round_index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, round_index, _NOISE_STREAM])
+
+    def _compose(self, sampled: int, online: int) -> None:
         self.accountant.compose(sampled / max(online, sampled), self.noise)
         self.unsampled.compose(1.0, self.noise)
-        return Update(mean, 1.0)
 
     def record(self) -> dict[str, float]:
         """The privacy spent so far, for the round record."""

@@ -24,6 +24,10 @@ class Strategy:
     """Turns the round's accepted updates into the next global parameters."""
 
     name = "base"
+    # True when aggregate() uses only the weighted mean of the updates: the round loop then folds
+    # each update into a running sum as it arrives and hands over one mean update (weight 1), which
+    # aggregates exactly as the list would (coordinator/rounds/accumulate.py). False keeps them all.
+    streams_mean = False
 
     def aggregate(self, global_params: np.ndarray, updates: list[Update]) -> np.ndarray:
         raise NotImplementedError

@@ -11,6 +11,7 @@ class FedAvg(Strategy):
     """x <- x + server_lr * sum_i n_i delta_i / sum_i n_i  (server_lr = 1 is plain FedAvg)."""
 
     name = "fedavg"
+    streams_mean = True
 
     def __init__(self, server_lr: float = 1.0) -> None:
         self.server_lr = checked_server_lr(server_lr)

@@ -13,6 +13,7 @@ class FedAdam(Strategy):
     """m = b1 m + (1-b1) d;  v = b2 v + (1-b2) d^2;  x = x + lr * m / (sqrt(v) + tau)."""
 
     name = "fedadam"
+    streams_mean = True
 
     def __init__(self, server_lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
         for label, value, low, high in (("server_lr", server_lr, 0, None), ("beta1", beta1, 0, 1),

@@ -50,6 +50,7 @@ class Krum(Strategy):
     """x <- x + server_lr * mean of the `select` updates with the lowest Krum scores."""
 
     name = "krum"
+    streams_mean = False  # keeps every update: scores are distances between every pair of updates
 
     def __init__(self, byzantine: int, select: int = 1, server_lr: float = 1.0) -> None:
         """byzantine: f, the attackers tolerated; select: m, 1 for Krum, 0 for Multi-Krum's n - f."""

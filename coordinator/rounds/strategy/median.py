@@ -23,6 +23,7 @@ class CoordinateMedian(Strategy):
     """x <- x + server_lr * median_i delta_i, per coordinate."""
 
     name = "median"
+    streams_mean = False  # keeps every update: a coordinate's median needs every device's value
 
     def __init__(self, server_lr: float = 1.0) -> None:
         self.server_lr = checked_server_lr(server_lr)

@@ -38,6 +38,7 @@ class TrimmedMean(Strategy):
     """x <- x + server_lr * trimmed_mean_i delta_i, per coordinate."""
 
     name = "trimmed-mean"
+    streams_mean = False  # keeps every update: which values are trimmed is known only once all have arrived
 
     def __init__(self, fraction: float = 0.1, server_lr: float = 1.0) -> None:
         self.fraction = check_trim_fraction(fraction)

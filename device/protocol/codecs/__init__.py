@@ -1,8 +1,9 @@
 """Compression codecs for federated updates (uplink) and global parameters (downlink).
 
 Spec strings, as given on the command line and carried in every payload header:
-    none | fp16 | int8[:BLOCK] | int4[:BLOCK] | topk:FRACTION[+DENSE]
-e.g. `topk:0.01+int8` keeps the 1% largest values and sends them as int8 with per-block scales.
+    none | fp16 | int8[:BLOCK] | int4[:BLOCK] | sign[:BLOCK] | topk:FRACTION[+DENSE]
+e.g. `topk:0.01+int8` keeps the 1% largest values and sends them as int8 with per-block scales;
+`sign` sends every value as 1 bit with a mean-magnitude scale per block.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 from edgeftl.device.protocol.codecs.base import Codec, CodecError, Encoded
 from edgeftl.device.protocol.codecs.dense import BlockQuantCodec, Fp16Codec, NoneCodec
 from edgeftl.device.protocol.codecs.feedback import ErrorFeedback
+from edgeftl.device.protocol.codecs.sign import SignCodec
 from edgeftl.device.protocol.codecs.topk import TopKCodec
 
-ACCEPTED = "none | fp16 | int8[:BLOCK] | int4[:BLOCK] | topk:FRACTION[+none|fp16|int8[:BLOCK]|int4[:BLOCK]]"
+ACCEPTED = ("none | fp16 | int8[:BLOCK] | int4[:BLOCK] | sign[:BLOCK] | "
+            "topk:FRACTION[+none|fp16|int8[:BLOCK]|int4[:BLOCK]|sign[:BLOCK]]")
 DEFAULT_BLOCK = 256
 
 __all__ = ["ACCEPTED", "Codec", "CodecError", "Encoded", "ErrorFeedback", "parse_codec"]
@@ -44,4 +47,6 @@ def _dense(text: str) -> Codec:
         return Fp16Codec()
     if name in ("int8", "int4"):
         return BlockQuantCodec(int(name[3]), int(block) if block else DEFAULT_BLOCK)
+    if name == "sign":
+        return SignCodec(int(block) if block else DEFAULT_BLOCK)
     raise ValueError(f"unknown codec {text!r}")
