@@ -46,7 +46,7 @@ define apt_install
 	apt_get update && apt_get install -y --no-install-recommends $(1)
 endef
 
-.PHONY: help install mosquitto chromium boards sshd lint test test-fast demo bench clean distclean check-python
+.PHONY: help install mosquitto nats chromium boards sshd lint test test-fast demo bench clean distclean check-python
 
 help:
 	@echo "make demo       set up .venv and run the end-to-end demo (tools/demo.py)"
@@ -55,6 +55,7 @@ help:
 	@echo "make lint       ruff on everything, mypy on device/, the round loop and coordinator/fleet (part of make test)"
 	@echo "make install    create/refresh .venv (no-op when pyproject.toml is unchanged)"
 	@echo "make mosquitto  install the Mosquitto MQTT broker with apt (as root)"
+	@echo "make nats       install nats-server with apt (as root; the clustered-broker tests run 3 nodes)"
 	@echo "make chromium   install headless Chromium with apt (as root; the report test renders HTML)"
 	@echo "make boards     install qemu-user-static and debootstrap with apt (as root; emulated ARM64 device tests)"
 	@echo "make sshd       install OpenSSH's sshd with apt (as root; the flash tests' SSH targets), never started on :22"
@@ -128,6 +129,20 @@ mosquitto:
 		exit 1; \
 	fi
 
+# The clustered-broker tests (tests/test_cluster.py) run 3 NATS nodes with JetStream and MQTT
+# (coordinator/simulation/cluster.py); Debian 12 ships nats-server 2.9.10.
+nats:
+	@if command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ]; then \
+		exit 0; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		$(call apt_install,nats-server); \
+	else \
+		echo "error: the clustered-broker tests need nats-server, which is not installed." \
+			"Install it with: sudo apt-get install -y nats-server" \
+			"(macOS: brew install nats-server), then run make again." >&2; \
+		exit 1; \
+	fi
+
 # The report test opens report.html in headless Chromium and checks that every plot loaded.
 chromium:
 	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then \
@@ -193,10 +208,10 @@ lint: install
 	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml \
 		-p edgeftl.device -p edgeftl.coordinator.rounds -p edgeftl.coordinator.fleet
 
-test: install mosquitto chromium boards sshd lint
+test: install mosquitto nats chromium boards sshd lint
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
-test-fast: install mosquitto chromium sshd lint
+test-fast: install mosquitto nats chromium sshd lint
 	$(VPY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: install mosquitto

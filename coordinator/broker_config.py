@@ -73,6 +73,7 @@ def acl_text(prefix: str) -> str:
     lines = ["# devices: MQTT username = device id (%u)"]
     lines += [f"pattern write {t}" for t in _with_chunks(device_writes)]
     lines += [f"pattern read {t}" for t in _with_chunks(shared)]
+    lines += [f"pattern read {topics.status_filter[:-1]}%u"]  # its own status: a stale will is answered with its birth
     lines += ["", f"user {COORDINATOR_USER}"]
     lines += [f"topic write {t}" for t in _with_chunks(shared)]
     lines += [f"topic read {t}" for t in _with_chunks([topics.updates_filter, topics.status_filter])]

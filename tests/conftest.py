@@ -1,4 +1,4 @@
-"""Shared fixtures: a real Mosquitto broker on a free loopback port, and marker skips."""
+"""Shared fixtures: a real Mosquitto broker on a free loopback port, a 3-node NATS cluster, and marker skips."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from edgeftl.coordinator.simulation.cluster import NatsCluster
 
 BROKER_START_TIMEOUT_S = 10.0
 # Debian puts mosquitto in /usr/sbin, which a non-root user's PATH often lacks.
@@ -103,6 +107,21 @@ def mosquitto_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
         yield ("127.0.0.1", port)
     finally:
         _stop(proc)
+
+
+@pytest.fixture()
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """A fresh 3-node NATS cluster (JetStream, MQTT; coordinator/simulation/cluster.py) for one test:
+    tests kill nodes. Skips when nats-server is not installed, except under CI, where it fails."""
+    from edgeftl.coordinator.simulation.cluster import NatsCluster, nats_binary
+
+    if nats_binary() is None:
+        reason = "nats-server is not installed: run `make nats` (apt-get install -y nats-server)"
+        if in_ci():
+            pytest.fail(f"CI is set and {reason}", pytrace=False)
+        pytest.skip(reason)
+    with NatsCluster(3, tmp_path / "nats") as cluster:
+        yield cluster
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

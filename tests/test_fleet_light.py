@@ -14,6 +14,7 @@ from edgeftl.device.link.framing import Framer
 from edgeftl.device.protocol.codecs import Encoded, parse_codec
 from edgeftl.device.protocol.messages import (
     Global,
+    Status,
     Task,
     Update,
     check_place,
@@ -21,6 +22,7 @@ from edgeftl.device.protocol.messages import (
     encode,
     largest_update_bytes,
     status_from_payload,
+    status_payload,
 )
 
 SHA = "ab" * 32
@@ -93,7 +95,22 @@ def test_birth_will_and_subscriptions_follow_the_protocol():
     assert 256 <= memory <= 4096 and memory == light.memory_mib()  # fixed per id, for --sample memory
     t = shared.topics
     assert set(port.subscribed) == {*Framer.filters(t.task), *Framer.filters(t.global_delta),
-                                    *Framer.filters(t.global_params)}
+                                    *Framer.filters(t.global_params), topic}
+
+
+def test_a_stale_will_on_its_own_status_is_answered_with_its_birth():
+    """A NATS node may publish a device's will after the device already reconnected elsewhere; the device
+    sees its own status and publishes its birth again (its own birth coming back is left alone)."""
+    light, port, _ = device()
+    topic, will = light.will()  # as the fleet gives it to the connection
+    birth = light.presence()[1]
+    light.on_frame(topic, birth, 0.0)
+    light.on_frame(topic, status_payload(Status("light-0", False)), 0.0)  # not its will: someone else's word
+    assert port.on(topic) == [birth]
+    light.on_frame(topic, will, 0.0)
+    assert port.on(topic) == [birth, birth]
+    light.on_frame(topic, light.goodbye(), 0.0)  # leaving: its own farewell stays
+    assert port.on(topic) == [birth, birth]
 
 
 def test_update_decodes_with_the_coordinators_inbox():

@@ -14,7 +14,6 @@ import argparse
 import json
 import threading
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from edgeftl.device.cli.common import fail
 
@@ -22,7 +21,8 @@ from edgeftl.device.cli.common import fail
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("archive", type=Path, help="the .tar.gz that `edgeftl package` wrote")
     add_target_flags(p)
-    p.add_argument("--broker", required=True, help="the broker as the devices reach it: mqtts://host:8883 or mqtt://...")
+    p.add_argument("--broker", required=True, help="the broker as the devices reach it: mqtts://host:8883 or "
+                   "mqtt://...; a broker cluster's nodes comma-separated")
     p.add_argument("--prefix", default="edgeftl", help="MQTT topic prefix of the federation")
     agent = p.add_argument_group("the device agent")
     agent.add_argument("--data", default="{root}/data/train.csv",
@@ -79,16 +79,18 @@ def run(args: argparse.Namespace) -> int:
     from edgeftl.coordinator.fleet.archive import ArchiveError, open_archive
     from edgeftl.coordinator.fleet.flash import FlashConfig, flash, table
     from edgeftl.coordinator.fleet.ssh import TargetError
+    from edgeftl.device.link.brokers import parse_brokers
     from edgeftl.device.link.security import is_loopback
 
     try:
         targets = targets_of(args)
-        broker = urlsplit(args.broker)
-        if broker.scheme not in ("mqtt", "mqtts") or not broker.hostname:
+        nodes = parse_brokers(args.broker)  # one URL, or a broker cluster's nodes (docs/BROKERS.md)
+        if nodes[0].version != "3.1.1":
             raise ValueError(f"--broker {args.broker!r} must be mqtt://host:port or mqtts://host:port")
-        if broker.scheme == "mqtt" and not args.insecure and not is_loopback(broker.hostname):
-            raise ValueError(f"devices refuse plain mqtt:// to {broker.hostname}: use mqtts:// with --certs or "
-                             "--ca-file, or pass --insecure")
+        for node in nodes:
+            if not node.tls and not args.insecure and not is_loopback(node.host):
+                raise ValueError(f"devices refuse plain mqtt:// to {node.host}: use mqtts:// with --certs or "
+                                 "--ca-file, or pass --insecure")
         credentials = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in
                        ("--ca-file", "--cert", "--key", "--password-file", "--signing-key")}
         config = FlashConfig(broker=args.broker, prefix=args.prefix, batch=args.batch, seq=args.seq,

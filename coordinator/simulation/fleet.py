@@ -11,6 +11,8 @@ whoever starts it). Mosquitto queues at most max_queued_messages (default 1,000)
 (20) QoS 1 messages per client: a coordinator that subscribed to statuses at QoS 1 after N devices were
 online got only that many of their retained statuses (measured: 1,020 of 12,000 online); it now reads
 them at QoS 0 (Link.subscribe_state), and sees them all (tests/test_fleet_late.py).
+Given a broker cluster's nodes (`--broker mqtt://a:1,mqtt://b:2,...`), each device starts at one chosen by
+a hash of its id and moves to the next when its connection is lost (docs/BROKERS.md).
 
     python tools/fleet_load.py --broker mqtt://127.0.0.1:1883 --bundle b/ --devices 1000 --procs 2
 """
@@ -18,6 +20,7 @@ them at QoS 0 (Link.subscribe_state), and sees them all (tests/test_fleet_late.p
 from __future__ import annotations
 
 import heapq
+import json
 import logging
 import os
 import random
@@ -29,18 +32,21 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import paho.mqtt.client as mqtt
 
 from edgeftl.coordinator.simulation.light import Behaviour, LightDevice, Shared
-from edgeftl.device.link.mqtt import parse_url
+from edgeftl.device.link.brokers import BrokerRing, parse_brokers
 from edgeftl.device.measure import peak_rss_mib
+from edgeftl.device.protocol.messages import Update
 from edgeftl.device.protocol.topics import device_client_id
 
 log = logging.getLogger("edgeftl.fleet")
 KEEPALIVE_S = 60
 REPORT_EVERY_S = 5.0
+RECONNECT_S = 1.0  # after a lost connection: this, plus up to as much again at random (no thundering herd)
 
 
 @dataclass
@@ -56,6 +62,7 @@ class FleetConfig:
     duration_s: float = 0.0  # 0: until SIGTERM / SIGINT
     churn_per_min: float = 0.0  # drops per connected device per minute (each offline for behaviour.offline_s)
     behaviour: Behaviour = field(default_factory=Behaviour)
+    ack_log: Path | None = None  # one JSON line per update the broker acknowledged (PUBACK)
 
     def __post_init__(self) -> None:
         if self.devices < 1 or self.first < 0 or not self.connect_rate > 0 or self.duration_s < 0:
@@ -64,9 +71,9 @@ class FleetConfig:
         if not 0 <= self.churn_per_min <= 60:
             raise ValueError(f"churn_per_min is drops per device per minute in 0..60 (0.1: one every 10 minutes; "
                              f"at most one a second), got {self.churn_per_min}")
-        _, _, tls, version, _ = parse_url(self.url)  # raises naming the accepted forms
-        if tls or version != "3.1.1":
-            raise ValueError(f"the fleet speaks plain MQTT 3.1.1: give an mqtt://host[:port] URL, got {self.url!r}")
+        brokers = parse_brokers(self.url)  # raises naming the accepted forms
+        if brokers[0].tls or brokers[0].version != "3.1.1":
+            raise ValueError(f"the fleet speaks plain MQTT 3.1.1: give mqtt://host[:port] URLs, got {self.url!r}")
 
 
 def raise_open_files(needed: int) -> int:
@@ -87,24 +94,36 @@ class _Client:
 
     def __init__(self, fleet: Fleet, device_id: str, shared: Shared, behaviour: Behaviour) -> None:
         self.fleet, self.connected, self.back_at = fleet, False, 0.0
-        self.paho = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_client_id(device_id),
-                                clean_session=True)
+        client_id = device_client_id(device_id)
+        self.paho = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+        self.ring = BrokerRing(fleet.brokers, client_id)  # the cluster node this device uses, and the next ones
         self.device = LightDevice(device_id, shared, behaviour, self)
+        self.update_topic = shared.topics.update(device_id)
+        self.unacked: dict[int, tuple[str, int, int]] = {}  # update frame's mid -> (run_id, round, seq)
+        self.subscribing: dict[int, list[str]] = {}  # SUBSCRIBE's mid -> its filters, until the SUBACK
+        self.retry: list[str] = []  # filters the broker refused: subscribed again a second later
         self.paho.on_connect = lambda c, u, f, rc, p: self._on_connect(rc)
         self.paho.on_disconnect = lambda c, u, f, rc, p: self._on_disconnect()
         self.paho.on_message = lambda c, u, m: self._on_message(m)
+        self.paho.on_publish = lambda c, u, mid, rc, p: self._on_publish(mid)
+        self.paho.on_subscribe = lambda c, u, mid, reasons, p: self._on_subscribe(mid, reasons)
         self.paho.on_socket_open = lambda c, u, s: fleet.watch(s, self, write=False)
         self.paho.on_socket_close = lambda c, u, s: fleet.forget(s)
         self.paho.on_socket_register_write = lambda c, u, s: fleet.watch(s, self, write=True)
         self.paho.on_socket_unregister_write = lambda c, u, s: fleet.watch(s, self, write=False)
 
-    def start(self, host: str, port: int) -> None:
-        topic, _, will = self.device.presence()
+    def start(self) -> None:
+        topic, will = self.device.will()
         self.paho.will_set(topic, will, qos=1, retain=True)
+        broker = self.ring.current
+        self.subscribing.clear()
+        self.retry.clear()  # on_connect subscribes everything again
         try:
-            self.paho.connect(host, port, KEEPALIVE_S)
+            self.paho.connect(broker.host, broker.port, KEEPALIVE_S)
         except OSError as exc:
-            log.warning("%s: connect failed (%s); retrying in 5 s", self.device.device_id, exc)
+            nxt = self.ring.advance()
+            log.warning("%s: connect to %s failed (%s); trying %s in 5 s", self.device.device_id, broker.url, exc,
+                        nxt.url)
             self.drop(5.0)
 
     def _on_connect(self, rc: mqtt.ReasonCode) -> None:
@@ -120,16 +139,43 @@ class _Client:
             self.fleet.busy.add(self)
 
     def _on_disconnect(self) -> None:
+        """A lost connection (not one drop() planned, nor the fleet leaving): back soon, on the next node
+        when there are several. paho keeps the unacknowledged QoS 1 frames and sends them again there."""
         self.connected = False
+        now = time.monotonic()
+        if now >= self.back_at and not self.fleet.stopping:
+            self.ring.advance()
+            self.back_at = now + RECONNECT_S * (1 + self.fleet.rng.random())
+            self.fleet.later(self.back_at, self)
+
+    def _on_subscribe(self, mid: int, reasons: list[mqtt.ReasonCode]) -> None:
+        """A node of a cluster refuses subscriptions while it elects stream leaders (NATS: 0x80 when it
+        cannot create the consumer): those filters are tried again a second later, on the same connection."""
+        filters = self.subscribing.pop(mid, [])
+        refused = [f for f, reason in zip(filters, reasons, strict=False) if reason.is_failure]
+        if refused:
+            self.retry += [f for f in refused if f not in self.retry]
+            self.fleet.later(time.monotonic() + RECONNECT_S, self)
+
+    def _on_publish(self, mid: int) -> None:
+        key = self.unacked.pop(mid, None)
+        if key is not None and key not in self.unacked.values():  # every frame of that update acknowledged
+            self.fleet.acked(self.device.device_id, *key)
 
     # ---- Port -------------------------------------------------------------------------------------
     def publish(self, topic: str, payload: bytes, retain: bool) -> None:
-        self.paho.publish(topic, payload, qos=1, retain=retain)
+        info = self.paho.publish(topic, payload, qos=1, retain=retain)
+        reply = self.device.reply  # what the device is sending when it publishes on its update topic
+        if self.fleet.ack_file is not None and isinstance(reply, Update) and topic.startswith(self.update_topic):
+            self.unacked[info.mid] = (reply.run_id, reply.round, reply.seq)
 
     def subscribe(self, filters: list[str]) -> None:
-        self.paho.subscribe([(f, 1) for f in filters])
+        rc, mid = self.paho.subscribe([(f, 1) for f in filters])
+        if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+            self.subscribing[mid] = filters
 
     def unsubscribe(self, filters: list[str]) -> None:
+        self.retry = [f for f in self.retry if f not in filters]
         self.paho.unsubscribe(filters)
 
     def drop(self, offline_s: float) -> None:
@@ -145,15 +191,22 @@ class Fleet:
 
     def __init__(self, config: FleetConfig, shared: Shared) -> None:
         self.config, self.shared = config, shared
-        self.host, self.port = parse_url(config.url)[:2]
+        self.brokers = parse_brokers(config.url)
         raise_open_files(config.devices + 64)
         self.selector = selectors.DefaultSelector()
         names = [f"{config.name_prefix}-{i}" for i in range(config.first, config.first + config.devices)]
         self.clients = [_Client(self, name, shared, config.behaviour) for name in names]
         self._timers: list[tuple[float, int, _Client]] = []
         self.busy: set[_Client] = set()  # devices with a task pending: only they are ticked
-        self._stop = False
+        self._stop = self.stopping = False
         self.rng = random.Random(config.first)
+        self.ack_file = None if config.ack_log is None else Path(config.ack_log).open("a", buffering=1)
+
+    def acked(self, device_id: str, run_id: str, round_index: int, seq: int) -> None:
+        """Log an update the broker acknowledged: from then on the broker owes it to the coordinator."""
+        if self.ack_file is not None:
+            self.ack_file.write(json.dumps({"device": device_id, "run_id": run_id, "round": round_index, "seq": seq,
+                                            "time": time.time()}) + "\n")
 
     def watch(self, sock: Any, client: _Client, write: bool) -> None:
         """Select `sock` for reading, and for writing while paho has bytes queued."""
@@ -185,7 +238,7 @@ class Fleet:
             now = time.monotonic()
             allowed = int((now - began) * self.config.connect_rate) + 1 - (len(self.clients) - len(pending))
             for _ in range(min(max(allowed, 0), len(pending))):
-                pending.pop().start(self.host, self.port)
+                pending.pop().start()
             for key, mask in self.selector.select(timeout=0.05):
                 client: _Client = key.data
                 if mask & selectors.EVENT_READ:
@@ -224,7 +277,10 @@ class Fleet:
         while self._timers and self._timers[0][0] <= now:
             _, _, client = heapq.heappop(self._timers)
             if not client.connected and client.back_at <= now:
-                client.start(self.host, self.port)
+                client.start()
+            elif client.connected and client.retry:
+                filters, client.retry = client.retry, []
+                client.subscribe(filters)
 
     def counts(self) -> dict[str, int]:
         devices = [c.device for c in self.clients]
@@ -235,6 +291,7 @@ class Fleet:
 
     def _leave(self, timeout_s: float = 10.0) -> None:
         """Offline statuses (retained) and DISCONNECTs, served until written or `timeout_s` passes."""
+        self.stopping = True
         for client in self.clients:
             if client.connected:
                 client.publish(self.shared.topics.status(client.device.device_id), client.device.goodbye(), True)
@@ -246,6 +303,8 @@ class Fleet:
                     key.data.paho.loop_write()
                 if mask & selectors.EVENT_READ and key.data.paho.socket() is not None:
                     key.data.paho.loop_read()
+        if self.ack_file is not None:
+            self.ack_file.close()
 
 
 def run_fleet(config: FleetConfig, shared: Shared) -> dict[str, int]:

@@ -21,7 +21,9 @@ from edgeftl.device.protocol.manifest import bundle_sha256, read_manifest
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fleet_load", description=__doc__.split("\n")[0])
-    p.add_argument("--broker", required=True, help="mqtt://host[:port] (plain MQTT 3.1.1)")
+    p.add_argument("--broker", required=True, help="mqtt://host[:port] (plain MQTT 3.1.1), or a cluster's nodes "
+                   "comma-separated: each device starts at one (by a hash of its id) and moves to the next when "
+                   "its connection is lost")
     p.add_argument("--bundle", type=Path, required=True, help="the run's bundle: its hash and trainable size")
     p.add_argument("--devices", type=int, required=True, help="light devices (across all --procs)")
     p.add_argument("--procs", type=int, default=1, help="processes sharing the devices (default: 1)")
@@ -39,6 +41,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-rate", type=float, default=500.0, help="new connections per second per process")
     p.add_argument("--duration-s", type=float, default=0.0, help="run this long; 0: until SIGTERM (default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic delta")
+    p.add_argument("--ack-log", type=Path, default=None,
+                   help="append one JSON line per update the broker acknowledged (device, run_id, round, seq, time)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         helpers, mine = spawn_helpers(_without_slice(argv), args.devices, args.procs) if args.procs > 1 \
             else ([], args.devices)
         config = FleetConfig(args.broker, mine, args.first, args.name_prefix, args.prefix, args.connect_rate,
-                             args.duration_s, args.churn_per_min, behaviour)
+                             args.duration_s, args.churn_per_min, behaviour, args.ack_log)
     except (ValueError, OSError) as exc:
         print(f"fleet_load: {exc}", file=sys.stderr)
         return 2

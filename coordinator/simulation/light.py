@@ -16,7 +16,7 @@ task or global is checked and decoded once per process, not once per client) and
 from __future__ import annotations
 
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -132,6 +132,8 @@ class LightDevice:
         self.trained_on: int | None = None  # the global version the task being "trained" started from
         self.reply: Update | ErrorReply | None = None
         self.seq = self.updates_sent = self.errors_sent = 0
+        self.leaving = False  # goodbye() said: its own offline status coming back is not answered
+        self.wills: deque[bytes] = deque(maxlen=16)  # the wills its connections were given (will())
 
     def memory_mib(self) -> int:
         """The free memory this light device claims, spread log-uniformly over 256-4096 MiB (fixed
@@ -146,19 +148,35 @@ class LightDevice:
         return self.shared.topics.status(self.device_id), birth, will
 
     def on_connect(self) -> None:
-        """Birth (retained) and subscriptions; the retained full global is read until it arrives."""
-        topic, birth, _ = self.presence()
-        self.port.publish(topic, birth, True)
+        """Subscriptions, then the birth (retained): a broker handles one client's packets in order, so
+        whoever sees this device online can reach it (a NATS node creates the subscriptions' stream
+        consumers first). The retained full global is read until it arrives."""
         t = self.shared.topics
         self.port.subscribe([f for name in (t.task, t.global_delta, t.global_params) for f in Framer.filters(name)])
         self.syncing = True
+        topic, birth, _ = self.presence()
+        self.port.subscribe([topic])  # its own status: a stale will there is answered (on_frame)
+        self.port.publish(topic, birth, True)
+
+    def will(self) -> tuple[str, bytes]:
+        """(status topic, will) for the next connection, remembered: that will coming back while this device
+        is connected is stale (a broker published it late for a connection already replaced)."""
+        topic, _, will = self.presence()
+        self.wills.append(will)
+        return topic, will
 
     def goodbye(self) -> bytes:
-        """The offline status a graceful leave publishes (retained)."""
+        """The offline status a graceful leave publishes (retained); from now on it is not answered."""
+        self.leaving = True
         return status_payload(Status(self.device_id, False, self.card))
 
     # ---- incoming -----------------------------------------------------------------------------
     def on_frame(self, topic: str, frame: bytes, now: float) -> None:
+        own, birth, _ = self.presence()
+        if topic == own:  # connected, yet one of its wills is its status (the broker sent it late): birth again
+            if frame in self.wills and not self.leaving:
+                self.port.publish(own, birth, True)
+            return
         try:
             done = self.framer.receive(topic, frame)
         except ValueError:  # a bad chunk: a device ignores it, the deadline covers the rest
@@ -204,6 +222,8 @@ class LightDevice:
                         f"for bundle {task.bundle_sha256}")
             return
         self.acted, self.waiting = (task.run_id, task.round), (task, now + GLOBAL_WAIT_S)
+        if task.run_id != self.run_id or self.global_round != task.round - 1:
+            self._sync(True)  # as the agent does: read the retained full global (a delta may have been lost)
         self.tick(now)
         if self.waiting is not None:  # as the agent does: fetch the retained full global (a new run's, say)
             self._sync(True)

@@ -3,7 +3,10 @@
 QoS 1, a persistent session (MQTT 3.1.1 clean_session=0; MQTT 5 clean_start=0 plus a session
 expiry) so messages published while a device is away are delivered when it returns, keepalive,
 reconnect with exponential backoff (1 s doubling to 30 s), and a retained last will. TLS,
-client certificates and credentials: security.py.
+client certificates and credentials: security.py. Given the nodes of a broker cluster
+(`mqtt://a:1,mqtt://b:2`, brokers.py), each attempt after a failed one or a lost connection goes to
+the next node; the cluster keeps the session, so QoS 1 messages not yet acknowledged are sent again
+there and what was queued for us is delivered there.
 """
 
 from __future__ import annotations
@@ -12,45 +15,24 @@ import logging
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgeftl.device.link.brokers import SCHEMES as SCHEMES  # re-exported: the URL forms live in brokers.py
+from edgeftl.device.link.brokers import BrokerRing, parse_brokers
+from edgeftl.device.link.brokers import parse_url as parse_url
 from edgeftl.device.link.link import LinkError
 from edgeftl.device.link.security import TransportSecurity, refusal
 from edgeftl.device.protocol.topics import validate_filter
 
 log = logging.getLogger("edgeftl.transport")
 
-SCHEMES = {"mqtt": (1883, False, "3.1.1"), "mqtts": (8883, True, "3.1.1"),
-           "mqtt5": (1883, False, "5"), "mqtts5": (8883, True, "5")}
 DEFAULT_SESSION_EXPIRY_S = 7 * 24 * 3600
-
-
-def parse_url(url: str) -> tuple[str, int, bool, str, str | None]:
-    """(host, port, tls, version, username) of mqtt[s][5]://[user@]host[:port].
-
-    Raises:
-        ValueError: naming the URL and the accepted forms; a URL holding a password is refused
-            without repeating it.
-    """
-    parts = urlsplit(url)
-    if parts.password is not None:
-        raise ValueError("the broker URL holds a password, which ps and logs would show: remove it and pass "
-                         "--username with --password-file FILE instead")
-    accepted = "mqtt://host[:port] (MQTT 3.1.1), mqtt5://host[:port] (MQTT 5), mqtts:// and mqtts5:// (TLS)"
-    if parts.scheme not in SCHEMES or not parts.hostname or parts.path not in ("", "/") or parts.query:
-        raise ValueError(f"bad broker URL {url!r}; accepted: {accepted}")
-    default_port, tls, version = SCHEMES[parts.scheme]
-    try:
-        port = parts.port or default_port
-    except ValueError:
-        raise ValueError(f"bad port in broker URL {url!r}; accepted: {accepted}") from None
-    user = unquote(parts.username) if parts.username else None
-    return parts.hostname, port, tls, version, user
+RESUBSCRIBE_TRIES = 30  # a cluster node may refuse subscriptions while it elects stream leaders: retry 1 s apart
 
 
 def check_client_id(client_id: str) -> str:
@@ -69,7 +51,8 @@ class MqttConnection:
     """Moves frames through a real MQTT broker (paho-mqtt 2, network thread via loop_start).
 
     Args:
-        url: mqtt://host[:port] (3.1.1, default port 1883) or mqtt5://host[:port].
+        url: mqtt://host[:port] (3.1.1, default port 1883) or mqtt5://host[:port]; or the nodes of one
+            broker cluster, comma-separated (brokers.py): the client starts at one chosen by its id.
         client_id: the MQTT client id; the persistent session is keyed by it.
         keepalive: seconds between PINGREQs when idle; the broker drops us after 1.5x.
         clean_start: True discards the broker-side session at connect.
@@ -83,19 +66,25 @@ class MqttConnection:
                  security: TransportSecurity | None = None) -> None:
         self.client_id = check_client_id(client_id)
         self.on_frame: Callable[[str, bytes], None] = lambda topic, frame: None
-        host, port, tls, url_version, user = parse_url(url)
-        self.version = version or url_version
+        self.ring = BrokerRing(parse_brokers(url), client_id)
+        broker = self.ring.current
+        self.version = version or broker.version
         if self.version not in ("3.1.1", "5"):
             raise ValueError(f"MQTT version must be '3.1.1' or '5', got {version!r}")
         if not 5 <= keepalive <= 65535:
             raise ValueError(f"keepalive must be 5..65535 s, got {keepalive}")
-        self.url, self.host, self.port, self.keepalive, self.tls = url, host, port, keepalive, tls
+        self.brokers = url  # as given: one URL or the cluster's list (error lines name it)
+        self.url, self.host, self.port, self.keepalive, self.tls = broker.url, broker.host, broker.port, keepalive, \
+            broker.tls
         self.clean_start, self.session_expiry_s = clean_start, session_expiry_s
         v5 = self.version == "5"
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                    clean_session=None if v5 else clean_start,
                                    protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
-        (security or TransportSecurity()).apply(self._client, host, tls, user)
+        security = security or TransportSecurity()
+        for node in self.ring.brokers:
+            security.check(node.host, node.tls)
+        security.apply(self._client, broker.host, broker.tls, broker.username)
         self._client.reconnect = self._reconnect  # type: ignore[method-assign]  # keeps why a connect failed
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._client.on_connect = self._on_connect
@@ -116,11 +105,25 @@ class MqttConnection:
         self._last_error = ""
         self._connacked = False  # a CONNACK accepted us at least once
         self._refused = threading.Event()  # the broker said no (credentials, ACL) or TLS failed: stop waiting
-        self._started = self._closed = False
+        self._started = self._closed = self._leaving = False
+        self._attempts = 0  # connection attempts so far (the first goes to the ring's start node)
+        self._resubscribe_tries = 0
+        self._granted: set[str] = set()  # filters the broker acknowledged in the current session
+        self._resubscribing: dict[int, list[str]] = {}  # a resubscription's mid -> its filters
+        self._wills: deque[bytes] = deque(maxlen=16)  # the wills this connection set (one per card it had)
+        self._watch_mid: int | None = None  # the SUBSCRIBE to our own status, acknowledged by nobody's wait
         self.connects = 0  # CONNACKs so far: more than 1 after a reconnect (the broker may have lost state)
 
     def _reconnect(self) -> mqtt.MQTTErrorCode:
-        """paho's reconnect, remembering a socket or TLS error (paho retries and drops it)."""
+        """paho's reconnect, remembering a socket or TLS error (paho retries and drops it). paho calls it
+        for every attempt, the first included: with a cluster, each one after the first goes to the next node."""
+        if self._attempts and len(self.ring) > 1:
+            broker = self.ring.advance()
+            # paho's host/port setters refuse while its state says "connecting" (after a failed attempt); reconnect()
+            # reads these two, and no socket is open here
+            self._client._host, self._client._port = broker.host, broker.port
+            self.url, self.host, self.port = broker.url, broker.host, broker.port
+        self._attempts += 1
         try:
             return mqtt.Client.reconnect(self._client)
         except OSError as exc:
@@ -152,7 +155,8 @@ class MqttConnection:
 
     def _set_presence(self, topic: str, online: bytes, offline: bytes, will: bytes | None) -> None:
         self._birth, self._farewell = (topic, online), (topic, offline)
-        self._client.will_set(topic, offline if will is None else will, qos=1, retain=True)
+        self._wills.append(offline if will is None else will)
+        self._client.will_set(topic, self._wills[-1], qos=1, retain=True)
 
     @property
     def connected(self) -> bool:
@@ -176,12 +180,13 @@ class MqttConnection:
             self.close(abrupt=True)
             if self._refused.is_set():
                 raise LinkError(f"MQTT broker {self.url} refused {self.client_id!r}: {self._last_error}")
-            raise LinkError(f"could not connect to MQTT broker {self.url} as {self.client_id!r} within "
+            raise LinkError(f"could not connect to MQTT broker {self.brokers} as {self.client_id!r} within "
                           f"{timeout_s:g} s ({self._last_error or 'no CONNACK/SUBACK'})")
 
     def close(self, abrupt: bool = False) -> None:
         if self._closed:
             return
+        self._leaving = True  # our farewell coming back is no stale status to answer
         if not abrupt and self.connected:
             if self._farewell is not None:
                 self.send(self._farewell[0], self._farewell[1], 1, True)
@@ -236,6 +241,7 @@ class MqttConnection:
         published after this call arrives through them (paho sends from its own thread)."""
         with self._lock:
             self._filters = {f: q for f, q in self._filters.items() if f not in filters}
+            self._granted.difference_update(filters)
             if not self.connected:  # a persistent session keeps them: drop them at the next connect
                 self._stale.update(filters)
                 return
@@ -246,6 +252,8 @@ class MqttConnection:
 
     def _subscribe_now(self, filters: list[tuple[str, int]]) -> None:
         self._acknowledged(*self._client.subscribe(filters), f"subscribe {[f for f, _ in filters]}", "SUBACK")
+        with self._lock:
+            self._granted.update(f for f, _ in filters)
 
     def _acknowledged(self, rc: int, mid: int | None, what: str, ack: str, timeout_s: float = 10.0) -> None:
         """Wait for the SUBACK/UNSUBACK of request `mid`. Raises LinkError if it fails or never comes."""
@@ -273,24 +281,56 @@ class MqttConnection:
             self.connects += 1
             log.info("%s: connected to %s (session present: %s)", self.client_id, self.url, flags.session_present)
             with self._lock:
-                filters, stale = list(self._filters.items()), sorted(self._stale - set(self._filters))
+                # With the session present the broker kept what it granted: subscribing again would only make it
+                # send every retained message again, and a NATS node whose copy of them lags behind sends stale
+                # ones (a device's will after its new birth). Only what it never granted goes out.
+                if not flags.session_present:
+                    self._granted.clear()
+                filters = [(f, q) for f, q in self._filters.items() if f not in self._granted]
+                stale = sorted(self._stale - set(self._filters))
                 self._stale.clear()
             if stale:
                 client.unsubscribe(stale)
             if filters:
-                rc, mid = client.subscribe(filters)
-                if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
-                    self._last_error = f"resubscribe failed: {mqtt.error_string(rc)}"
-                    return
-                with self._ack_cond:
-                    self._acks.setdefault(mid, []).append("ready")  # marks the resubscription
+                self._resubscribe_tries = 0
+                self._resubscribe(filters)
             else:
                 self._ready.set()
             if self._birth is not None:
+                # Our own status (see _on_message), at QoS 1: a NATS node hands QoS 1 subscribers messages in the
+                # order its stream stored them, the order the coordinator reads them in. An ACL may refuse it.
+                if not (flags.session_present and self._birth[0] in self._granted):
+                    self._watch_mid = client.subscribe(self._birth[0], 1)[1]
                 self.send(self._birth[0], self._birth[1], 1, True)
         except Exception as exc:
             self._last_error = f"{type(exc).__name__}: {exc}"
             log.exception("%s: on_connect failed", self.client_id)
+
+    def _resubscribe(self, filters: list[tuple[str, int]]) -> None:
+        """Subscribe `filters` ((filter, QoS)) again after a connect; the SUBACK marks the connection ready."""
+        rc, mid = self._client.subscribe(filters)
+        if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            self._last_error = f"resubscribe failed: {mqtt.error_string(rc)}"
+            return
+        with self._ack_cond:
+            self._acks.setdefault(mid, []).append("ready")  # marks the resubscription
+            self._resubscribing[mid] = [f for f, _ in filters]
+
+    def _resubscription_refused(self, failures: list[str]) -> None:
+        """A node of a cluster may refuse while it elects stream leaders (NATS: 0x80 while a consumer
+        cannot be created): try again 1 s later, RESUBSCRIBE_TRIES times. One broker: log it and go on."""
+        self._resubscribe_tries += 1
+        if len(self.ring) > 1 and self._resubscribe_tries < RESUBSCRIBE_TRIES and self.connected:
+            log.warning("%s: %s refused resubscription (%s); retrying in 1 s", self.client_id, self.url, failures)
+            with self._lock:
+                filters = [(f, q) for f, q in self._filters.items() if f not in self._granted]
+            timer = threading.Timer(1.0, lambda: self._resubscribe(filters) if self.connected else None)
+            timer.daemon = True
+            timer.start()
+            return
+        self._last_error = f"subscription refused: {failures}"
+        log.error("%s: broker refused resubscription: %s", self.client_id, failures)
+        self._ready.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: mqtt.DisconnectFlags,
                        reason: mqtt.ReasonCode, properties: Properties | None) -> None:
@@ -306,14 +346,23 @@ class MqttConnection:
     def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,
                       reasons: list[mqtt.ReasonCode], properties: Properties | None) -> None:
         try:
+            if mid == self._watch_mid:
+                if self._birth is not None and not any(r.is_failure for r in reasons):
+                    with self._lock:
+                        self._granted.add(self._birth[0])
+                return
             failures = [str(r) for r in reasons if r.is_failure]
             with self._ack_cond:
                 if self._acks.get(mid) == ["ready"]:
                     del self._acks[mid]
+                    filters = self._resubscribing.pop(mid, [])
+                    if not failures:
+                        with self._lock:
+                            self._granted.update(filters)
                     if failures:
-                        self._last_error = f"subscription refused: {failures}"
-                        log.error("%s: broker refused resubscription: %s", self.client_id, failures)
-                    self._ready.set()
+                        self._resubscription_refused(failures)
+                    else:
+                        self._ready.set()
                 else:
                     self._acks[mid] = failures
                 self._ack_cond.notify_all()
@@ -331,5 +380,15 @@ class MqttConnection:
             topic = message.topic
         except UnicodeDecodeError:
             log.warning("%s: dropped a message whose topic is not UTF-8", self.client_id)
+            return
+        birth = self._birth
+        if birth is not None and topic == birth[0]:
+            # Our own status, never passed on. One of our own wills arriving while we are connected is stale: the
+            # broker published it late for a connection we already replaced (a NATS node does so after a failover,
+            # once its JetStream answers); published again, the birth has the last word. Other statuses (another
+            # process with our id, a clean farewell) are not ours to overrule.
+            if message.payload in self._wills and self.connected and not self._leaving:
+                log.info("%s: a stale status replaced our birth on %s; publishing it again", self.client_id, topic)
+                self.send(birth[0], birth[1], 1, True)
             return
         self.on_frame(topic, bytes(message.payload))

@@ -61,17 +61,25 @@ class TransportSecurity:
         Raises:
             ValueError: TLS files without an mqtts:// URL, or plain MQTT to a non-loopback host.
         """
-        if self.wants_tls and not tls:
-            raise ValueError("--ca-file, --cert and --key need a TLS broker URL: mqtts://host[:port]")
-        if not tls and not self.insecure and not is_loopback(host):
-            raise ValueError(f"broker host {host!r} is not loopback: use mqtts://{host} (TLS), or pass --insecure "
-                             "to send credentials and updates in the clear")
+        self.check(host, tls)
         if tls:
             client.tls_set(ca_certs=_str(self.ca_file), certfile=_str(self.cert), keyfile=_str(self.key),
                            cert_reqs=ssl.CERT_REQUIRED)
         user = self.username or username
         if user is not None:
             client.username_pw_set(user, self.password())
+
+    def check(self, host: str, tls: bool) -> None:
+        """Refuse what apply() would for `host` (every node of a cluster is checked before connecting).
+
+        Raises:
+            ValueError: TLS files without an mqtts:// URL, or plain MQTT to a non-loopback host.
+        """
+        if self.wants_tls and not tls:
+            raise ValueError("--ca-file, --cert and --key need a TLS broker URL: mqtts://host[:port]")
+        if not tls and not self.insecure and not is_loopback(host):
+            raise ValueError(f"broker host {host!r} is not loopback: use mqtts://{host} (TLS), or pass --insecure "
+                             "to send credentials and updates in the clear")
 
 
 def is_loopback(host: str) -> bool:
