@@ -200,6 +200,9 @@ class DeviceAgent:
             self._reply_error(task, "task_limits", breach)
             return 0
         self._start_from_bundle(task)
+        if self._acted_on(task):  # starting from the bundle restored this run's saved state: answered already
+            self._answer_again(task)
+            return 0
         if not self._holds_start_of(task):
             if not self._syncing:
                 self._resync()

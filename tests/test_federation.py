@@ -153,23 +153,24 @@ class _OneDevice:
     listener: Link
     sender: Link
     sha: str
+    broker: InProcessBroker
 
     def close(self) -> None:
         self.agent.close()
         self.listener.close()
 
 
-def _one_device(tmp_path: Path, tmp_path_factory) -> _OneDevice:
+def _one_device(tmp_path: Path, tmp_path_factory, state_dir: Path | None = None) -> _OneDevice:
     folder = bundle(tmp_path_factory, "bert-int8")
     (path,) = _device_files(tmp_path, 1, 16)
     broker = InProcessBroker()
-    agent = DeviceAgent(device_link(broker, "dev0"), AgentConfig("dev0", folder, path, threads=1))
+    agent = DeviceAgent(device_link(broker, "dev0"), AgentConfig("dev0", folder, path, threads=1, state_dir=state_dir))
     agent.start()
     listener = coordinator_link(broker, "listener")
     listener.connect()
     sender = Link(InProcessConnection(broker, "sender"), "edgeftl", [])
     sender.connect()
-    return _OneDevice(agent, listener, sender, bundle_sha256(folder))
+    return _OneDevice(agent, listener, sender, bundle_sha256(folder), broker)
 
 
 def test_agent_waiting_for_a_global_skips_a_bad_message_and_runs_the_task_once_it_arrives(tmp_path, tmp_path_factory):
@@ -221,6 +222,35 @@ def test_a_task_that_starts_from_the_bundles_own_values_needs_no_full_global(tmp
     sender.send(Task("run2", 0, one.sha, ("dev0",), 60.0, 1e-2, "none", steps=1, start_sha256="0" * 64))
     assert agent.run(stop_after_s=0.5) == 0 and agent.waiting is not None
     one.close()
+
+
+def test_a_restarted_device_answers_the_retained_start_task_again_without_retraining(tmp_path, tmp_path_factory):
+    # Prepare: a device answered round 0, whose task starts from the bundle's own values, then restarts
+    # (a new process: only its saved state remembers the reply) and the retained task comes again
+    from edgeftl.device.protocol.messages import Task, Update, encode, params_sha256
+
+    one = _one_device(tmp_path, tmp_path_factory, state_dir=tmp_path / "state")
+    task = Task("run", 0, one.sha, ("dev0",), 60.0, 1e-2, "none", steps=1,
+                start_sha256=params_sha256(one.agent.runtime.get_flat()))
+    one.sender.send(task)
+    assert one.agent.run(max_rounds=1, stop_after_s=60) == 1
+
+    def updates() -> list[Update]:  # what reached the coordinator's side, statuses left out
+        items = [one.listener.receive(0.0) for _ in range(8)]
+        return [i.message for i in items if i is not None and isinstance(i.message, Update)]
+
+    (first,) = updates()
+    config = one.agent.config
+    one.agent.close()
+    restarted = DeviceAgent(device_link(one.broker, "dev0"), config)
+    restarted.start()
+    # Execute: the retained task reaches the restarted device when it subscribes
+    sent = restarted.run(stop_after_s=0.5)
+    # Assert: the saved reply went out again, unchanged (same seq: a coordinator that has it drops it);
+    # retraining would have sent another update and broken error feedback
+    assert sent == 0 and [encode(u) for u in updates()] == [encode(first)]
+    restarted.close()
+    one.listener.close()
 
 
 def test_a_task_whose_global_never_arrives_gets_a_no_global_reply(tmp_path, tmp_path_factory, monkeypatch):
