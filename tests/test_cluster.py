@@ -10,7 +10,6 @@ round was open must reach the coordinator.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -23,8 +22,8 @@ from edgeftl.device.link.brokers import BrokerRing, parse_brokers
 from edgeftl.device.protocol.topics import coordinator_client_id, device_client_id
 
 from fixtures_build import bundle, keyword_dataset
+from light_fleet import start_fleet, stop_fleet
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "fleet_load.py"
 DEVICES, ROUNDS, KILLED_ROUND = 30, 4, 1
 KILL_AFTER_S = 1.5  # into the round: the task is out, the devices reply after 1-4 s
 CLOSE_MARGIN_S = 0.5
@@ -116,10 +115,8 @@ def test_killing_a_cluster_node_mid_round_loses_no_acknowledged_update(nats_clus
             [sys.executable, "-m", "edgeftl.device.cli", "device", "run", "--broker", brokers, "--bundle", str(folder),
              "--data", str(data), "--id", real, "--prefix", prefix, "--rounds", str(ROUNDS), "--threads", "1"],
             stdout=subprocess.DEVNULL, stderr=log)
-    fleet = subprocess.Popen(
-        [sys.executable, str(TOOL), "--broker", brokers, "--bundle", str(folder), "--devices", str(DEVICES),
-         "--prefix", prefix, "--name-prefix", "cl", "--delay-s", "1", "--spread", "4", "--ack-log", str(acks),
-         "--quiet"], stdout=subprocess.PIPE, text=True)
+    fleet = start_fleet(brokers, folder, prefix, "cl", DEVICES, "--delay-s", "1", "--spread", "4",
+                        "--ack-log", str(acks))
     with (tmp_path / "coordinator.log").open("w") as log:
         coordinator = subprocess.Popen(
             [sys.executable, "-m", "edgeftl.device.cli", "coordinator", "--broker", brokers, "--bundle", str(folder),
@@ -132,12 +129,7 @@ def test_killing_a_cluster_node_mid_round_loses_no_acknowledged_update(nats_clus
         for process in (coordinator, device):
             if process.poll() is None:
                 process.kill()
-        fleet.send_signal(signal.SIGTERM)
-        try:
-            fleet_out, _ = fleet.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            fleet.kill()
-            raise
+        reports = stop_fleet(fleet)
     assert coordinator.returncode == 0, (tmp_path / "coordinator.log").read_text()[-2000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == list(range(ROUNDS)) and len(closed) == ROUNDS
@@ -154,7 +146,7 @@ def test_killing_a_cluster_node_mid_round_loses_no_acknowledged_update(nats_clus
     assert owed - received == set(), f"acknowledged while the round was open, never aggregated: {owed - received}"
     across = {(a["device"], a["round"]) for a in log_lines if a["round"] == KILLED_ROUND and a["time"] > killed_at}
     assert across & owed, "no update crossed the failover (acknowledged after the kill, in the open round)"
-    (counts,) = [json.loads(line) for line in fleet_out.splitlines() if line.startswith("{")]
+    (counts,) = reports
     assert fleet.returncode == 0 and counts["devices"] == DEVICES
 
 

@@ -5,9 +5,6 @@ then a second run on the same fleet that refuses every stale update."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +13,9 @@ from edgeftl.coordinator.simulation.fleet import raise_open_files
 from edgeftl.device.cli import main
 
 from fixtures_build import bundle
+from light_fleet import start_fleet, stop_fleet
 
 FLEET, SLOTS, BUFFER, VERSIONS, MAX_STALENESS = 1000, 50, 10, 8, 2
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "fleet_load.py"
 raise_open_files(FLEET + 256)  # before the session's Mosquitto starts: it inherits this limit
 
 
@@ -26,22 +23,14 @@ raise_open_files(FLEET + 256)  # before the session's Mosquitto starts: it inher
 def test_thousand_light_devices_fedbuff_records_every_version(mosquitto_broker, tmp_path_factory, tmp_path):
     host, port = mosquitto_broker
     url, folder, prefix = f"mqtt://{host}:{port}", bundle(tmp_path_factory, "bert-int8"), "fedbuff1k"
-    fleet = subprocess.Popen(
-        [sys.executable, str(TOOL), "--broker", url, "--bundle", str(folder), "--devices", str(FLEET), "--procs", "2",
-         "--prefix", prefix, "--name-prefix", "fb", "--delay-s", "0.05", "--spread", "20", "--quiet"],
-        stdout=subprocess.PIPE, text=True)
+    fleet = start_fleet(url, folder, prefix, "fb", FLEET, "--procs", "2", "--delay-s", "0.05", "--spread", "20")
     try:
         rc = coordinate(url, folder, prefix, tmp_path / "run", VERSIONS, MAX_STALENESS)
         # A second run on the same fleet refusing any staleness: every update still in flight when a
         # version is published is refused as stale (deterministic: 40 of the first 50 are)
         rc_strict = coordinate(url, folder, prefix, tmp_path / "strict", 3, 0)
     finally:
-        fleet.send_signal(signal.SIGTERM)
-        try:
-            out, _ = fleet.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            fleet.kill()
-            raise
+        counts = stop_fleet(fleet)
     assert rc == rc_strict == 0 and fleet.returncode == 0
     records = read(tmp_path / "run")
     assert [r["version"] for r in records] == [r["round"] for r in records] == list(range(VERSIONS))
@@ -62,7 +51,6 @@ def test_thousand_light_devices_fedbuff_records_every_version(mosquitto_broker, 
     assert all(r["staleness"]["max"] == 0 for r in strict)
     assert sum(r["refused_stale"] for r in strict) >= SLOTS - BUFFER  # refused, counted, slots refilled
     assert all(r["refused_stale"] == r["rejected_reasons"].get("stale", 0) for r in strict)
-    counts = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     sent = sum(c["updates_sent"] for c in counts)
     used_or_counted = sum(r["updates_used"] + r["refused_stale"] + r["updates_late"] for r in records + strict)
     assert len(counts) == 2 and used_or_counted <= sent  # the rest were in flight when a run ended

@@ -5,12 +5,8 @@ messages), and samples from all of them."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -19,9 +15,9 @@ from edgeftl.coordinator.simulation.fleet import raise_open_files
 from edgeftl.device.cli import main
 
 from fixtures_build import bundle
+from light_fleet import start_fleet, stop_fleet
 
 FLEET, SAMPLED = 2000, 100
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "fleet_load.py"
 raise_open_files(FLEET + 256)  # before the session's Mosquitto starts: it inherits the limit
 
 
@@ -49,9 +45,7 @@ def test_a_late_coordinator_sees_every_retained_status(mosquitto_broker, tmp_pat
     host, port = mosquitto_broker
     url, folder, prefix = f"mqtt://{host}:{port}", bundle(tmp_path_factory, "bert-int8"), "late2k"
     watcher, seen = _watch(host, port, prefix)
-    fleet = subprocess.Popen(
-        [sys.executable, str(TOOL), "--broker", url, "--bundle", str(folder), "--devices", str(FLEET), "--procs", "2",
-         "--prefix", prefix, "--name-prefix", "lt", "--quiet"], stdout=subprocess.PIPE, text=True)
+    fleet = start_fleet(url, folder, prefix, "lt", FLEET, "--procs", "2")
     try:
         end = time.monotonic() + 180
         while len(seen) < FLEET and time.monotonic() < end and fleet.poll() is None:
@@ -65,12 +59,7 @@ def test_a_late_coordinator_sees_every_retained_status(mosquitto_broker, tmp_pat
     finally:
         watcher.loop_stop()
         watcher.disconnect()
-        fleet.send_signal(signal.SIGTERM)
-        try:
-            fleet.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            fleet.kill()
-            raise
+        stop_fleet(fleet)
     # Assert: every device counted online; two fair rounds sample 200 different devices
     assert rc == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -8,9 +8,7 @@ of 2 rounds completes with every device's update each round.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,8 +22,8 @@ from edgeftl.device.cli import main
 
 from conftest import mosquitto_binary
 from fixtures_build import bundle
+from light_fleet import start_fleet, stop_fleet
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "fleet_load.py"
 PER_SITE, ROUNDS = 5, 2
 
 
@@ -84,23 +82,18 @@ def test_devices_at_two_sites_train_through_bridged_gateways(tmp_path_factory, t
     folder, prefix = bundle(tmp_path_factory, "bert-int8"), "gw"
     with MosquittoBroker() as central, site_gateway(central.url, "north", tmp_path, prefix) as north, \
             site_gateway(central.url, "south", tmp_path, prefix) as south:
-        fleets = [subprocess.Popen(
-            [sys.executable, str(TOOL), "--broker", url, "--bundle", str(folder), "--devices", str(PER_SITE),
-             "--prefix", prefix, "--name-prefix", name, "--delay-s", "0.2", "--quiet"], stdout=subprocess.PIPE,
-            text=True) for url, name in ((north, "north"), (south, "south"))]
+        fleets = [start_fleet(url, folder, prefix, name, PER_SITE, "--delay-s", "0.2")
+                  for url, name in ((north, "north"), (south, "south"))]
         try:
             rc = main(["coordinator", "--broker", central.url, "--bundle", str(folder), "--out", str(tmp_path / "run"),
                        "--prefix", prefix, "--rounds", str(ROUNDS), "--wait-devices", str(2 * PER_SITE),
                        "--wait-devices-s", "60", "--deadline-s", "60", "--codec", "int8"])
         finally:
-            for fleet in fleets:
-                fleet.send_signal(signal.SIGTERM)
-            outs = [fleet.communicate(timeout=60)[0] for fleet in fleets]
+            counts = [report for fleet in fleets for report in stop_fleet(fleet)]
     assert rc == 0 and all(fleet.returncode == 0 for fleet in fleets)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == list(range(ROUNDS))
     for record in records:
         assert record["updates_received"] == record["devices_selected"] == 2 * PER_SITE and record["aggregated"]
         assert {name.split("-")[0] for name in record["devices"]} == {"north", "south"}
-    counts = [json.loads(line) for out in outs for line in out.splitlines() if line.startswith("{")]
     assert sum(c["updates_sent"] for c in counts) == ROUNDS * 2 * PER_SITE
