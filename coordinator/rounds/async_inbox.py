@@ -15,25 +15,30 @@ is one invitation and the last sequence number, so it grows with the devices see
 from __future__ import annotations
 
 import logging
+import threading
+from collections import Counter
 from collections.abc import Iterable
 
-from edgeftl.coordinator.rounds.inbox import OFFLINE, Counted, DeviceFailure, ReceivedUpdate, Replies
-from edgeftl.device.protocol.messages import ErrorReply, MessageError, Update, vector_of
+from edgeftl.coordinator.rounds.inbox import OFFLINE, Counted, DeviceFailure, ReceivedUpdate
+from edgeftl.device.protocol.messages import ErrorReply, MessageError, Update, reason_kind, vector_of
 
 log = logging.getLogger("edgeftl.coordinator")
 LAPSED = "deadline"  # the failure code of an invitation that got no reply within --deadline-s
 
 
-class AsyncInbox(Replies):
+class AsyncInbox:
     """Invitations and the replies that end them; `progress()` may be read from another thread."""
 
     def __init__(self, run_id: str, bundle_sha256: str, size: int, max_staleness: int) -> None:
-        super().__init__(run_id, bundle_sha256, size)
-        self.max_staleness = max_staleness
+        self.run_id, self.bundle_sha256, self.size, self.max_staleness = run_id, bundle_sha256, size, max_staleness
+        self._lock = threading.Lock()
         self.version = -1  # the newest global version published
         self.invited: dict[str, tuple[int, float]] = {}  # device -> (task round, when it was invited)
         self._last_seq: dict[str, int] = {}  # device -> seq of its last update taken (redeliveries repeat it)
         self._lapsed: set[str] = set()  # devices whose invitation ended without a reply: a reply now is late
+        self.rejected: Counter[str] = Counter()
+        self.rejected_places: Counter[str] = Counter()
+        self.late = self.redelivered = 0
         self._taken = self._failed = 0  # updates and failures taken this version (live display)
 
     # ---- invitations ----------------------------------------------------------------------
@@ -67,7 +72,19 @@ class AsyncInbox(Replies):
         del self.invited[device]
         self._lapsed.add(device)
 
-    # ---- replies (Replies.take checks the federation, then calls these) ------------------------
+    # ---- replies ------------------------------------------------------------------------------
+    def take(self, message: Update | ErrorReply, nbytes: int) -> ReceivedUpdate | DeviceFailure | None:
+        """The reply as the loop uses it, or None (late, redelivered, refused: counted)."""
+        try:
+            if message.run_id != self.run_id or message.bundle_sha256 != self.bundle_sha256:
+                raise MessageError("wrong run or bundle: reply is for another federation")
+            if isinstance(message, ErrorReply):
+                return self._failure(message)
+            return self._update(message, nbytes)
+        except MessageError as exc:
+            self.refuse("update", message.device_id, str(exc))
+            return None
+
     def staleness(self, update: Update) -> int:
         """Versions published since the one the update was trained on (its round - 1)."""
         return self.version - (update.round - 1)
@@ -129,12 +146,20 @@ class AsyncInbox(Replies):
         log.warning("device %s went offline while invited", device)
         return DeviceFailure(device, OFFLINE, "its status went offline before it replied to its invitation")
 
+    def refuse(self, place: str | None, device: str | None, reason: str) -> None:
+        with self._lock:
+            self.rejected[reason_kind(reason)] += 1
+            self.rejected_places[place or "other"] += 1
+        log.warning("rejected a message on %s/%s: %s", place or "other", device or "-", reason)
+
     # ---- per version ----------------------------------------------------------------------
     def close_round(self) -> Counted:
         """What was counted since the previous call (one version's worth); counting starts afresh."""
         with self._lock:
+            counted = Counted(self.late, self.redelivered, dict(self.rejected), dict(self.rejected_places))
+            self.late, self.redelivered, self.rejected, self.rejected_places = 0, 0, Counter(), Counter()
             self._taken = self._failed = 0
-            return self._counted()
+            return counted
 
     def progress(self) -> dict:
         with self._lock:

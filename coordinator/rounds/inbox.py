@@ -53,60 +53,20 @@ class Counted:
     rejected_places: dict[str, int]  # topic place (update, status, ...) -> count
 
 
-class Replies:
-    """What the sync and the async inbox share: the federation check ahead of their own checks of a
-    reply (`_update`, `_failure`), and the counters of what they turn away, reset per record."""
+class Inbox:
+    """Checks replies against the open round; `progress()` may be read from another thread."""
 
     def __init__(self, run_id: str, bundle_sha256: str, size: int) -> None:
         self.run_id, self.bundle_sha256, self.size = run_id, bundle_sha256, size
         self._lock = threading.Lock()
-        self.rejected: Counter[str] = Counter()  # reason -> count, since the last close_round
-        self.rejected_places: Counter[str] = Counter()  # topic place (update, status, ...) -> count
-        self.late = self.redelivered = 0
-
-    def take(self, message: Update | ErrorReply, nbytes: int) -> ReceivedUpdate | DeviceFailure | None:
-        """The reply as the loop uses it, or None (late, redelivered, refused: counted)."""
-        try:
-            if message.run_id != self.run_id or message.bundle_sha256 != self.bundle_sha256:
-                what = "error reply" if isinstance(message, ErrorReply) else "update"
-                raise MessageError(f"wrong run or bundle: {what} is for another federation")
-            if isinstance(message, ErrorReply):
-                return self._failure(message)
-            return self._update(message, nbytes)
-        except MessageError as exc:
-            self.refuse("update", message.device_id, str(exc))
-            return None
-
-    def _update(self, update: Update, nbytes: int) -> ReceivedUpdate | None:
-        raise NotImplementedError
-
-    def _failure(self, reply: ErrorReply) -> DeviceFailure | None:
-        raise NotImplementedError
-
-    def refuse(self, place: str | None, device: str | None, reason: str) -> None:
-        """Count a refusal under its reason (the text before the first ':') and its topic's place."""
-        with self._lock:
-            self.rejected[reason_kind(reason)] += 1
-            self.rejected_places[place or "other"] += 1
-        log.warning("rejected a message on %s/%s: %s", place or "other", device or "-", reason)
-
-    def _counted(self) -> Counted:
-        """Under the lock: what was counted since the last call; counting starts afresh."""
-        counted = Counted(self.late, self.redelivered, dict(self.rejected), dict(self.rejected_places))
-        self.late, self.redelivered, self.rejected, self.rejected_places = 0, 0, Counter(), Counter()
-        return counted
-
-
-class Inbox(Replies):
-    """Checks replies against the open round; `progress()` may be read from another thread."""
-
-    def __init__(self, run_id: str, bundle_sha256: str, size: int) -> None:
-        super().__init__(run_id, bundle_sha256, size)
         self._round = -1
         self._selected: set[str] = set()
         self._seen: set[tuple[str, int]] = set()  # (device, seq) of updates taken in the open round
         self._accepted: set[str] = set()
         self.failures: dict[str, dict[str, str]] = {}  # device -> {"code", "reason"}, this round
+        self.rejected: Counter[str] = Counter()  # reason -> count, since the last close_round
+        self.rejected_places: Counter[str] = Counter()  # topic place (update, status, ...) -> count
+        self.late = self.redelivered = 0
 
     def open_round(self, round_index: int, selected: list[str]) -> None:
         with self._lock:
@@ -118,7 +78,9 @@ class Inbox(Replies):
         start counting afresh."""
         with self._lock:
             self._round = -1
-            return self._counted()
+            counted = Counted(self.late, self.redelivered, dict(self.rejected), dict(self.rejected_places))
+            self.late, self.redelivered, self.rejected, self.rejected_places = 0, 0, Counter(), Counter()
+            return counted
 
     def progress(self) -> dict:
         """The round in progress: its index (-1 between rounds) and counters, for live displays."""
@@ -126,8 +88,25 @@ class Inbox(Replies):
             return {"round": self._round, "selected": len(self._selected), "received": len(self._accepted),
                     "late": self.late, "rejected": sum(self.rejected.values()), "failed": len(self.failures)}
 
+    def take(self, message: Update | ErrorReply, nbytes: int) -> ReceivedUpdate | DeviceFailure | None:
+        """The reply as the round uses it, or None (late, redelivered, refused: counted)."""
+        try:
+            if isinstance(message, ErrorReply):
+                return self._failure(message)
+            return self._update(message, nbytes)
+        except MessageError as exc:
+            self.refuse("update", message.device_id, str(exc))
+            return None
+
+    def refuse(self, place: str | None, device: str | None, reason: str) -> None:
+        """Count a refusal under its reason (the text before the first ':') and its topic's place."""
+        with self._lock:
+            self.rejected[reason_kind(reason)] += 1
+            self.rejected_places[place or "other"] += 1
+        log.warning("rejected a message on %s/%s: %s", place or "other", device or "-", reason)
+
     def _update(self, update: Update, nbytes: int) -> ReceivedUpdate | None:
-        device = update.device_id
+        device = self._check_federation(update, "update")
         key = (device, update.seq)
         with self._lock:
             if key in self._seen:
@@ -146,7 +125,7 @@ class Inbox(Replies):
 
     def _failure(self, reply: ErrorReply) -> DeviceFailure | None:
         """An error reply: the same checks as an update, then recorded once per device and round."""
-        device = reply.device_id
+        device = self._check_federation(reply, "error reply")
         failure = {"code": reply.code, "reason": reply.reason}
         with self._lock:
             if self._is_late(device, reply.round, "error reply"):
@@ -170,6 +149,11 @@ class Inbox(Replies):
             self.failures[device] = {"code": OFFLINE, "reason": reason}
         log.warning("device %s went offline during round %d", device, self._round)
         return DeviceFailure(device, OFFLINE, reason)
+
+    def _check_federation(self, message: Update | ErrorReply, what: str) -> str:
+        if message.run_id != self.run_id or message.bundle_sha256 != self.bundle_sha256:
+            raise MessageError(f"wrong run or bundle: {what} is for another federation")
+        return message.device_id
 
     def _is_late(self, device: str, round_index: int, what: str) -> bool:
         """True (and counted) for another round's reply; raises for a device not sampled. Under the lock."""
