@@ -23,6 +23,8 @@ BUNDLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "bert-int8-top1": ("bert", ("--quant", "int8", "--train-layers", "1")),
     "bert-int8-keep-attention": ("bert", ("--quant", "int8", "--keep-attention")),
     "bert-head": ("bert", ("--quant", "int8", "--adapter", "head")),
+    "bert-lora-fa": ("bert", ("--quant", "int8", "--adapter", "lora-fa")),
+    "bert-lora-xs": ("bert", ("--quant", "int8", "--adapter", "lora-xs")),
     "llama-int8": ("llama", ("--task", "causal-lm", "--quant", "int8")),
     "llama-int8-top1": ("llama", ("--task", "causal-lm", "--quant", "int8", "--train-layers", "1")),
     # block 0 int4, block 1 (the top) and the LM head int8

@@ -34,28 +34,60 @@ CLI = [sys.executable, "-m", "edgeftl.device.cli"]
 
 def parse_case(case: str) -> tuple[str, str]:
     """`codec[/downlink]` or `codec@strategy[/downlink]` -> (codec, strategy); FedAvg when no strategy is named."""
-    codec, _, strategy = case.partition("#")[0].partition("/")[0].partition("@")
+    codec, _, strategy = _spec(case).partition("/")[0].partition("@")
     return codec, strategy or "fedavg"
 
 
 def case_downlink(case: str) -> str:
     """The downlink codec a case names after `/`; fp32 (`none`) when it names none."""
-    return case.partition("#")[0].partition("/")[2] or "none"
+    return _spec(case).partition("/")[2] or "none"
+
+
+def case_adapter(case: str) -> str:
+    """The bundle's adapter a case names after `~` (`sign/sign~lora-xs`); plain LoRA when it names none."""
+    return case.partition("#")[0].partition("?")[0].partition("~")[2] or "lora"
+
+
+def case_flags(case: str) -> list[str]:
+    """The simulate flags a case sets after `?` (`sign~lora-xs?lr=0.01&server-lr=2`: --lr 0.01 --server-lr 2)."""
+    query = case.partition("#")[0].partition("?")[2]
+    flags = []
+    for pair in filter(None, query.split("&")):
+        key, _, value = pair.partition("=")
+        flags += [f"--{key}", value]
+    return flags
+
+
+def _spec(case: str) -> str:
+    return case.partition("#")[0].partition("?")[0].partition("~")[0]
 
 
 def case_folder(work: Path, case: str) -> Path:
     name = case.replace(":", "_").replace("+", "_").replace("@", "_").replace("/", "_down_").replace("#", "_")
+    for mark in "~?&=":
+        name = name.replace(mark, "_")
     return work / ("fed-" + name)
 
 
+def case_bundle(work: Path, case: str) -> Path:
+    """The MiniLM int8 top-2 bundle with the case's adapter, built once in `work`."""
+    adapter = case_adapter(case)
+    bundle = work / ("bundle-int8-top2" + ("" if adapter == "lora" else f"-{adapter}"))
+    if not (bundle / MANIFEST).is_file():
+        subprocess.run([*CLI, "build", "--quant", "int8", "--train-layers", "2", "--adapter", adapter, "--out",
+                        str(bundle), "--force", "--quiet"], check=True)
+    return bundle
+
+
 def simulate(work: Path, case: str, args: argparse.Namespace, extra: Sequence[str] = ()) -> list[dict]:
-    """One `edgeftl simulate` run of `case` on args.bundle; `extra`: more simulate flags (--batch, ...)."""
+    """One `edgeftl simulate` run of `case` on its bundle (`case_bundle`); `extra`: more simulate flags."""
     codec, strategy = parse_case(case)
     out = case_folder(work, case)
     command = [*CLI, "simulate", "--devices", str(args.devices), "--alpha", str(args.alpha), "--rounds",
                str(args.rounds), "--steps", str(args.steps), "--lr", str(args.lr), "--train-layers", "2",
                "--codec", codec, "--downlink", case_downlink(case), "--strategy", strategy, "--bundle",
-               str(args.bundle), "--out", str(out), "--seed", str(args.seed), "--wait-devices-s", "600", *extra]
+               str(case_bundle(args.work, case)), "--out", str(out), "--seed", str(args.seed), "--wait-devices-s",
+               "600", *extra, *case_flags(case)]
     if args.max_per_device:
         command += ["--max-per-device", str(args.max_per_device), "--max-test", str(4 * args.max_per_device)]
     subprocess.run(command, check=True, stdout=sys.stderr)
@@ -81,7 +113,8 @@ def centralized(work: Path, fed_dir: Path, args: argparse.Namespace, extra: Sequ
     per_round = args.devices * args.steps
     records = []
     for r in range(args.rounds):
-        result = subprocess.run([*CLI, "device", "train", "--bundle", str(args.bundle), "--data", str(union),
+        result = subprocess.run([*CLI, "device", "train", "--bundle", str(case_bundle(work, "none")), "--data",
+                                 str(union),
                                  "--eval", str(fed_dir / "data" / "test.csv"), "--steps", str(per_round * (r + 1)),
                                  "--lr", str(args.lr), "--state", str(work / "central" / "state"), "--cache-dir",
                                  str(fed_dir / "cache"), "--json", "--quiet", *extra], check=True,
@@ -301,7 +334,7 @@ def write_doc(results: dict) -> None:
 def run_proxies(args: argparse.Namespace) -> int:
     """Short runs of each case, kept under "proxy" in docs/bench_federation.json."""
     results = json.loads((ROOT / "docs" / "bench_federation.json").read_text())
-    args.rounds, args.bundle = args.proxy_rounds, args.work / "bundle-int8-top2"
+    args.rounds = args.proxy_rounds
     proxy = results.setdefault("proxy", {})
     for case in (c.strip() for c in args.codecs.split(",") if c.strip()):
         name = case if args.seed == 0 else f"{case}#seed{args.seed}"
@@ -316,7 +349,9 @@ def main() -> int:
     parser.add_argument("--codecs", default="none,topk:0.01+int8",
                         help="comma-separated cases: a codec, or codec@strategy (fedadam, fedyogi, lora-svd) to "
                              "aggregate with another strategy than FedAvg; /DOWNLINK at the end compresses the "
-                             "global deltas too (sign/sign: sign up and down)")
+                             "global deltas too (sign/sign: sign up and down); ~ADAPTER at the end trains a bundle "
+                             "built with that --adapter (sign/sign~lora-xs); ?FLAG=VALUE&... sets simulate flags for "
+                             "that case only (sign/sign~lora-xs?lr=0.01)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the data split and device sampling; a case run with another seed is recorded "
                              "as CASE#seedN")
@@ -339,10 +374,6 @@ def main() -> int:
         return run_proxies(args)
     began = time.monotonic()
     args.work.mkdir(parents=True, exist_ok=True)
-    args.bundle = args.work / "bundle-int8-top2"
-    if not (args.bundle / MANIFEST).is_file():
-        subprocess.run([*CLI, "build", "--quant", "int8", "--train-layers", "2", "--out", str(args.bundle),
-                        "--force", "--quiet"], check=True)
     cases = [c.strip() for c in args.codecs.split(",") if c.strip()]
     previous = json.loads((ROOT / "docs" / "bench_federation.json").read_text()) if args.merge else None
     federated = dict(previous["federated"]) if previous else {}

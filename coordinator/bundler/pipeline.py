@@ -28,7 +28,7 @@ from edgeftl.device.files import atomic_write
 from edgeftl.device.protocol.manifest import (
     CAUSAL_LM,
     CLASSIFY,
-    LORA,
+    LORA_KINDS,
     LOWER_MODEL,
     MANIFEST,
     TOKENIZER,
@@ -160,7 +160,7 @@ def _model_id(model: Path | None, model_dir: Path) -> str:
 
 def _adapter(config: BuildConfig, pre: Pretrained, first: int) -> Adapter:
     """The manifest's adapter section: LoRA's shape (zeros for a head-only bundle) and the trained depth."""
-    lora = config.adapter == LORA
+    lora = config.adapter in LORA_KINDS
     return Adapter(kind=config.adapter, rank=config.rank if lora else 0, alpha=config.alpha if lora else 0,
                    targets=list(config.targets or pre.family.attention_targets) if lora else [],
                    train_layers=pre.num_blocks - first)
@@ -192,10 +192,11 @@ def _first_trainable_block(pre: Pretrained, train_layers: int | None) -> int:
 def _attach_trainable(pre: Pretrained, config: BuildConfig, first: int) -> UpperModel:
     for param in pre.backbone.parameters():
         param.requires_grad_(False)
-    if config.adapter == LORA:
+    if config.adapter in LORA_KINDS:
         targets = config.targets or pre.family.attention_targets
         try:
-            attach_lora(pre.backbone.blocks(), first, LoraConfig(config.rank, config.alpha, targets))
+            attach_lora(pre.backbone.blocks(), first, LoraConfig(config.rank, config.alpha, targets,
+                                                                 variant=config.adapter))
         except ValueError as exc:
             raise BuildError(str(exc)) from exc
     head = make_head(config.task, pre.hidden_size, len(config.labels), pre.lm_head)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from edgeftl.device.cli.common import csv_list, fail
-from edgeftl.device.protocol.manifest import CLASSIFY, HEAD, LORA, QUANT_SCHEMES, TASKS
+from edgeftl.device.protocol.manifest import CLASSIFY, HEAD, LORA, LORA_FA, LORA_XS, QUANT_SCHEMES, TASKS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,7 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated label names (classify); default: the 5 BBC News topics "
                         "when neither --labels nor --num-labels is given")
     p.add_argument("--num-labels", type=int, default=None, help="number of labels, named label_0.. (classify)")
-    p.add_argument("--adapter", default=LORA, help=f"{LORA} (LoRA + head) | {HEAD} (head only); default {LORA}")
+    p.add_argument("--adapter", default=LORA,
+                   help=f"{LORA} (LoRA + head) | {LORA_FA} (LoRA with A frozen: B + head train, half of LoRA's "
+                        f"values per update) | {LORA_XS} (A, B frozen at the top-r singular vectors, an r x r core + "
+                        f"head train: r*r values per layer) | {HEAD} (head only); default {LORA}")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
     p.add_argument("--targets", type=csv_list, default=(),

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from edgeftl.device.cli.common import fail
-from edgeftl.device.protocol.manifest import LORA, BundleError, Manifest, read_manifest
+from edgeftl.device.protocol.manifest import LORA_KINDS, BundleError, Manifest, read_manifest
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
           f"hidden {manifest.hidden_size})")
     print(f"task        {manifest.task}" + (f"  labels: {', '.join(manifest.labels)}" if manifest.labels else ""))
     print(f"adapter     {adapter.kind}" + (f" r={adapter.rank} alpha={adapter.alpha} on "
-          f"{','.join(adapter.targets)}" if adapter.kind == LORA else "")
+          f"{','.join(adapter.targets)}" if adapter.kind in LORA_KINDS else "")
           + f", top {adapter.train_layers} of {manifest.num_blocks} blocks trainable")
     quant = manifest.quantization
     print(f"backbone    {quant.scheme}" + (f" (block {quant.block_size})" if quant.scheme == "int4" else "")

@@ -35,7 +35,13 @@ CLASSIFY, CAUSAL_LM = "classify", "causal-lm"
 TASKS = (CLASSIFY, CAUSAL_LM)
 # What is trained: LoRA factors (plus a classify head), or the head alone.
 LORA, HEAD = "lora", "head"
-ADAPTERS = (LORA, HEAD)
+# LoRA variants that train fewer parameters per adapted layer (models/adapters/lora.py):
+# lora-fa freezes A and trains B (half of LoRA's factors; exact under FedAvg: every device shares
+# the bundle's A); lora-xs freezes A and B at the layer's top-r singular vectors and trains an r x r
+# core R between them (r*r values per layer). Devices train whatever the bundle marks trainable.
+LORA_FA, LORA_XS = "lora-fa", "lora-xs"
+LORA_KINDS = (LORA, LORA_FA, LORA_XS)
+ADAPTERS = (LORA, HEAD, LORA_FA, LORA_XS)
 LORA_FACTORS = ("A", "B")  # a LoRA layer's two trainable factors (`LoraFactor`)
 # How the frozen backbone's weights are stored: fp32, int8 per row, int4 per block of a row.
 QUANT_SCHEMES = ("none", "int8", "int4")
@@ -99,7 +105,7 @@ class Adapter:
 
     kind: str  # one of ADAPTERS
     rank: int  # 0 for head
-    alpha: float  # 0 for head; a LoRA layer adds (alpha / rank) * B @ A
+    alpha: float  # 0 for head; a LoRA layer adds (alpha / rank) * B @ A (lora-xs: B @ R @ A)
     targets: list[str]  # module-name suffixes of the adapted linears; [] for head
     train_layers: int
 

@@ -32,13 +32,14 @@ class LoraAware(Strategy):
         """trainable: the manifest's trainable entries, whose `lora` roles pair the factors.
 
         Raises:
-            ValueError: no entry is a LoRA factor: a head-only bundle, or one built before
-                the build recorded factors in the manifest (rebuild it).
+            ValueError: no entry is a LoRA factor pair: a head-only, lora-fa or lora-xs bundle
+                (FedAvg is exact for those), or one built before the build recorded factors.
         """
         self.pairs = lora_pairs(trainable)
         if not self.pairs:
             raise ValueError("lora-svd needs LoRA factors in the bundle manifest and this bundle lists none "
-                             "(a head-only bundle, or one built before edgeftl recorded them: rebuild it); "
+                             "(a head-only bundle; a lora-fa or lora-xs one, whose FedAvg mean is exact already; or "
+                             "one built before edgeftl recorded them: rebuild it); "
                              "use --strategy fedavg")
         self.last_report: dict[str, float] = {}
 
