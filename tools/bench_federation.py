@@ -64,17 +64,20 @@ def _spec(case: str) -> str:
 
 def case_folder(work: Path, case: str) -> Path:
     name = case.replace(":", "_").replace("+", "_").replace("@", "_").replace("/", "_down_").replace("#", "_")
-    for mark in "~?&=":
+    for mark in "~?&=:":
         name = name.replace(mark, "_")
     return work / ("fed-" + name)
 
 
 def case_bundle(work: Path, case: str) -> Path:
     """The MiniLM int8 top-2 bundle with the case's adapter, built once in `work`."""
-    adapter = case_adapter(case)
-    bundle = work / ("bundle-int8-top2" + ("" if adapter == "lora" else f"-{adapter}"))
+    adapter, _, shape = case_adapter(case).partition(":")  # lora-xs:16: rank 16; lora-xs:8:query+value+dense
+    rank, _, targets = shape.partition(":")
+    name = "".join(f"-{part}" for part in (adapter, rank and f"r{rank}", targets) if part and part != "lora")
+    bundle = work / ("bundle-int8-top2" + name.replace("+", "_"))
     if not (bundle / MANIFEST).is_file():
-        subprocess.run([*CLI, "build", "--quant", "int8", "--train-layers", "2", "--adapter", adapter, "--out",
+        subprocess.run([*CLI, "build", "--quant", "int8", "--train-layers", "2", "--adapter", adapter, "--rank",
+                        rank or "8", *(["--targets", targets.replace("+", ",")] if targets else []), "--out",
                         str(bundle), "--force", "--quiet"], check=True)
     return bundle
 
@@ -350,8 +353,9 @@ def main() -> int:
                         help="comma-separated cases: a codec, or codec@strategy (fedadam, fedyogi, lora-svd) to "
                              "aggregate with another strategy than FedAvg; /DOWNLINK at the end compresses the "
                              "global deltas too (sign/sign: sign up and down); ~ADAPTER at the end trains a bundle "
-                             "built with that --adapter (sign/sign~lora-xs); ?FLAG=VALUE&... sets simulate flags for "
-                             "that case only (sign/sign~lora-xs?lr=0.01)")
+                             "built with that --adapter (sign/sign~lora-xs; ~lora-xs:16 for rank 16, "
+                             "~lora-xs:8:query+dense to adapt those); ?FLAG=VALUE&... sets simulate flags for that "
+                             "case only (sign/sign~lora-xs?lr=0.01)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the data split and device sampling; a case run with another seed is recorded "
                              "as CASE#seedN")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from edgeftl.coordinator.cli.coordinator import add_round_flags, config_from, round_line
 from edgeftl.coordinator.rounds.records import METRICS
-from edgeftl.device.cli.common import fail
+from edgeftl.device.cli.common import csv_list, fail
 from edgeftl.device.protocol.manifest import TASKS
 
 
@@ -32,6 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="local Hugging Face model folder (or smollm2) to build (default: the packaged "
                         "all-MiniLM-L6-v2; for causal-lm, smollm2)")
     p.add_argument("--quant", default="int8")
+    p.add_argument("--adapter", default="lora",
+                   help="what a bundle built here trains: lora | lora-fa | lora-xs | head (edgeftl build --adapter); "
+                        "ignored with --bundle")
+    p.add_argument("--targets", type=csv_list, default=(),
+                   help="linears a bundle built here adapts (edgeftl build --targets); ignored with --bundle")
     p.add_argument("--train-layers", type=int, default=None,
                    help="build with LoRA in the top K blocks only; devices cache the frozen lower stack's outputs")
     p.add_argument("--max-seq-len", type=int, default=None,
@@ -55,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         sim = SimulationConfig(out=args.out, devices=args.devices, data=args.data, task=args.task, alpha=args.alpha,
                                max_per_device=args.max_per_device, max_test=args.max_test, broker=args.broker,
                                bundle=args.bundle, model=args.model, quant=args.quant,
+                               adapter=args.adapter, targets=tuple(args.targets),
                                train_layers=args.train_layers, max_seq_len=args.max_seq_len,
                                device_threads=args.device_threads,
                                simulated_speed_spread=args.simulated_speed_spread, seed=args.seed)

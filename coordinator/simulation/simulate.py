@@ -49,6 +49,8 @@ class SimulationConfig:
     bundle: Path | None = None  # None = build `model` (int8 + LoRA) into out/bundle, labelled as `data` is
     model: Path | None = None  # Hugging Face folder to build from; None = the packaged MiniLM (classify) or SmolLM2
     quant: str = "int8"
+    adapter: str = "lora"  # what a bundle built here trains (`edgeftl build --adapter`)
+    targets: tuple[str, ...] = ()  # the linears it adapts; () = the build's default (query, value)
     train_layers: int | None = None  # build with LoRA only in the top K blocks (cached lower stack)
     max_seq_len: int | None = None  # tokens per text of a bundle built here (default: the build's)
     device_threads: int = 1
@@ -118,11 +120,15 @@ def build_bundle_if_needed(sim: SimulationConfig, labels: list[str]) -> Path:
         return sim.bundle
     task = run_task(sim)
     split = f"-top{sim.train_layers}" if sim.train_layers else ""
-    bundle = sim.out / f"bundle-{'lm-' if task == CAUSAL_LM else ''}{sim.quant}{split}"
+    kind = "" if sim.adapter == "lora" else f"-{sim.adapter}"
+    bundle = sim.out / f"bundle-{'lm-' if task == CAUSAL_LM else ''}{sim.quant}{split}{kind}"
     built = read_manifest(bundle) if (bundle / MANIFEST).is_file() else None
     seq_differs = built is not None and sim.max_seq_len is not None and built.max_seq_len != sim.max_seq_len
-    if built is None or built.task != task or built.labels != labels or seq_differs:
+    shape_differs = built is not None and (built.adapter.kind != sim.adapter
+                                           or (bool(sim.targets) and built.adapter.targets != list(sim.targets)))
+    if built is None or built.task != task or built.labels != labels or seq_differs or shape_differs:
         extra = ["--train-layers", str(sim.train_layers)] if sim.train_layers else []
+        extra += ["--adapter", sim.adapter] + (["--targets", ",".join(sim.targets)] if sim.targets else [])
         extra += ["--max-seq-len", str(sim.max_seq_len)] if sim.max_seq_len else []
         model = sim.model or (DEFAULT_LM if task == CAUSAL_LM else None)
         extra += ["--model", str(model)] if model else []
