@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from edgeftl.coordinator.rounds.config import CoordinatorConfig
 from edgeftl.coordinator.rounds.loop import Coordinator
@@ -41,12 +42,13 @@ def test_in_process_federation_learns_and_logs_every_round(tmp_path, tmp_path_fa
     files = _device_files(tmp_path, 3, 48)
     texts, labels = keyword_dataset(96, seed=7)
     test_csv = write_csv(tmp_path / "test.csv", texts, labels)
-    config = CoordinatorConfig(out=tmp_path / "run", rounds=4, steps=6, batch=16, lr=2e-2, deadline_s=60,
-                               codec="topk:0.25+int8", wait_devices=3, wait_devices_s=10)
+    config = CoordinatorConfig(out=tmp_path / "run", rounds=4, steps=6, batch=16, lr=2e-2, lr_final=5e-3,
+                               deadline_s=60, codec="topk:0.25+int8", wait_devices=3, wait_devices_s=10)
     # Execute
-    _, records = in_process_federation(folder, files, config, test_csv)
+    coordinator, records = in_process_federation(folder, files, config, test_csv)
     # Assert
     assert [r["round"] for r in records] == [0, 1, 2, 3]
+    assert coordinator.task.lr == 5e-3  # --lr-final: the last round's task names it
     assert all(r["updates_received"] == 3 and r["updates_rejected"] == 0 for r in records)
     assert records[-1]["accuracy"] > max(0.7, records[0]["accuracy"] - 0.05)
     assert records[-1]["loss"] < records[0]["loss"]
@@ -54,6 +56,19 @@ def test_in_process_federation_learns_and_logs_every_round(tmp_path, tmp_path_fa
     assert all(0 < r["bytes_up"] < 3 * dense / 2 for r in records)  # top-25% int8: far below fp32
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4
+
+
+def test_lr_final_decays_the_tasks_learning_rate_geometrically(tmp_path):
+    # Prepare
+    decaying = CoordinatorConfig(out=tmp_path / "a", rounds=5, lr=0.02, lr_final=0.00125)
+    constant = CoordinatorConfig(out=tmp_path / "b", rounds=5, lr=0.02)
+    # Execute
+    lrs = [decaying.round_lr(r) for r in range(5)]
+    # Assert: halved each round from --lr to --lr-final; without it, --lr throughout; a bad value refused
+    assert np.allclose(lrs, [0.02, 0.01, 0.005, 0.0025, 0.00125])
+    assert [constant.round_lr(r) for r in range(5)] == [0.02] * 5
+    with pytest.raises(ValueError, match="--lr-final must be >= 0"):
+        CoordinatorConfig(out=tmp_path / "c", lr_final=-1.0)
 
 
 def test_resume_continues_after_the_last_checkpoint(tmp_path, tmp_path_factory):
@@ -218,6 +233,9 @@ def test_a_task_that_starts_from_the_bundles_own_values_needs_no_full_global(tmp
     assert sent == 1 and agent.global_round == -1 and agent.run_id == "run"
     assert len(updates) == 1 and updates[0].round == 0
     assert updates[0].metrics["bytes_down"] < 1000  # the task only, no 4-bytes-per-parameter vector
+    # ... and its metrics carry nothing the coordinator sees itself (each key costs header bytes)
+    assert not {"samples", "update_bytes", "rss_mib"} & set(updates[0].metrics)
+    assert {"first_loss", "last_loss", "train_time_s", "peak_rss_mib"} <= set(updates[0].metrics)
     # ... while another hash (a run resumed from trained values) still waits for the full vector
     sender.send(Task("run2", 0, one.sha, ("dev0",), 60.0, 1e-2, "none", steps=1, start_sha256="0" * 64))
     assert agent.run(stop_after_s=0.5) == 0 and agent.waiting is not None

@@ -46,6 +46,8 @@ ROUND_FLAGS = {
     "steps": f"local steps per round ({DEFAULT_STEPS} when neither --steps nor --epochs is given)",
     "batch": "local batch size",
     "lr": "local learning rate",
+    "lr_final": "local learning rate of the last round: tasks decay geometrically from --lr to it (lora-xs at lr "
+                "0.02 oscillates late without it); 0 = --lr in every round",
     "codec": "uplink codec, e.g. none | fp16 | int8 | sign | topk:0.01+int8",
     "downlink": "codec of the per-round global delta",
     "strategy": f"aggregation: {' | '.join(STRATEGIES)}",

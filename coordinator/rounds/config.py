@@ -33,6 +33,7 @@ class CoordinatorConfig:
     steps: int | None = None  # None with no epochs: DEFAULT_STEPS
     batch: int = 16
     lr: float = 1e-3
+    lr_final: float = 0.0  # the last round's lr; rounds between decay geometrically from lr; 0 = lr throughout
     codec: str = "none"  # uplink
     downlink: str = "none"  # codec of the per-round global delta
     strategy: str = "fedavg"
@@ -75,6 +76,8 @@ class CoordinatorConfig:
         self._check_robust()
         if not self.deadline_s > 0 or not self.lr > 0:
             raise ValueError("--deadline-s and --lr must be positive")
+        if not self.lr_final >= 0:
+            raise ValueError(f"--lr-final must be >= 0 (0 = --lr in every round), got {self.lr_final}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; accepted: {', '.join(STRATEGIES)}")
         if self.secure_aggregation and (self.strategy not in SECURE_STRATEGIES or self.clip_norm):
@@ -89,6 +92,16 @@ class CoordinatorConfig:
             self.run_id = f"run-{uuid.uuid4().hex[:12]}"
         self.codec = parse_codec(self.codec).spec  # raises CodecError (a ValueError) naming the forms
         self.downlink = parse_codec(self.downlink).spec
+
+    def round_lr(self, round_index: int) -> float:
+        """The local learning rate a round's task names: lr, decaying geometrically to lr_final at the last round.
+
+        A schedule the coordinator owns: devices train with the task's lr, so older devices follow it.
+        """
+        if not self.lr_final or self.rounds < 2:
+            return self.lr
+        step = min(max(round_index, 0), self.rounds - 1) / (self.rounds - 1)
+        return self.lr * (self.lr_final / self.lr) ** step
 
     def _check_robust(self) -> None:
         """The weight cap and the robust aggregators' parameters."""

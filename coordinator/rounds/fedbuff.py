@@ -118,8 +118,8 @@ class FedBuffCoordinator(Coordinator):
             return []
         chosen = self.sampler.sample(idle_view(idle, self.online), free, version)  # --sample's mode
         c = self.config
-        self.task = Task(c.run_id, version, self.bundle_sha256, tuple(chosen), c.deadline_s, c.lr, c.codec,
-                         c.epochs, c.steps, c.batch, mode="async")
+        self.task = Task(c.run_id, version, self.bundle_sha256, tuple(chosen), c.deadline_s, c.round_lr(version),
+                         c.codec, c.epochs, c.steps, c.batch, mode="async")
         self.async_inbox.invite(chosen, version, time.monotonic())
         self.link.send(self.task)
         return chosen
