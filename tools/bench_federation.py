@@ -71,14 +71,16 @@ def case_folder(work: Path, case: str) -> Path:
 
 def case_bundle(work: Path, case: str) -> Path:
     """The MiniLM int8 top-2 bundle with the case's adapter, built once in `work`."""
-    adapter, _, shape = case_adapter(case).partition(":")  # lora-xs:16: rank 16; lora-xs:8:query+value+dense
-    rank, _, targets = shape.partition(":")
+    # lora-xs:16: rank 16; lora-xs:8:query+value+dense: those linears; lora-xs:8:query+value:6: in the top 6 blocks
+    adapter, _, shape = case_adapter(case).partition(":")
+    rank, _, rest = shape.partition(":")
+    targets, _, layers = rest.partition(":")
     name = "".join(f"-{part}" for part in (adapter, rank and f"r{rank}", targets) if part and part != "lora")
-    bundle = work / ("bundle-int8-top2" + name.replace("+", "_"))
+    bundle = work / (f"bundle-int8-top{layers or 2}" + name.replace("+", "_"))
     if not (bundle / MANIFEST).is_file():
-        subprocess.run([*CLI, "build", "--quant", "int8", "--train-layers", "2", "--adapter", adapter, "--rank",
-                        rank or "8", *(["--targets", targets.replace("+", ",")] if targets else []), "--out",
-                        str(bundle), "--force", "--quiet"], check=True)
+        subprocess.run([*CLI, "build", "--quant", "int8", "--train-layers", layers or "2", "--adapter", adapter,
+                        "--rank", rank or "8", *(["--targets", targets.replace("+", ",")] if targets else []),
+                        "--out", str(bundle), "--force", "--quiet"], check=True)
     return bundle
 
 

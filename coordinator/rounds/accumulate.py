@@ -38,6 +38,12 @@ class Accepted:
     metrics: dict
     payload_bytes: int
 
+    @classmethod
+    def of(cls, device_id: str, samples: int, metrics: dict, payload_bytes: int) -> Accepted:
+        """The record's view of an update: its metrics, and the header's sample count with them (devices
+        stopped repeating it among their metrics to keep headers small)."""
+        return cls(device_id, {"samples": samples, **metrics}, payload_bytes)
+
 
 @dataclass
 class Closed:

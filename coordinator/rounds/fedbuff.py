@@ -90,7 +90,8 @@ class FedBuffCoordinator(Coordinator):
             refused_globals = self._aggregate(KeptUpdates(buffered_updates(buffer)), version, len(invited), online)
             aggregated = refused_globals is None
         delta = self._advance_reference()
-        received = [Accepted(r.update.device_id, dict(r.update.metrics), r.payload_bytes) for r, _ in buffer]
+        received = [Accepted.of(r.update.device_id, r.update.samples, r.update.metrics, r.payload_bytes)
+                    for r, _ in buffer]
         record = self._record(version, invited, received, failed, counted, aggregated,
                               self.link.bytes_sent - sent_before, time.monotonic() - started)
         record.update(self._async_fields(version, buffer, counted.rejected.get("stale", 0)))

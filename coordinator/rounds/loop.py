@@ -271,7 +271,7 @@ class Coordinator:
         device = reply.update.device_id  # an update after the device's will replaces its failure: back in time
         failed[:] = [f for f in failed if f.device_id != device]
         gathered.add(device, reply.delta, float(reply.update.samples))
-        received.append(Accepted(device, dict(reply.update.metrics), reply.payload_bytes))
+        received.append(Accepted.of(device, reply.update.samples, reply.update.metrics, reply.payload_bytes))
 
     def _take_journaled(self, payload: bytes) -> ReceivedUpdate | DeviceFailure | None:
         try:
