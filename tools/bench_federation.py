@@ -326,7 +326,7 @@ def write_doc(results: dict) -> None:
         "`?lr=` sets the case's local learning rate. Kept: lora-xs on every linear of every block "
         "(`query+key+value+dense:6`: 36 cores, 4,229 values with the head, ~1.16 KiB per 1-bit update) at lr 0.02, "
         "sign up and down. At LoRA's lr 0.002 both variants learn far slower in rounds (proxy: loss 1.17 after 8 "
-        "rounds for lora-xs, 1.0 for lora-fa, vs 0.18 for fp32 LoRA); at 0.01-0.02 lora-xs in the top 2 blocks "
+        "rounds for lora-xs, 0.82 for lora-fa, vs 0.18 for fp32 LoRA); at 0.01-0.02 lora-xs in the top 2 blocks "
         "passes 90% in round 0-1, then rises slowly, ~95-96% for rounds 3-7, whatever its rank (16 no better than "
         "8) or targets, and fp32 updates of the same bundle plateau alike (the sign codec is not what holds it "
         "back); in all 6 blocks it reaches fp32's final - 1 pt in as many rounds as fp32. The price is on the "
