@@ -124,6 +124,7 @@ def test_bbc_for_a_causal_lm_is_text_split_by_topic(tmp_path):
     ("llama-int8", ("--task", "classify"), "--task classify, but bundle"),
     (None, ("--task", "causal-lm", "--data", "LABELLED"), "has labels, but the bundle is causal-lm"),
     (None, ("--task", "causal-lm", "--max-seq-len", "4"), "--max-seq-len must be in 8..8192"),
+    (None, ("--adapter", "lora-xxl"), "unknown adapter 'lora-xxl'; accepted: lora, head, lora-fa, lora-xs"),
 ])
 def test_a_task_that_does_not_fit_is_one_line(tmp_path, tmp_path_factory, bundle_name, extra, problem):
     labelled = tmp_path / "labelled.csv"

@@ -45,7 +45,7 @@ def case_downlink(case: str) -> str:
 
 def case_adapter(case: str) -> str:
     """The bundle's adapter a case names after `~` (`sign/sign~lora-xs`); plain LoRA when it names none."""
-    return case.partition("#")[0].partition("?")[0].partition("~")[2] or "lora"
+    return _named(case).partition("~")[2] or "lora"
 
 
 def case_flags(case: str) -> list[str]:
@@ -58,8 +58,13 @@ def case_flags(case: str) -> list[str]:
     return flags
 
 
+def _named(case: str) -> str:
+    """The case without its `?flags` and `#seed`: `codec[@strategy][/downlink][~adapter]`."""
+    return case.partition("#")[0].partition("?")[0]
+
+
 def _spec(case: str) -> str:
-    return case.partition("#")[0].partition("?")[0].partition("~")[0]
+    return _named(case).partition("~")[0]
 
 
 def case_folder(work: Path, case: str) -> Path:
@@ -70,7 +75,8 @@ def case_folder(work: Path, case: str) -> Path:
 
 
 def case_bundle(work: Path, case: str) -> Path:
-    """The MiniLM int8 top-2 bundle with the case's adapter, built once in `work`."""
+    """The MiniLM int8 bundle with the case's adapter (rank, targets, trained blocks: top 2 by default), built once
+    in `work`."""
     # lora-xs:16: rank 16; lora-xs:8:query+value+dense: those linears; lora-xs:8:query+value:6: in the top 6 blocks
     adapter, _, shape = case_adapter(case).partition(":")
     rank, _, rest = shape.partition(":")

@@ -5,7 +5,8 @@ Reads like the pipeline it runs:
               of its 6 blocks) and the head: 4,229 trainable values (host, torch)
   2. split  - BBC News: 20% held out; the rest split non-IID (Dirichlet alpha 0.5) over the devices
   3. broker - an embedded MQTT broker (amqtt) on a free loopback port
-  4. devices- one torch-free process each: cache the frozen lower stack, train on every task
+  4. devices- one torch-free process each: train on every task (a bundle adapting fewer blocks lets them
+              cache its frozen lower stack)
   5. rounds - the coordinator samples, collects compressed updates, aggregates (FedAvg), evaluates
   6. report - runs/demo/report.html: accuracy, bytes, device memory and training time, plotted
 Everything is written under runs/demo/: metrics.jsonl (one record per round), the bundle, data,

@@ -11,7 +11,7 @@ from pathlib import Path
 from edgeftl.coordinator.cli.coordinator import add_round_flags, config_from, round_line
 from edgeftl.coordinator.rounds.records import METRICS
 from edgeftl.device.cli.common import csv_list, fail
-from edgeftl.device.protocol.manifest import TASKS
+from edgeftl.device.protocol.manifest import ADAPTERS, LORA, TASKS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,8 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="local Hugging Face model folder (or smollm2) to build (default: the packaged "
                         "all-MiniLM-L6-v2; for causal-lm, smollm2)")
     p.add_argument("--quant", default="int8")
-    p.add_argument("--adapter", default="lora",
-                   help="what a bundle built here trains: lora | lora-fa | lora-xs | head (edgeftl build --adapter); "
+    p.add_argument("--adapter", default=LORA,
+                   help=f"what a bundle built here trains: {' | '.join(ADAPTERS)} (edgeftl build --adapter); "
                         "ignored with --bundle")
     p.add_argument("--targets", type=csv_list, default=(),
                    help="linears a bundle built here adapts (edgeftl build --targets); ignored with --bundle")

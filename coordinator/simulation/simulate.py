@@ -30,7 +30,7 @@ from edgeftl.device.data import (
     stratified_split,
     write_csv,
 )
-from edgeftl.device.protocol.manifest import CAUSAL_LM, CLASSIFY, MANIFEST, TASKS, read_manifest
+from edgeftl.device.protocol.manifest import ADAPTERS, CAUSAL_LM, CLASSIFY, LORA, MANIFEST, TASKS, read_manifest
 
 DEFAULT_LM = "smollm2"  # the packaged causal LM a causal-lm simulation builds when no --model is given
 
@@ -49,7 +49,7 @@ class SimulationConfig:
     bundle: Path | None = None  # None = build `model` (int8 + LoRA) into out/bundle, labelled as `data` is
     model: Path | None = None  # Hugging Face folder to build from; None = the packaged MiniLM (classify) or SmolLM2
     quant: str = "int8"
-    adapter: str = "lora"  # what a bundle built here trains (`edgeftl build --adapter`)
+    adapter: str = LORA  # what a bundle built here trains (`edgeftl build --adapter`)
     targets: tuple[str, ...] = ()  # the linears it adapts; () = the build's default (query, value)
     train_layers: int | None = None  # build with LoRA only in the top K blocks (cached lower stack)
     max_seq_len: int | None = None  # tokens per text of a bundle built here (default: the build's)
@@ -62,6 +62,8 @@ class SimulationConfig:
             raise ValueError(f"--simulated-speed-spread must be in 1..1000, got {self.simulated_speed_spread}")
         if self.task is not None and self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; accepted tasks: {', '.join(TASKS)}")
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"unknown adapter {self.adapter!r}; accepted: {', '.join(ADAPTERS)}")
         low, high = SEQ_LEN_RANGE
         if self.max_seq_len is not None and not low <= self.max_seq_len <= high:
             raise ValueError(f"--max-seq-len must be in {low}..{high} (tokens per text), got {self.max_seq_len}")
@@ -120,7 +122,7 @@ def build_bundle_if_needed(sim: SimulationConfig, labels: list[str]) -> Path:
         return sim.bundle
     task = run_task(sim)
     split = f"-top{sim.train_layers}" if sim.train_layers else ""
-    kind = "" if sim.adapter == "lora" else f"-{sim.adapter}"
+    kind = "" if sim.adapter == LORA else f"-{sim.adapter}"
     bundle = sim.out / f"bundle-{'lm-' if task == CAUSAL_LM else ''}{sim.quant}{split}{kind}"
     built = read_manifest(bundle) if (bundle / MANIFEST).is_file() else None
     seq_differs = built is not None and sim.max_seq_len is not None and built.max_seq_len != sim.max_seq_len
