@@ -39,6 +39,7 @@ from edgeftl.device.protocol.messages import (
     encode,
     one_line,
     params_sha256,
+    reply_version,
     vector_of,
 )
 from edgeftl.device.runtime import BundleRuntime
@@ -260,7 +261,7 @@ class DeviceAgent:
         if self.global_round is not None and self.global_round >= reply.round:
             return  # the round has closed: its global is here
         log.info("%s: round %d's task came again; sending the same reply again", self.config.device_id, task.round)
-        self._send(reply)
+        self._send(reply, task)
 
     def _run(self, task: Task) -> int:
         self.acted = (task.run_id, task.round)
@@ -283,7 +284,7 @@ class DeviceAgent:
         # the task's bundle hash, so the coordinator takes it even from a device with another bundle
         self.reply = ErrorReply(task.run_id, task.round, task.bundle_sha256, self.config.device_id, code,
                                 one_line(reason))
-        self._send(self.reply)
+        self._send(self.reply, task)
         self._announce(task.round, 0)
 
     def _announce(self, round_index: int, sent: int) -> None:
@@ -296,9 +297,9 @@ class DeviceAgent:
         except Exception:  # the card is for people watching; the round's reply went out already
             log.exception("%s: could not publish its status after round %d", self.config.device_id, round_index)
 
-    def _send(self, reply: Update | ErrorReply) -> None:
+    def _send(self, reply: Update | ErrorReply, task: Task) -> None:
         try:
-            self.link.send(reply)
+            self.link.send(reply, reply_version(task))
         except Exception:  # the link may be what failed; the deadline covers it then
             log.exception("%s: could not send its reply for round %d", self.config.device_id, reply.round)
 
@@ -338,7 +339,7 @@ class DeviceAgent:
         self.reply = Update(task.run_id, trained_on, self.bundle_sha256, self.config.device_id,
                             max(1, len(self.examples)), self._seq, encoded, metrics)
         self._save_state()  # before sending: a device killed in between sends this same update again
-        self.link.send(self.reply)
+        self.link.send(self.reply, reply_version(task))
         return 1
 
     # ---- local state across restarts ----------------------------------------------------

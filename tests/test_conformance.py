@@ -72,7 +72,7 @@ def typed(case: dict) -> Message:
     if h["kind"] == "task":
         return Task(h["run_id"], h["round"], h["bundle_sha256"], tuple(h["devices"]), float(h["deadline_s"]),
                     float(h["lr"]), h["codec"], h.get("epochs"), h.get("steps"), h["batch"], h.get("mode", "sync"),
-                    h.get("start_sha256"))
+                    h.get("start_sha256"), h.get("framing", 1))
     if h["kind"] == "error":
         return ErrorReply(h["run_id"], h["round"], h["bundle_sha256"], h["device_id"], h["code"], h["reason"])
     vector = Encoded(h["codec"], h["size"], arrays_of(case["arrays"]))
@@ -142,7 +142,7 @@ def test_message_decodes_to_its_form(case: dict) -> None:
 
 @cases("messages", lambda c: c["canonical"])
 def test_message_form_encodes_to_its_bytes(case: dict) -> None:
-    assert messages.encode(typed(case)).hex() == case["hex"]
+    assert messages.encode(typed(case), version=case["version"]).hex() == case["hex"]
 
 
 @cases("status_text")

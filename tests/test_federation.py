@@ -242,6 +242,49 @@ def test_a_task_that_starts_from_the_bundles_own_values_needs_no_full_global(tmp
     one.close()
 
 
+def test_a_device_answers_in_the_compact_framing_only_when_the_task_says_the_coordinator_reads_it(
+        tmp_path, tmp_path_factory):
+    # Prepare: a raw subscriber sees the bytes of the device's replies; the first task leaves `framing`
+    # out (a coordinator that reads only version 1), the second says 2, the third fails training
+    from edgeftl.device.protocol import wire
+    from edgeftl.device.protocol.messages import ErrorReply, Task, Update, decode, params_sha256
+
+    one = _one_device(tmp_path, tmp_path_factory)
+    agent, sender = one.agent, one.sender
+    raw: list[bytes] = []
+    tap = InProcessConnection(one.broker, "tap")
+    tap.on_frame = lambda topic, frame: raw.append(frame) if "/update/" in topic else None
+    tap.connect()
+    tap.subscribe(["edgeftl/update/#"])
+    start = params_sha256(agent.runtime.get_flat())
+    # Execute: version 1, then 2, then an error reply under 2
+    sender.send(Task("run", 0, one.sha, ("dev0",), 60.0, 1e-2, "sign", steps=1, start_sha256=start))
+    agent.run(max_rounds=1, stop_after_s=60)
+    sender.send(Task("run2", 0, one.sha, ("dev0",), 60.0, 1e-2, "sign", steps=1, start_sha256=start, framing=2))
+    agent.run(max_rounds=1, stop_after_s=60)
+    agent.runtime.accumulate = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("boom"))
+    sender.send(Task("run3", 0, one.sha, ("dev0",), 60.0, 1e-2, "sign", steps=1, start_sha256=start, framing=7))
+    agent.run(stop_after_s=0.5)  # an error reply is no update: max_rounds would not count it
+    # Assert: the same kind of update, one version each; the compact one is ~180 bytes shorter, and
+    # a framing newer than any this device writes gets the newest it does (2)
+    assert [frame[4] for frame in raw] == [1, 2, 2]
+    first, second, error = (decode(frame, 1 << 20) for frame in raw)
+    assert isinstance(first, Update) and isinstance(second, Update) and isinstance(error, ErrorReply)
+    assert first.vector.codec == second.vector.codec and len(raw[0]) - len(raw[1]) > 150
+    assert wire.decode_message(raw[1], 1 << 20)[0]["kind"] == "update"
+    one.close()
+
+
+def test_coordinator_tasks_name_the_framing_it_reads(tmp_path):
+    # Prepare / Execute: a default config, one asking for version 1, and a bad value
+    default = CoordinatorConfig(out=tmp_path / "a")
+    oldest = CoordinatorConfig(out=tmp_path / "b", framing=1)
+    # Assert: 2 unless told otherwise; an unknown version is refused in one line naming the accepted ones
+    assert (default.framing, oldest.framing) == (2, 1)
+    with pytest.raises(ValueError, match="--framing must be one of 1, 2"):
+        CoordinatorConfig(out=tmp_path / "c", framing=3)
+
+
 def test_a_restarted_device_answers_the_retained_start_task_again_without_retraining(tmp_path, tmp_path_factory):
     # Prepare: a device answered round 0, whose task starts from the bundle's own values, then restarts
     # (a new process: only its saved state remembers the reply) and the retained task comes again

@@ -172,7 +172,7 @@ def test_signed_vector_verifies_or_is_refused_as_recorded(case: dict) -> None:
     if case["valid"]:
         keys.check(payload, message)
         seed = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(case["signing_seed_hex"]))
-        assert auth.Keys(seed).sign(message) == payload  # Ed25519 is deterministic: same key, same bytes
+        assert auth.Keys(seed).sign(message, payload[4]) == payload  # Ed25519 is deterministic: same key, same bytes
     else:
         with pytest.raises(ValueError) as caught:
             keys.check(payload, message)

@@ -1,4 +1,5 @@
-"""The format-1 message layout: messages round-trip; hostile bytes raise WireError naming the fault.
+"""The message layout, version 1 and the compact version 2: messages round-trip; hostile bytes raise
+WireError naming the fault.
 
 The header fields of each message kind are checked by messages.decode: tests/test_conformance.py."""
 
@@ -121,8 +122,57 @@ def test_wrong_magic_and_version_are_refused() -> None:
     data = wire.encode_message({}, {})
     with pytest.raises(WireError, match="bad magic"):
         wire.decode_message(b"XXXX" + data[4:], MAX)
-    with pytest.raises(WireError, match="version 2"):
-        wire.decode_message(data[:4] + b"\x02" + data[5:], MAX)
+    with pytest.raises(WireError, match="version 3"):
+        wire.decode_message(data[:4] + b"\x03" + data[5:], MAX)
+    with pytest.raises(ValueError, match="unknown message version 3"):
+        wire.encode_message({}, {}, version=3)
+
+
+def test_compact_round_trip_is_the_same_message_in_fewer_bytes() -> None:
+    arrays = sample_arrays()
+    header = {"kind": "update", "round": 3, "metrics": {"loss": 0.25}, "device_id": "d1"}
+    full = wire.encode_message(header, arrays)
+    compact = wire.encode_message(header, arrays, version=wire.COMPACT_VERSION)
+
+    assert compact[4] == 2 and full[4] == 1
+    text = json.loads(compact[9:9 + struct.unpack(">I", compact[5:9])[0]])
+    assert "body_sha256" not in text and text["arrays"][0] == ["values", "<f4", [3]]
+    # the hash (79 bytes) and each entry's offset, nbytes and key names go
+    assert len(full) - len(compact) > 79 + 45 * len(arrays)
+    assert compact.endswith(full[-sum(np.asarray(a).nbytes for a in arrays.values()):])  # the same body
+    got_header, got = wire.decode_message(compact, MAX)
+    assert got_header == header and list(got) == list(arrays)
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(got[name], np.asarray(array))
+
+
+def compact(entries: object, body: bytes = b"", **fields: object) -> bytes:
+    return forge({"arrays": entries, **fields}, body, version=wire.COMPACT_VERSION)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (compact([["x", "<f4", [2]]], b"\0" * 8, body_sha256=hashlib.sha256(b"\0" * 8).hexdigest()),
+     "carries no body_sha256"),  # one form or the other, never both
+    (compact([{"name": "x", "dtype": "<f4", "shape": [2], "offset": 0, "nbytes": 8}], b"\0" * 8),
+     r"\[name, dtype, shape\]"),  # version 1's entries in a version-2 message
+    (compact([["x", "<f4"]], b"\0" * 8), r"\[name, dtype, shape\]"),
+    (compact([["x", "<f4", [2], 0]], b"\0" * 8), r"\[name, dtype, shape\]"),
+    (compact([["x", [1], [2]]], b"\0" * 8), "dtype"),  # a list where a dtype goes: refused, not a TypeError
+    (compact([["x", "<f4", [-2]]], b"\0" * 8), "non-negative"),
+    (compact([["x", "<f4", [2]]], b"\0" * 9), "after the last array"),
+    (compact([["x", "<f4", [2]], ["y", "|u1", [1]]], b"\0" * 8), "truncated"),
+    (compact([["x", "<f4", [10**12]]], b"\0" * 8), "truncated"),  # nothing allocated for it
+    (compact([["x", "<f4", [1]], ["x", "<f4", [1]]], b"\0" * 8), "repeated"),
+    (compact({"x": 1}), "arrays list"),
+])
+def test_bad_compact_messages_are_refused(data: bytes, reason: str) -> None:
+    with pytest.raises(WireError, match=reason):
+        wire.decode_message(data, MAX)
+
+
+def test_a_list_dtype_in_version_1_is_refused_not_a_type_error() -> None:
+    with pytest.raises(WireError, match="dtype"):
+        wire.decode_message(forged_array({"dtype": [1]}, b"\0" * 8), MAX)
 
 
 def test_header_length_beyond_limit_is_refused() -> None:

@@ -133,14 +133,29 @@ def typed_messages() -> list[tuple[str, str, messages.Message]]:
         # last, so the refusals' indexes into this list stay as they were
         ("task_start_sha256", "task", Task(RUN, 0, BUNDLE, (DEVICE,), 30.0, 0.002, "sign:256", None, 5, 16,
                                            start_sha256=messages.params_sha256(normals(1, N, 0.1)))),
+        # a coordinator that reads the compact framing (section 4.2), and replies in it (COMPACT)
+        ("task_framing", "task", Task(RUN, 5, BUNDLE, (DEVICE,), 30.0, 0.002, "sign:8", None, 5, 16, framing=2)),
+        ("update_sign_compact", "update", Update(RUN, 5, BUNDLE, DEVICE, 212, 19,
+                                                 encoded("sign:8", normals(6, N, 0.01)), {"last_loss": 0.41})),
+        ("error_reply_compact", "update", ErrorReply(RUN, 5, BUNDLE, DEVICE, "train_failed",
+                                                     "ValueError: the batch holds no example")),
     ]
+
+
+COMPACT = ("update_sign_compact", "error_reply_compact")  # cases written in message version 2 (section 4.2)
+
+
+def encode_case(name: str, message: messages.Message) -> bytes:
+    """A case's bytes, in the message version the case is written in."""
+    return messages.encode(message, version=wire.COMPACT_VERSION if name in COMPACT else wire.FORMAT_VERSION)
 
 
 def message_case(name: str, place: str, payload: bytes, canonical: bool = True) -> dict:
     """A message's bytes and its decoded form; `canonical`: the reference encoder writes exactly these bytes."""
     message = messages.decode(payload, MAX_BYTES)
     _, arrays = wire.decode_message(payload, MAX_BYTES)
-    case = {"name": name, "place": place, "canonical": canonical, "hex": payload.hex(), "header": header_of(payload),
+    case = {"name": name, "place": place, "canonical": canonical, "version": payload[4], "hex": payload.hex(),
+            "header": header_of(payload),
             "arrays": [array_form(k, a) for k, a in arrays.items()]}
     if isinstance(message, (Global, Update)):
         case["vector"] = vector_form(messages.vector_of(message, N))
@@ -148,7 +163,7 @@ def message_case(name: str, place: str, payload: bytes, canonical: bool = True) 
 
 
 def message_cases() -> list[dict]:
-    cases = [message_case(name, place, messages.encode(m)) for name, place, m in typed_messages()]
+    cases = [message_case(name, place, encode_case(name, m)) for name, place, m in typed_messages()]
     # What a reader must take although the reference writer never writes it: an unknown field
     # (ignored), a float field written as an integer, an optional field left out instead of null.
     header = {**header_of(messages.encode(typed_messages()[0][2])), "priority": 3, "deadline_s": 120}

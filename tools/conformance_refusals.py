@@ -106,7 +106,15 @@ def message_refusals() -> list[dict]:
         refusal("truncated_header", m, "truncated message", task[:40]),
         refusal("truncated_body", m, "truncated message", update[:-1]),
         refusal("bad_magic", m, "bad magic", b"EFTX" + task[4:]),
-        refusal("version_byte_2", m, "unsupported version", task[:4] + b"\x02" + task[5:]),
+        refusal("version_byte_3", m, "unsupported version", task[:4] + b"\x03" + task[5:]),
+        # version 2 (compact, section 4.2): no body hash, entries [name, dtype, shape]; never version 1's forms
+        refusal("compact_with_body_sha256", m, "bad header", task[:4] + b"\x02" + task[5:]),
+        refusal("compact_with_version_1_table", m, "bad array", raw_message(
+            json.dumps({"arrays": two[:1]}).encode(), body, version=wire.COMPACT_VERSION)),
+        refusal("compact_table_entry_too_short", m, "bad array", raw_message(
+            b'{"arrays":[["a","<f4"]]}', body, version=wire.COMPACT_VERSION)),
+        refusal("compact_body_longer_than_table", m, "bad array", raw_message(
+            b'{"arrays":[["a","<f4",[1]]]}', body, version=wire.COMPACT_VERSION)),
         refusal("header_format_2", m, "unsupported version", reheader(task, format=2)),
         refusal("header_format_true", m, "unsupported version", reheader(task, format=True)),
         refusal("header_length_above_limit", m, "bad header", wire.PREFIX.pack(wire.MAGIC, 1, (1 << 20) + 1) + b"{}"),

@@ -12,7 +12,7 @@ import hashlib
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgeftl.device.protocol import auth, messages
+from edgeftl.device.protocol import auth, messages, wire
 
 from conformance_cases import DEVICE, MAX_BYTES, typed_messages
 
@@ -59,6 +59,9 @@ def signed_cases() -> list[dict]:
         signed_case("unsigned_task_key_pinned", task_place, messages.encode(task), auth.COORDINATOR, coordinator,
                     coordinator),
     ]
+    compact_place, compact = next((place, m) for name, place, m in typed_messages() if name == "update_sign_compact")
+    cases.append(signed_case("signed_update_sign_compact", compact_place,
+                             auth.Keys(device).sign(compact, wire.COMPACT_VERSION), DEVICE, device, device))
     update_place, update = chosen["update_topk_int8"]
     cases.append(signed_case("signed_update_other_device_key", update_place, auth.Keys(other).sign(update), DEVICE,
                              other, device))

@@ -12,6 +12,7 @@ from edgeftl.coordinator.rounds.strategy import KRUM_STRATEGIES, STRATEGIES
 from edgeftl.coordinator.rounds.strategy.guard import DEFAULT_MAX_WEIGHT_RATIO
 from edgeftl.coordinator.rounds.strategy.trimmed import check_trim_fraction
 from edgeftl.device.protocol.codecs import parse_codec
+from edgeftl.device.protocol.wire import COMPACT_VERSION, VERSIONS
 
 DEFAULT_STEPS = 10
 MODES = ("sync", "async")
@@ -55,6 +56,7 @@ class CoordinatorConfig:
     mode: str = "sync"  # sync rounds, or async buffered aggregation (FedBuff: coordinator/rounds/fedbuff.py)
     buffer: int = 10  # async: updates aggregated into each new global version
     max_staleness: int = 10  # async: refuse updates trained on a version older than current - this
+    framing: int = COMPACT_VERSION  # the newest message version tasks say devices may reply in (PROTOCOL 4.2)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -76,6 +78,9 @@ class CoordinatorConfig:
         self._check_robust()
         if not self.deadline_s > 0 or not self.lr > 0:
             raise ValueError("--deadline-s and --lr must be positive")
+        if self.framing not in VERSIONS:
+            raise ValueError(f"--framing must be one of {', '.join(map(str, VERSIONS))} (message versions), "
+                             f"got {self.framing}")
         if not self.lr_final >= 0:
             raise ValueError(f"--lr-final must be >= 0 (0 = --lr in every round), got {self.lr_final}")
         if self.strategy not in STRATEGIES:

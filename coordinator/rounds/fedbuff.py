@@ -120,7 +120,7 @@ class FedBuffCoordinator(Coordinator):
         chosen = self.sampler.sample(idle_view(idle, self.online), free, version)  # --sample's mode
         c = self.config
         self.task = Task(c.run_id, version, self.bundle_sha256, tuple(chosen), c.deadline_s, c.round_lr(version),
-                         c.codec, c.epochs, c.steps, c.batch, mode="async")
+                         c.codec, c.epochs, c.steps, c.batch, mode="async", framing=c.framing)
         self.async_inbox.invite(chosen, version, time.monotonic())
         self.link.send(self.task)
         return chosen

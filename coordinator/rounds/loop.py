@@ -302,7 +302,7 @@ class Coordinator:
         c = self.config
         self.task = Task(c.run_id, round_index, self.bundle_sha256, tuple(selected), c.deadline_s,
                          c.round_lr(round_index), c.codec, c.epochs, c.steps, c.batch,
-                         start_sha256=params_sha256(self.reference))
+                         start_sha256=params_sha256(self.reference), framing=c.framing)
         self.link.send(self.task)
 
     def _publish_full(self, round_index: int) -> int:

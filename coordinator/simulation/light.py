@@ -38,6 +38,7 @@ from edgeftl.device.protocol.messages import (
     decode,
     encode,
     one_line,
+    reply_version,
     status_payload,
 )
 from edgeftl.device.protocol.topics import Topics
@@ -215,7 +216,7 @@ class LightDevice:
             if reply is not None and reply.run_id == task.run_id and \
                     (reply.round == task.round or (task.is_async and reply.round > task.round)) and \
                     (self.global_round is None or self.global_round < reply.round):
-                self._send(reply)
+                self._send(reply, task)
             return
         if task.bundle_sha256 != self.shared.bundle_sha256:
             self._error(task, "bundle_mismatch", f"this device holds bundle {self.shared.bundle_sha256}, the task is "
@@ -262,7 +263,7 @@ class LightDevice:
         elif draw < self.behaviour.dropout + self.behaviour.fail:
             self._error(task, "train_failed", "SimulatedFailure: the light device's failure draw")
         else:
-            self._send(self.update(task))
+            self._send(self.update(task), task)
             self.updates_sent += 1
             self._announce(task.round)
 
@@ -287,12 +288,13 @@ class LightDevice:
     def _error(self, task: Task, code: str, reason: str) -> None:
         self.acted = (task.run_id, task.round)
         self.reply = ErrorReply(task.run_id, task.round, task.bundle_sha256, self.device_id, code, one_line(reason))
-        self._send(self.reply)
+        self._send(self.reply, task)
         self.errors_sent += 1
         self._announce(task.round)
 
-    def _send(self, reply: Update | ErrorReply) -> None:
-        for topic, frame in self.framer.frames(self.shared.topics.update(self.device_id), encode(reply), False):
+    def _send(self, reply: Update | ErrorReply, task: Task) -> None:
+        payload = encode(reply, version=reply_version(task))  # as the Python device answers (PROTOCOL 4.2)
+        for topic, frame in self.framer.frames(self.shared.topics.update(self.device_id), payload, False):
             self.port.publish(topic, frame, False)
 
     def _announce(self, round_index: int) -> None:

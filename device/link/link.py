@@ -188,14 +188,15 @@ class Link:
     def connected(self) -> bool:
         return self.connection.connected
 
-    def send(self, message: Message) -> int:
-        """Publish one message on its topic (QoS 1; tasks, full globals and statuses retained).
+    def send(self, message: Message, version: int = wire.FORMAT_VERSION) -> int:
+        """Publish one message on its topic (QoS 1; tasks, full globals and statuses retained), in
+        message `version` (2: the compact framing, to a reader that said it reads it).
 
         Returns:
             Bytes handed to the network: the MQTT payloads, chunk headers included.
         """
         topic, retain = self._route(message)
-        frames = self.framer.frames(topic, self.keys.sign(message), retain)
+        frames = self.framer.frames(topic, self.keys.sign(message, version), retain)
         for frame_topic, frame in frames:
             self.connection.send(frame_topic, frame, 1, retain)
         sent = sum(len(frame) for _, frame in frames)

@@ -50,11 +50,11 @@ class Keys:
     signing: Ed25519PrivateKey | None = None
     trusted: dict[str, Ed25519PublicKey] | None = None
 
-    def sign(self, message: Message) -> bytes:
-        """The message's bytes, signed when this side has a signing key."""
+    def sign(self, message: Message, version: int = wire.FORMAT_VERSION) -> bytes:
+        """The message's bytes (in message `version`), signed when this side has a signing key."""
         if self.signing is None:
-            return encode(message)
-        unsigned = encode(message, ALGORITHM)
+            return encode(message, version=version)
+        unsigned = encode(message, ALGORITHM, version)
         return unsigned + self.signing.sign(unsigned)
 
     def check(self, payload: bytes, message: Message) -> None:

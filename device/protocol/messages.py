@@ -84,6 +84,9 @@ class Task:
     # params_sha256 of the global the round starts from (optional): a device whose bundle's own
     # trainable values hash to it starts from them, and downloads no full vector (round 0).
     start_sha256: str | None = None
+    # The newest message version the coordinator reads (section 4.2): 2 lets a device send its reply
+    # in the compact framing. 1, the default, is never written on the wire.
+    framing: int = wire.FORMAT_VERSION
 
     @property
     def is_async(self) -> bool:
@@ -257,7 +260,7 @@ FIELDS: dict[str, dict[str, tuple[bool, Any]]] = {
              "lr": (True, _positive(MAX_LR)), "codec": (True, _text()), "epochs": (False, _int(1, MAX_EPOCHS)),
              "steps": (False, _int(1, MAX_STEPS)), "batch": (True, _int(1, MAX_BATCH)),
              "mode": (False, lambda v: v in TASK_MODES),
-             "start_sha256": (False, _SHA)},
+             "start_sha256": (False, _SHA), "framing": (False, _int(1, 255))},
     "global": {"run_id": (True, _text()), "round": (True, _int(-1)), "bundle_sha256": (True, _SHA),
                "codec": (True, _text()), "size": (True, _int(0)), "base_round": (False, _int(-1)),
                "params_sha256": (False, _SHA)},
@@ -280,9 +283,10 @@ _WITH_ARRAYS = ("global", "update", "secagg")
 # ---- bytes ----------------------------------------------------------------------------------
 
 
-def encode(message: Message, sig: str | None = None) -> bytes:
+def encode(message: Message, sig: str | None = None, version: int = wire.FORMAT_VERSION) -> bytes:
     """The bytes of one message (docs/PROTOCOL.md section 4), header keys sorted; with `sig`, the
-    header declares that signature algorithm and the signer appends the trailer (auth.py).
+    header declares that signature algorithm and the signer appends the trailer (auth.py); with
+    `version` 2, in the compact framing (section 4.2), for a reader that said it reads it.
 
     Raises:
         MessageError: a field that breaks its rule (the same check a reader makes).
@@ -303,13 +307,21 @@ def encode(message: Message, sig: str | None = None) -> bytes:
                 del header["mode"]
             if message.start_sha256 is None:  # a task without it encodes as before the field existed
                 del header["start_sha256"]
+            if message.framing == wire.FORMAT_VERSION:  # likewise
+                del header["framing"]
         if isinstance(message, (Global, Update)):
             header.update(codec=message.vector.codec, size=message.vector.size)
             arrays = message.vector.arrays
         if isinstance(message, SecAgg):
             arrays = _secagg_arrays(message)
     _check_fields(kind, header)
-    return wire.encode_message(header, arrays, sig)
+    return wire.encode_message(header, arrays, sig, version)
+
+
+def reply_version(task: Task) -> int:
+    """The message version to answer `task` in: the newest this side writes that the coordinator
+    reads (section 4.2). A task without `framing` gets version 1, as every reader reads."""
+    return min(task.framing, max(wire.VERSIONS))
 
 
 def decode(payload: bytes, max_bytes: int, max_header_bytes: int = wire.MAX_HEADER_BYTES) -> Message:
@@ -379,7 +391,7 @@ def _build(kind: str, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> 
         _codec(h["codec"])  # refused here, not after the device trained a round
         return Task(h["run_id"], h["round"], h["bundle_sha256"], tuple(h["devices"]), float(h["deadline_s"]),
                     float(h["lr"]), h["codec"], h.get("epochs"), h.get("steps"), h["batch"], h.get("mode") or "sync",
-                    h.get("start_sha256"))
+                    h.get("start_sha256"), h.get("framing") or wire.FORMAT_VERSION)
     if kind == "error":
         return ErrorReply(h["run_id"], h["round"], h["bundle_sha256"], h["device_id"], h["code"], h["reason"])
     if kind == "status":

@@ -1,4 +1,4 @@
-"""The edgeftl message layout (format 1): one message = JSON header + raw array bytes.
+"""The edgeftl message layout: one message = JSON header + raw array bytes.
 
 Everything read here came from the network, so `decode_message` checks sizes, layout, dtypes
 and the body hash before it allocates or trusts anything. numpy + stdlib only: devices and the
@@ -6,7 +6,13 @@ coordinator both import it. The layout is docs/PROTOCOL.md section 4; the header
 message kind are `messages.FIELDS`; large payloads travel as chunks (`chunks.py`, section 5).
 
 Message (all integers big-endian):
-    b"EFTL" | version u8 (=1) | header_len u32 | header (UTF-8 JSON object) | body [| signature]
+    b"EFTL" | version u8 (1 or 2) | header_len u32 | header (UTF-8 JSON object) | body [| signature]
+
+Version 1 describes each array as {name, dtype, shape, offset, nbytes} and carries the body's
+SHA-256. Version 2, the compact framing (section 4.2), describes each array as [name, dtype, shape]
+(offsets and sizes follow from the order) and carries no body hash: TCP or TLS guards the bytes in
+transit, the chunk layer hashes what it reassembles, and a signature covers the body. It halves
+the header of a small update; a sender uses it only where the reader said it reads it.
 
 A signed message's header names the algorithm in "sig"; the signature, of the length that
 algorithm fixes (SIGNATURES), follows the body and covers every byte before it (auth.py).
@@ -23,6 +29,8 @@ import numpy as np
 
 MAGIC = b"EFTL"
 FORMAT_VERSION = 1  # the version byte of messages and chunks, and every header's "format"
+COMPACT_VERSION = 2  # the compact framing's version byte (messages only; headers' "format" stays 1)
+VERSIONS = (FORMAT_VERSION, COMPACT_VERSION)
 PREFIX = struct.Struct(">4sBI")  # magic, version, header length: 9 bytes
 MAX_HEADER_BYTES = 1 << 20
 MAX_ARRAYS = 1024
@@ -35,17 +43,20 @@ SIGNATURES = {"ed25519": 64}  # algorithm -> trailer bytes
 
 
 class WireError(ValueError):
-    """Bytes from the network that are not a valid format-1 message or chunk."""
+    """Bytes from the network that are not a valid message or chunk."""
 
 
-def encode_message(header: dict, arrays: dict[str, np.ndarray], sig: str | None = None) -> bytes:
-    """Serialise a header and named arrays into one format-1 message.
+def encode_message(header: dict, arrays: dict[str, np.ndarray], sig: str | None = None,
+                   version: int = FORMAT_VERSION) -> bytes:
+    """Serialise a header and named arrays into one message.
 
     Args:
         header: JSON-serialisable fields (finite numbers only); must not use "arrays",
             "body_sha256" or "sig", which this function writes.
         arrays: name -> numeric array; stored little-endian, C order, in the given order.
         sig: a SIGNATURES algorithm the header declares; the signer appends the trailer.
+        version: FORMAT_VERSION, or COMPACT_VERSION for the compact framing (only to a reader
+            that said it reads it).
 
     Returns:
         The message bytes (without the signature trailer).
@@ -53,6 +64,8 @@ def encode_message(header: dict, arrays: dict[str, np.ndarray], sig: str | None 
     Raises:
         ValueError: a reserved header key, a non-finite number, or an unsupported dtype.
     """
+    if version not in VERSIONS:
+        raise ValueError(f"unknown message version {version}; accepted: {VERSIONS}")
     clash = [key for key in RESERVED if key in header]
     if clash:
         raise ValueError(f"header keys {clash} are reserved for the wire format")
@@ -68,7 +81,10 @@ def encode_message(header: dict, arrays: dict[str, np.ndarray], sig: str | None 
         parts.append(raw)
         offset += len(raw)
     body = b"".join(parts)
-    full = {**header, "arrays": specs, "body_sha256": hashlib.sha256(body).hexdigest()}
+    if version == COMPACT_VERSION:
+        full = {**header, "arrays": [[spec["name"], spec["dtype"], spec["shape"]] for spec in specs]}
+    else:
+        full = {**header, "arrays": specs, "body_sha256": hashlib.sha256(body).hexdigest()}
     if sig is not None:
         if sig not in SIGNATURES:
             raise ValueError(f"unknown signature algorithm {sig!r}; accepted: {sorted(SIGNATURES)}")
@@ -76,7 +92,7 @@ def encode_message(header: dict, arrays: dict[str, np.ndarray], sig: str | None 
     text = json.dumps(full, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
     if len(text) > MAX_HEADER_BYTES:
         raise ValueError(f"header is {len(text)} bytes, above the {MAX_HEADER_BYTES} limit")
-    return PREFIX.pack(MAGIC, FORMAT_VERSION, len(text)) + text + body
+    return PREFIX.pack(MAGIC, version, len(text)) + text + body
 
 
 def decode_message(data: bytes, max_bytes: int,
@@ -90,7 +106,8 @@ def decode_message(data: bytes, max_bytes: int,
             device messages pass a small one, so a slow-to-parse header cannot stall them.
 
     Returns:
-        (header without "arrays" and "body_sha256" ("sig" stays), name -> array). A signature
+        (header without "arrays" and "body_sha256" ("sig" stays), name -> array), for either
+        version (the caller cannot tell which; neither changes what the message means). A signature
         trailer is skipped, not checked (`signed_parts`, auth.py). The arrays are read-only
         zero-copy views into `data` (possibly unaligned): copy one to modify it or to let the
         payload be freed.
@@ -107,20 +124,21 @@ def decode_message(data: bytes, max_bytes: int,
     magic, version, header_len = PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise WireError(f"bad magic: {magic!r}, expected {MAGIC!r}")
-    if version != FORMAT_VERSION:
-        raise WireError(f"unsupported version: format version {version}, this reader knows {FORMAT_VERSION}")
+    if version not in VERSIONS:
+        raise WireError(f"unsupported version: message version {version}, this reader knows "
+                        f"{' and '.join(map(str, VERSIONS))}")
     if header_len > min(max_header_bytes, MAX_HEADER_BYTES):
         raise WireError(f"bad header: header length {header_len} above the "
                         f"{min(max_header_bytes, MAX_HEADER_BYTES)}-byte limit")
     if PREFIX.size + header_len > len(data):
         raise WireError(f"truncated message: header needs {header_len} bytes, "
                         f"{len(data) - PREFIX.size} present")
-    header = _parse_header(data[PREFIX.size:PREFIX.size + header_len])
+    header = _parse_header(data[PREFIX.size:PREFIX.size + header_len], version)
     start = PREFIX.size + header_len
     end = len(data) - _trailer_bytes(header, len(data) - start)
-    specs = _check_layout(header.pop("arrays"), end - start)
-    digest = header.pop("body_sha256")
-    if hashlib.sha256(memoryview(data)[start:end]).hexdigest() != digest:
+    specs = _check_layout(header.pop("arrays"), end - start, version)
+    digest = header.pop("body_sha256", None)
+    if version == FORMAT_VERSION and hashlib.sha256(memoryview(data)[start:end]).hexdigest() != digest:
         raise WireError("bad hash: body sha256 does not match the header's body_sha256 (corrupted message)")
     arrays = {}
     for name, dtype, shape, offset, nbytes in specs:
@@ -132,8 +150,8 @@ def decode_message(data: bytes, max_bytes: int,
 def signed_parts(data: bytes) -> tuple[str, bytes, bytes] | None:
     """(algorithm, the bytes signed, the signature) of a message that `decode_message` accepted,
     or None when its header declares no signature."""
-    _, _, header_len = PREFIX.unpack_from(data)
-    header = _parse_header(data[PREFIX.size:PREFIX.size + header_len])
+    _, version, header_len = PREFIX.unpack_from(data)
+    header = _parse_header(data[PREFIX.size:PREFIX.size + header_len], version)
     if "sig" not in header:
         return None
     size = _trailer_bytes(header, len(data) - PREFIX.size - header_len)
@@ -165,7 +183,7 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return result
 
 
-def _parse_header(raw: bytes) -> dict:
+def _parse_header(raw: bytes, version: int) -> dict:
     try:
         header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant,
                             object_pairs_hook=_unique_keys)
@@ -176,33 +194,46 @@ def _parse_header(raw: bytes) -> dict:
     if not isinstance(header, dict):
         raise WireError(f"bad header: must be a JSON object, got {type(header).__name__}")
     digest = header.get("body_sha256")
-    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+    if version == COMPACT_VERSION:
+        if "body_sha256" in header:  # one form or the other: a reader never wonders whether a hash was checked
+            raise WireError("bad header: a version-2 (compact) message carries no body_sha256")
+    elif not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
         raise WireError("bad header: lacks body_sha256 as 64 lowercase hex digits")
     if not isinstance(header.get("arrays"), list):
         raise WireError("bad header: lacks the arrays list")
     return header
 
 
-def _check_layout(specs: list, body_len: int) -> list[tuple[str, np.dtype, tuple[int, ...], int, int]]:
-    """Validate the array table against the body: dtypes, shapes, contiguous offsets."""
+def _check_layout(specs: list, body_len: int,
+                  version: int) -> list[tuple[str, np.dtype, tuple[int, ...], int, int]]:
+    """Validate the array table against the body: dtypes, shapes, contiguous offsets (version 1
+    states them, version 2 implies them)."""
     if len(specs) > MAX_ARRAYS:
         raise WireError(f"bad array: {len(specs)} arrays, above the {MAX_ARRAYS} limit")
     checked, names, end = [], set(), 0
     for i, spec in enumerate(specs):
-        if not isinstance(spec, dict) or set(spec) != {"name", "dtype", "shape", "offset", "nbytes"}:
+        if version == COMPACT_VERSION:
+            if not isinstance(spec, list) or len(spec) != 3:
+                raise WireError(f"bad array: entry {i} must be a list [name, dtype, shape]")
+            name, code, shape = spec
+        elif not isinstance(spec, dict) or set(spec) != {"name", "dtype", "shape", "offset", "nbytes"}:
             raise WireError(f"bad array: entry {i} must have exactly name, dtype, shape, offset, nbytes")
-        name, code, shape = spec["name"], spec["dtype"], spec["shape"]
+        else:
+            name, code, shape = spec["name"], spec["dtype"], spec["shape"]
         if not isinstance(name, str) or not name or len(name) > MAX_NAME or name in names:
             raise WireError(f"bad array: entry {i} has a missing, overlong or repeated name {str(name)[:40]!r}")
         names.add(name)
-        if code not in DTYPES:
+        if not isinstance(code, str) or code not in DTYPES:  # a list dtype must not raise TypeError
             raise WireError(f"bad array: {name!r} has dtype {str(code)[:20]!r}; accepted: {sorted(DTYPES)}")
         if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_count(d) for d in shape):
             raise WireError(f"bad array: {name!r} shape must be a list of at most {MAX_NDIM} non-negative ints")
-        offset, nbytes = spec["offset"], spec["nbytes"]
+        dtype = np.dtype(code)
+        if version == COMPACT_VERSION:
+            offset, nbytes = end, math.prod(shape) * dtype.itemsize
+        else:
+            offset, nbytes = spec["offset"], spec["nbytes"]
         if not _count(offset) or not _count(nbytes):
             raise WireError(f"bad array: {name!r} offset and nbytes must be non-negative ints")
-        dtype = np.dtype(code)
         if math.prod(shape) * dtype.itemsize != nbytes:
             raise WireError(f"bad array: {name!r} shape {shape} x {dtype.itemsize} bytes != nbytes {nbytes}")
         if offset != end:
