@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,9 +137,9 @@ def test_compact_round_trip_is_the_same_message_in_fewer_bytes() -> None:
     compact = wire.encode_message(header, arrays, version=wire.COMPACT_VERSION)
 
     assert compact[4] == 2 and full[4] == 1
-    text = json.loads(compact[9:9 + struct.unpack(">I", compact[5:9])[0]])
+    text = json.loads(inflate(compact[9:9 + struct.unpack(">I", compact[5:9])[0]]))
     assert "body_sha256" not in text and text["arrays"][0] == ["values", "<f4", [3]]
-    # the hash (79 bytes) and each entry's offset, nbytes and key names go
+    # the hash (79 bytes) and each entry's offset, nbytes and key names go, and the rest is deflated
     assert len(full) - len(compact) > 79 + 45 * len(arrays)
     assert compact.endswith(full[-sum(np.asarray(a).nbytes for a in arrays.values()):])  # the same body
     got_header, got = wire.decode_message(compact, MAX)
@@ -146,8 +148,23 @@ def test_compact_round_trip_is_the_same_message_in_fewer_bytes() -> None:
         np.testing.assert_array_equal(got[name], np.asarray(array))
 
 
+def deflate(text: bytes) -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, wire.COMPACT_DICTIONARY)
+    return packer.compress(text) + packer.flush()
+
+
+def inflate(raw: bytes) -> bytes:
+    return zlib.decompressobj(-15, zdict=wire.COMPACT_DICTIONARY).decompress(raw)
+
+
 def compact(entries: object, body: bytes = b"", **fields: object) -> bytes:
-    return forge({"arrays": entries, **fields}, body, version=wire.COMPACT_VERSION)
+    """A version-2 message with an arbitrary header, deflated with the version's dictionary."""
+    raw = deflate(json.dumps({"arrays": entries, **fields}).encode())
+    return struct.pack(">4sBI", wire.MAGIC, wire.COMPACT_VERSION, len(raw)) + raw + body
+
+
+def compact_raw(raw: bytes, body: bytes = b"") -> bytes:
+    return struct.pack(">4sBI", wire.MAGIC, wire.COMPACT_VERSION, len(raw)) + raw + body
 
 
 @pytest.mark.parametrize("data, reason", [
@@ -168,6 +185,27 @@ def compact(entries: object, body: bytes = b"", **fields: object) -> bytes:
 def test_bad_compact_messages_are_refused(data: bytes, reason: str) -> None:
     with pytest.raises(WireError, match=reason):
         wire.decode_message(data, MAX)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (compact_raw(json.dumps({"arrays": []}).encode()), "bad header"),  # version 1's plain JSON
+    (compact_raw(b"\xff" * 40), "not a DEFLATE stream"),
+    (compact_raw(deflate(b'{"arrays":[]}')[:-2]), "does not end where header_len says"),  # cut short
+    (compact_raw(deflate(b'{"arrays":[]}') + b"\0\0"), "does not end where header_len says"),  # bytes after it
+    (compact_raw(deflate(b'{"arrays":[],"pad":"' + b"a" * 2_000_000 + b'"}')), "inflates beyond"),  # a bomb
+])
+def test_bad_compact_headers_are_refused_before_they_grow(data: bytes, reason: str) -> None:
+    with pytest.raises(WireError, match=reason):
+        wire.decode_message(data, MAX)
+
+
+def test_a_compact_header_is_held_to_the_readers_header_limit_after_inflating() -> None:
+    # ~1 KiB of deflate that inflates to 100 KiB: under a device topic's 16 KiB header limit it is refused
+    data = compact([], pad="a" * 100_000)
+    assert len(data) < 1024
+    wire.decode_message(data, MAX)  # the general 1 MiB limit takes it
+    with pytest.raises(WireError, match="inflates beyond the 16384-byte limit"):
+        wire.decode_message(data, MAX, max_header_bytes=16 * 1024)
 
 
 def test_a_list_dtype_in_version_1_is_refused_not_a_type_error() -> None:
@@ -245,3 +283,13 @@ def test_body_hash_mismatch_is_refused() -> None:
     data[-1] ^= 0x01
     with pytest.raises(WireError, match="sha256"):
         wire.decode_message(bytes(data), MAX)
+
+
+def test_the_specs_dictionary_is_the_codes() -> None:
+    # docs/PROTOCOL.md 4.2 prints version 2's DEFLATE dictionary for other implementations: the same bytes
+    spec = (Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md").read_text()
+    start = spec.index("**The dictionary**")
+    opened = spec.index("```\n", start) + 4
+    block = spec[opened:spec.index("\n```", opened)]
+    assert "".join(block.split("\n")).encode() == wire.COMPACT_DICTIONARY
+    assert hashlib.sha256(wire.COMPACT_DICTIONARY).hexdigest() in spec[start:start + 400]

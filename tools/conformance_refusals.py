@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import zlib
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,17 @@ def reheader(payload: bytes, **changes: Any) -> bytes:
 def raw_message(header_text: bytes, body: bytes = b"", magic: bytes = wire.MAGIC, version: int = 1) -> bytes:
     """A message with a header written by hand (for what no JSON writer emits)."""
     return wire.PREFIX.pack(magic, version, len(header_text)) + header_text + body
+
+
+def deflated(header_text: bytes) -> bytes:
+    """A header as version 2 sends it (PROTOCOL.md 4.2): raw DEFLATE with the version's dictionary."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, wire.COMPACT_DICTIONARY)
+    return packer.compress(header_text) + packer.flush()
+
+
+def compact_message(header_text: bytes, body: bytes = b"") -> bytes:
+    """A version-2 message with a header written by hand."""
+    return raw_message(deflated(header_text), body, version=wire.COMPACT_VERSION)
 
 
 def carrying(spec: str, size: int, arrays: dict[str, np.ndarray]) -> bytes:
@@ -108,13 +120,19 @@ def message_refusals() -> list[dict]:
         refusal("bad_magic", m, "bad magic", b"EFTX" + task[4:]),
         refusal("version_byte_3", m, "unsupported version", task[:4] + b"\x03" + task[5:]),
         # version 2 (compact, section 4.2): no body hash, entries [name, dtype, shape]; never version 1's forms
-        refusal("compact_with_body_sha256", m, "bad header", task[:4] + b"\x02" + task[5:]),
-        refusal("compact_with_version_1_table", m, "bad array", raw_message(
-            json.dumps({"arrays": two[:1]}).encode(), body, version=wire.COMPACT_VERSION)),
-        refusal("compact_table_entry_too_short", m, "bad array", raw_message(
-            b'{"arrays":[["a","<f4"]]}', body, version=wire.COMPACT_VERSION)),
-        refusal("compact_body_longer_than_table", m, "bad array", raw_message(
-            b'{"arrays":[["a","<f4",[1]]]}', body, version=wire.COMPACT_VERSION)),
+        refusal("compact_with_body_sha256", m, "bad header", compact_message(
+            json.dumps({"arrays": [["a", "<f4", [2]]], "body_sha256": hashlib.sha256(body).hexdigest()}).encode(),
+            body)),
+        refusal("compact_with_version_1_table", m, "bad array", compact_message(
+            json.dumps({"arrays": two[:1]}).encode(), body)),
+        refusal("compact_table_entry_too_short", m, "bad array", compact_message(b'{"arrays":[["a","<f4"]]}', body)),
+        refusal("compact_body_longer_than_table", m, "bad array",
+                compact_message(b'{"arrays":[["a","<f4",[1]]]}', body)),
+        refusal("compact_header_not_deflate", m, "bad header", raw_message(b"\xff" * 16, version=wire.COMPACT_VERSION)),
+        refusal("compact_header_bytes_after_stream", m, "bad header", raw_message(
+            deflated(b'{"arrays":[]}') + b"\x00", version=wire.COMPACT_VERSION)),
+        refusal("compact_header_inflates_beyond_limit", m, "bad header", compact_message(
+            b'{"arrays":[],"pad":"' + b"a" * (1 << 20) + b'"}')),
         refusal("header_format_2", m, "unsupported version", reheader(task, format=2)),
         refusal("header_format_true", m, "unsupported version", reheader(task, format=True)),
         refusal("header_length_above_limit", m, "bad header", wire.PREFIX.pack(wire.MAGIC, 1, (1 << 20) + 1) + b"{}"),

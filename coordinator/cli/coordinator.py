@@ -69,8 +69,8 @@ ROUND_FLAGS = {
             "--devices-per-round caps the devices training at a time)",
     "buffer": "async: updates aggregated into each global version",
     "max_staleness": "async: refuse an update trained on a version more than this many versions old",
-    "framing": "newest message version devices may reply in: 2, the compact framing (docs/PROTOCOL.md 4.2: no "
-               "body hash, a shorter array table; ~230 fewer bytes per update), or 1 for tools that read raw "
+    "framing": "newest message version devices may reply in: 2, the compact framing (docs/PROTOCOL.md 4.2: a "
+               "deflated header without the body hash, ~440 fewer bytes per update), or 1 for tools that read raw "
                "updates and know only version 1; devices that know only 1 send 1 either way",
 }
 _TYPES = {"int": int, "float": float, "str": str}
