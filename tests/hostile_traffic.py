@@ -9,6 +9,7 @@ not generated here; the test sends those itself.
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -191,9 +192,34 @@ def _status_of_another(t, rng, device):
     return "status", wire.encode_message(json.loads(text), {})
 
 
+def _compact(raw: bytes) -> bytes:
+    return wire.PREFIX.pack(wire.MAGIC, wire.COMPACT_VERSION, len(raw)) + raw
+
+
+def _compact_bomb(t, rng, device):
+    """A version-2 (PROTOCOL 4.2) header of a few KiB that inflates to megabytes: refused at the
+    reader's 16 KiB header limit, before it is inflated further."""
+    text = b'{"kind":"update","pad":"' + b"a" * int(rng.integers(100_000, 1_000_000)) + b'"}'
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, wire.COMPACT_DICTIONARY)
+    return "update", _compact(packer.compress(text) + packer.flush())
+
+
+def _compact_garbage(t, rng, device):
+    """Version 2 with a header that is no DEFLATE stream (or not one that ends where it says)."""
+    return "update", _compact(rng.bytes(int(rng.integers(1, 2000))))
+
+
+def _compact_wrong_run(t, rng, device):
+    """A well-formed version-2 update, for another run: refused by the same field checks as version 1."""
+    header, arrays = wire.decode_message(_valid(t, rng, device), 1 << 30)
+    header["run_id"] = "run-of-the-attacker"
+    return "update", wire.encode_message(header, dict(arrays), version=wire.COMPACT_VERSION)
+
+
 ATTACKS: list[tuple[str, Callable]] = [(f.__name__.strip("_"), f) for f in (
     _random_bytes, _truncated, _length_lie, _flipped_body, _huge_header, _deep_header, _wrong_run, _wrong_bundle,
     _other_round,
     _unknown_device, _huge_samples, _huge_seq, _metric_string_with_unit, _metric_huge_int, _metric_flood,
     _metric_list, _nan, _wrong_size, _task_on_update_topic, _global_on_update_topic, _kind_mismatch,
-    _unknown_kind, _spoofed_sender, _error_for_another_run, _bad_error_code, _bad_status, _status_of_another)]
+    _unknown_kind, _spoofed_sender, _error_for_another_run, _bad_error_code, _bad_status, _status_of_another,
+    _compact_bomb, _compact_garbage, _compact_wrong_run)]

@@ -32,7 +32,7 @@ from hostile_traffic import Target
 HONEST = ["dev0", "dev1", "dev2"]
 POISONER = "mal"  # a registered device that sends valid but extreme updates
 SENDERS = [POISONER, "bot0", "bot1", "bot2", "bot3", "bot4"]  # the topics the attacker floods from
-HOSTILE_FRAMES = 400 * len(hostile_traffic.ATTACKS)  # 10,800: 400 of each attack
+HOSTILE_FRAMES = 400 * len(hostile_traffic.ATTACKS)  # 12,000: 400 of each attack
 BATCH = 200
 POISON_BAD = 2  # frames the poisoner sends ahead of its update each round (NaN, wrong size)
 
