@@ -77,6 +77,20 @@ def test_bench_federation_table_gives_rounds_bytes_and_issue16_verdicts():
                         "(target within 0.5 pt): PASS"]
 
 
+def test_bench_federation_codec_table_sets_each_seed_against_its_own_fp32_run():
+    import bench_federation
+
+    # Prepare: fp32 ends at 97% on seed 0 and 96% on seed 1; a codec 100x smaller ends 0.5 pt under each
+    results = {"federated": {"none": _records([0.9, 0.97], up=100_000, down=1), "none#seed1": _records(
+        [0.9, 0.96], up=100_000, down=1), "sign": _records([0.9, 0.965], up=1_000, down=1),
+        "sign#seed1": _records([0.9, 0.955], up=1_000, down=1)}}
+    # Execute
+    _, verdicts = bench_federation.codec_rows(results)
+    # Assert: both -0.5 pt (seed 1 against seed 0's fp32 would read -1.5)
+    assert verdicts == [f"- PASS {case}: 100.0x fewer upload bytes (target >= 50x), final accuracy -0.5 pt vs fp32 "
+                        "(target within 1 pt)" for case in ("sign", "sign#seed1")]
+
+
 def test_bench_federation_proxy_table_sets_short_runs_against_fp32s_first_rounds():
     import bench_federation
 
