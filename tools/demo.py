@@ -51,8 +51,7 @@ def main() -> int:
                "--train-layers", args.train_layers, "--adapter", args.adapter, "--targets", args.targets,
                "--codec", args.codec, "--downlink", args.downlink, "--out", str(args.out)]
     print("$ edgeftl " + " ".join(command[3:]), flush=True)
-    result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-    sys.stdout.write(result.stdout)
+    result = subprocess.run(command)  # its round lines stream as they come (captured, they showed only at the end)
     if result.returncode:
         return result.returncode
     records = [json.loads(line) for line in (args.out / "metrics.jsonl").read_text().splitlines()]
