@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from edgeftl.device.protocol.codecs import parse_codec
 from edgeftl.device.protocol.messages import Update
+from edgeftl.device.protocol.wire import FORMAT_VERSION
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,10 @@ class PoisonedLink:
     def __init__(self, link, attack: Attack) -> None:
         self._link, self.attack = link, attack
 
-    def send(self, message: object) -> int:
+    def send(self, message: object, version: int = FORMAT_VERSION) -> int:
         if isinstance(message, Update):
             message = self.attack.apply(message)
-        return self._link.send(message)
+        return self._link.send(message, version)  # in the message version the task asked for, as Link.send
 
     def __getattr__(self, name: str):
         return getattr(self._link, name)
