@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-import zlib
 from typing import Any
 
 import numpy as np
@@ -51,15 +50,9 @@ def raw_message(header_text: bytes, body: bytes = b"", magic: bytes = wire.MAGIC
     return wire.PREFIX.pack(magic, version, len(header_text)) + header_text + body
 
 
-def deflated(header_text: bytes) -> bytes:
-    """A header as version 2 sends it (PROTOCOL.md 4.2): raw DEFLATE with the version's dictionary."""
-    packer = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, wire.COMPACT_DICTIONARY)
-    return packer.compress(header_text) + packer.flush()
-
-
 def compact_message(header_text: bytes, body: bytes = b"") -> bytes:
     """A version-2 message with a header written by hand."""
-    return raw_message(deflated(header_text), body, version=wire.COMPACT_VERSION)
+    return raw_message(wire.deflate_header(header_text), body, version=wire.COMPACT_VERSION)
 
 
 def carrying(spec: str, size: int, arrays: dict[str, np.ndarray]) -> bytes:
@@ -130,7 +123,7 @@ def message_refusals() -> list[dict]:
                 compact_message(b'{"arrays":[["a","<f4",[1]]]}', body)),
         refusal("compact_header_not_deflate", m, "bad header", raw_message(b"\xff" * 16, version=wire.COMPACT_VERSION)),
         refusal("compact_header_bytes_after_stream", m, "bad header", raw_message(
-            deflated(b'{"arrays":[]}') + b"\x00", version=wire.COMPACT_VERSION)),
+            wire.deflate_header(b'{"arrays":[]}') + b"\x00", version=wire.COMPACT_VERSION)),
         refusal("compact_header_inflates_beyond_limit", m, "bad header", compact_message(
             b'{"arrays":[],"pad":"' + b"a" * (1 << 20) + b'"}')),
         refusal("header_format_2", m, "unsupported version", reheader(task, format=2)),

@@ -115,9 +115,14 @@ def encode_message(header: dict, arrays: dict[str, np.ndarray], sig: str | None 
     if len(text) > MAX_HEADER_BYTES:
         raise ValueError(f"header is {len(text)} bytes, above the {MAX_HEADER_BYTES} limit")
     if version == COMPACT_VERSION:
-        packer = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, COMPACT_DICTIONARY)
-        text = packer.compress(text) + packer.flush()
+        text = deflate_header(text)
     return PREFIX.pack(MAGIC, version, len(text)) + text + body
+
+
+def deflate_header(text: bytes) -> bytes:
+    """A header's JSON text as version 2 sends it: raw DEFLATE (level 9) with COMPACT_DICTIONARY."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, COMPACT_DICTIONARY)
+    return packer.compress(text) + packer.flush()
 
 
 def decode_message(data: bytes, max_bytes: int,
